@@ -1,0 +1,163 @@
+// Per-slot cache maintenance: value norms at insertion, victim choice, compaction, value merge.
+// All are per (batch, KV head) rows of the slot cache; threads split rows when there is enough work.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "kernels.h"
+#include "vec.h"
+
+namespace engine {
+namespace {
+
+constexpr int64_t kParallelWork = 32768;  // elements below which threads cost more than they save
+
+// NaN propagates, as torch.amax does.
+inline float abs_max(const float* __restrict__ x, int64_t n) {
+  float m = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (std::isnan(a)) return a;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// Is (score a, pos pa) a better victim than (b, pb)? Lower score first, NaN above every number,
+// ties to the lower position.
+inline bool better(float a, int32_t pa, float b, int32_t pb) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na != nb) return nb;
+  if (!na && a != b) return a < b;
+  return pa < pb;
+}
+
+template <typename T>
+void value_norm_kernel(const T* v, int64_t kind, float* out, int64_t rows, int64_t D) {
+#pragma omp parallel if (rows * D > kParallelWork)
+  {
+    std::vector<float> buf(D);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = as_float(v + r * D, buf.data(), D);
+      float s = 0.f;
+      if (kind == 0) {
+        s = abs_max(x, D);
+      } else if (kind == 1) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < D; ++i) s += std::fabs(x[i]);
+      } else {
+        s = dot(x, x, D);
+      }
+      out[r] = s;
+    }
+  }
+}
+
+}  // namespace
+
+void value_norm_cpu(const at::Tensor& v, int64_t kind, at::Tensor& out) {
+  check_value_norm(v, kind, out);
+  const int64_t rows = v.size(0) * v.size(1) * v.size(2), D = v.size(3);
+  ENGINE_DISPATCH_FLOATS(v.scalar_type(), "value_norm", [&] {
+    value_norm_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), kind, out.mutable_data_ptr<float>(), rows, D);
+  });
+}
+
+void select_victim_cpu(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
+                       at::Tensor& out_idx) {
+  check_select_victim(score, pos, out_idx);
+  const int64_t rows = score.size(0) * score.size(1), C = score.size(2);
+  const float* sc = score.const_data_ptr<float>();
+  const int32_t* ps = pos.const_data_ptr<int32_t>();
+  int64_t* out = out_idx.mutable_data_ptr<int64_t>();
+#pragma omp parallel for schedule(static) if (rows * C > kParallelWork)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t best = -1;
+    for (int64_t s = 0; s < C; ++s) {
+      const int32_t p = ps[r * C + s];
+      if (p < lo || p >= hi) continue;
+      if (best < 0 || better(sc[r * C + s], p, sc[r * C + best], ps[r * C + best])) best = s;
+    }
+    out[r] = best;
+  }
+}
+
+void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
+                 const at::Tensor& keep_idx) {
+  check_compact(k, v, pos, state, keep_idx);
+  const int64_t rows = k.size(0) * k.size(1), C = k.size(2), D = k.size(3), K = keep_idx.size(2);
+  check_compact_indices(keep_idx, C);
+  const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
+  int32_t* ps = pos.mutable_data_ptr<int32_t>();
+  std::vector<float*> st;
+  for (const auto& t : state) st.push_back(t.mutable_data_ptr<float>());
+  const int64_t row_bytes = D * static_cast<int64_t>(k.element_size());
+  char* kp = static_cast<char*>(k.mutable_data_ptr());
+  char* vp = static_cast<char*>(v.mutable_data_ptr());
+  // A kept slot may land on a slot whose content is still to be moved: gather each (b, g) row into
+  // a scratch copy first, then write it back to the front.
+#pragma omp parallel if (rows * C * D > kParallelWork)
+  {
+    std::vector<char> kbuf(K * row_bytes), vbuf(K * row_bytes);
+    std::vector<int32_t> pbuf(K);
+    std::vector<float> sbuf(K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* kr = keep + r * K;
+      char* kb = kp + r * C * row_bytes;
+      char* vb = vp + r * C * row_bytes;
+      for (int64_t i = 0; i < K; ++i) {
+        std::memcpy(kbuf.data() + i * row_bytes, kb + kr[i] * row_bytes, row_bytes);
+        std::memcpy(vbuf.data() + i * row_bytes, vb + kr[i] * row_bytes, row_bytes);
+      }
+      std::memcpy(kb, kbuf.data(), K * row_bytes);
+      std::memcpy(vb, vbuf.data(), K * row_bytes);
+      std::memset(kb + K * row_bytes, 0, (C - K) * row_bytes);  // all-zero bits = 0 in every dtype
+      std::memset(vb + K * row_bytes, 0, (C - K) * row_bytes);
+      int32_t* pr = ps + r * C;
+      for (int64_t i = 0; i < K; ++i) pbuf[i] = pr[kr[i]];
+      std::copy(pbuf.begin(), pbuf.end(), pr);
+      std::fill(pr + K, pr + C, -1);
+      for (float* s : st) {
+        float* sr = s + r * C;
+        for (int64_t i = 0; i < K; ++i) sbuf[i] = sr[kr[i]];
+        std::copy(sbuf.begin(), sbuf.end(), sr);
+        std::fill(sr + K, sr + C, 0.f);
+      }
+    }
+  }
+}
+
+void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
+                     const at::Tensor& receiver, const at::Tensor& weight) {
+  check_merge_value(v, w, victim, receiver, weight);
+  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+  check_merge_indices(victim, receiver, C);
+  const int64_t* vic = victim.const_data_ptr<int64_t>();
+  const int64_t* rec = receiver.const_data_ptr<int64_t>();
+  const float* wt = weight.const_data_ptr<float>();
+  float* wp = w.mutable_data_ptr<float>();
+  ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    std::vector<float> xr(D), xj(D), res(D);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = vic[r], m = rec[r];
+      if (j < 0 || m < 0) continue;
+      scalar_t* vr = vp + (r * C + m) * D;
+      const float* a = as_float(vr, xr.data(), D);
+      const float* b = as_float(vp + (r * C + j) * D, xj.data(), D);
+      const float w_old = wp[r * C + m], add = wt[r], total = w_old + add;
+      for (int64_t i = 0; i < D; ++i) {
+        // Plain mean when both weights are 0 (the formula would divide 0 by 0).
+        res[i] = total == 0.f ? (a[i] + b[i]) * 0.5f : (w_old * a[i] + add * b[i]) / total;
+      }
+      store_float(res.data(), vr, D);
+      wp[r * C + m] = total;
+    }
+  });
+}
+
+}  // namespace engine

@@ -1,0 +1,226 @@
+// Input validation; mirrored message for message by engine/reference.py (keep the two in step).
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+namespace engine {
+namespace {
+
+using at::ScalarType;
+
+const std::vector<ScalarType> kFloats = {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half};
+
+// torch's Python spelling (str(torch.float32) without "torch."), so both paths print the same.
+std::string dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Half: return "float16";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Bool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string dtypes_name(const std::vector<ScalarType>& dtypes) {
+  std::string s;
+  for (size_t i = 0; i < dtypes.size(); ++i) s += (i ? " or " : "") + dtype_name(dtypes[i]);
+  return s;
+}
+
+// "[1, ?, 64]": -1 prints as "?" (any size).
+std::string shape_str(c10::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    s += (i ? ", " : "") + (shape[i] < 0 ? std::string("?") : std::to_string(shape[i]));
+  }
+  return s + "]";
+}
+
+struct Like {
+  const at::Tensor& t;
+  const char* name;
+};
+
+// Device (like another argument), dtype, shape (-1 = any size), contiguity: in this order.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const char* layout,
+                  const std::vector<int64_t>& shape, const std::vector<ScalarType>& dtypes,
+                  const std::optional<Like>& like = std::nullopt) {
+  if (like) {
+    TORCH_CHECK_VALUE(t.device() == like->t.device(), op, ": ", name, " must be on ",
+                      like->t.device().str(), " like ", like->name, ", got ", t.device().str());
+  }
+  bool dtype_ok = false;
+  for (auto d : dtypes) dtype_ok = dtype_ok || t.scalar_type() == d;
+  TORCH_CHECK_TYPE(dtype_ok, op, ": ", name, " must be ", dtypes_name(dtypes), ", got ",
+                   dtype_name(t.scalar_type()));
+  bool shape_ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t i = 0; shape_ok && i < shape.size(); ++i) {
+    shape_ok = shape[i] < 0 || t.size(i) == shape[i];
+  }
+  TORCH_CHECK_VALUE(shape_ok, op, ": ", name, " must have shape ", layout, " = ", shape_str(shape),
+                    ", got ", shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous ", layout,
+                    ", got strides ", shape_str(t.strides()));
+}
+
+void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                    const char* layout, const std::vector<int64_t>& shape,
+                    const std::vector<ScalarType>& dtypes, const Like& like) {
+  if (t) check_tensor(op, name, *t, layout, shape, dtypes, like);
+}
+
+void check_heads(const char* op, int64_t H, int64_t Hkv, int64_t D) {
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, op, ": H_kv=", Hkv, " must be >= 1 and divide H=", H);
+  TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDim, op, ": head dim D must be in [1, ", kMaxHeadDim,
+                    "], got ", D);
+}
+
+// The query may be fp32 whatever the cache dtype.
+std::vector<ScalarType> query_dtypes(const at::Tensor& k) {
+  if (k.scalar_type() == ScalarType::Float) return {ScalarType::Float};
+  return {ScalarType::Float, k.scalar_type()};
+}
+
+}  // namespace
+
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  TORCH_CHECK_TYPE(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16 ||
+                       x.scalar_type() == ScalarType::Half,
+                   op, ": x must be ", dtypes_name(kFloats), ", got ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., dim], got ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous [..., dim], got strides ",
+                    shape_str(x.strides()));
+  check_tensor(op, "weight", weight, "[dim]", {x.size(-1)}, {x.scalar_type()}, Like{x, "x"});
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0");
+}
+
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& pos, int64_t length, const at::Tensor& out,
+                            const std::optional<at::Tensor>& score_acc,
+                            const std::optional<at::Tensor>& probs_out) {
+  const char* op = "decode_attention";
+  const char* cache = "[B, H_kv, C, D]";
+  check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
+  const int64_t B = k.size(0), Hkv = k.size(1), C = k.size(2), D = k.size(3);
+  const Like like_k{k, "k"};
+  check_tensor(op, "v", v, cache, {B, Hkv, C, D}, {k.scalar_type()}, like_k);
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like_k);
+  check_tensor(op, "q", q, "[B, H, D]", {B, -1, D}, query_dtypes(k), like_k);
+  const int64_t H = q.size(1);
+  check_tensor(op, "out", out, "[B, H, D]", {B, H, D}, {q.scalar_type()}, like_k);
+  check_optional(op, "score_acc", score_acc, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like_k);
+  check_optional(op, "probs_out", probs_out, "[B, H, C]", {B, H, C}, {ScalarType::Float}, like_k);
+  check_heads(op, H, Hkv, D);
+  TORCH_CHECK_VALUE(length >= 1 && length <= C, op, ": length must be in [1, C] = [1, ", C,
+                    "], got ", length);
+}
+
+void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores) {
+  const char* op = "prefill_attention";
+  const char* cache = "[B, H_kv, S, D]";
+  check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
+  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3);
+  const Like like_k{k, "k"};
+  check_tensor(op, "v", v, cache, {B, Hkv, S, D}, {k.scalar_type()}, like_k);
+  check_tensor(op, "kpos", kpos, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Int}, like_k);
+  check_tensor(op, "q", q, "[B, H, L, D]", {B, -1, -1, D}, query_dtypes(k), like_k);
+  const int64_t H = q.size(1), L = q.size(2);
+  check_tensor(op, "qpos", qpos, "[B, L]", {B, L}, {ScalarType::Int}, like_k);
+  check_tensor(op, "out", out, "[B, H, L, D]", {B, H, L, D}, {q.scalar_type()}, like_k);
+  check_tensor(op, "lse", lse, "[B, H, L]", {B, H, L}, {ScalarType::Float}, like_k);
+  check_optional(op, "col_scores", col_scores, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Float},
+                 like_k);
+  check_heads(op, H, Hkv, D);
+}
+
+void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out) {
+  const char* op = "value_norm";
+  check_tensor(op, "v", v, "[B, H_kv, N, D]", {-1, -1, -1, -1}, kFloats);
+  check_tensor(op, "out", out, "[B, H_kv, N]", {v.size(0), v.size(1), v.size(2)},
+               {ScalarType::Float}, Like{v, "v"});
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, op,
+                    ": kind must be 0 (Linf), 1 (L1) or 2 (squared L2), got ", kind);
+}
+
+void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& out_idx) {
+  const char* op = "select_victim";
+  check_tensor(op, "score", score, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Float});
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2);
+  const Like like{score, "score"};
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "out_idx", out_idx, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
+}
+
+void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                   at::TensorList state, const at::Tensor& keep_idx) {
+  const char* op = "compact";
+  const char* cache = "[B, H_kv, C, D]";
+  check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
+  const int64_t B = k.size(0), Hkv = k.size(1), C = k.size(2), D = k.size(3);
+  const Like like{k, "k"};
+  check_tensor(op, "v", v, cache, {B, Hkv, C, D}, {k.scalar_type()}, like);
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  for (size_t i = 0; i < state.size(); ++i) {
+    const std::string name = "state[" + std::to_string(i) + "]";
+    check_tensor(op, name.c_str(), state[i], "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  }
+  check_tensor(op, "keep_idx", keep_idx, "[B, H_kv, K]", {B, Hkv, -1}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(keep_idx.size(2) <= C, op, ": keep_idx must keep at most C=", C,
+                    " slots, got K=", keep_idx.size(2));
+}
+
+void check_compact_indices(const at::Tensor& keep_idx, int64_t C) {
+  const int64_t rows = keep_idx.size(0) * keep_idx.size(1), K = keep_idx.size(2);
+  const int64_t* idx = keep_idx.const_data_ptr<int64_t>();
+  std::vector<char> seen(C);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t s = idx[r * K + i];
+      const bool ok = s >= 0 && s < C && !seen[s];
+      TORCH_CHECK_INDEX(ok, "compact: keep_idx must hold distinct slot indices in [0, ", C,
+                        "), got ", s, " at [", r / keep_idx.size(1), ", ", r % keep_idx.size(1),
+                        ", ", i, "]");
+      seen[s] = 1;
+    }
+  }
+}
+
+void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
+                       const at::Tensor& receiver, const at::Tensor& weight) {
+  const char* op = "merge_value";
+  check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+  const int64_t B = v.size(0), Hkv = v.size(1), C = v.size(2);
+  const Like like{v, "v"};
+  check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
+  check_tensor(op, "receiver", receiver, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
+  check_tensor(op, "weight", weight, "[B, H_kv]", {B, Hkv}, {ScalarType::Float}, like);
+}
+
+void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C) {
+  const int64_t Hkv = victim.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"victim", victim},
+                                {"receiver", receiver}}) {
+    const int64_t* idx = t.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < t.numel(); ++r) {
+      TORCH_CHECK_INDEX(idx[r] >= -1 && idx[r] < C, "merge_value: ", name,
+                        " must hold slot indices in [-1, ", C, "), got ", idx[r], " at [", r / Hkv,
+                        ", ", r % Hkv, "]");
+    }
+  }
+}
+
+}  // namespace engine

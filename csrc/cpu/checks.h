@@ -1,0 +1,43 @@
+// Input validation shared by every backend of every op (CPU here, CUDA in csrc/cuda).
+//
+// Each check_<op> throws the same exception type with the same one-line message as the Python
+// mirror in engine/reference.py, in the same order, so the compiled and the reference path fail
+// alike: TypeError for a dtype, ValueError for a device, shape, contiguity or scalar, IndexError
+// for a slot index out of range. Index values are read on the host, so the check_*_indices
+// functions take CPU tensors only; a CUDA backend validates indices on the device instead.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace engine {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& pos, int64_t length, const at::Tensor& out,
+                            const std::optional<at::Tensor>& score_acc,
+                            const std::optional<at::Tensor>& probs_out);
+
+void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores);
+
+void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out);
+
+void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& out_idx);
+
+void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                   at::TensorList state, const at::Tensor& keep_idx);
+// keep_idx[b, g, :] must hold distinct slots in [0, C).
+void check_compact_indices(const at::Tensor& keep_idx, int64_t C);
+
+void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
+                       const at::Tensor& receiver, const at::Tensor& weight);
+// victim and receiver must hold slots in [-1, C).
+void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
+
+}  // namespace engine

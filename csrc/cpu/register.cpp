@@ -1,0 +1,14 @@
+// Registers the CPU kernels under the op names declared in csrc/ops.cpp.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(engine, CPU, m) {
+  m.impl("rms_norm", &engine::rms_norm_cpu);
+  m.impl("decode_attention", &engine::decode_attention_cpu);
+  m.impl("prefill_attention", &engine::prefill_attention_cpu);
+  m.impl("value_norm", &engine::value_norm_cpu);
+  m.impl("select_victim", &engine::select_victim_cpu);
+  m.impl("compact", &engine::compact_cpu);
+  m.impl("merge_value", &engine::merge_value_cpu);
+}

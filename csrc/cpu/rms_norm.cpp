@@ -1,0 +1,44 @@
+// RMSNorm exactly as HF LlamaRMSNorm: normalise in fp32, cast to x's dtype, then multiply by weight.
+#include <ATen/ops/empty_like.h>
+
+#include "checks.h"
+#include "kernels.h"
+#include "vec.h"
+
+#include <vector>
+
+namespace engine {
+namespace {
+
+template <typename T>
+void rms_norm_kernel(const T* x, const T* weight, T* y, int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel if (rows * dim > 32768)
+  {
+    std::vector<float> buf(dim);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = as_float(x + r * dim, buf.data(), dim);
+      const float inv = 1.f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
+      T* yr = y + r * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        // Two roundings, as HF: (x * inv) to x's dtype, then the product with weight.
+        yr[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(xr[i] * inv)));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm(x, weight, eps);
+  at::Tensor y = at::empty_like(x);
+  const int64_t dim = x.size(-1), rows = dim ? x.numel() / dim : 0;
+  ENGINE_DISPATCH_FLOATS(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                              y.mutable_data_ptr<scalar_t>(), rows, dim, static_cast<float>(eps));
+  });
+  return y;
+}
+
+}  // namespace engine

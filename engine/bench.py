@@ -1,0 +1,158 @@
+"""`python -m engine.bench`: speed, measured as ratios against a peer in the same run (BENCHMARKS.md).
+
+    python -m engine.bench                      # engine vs transformers, prefill + decode, full cache
+    python -m engine.bench --policy h2o --budget 256   # policy overhead vs the full cache
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .benchutil import summary, sync, time_alternating, write_result
+from .cli import add_model_args, policy_params, run_cli
+from .generate import decode_step, prefill
+
+
+def decode_runner(llm, ctx: int, steps: int) -> tuple[Callable[[], None], list[float], list[float]]:
+    """A callable that prefills `ctx` tokens, then times `steps` decode steps one by one."""
+    prefills: list[float] = []
+    step_times: list[float] = []
+    ids = torch.randint(100, 1000, (1, ctx), generator=torch.Generator().manual_seed(0)).to(llm.device)
+
+    def run() -> None:
+        store = llm.new_store(ctx, steps + 1)
+        sync(llm.device)
+        t0 = time.perf_counter()
+        logits = prefill(llm.model, store, ids, llm.prefill_chunk)
+        sync(llm.device)
+        prefills.append(time.perf_counter() - t0)
+        token = logits.argmax(-1)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token = decode_step(llm.model, store, token).argmax(-1)
+            sync(llm.device)
+            step_times.append(time.perf_counter() - t0)
+
+    return run, prefills, step_times
+
+
+def hf_runner(hf, ctx: int, steps: int) -> tuple[Callable[[], None], list[float], list[float]]:
+    prefills: list[float] = []
+    step_times: list[float] = []
+    ids = torch.randint(100, 1000, (1, ctx), generator=torch.Generator().manual_seed(0))
+
+    @torch.inference_mode()
+    def run() -> None:
+        t0 = time.perf_counter()
+        out = hf(ids, use_cache=True)
+        prefills.append(time.perf_counter() - t0)
+        pkv, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = hf(token[:, None], past_key_values=pkv, use_cache=True)
+            pkv, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+            step_times.append(time.perf_counter() - t0)
+
+    return run, prefills, step_times
+
+
+def matvec_floor(model, steps: int) -> Callable[[], None]:
+    """The bare matrix-vector products of one decode step over the same weights: streaming them once."""
+    mats = [model.output.weight]
+    for b in model.layers:
+        mats += [b.attention.wqkv, b.attention.wo.weight, b.feed_forward.w13, b.feed_forward.w2.weight]
+    dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=device) for w in mats}
+
+    @torch.inference_mode()
+    def run() -> None:
+        for _ in range(steps):
+            for w in mats:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
+def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> dict[str, object]:
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(llm.source, torch_dtype=llm.dtype).eval()
+    results: dict[str, object] = {}
+    for ctx in contexts:
+        ours, ours_pre, ours_dec = decode_runner(llm, ctx, steps)
+        theirs, hf_pre, hf_dec = hf_runner(hf, ctx, steps)
+        floor = matvec_floor(llm.model, steps)
+        floor_times = time_alternating({"engine": ours, "transformers": theirs, "floor": floor}, reps=reps)["floor"]
+        e_dec, h_dec = summary(ours_dec[steps:]), summary(hf_dec[steps:])  # drop the warm-up round
+        e_pre, h_pre = summary(ours_pre[1:]), summary(hf_pre[1:])
+        floor_step = summary([t / steps for t in floor_times])
+        results[str(ctx)] = {
+            "engine_decode_s": e_dec, "transformers_decode_s": h_dec, "floor_step_s": floor_step,
+            "engine_prefill_s": e_pre, "transformers_prefill_s": h_pre,
+            "decode_speedup_vs_transformers": h_dec["median"] / e_dec["median"],
+            "decode_vs_floor": e_dec["median"] / floor_step["median"],
+            "prefill_speedup_vs_transformers": h_pre["median"] / e_pre["median"],
+            "engine_decode_tok_s": 1 / e_dec["median"], "engine_prefill_tok_s": ctx / e_pre["median"],
+        }
+        r = results[str(ctx)]
+        print(f"ctx {ctx:5d}: decode {e_dec['median']*1e3:6.1f} ms (transformers {h_dec['median']*1e3:6.1f}, "
+              f"floor {floor_step['median']*1e3:5.1f}) -> {r['decode_speedup_vs_transformers']:.2f}x transformers, "
+              f"{r['decode_vs_floor']:.2f}x floor; prefill {r['prefill_speedup_vs_transformers']:.2f}x transformers")
+    return results
+
+
+def bench_policy(llm_full, llm_policy, contexts: list[int], steps: int, reps: int) -> dict[str, object]:
+    """Decode step of the policy at its budget vs the full cache holding as many tokens (overhead) and vs
+    the full cache holding the whole context (what eviction buys)."""
+    results: dict[str, object] = {}
+    budget = llm_policy.policy.resolve_budget(max(contexts))
+    for ctx in contexts:
+        pol, _, pol_dec = decode_runner(llm_policy, ctx, steps)
+        same, _, same_dec = decode_runner(llm_full, budget, steps)
+        full, _, full_dec = decode_runner(llm_full, ctx, steps)
+        time_alternating({"policy": pol, "full_same_occupancy": same, "full_context": full}, reps=reps)
+        p, s, f = summary(pol_dec[steps:]), summary(same_dec[steps:]), summary(full_dec[steps:])
+        results[str(ctx)] = {"policy_step_s": p, "full_same_occupancy_step_s": s, "full_context_step_s": f,
+                             "overhead_vs_same_occupancy": p["median"] / s["median"],
+                             "speedup_vs_full_context": f["median"] / p["median"]}
+        print(f"ctx {ctx:5d} budget {budget}: {p['median']*1e3:6.2f} ms/step, "
+              f"{p['median']/s['median']:.2f}x full@{budget}, {f['median']/p['median']:.2f}x faster than full@{ctx}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--contexts", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    import engine
+
+    full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
+    meta = {"model": full.name, "dtype": ns.dtype, "device": ns.device, "steps": ns.steps, "reps": ns.reps}
+    if ns.policy == "full":
+        contexts = ns.contexts or [128, 2048]
+        res = bench_vs_transformers(full, contexts, ns.steps, ns.reps)
+        path = write_result("e2e-vs-transformers", {**meta, "policy": "full", "results": res})
+    else:
+        llm = engine.load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype,
+                          prefill_chunk=ns.prefill_chunk, **policy_params(ns))
+        contexts = ns.contexts or [2048, 8192]
+        res = bench_policy(full, llm, contexts, ns.steps, ns.reps)
+        path = write_result(f"policy-{ns.policy}", {**meta, "policy": ns.policy, "budget": llm.policy.budget,
+                                                      "results": res})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

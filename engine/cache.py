@@ -1,0 +1,287 @@
+"""KVStore: fixed-capacity per-layer KV buffers, per-slot positions and policy state, and attention over them.
+
+Every buffer is allocated once. A decode step writes the incoming token into the free slot, attends
+over the valid slots, lets the policy score them and frees the lowest-scoring eligible slot: one slot
+overwrite, no data movement, static shapes. A prompt chunk is attended exactly, then the kept entries
+of cache + chunk are gathered into the first slots (compaction). `mask=True` keeps every token in a
+full-size buffer and only masks the evicted ones: the papers' protocol, used as a test oracle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .config import ModelArgs
+from .model import Rope
+from .policies.base import DecodeView, Policy, PrefillView
+
+NORM_KIND = {"l1": 1, "l2": 2, "linf": 0}
+
+
+@dataclass
+class LayerState:
+    k: torch.Tensor  # (B, Hkv, C, D) cache dtype; post-RoPE keys (positions="original") or pre-RoPE ("cache")
+    v: torch.Tensor  # (B, Hkv, C, D)
+    pos: torch.Tensor  # (B, Hkv, C) int32 original position, -1 = empty
+    state: dict[str, torch.Tensor]  # name -> (B, Hkv, C) fp32
+    rank: torch.Tensor | None = None  # (B, Hkv, C) int64 rank among valid slots (positions="cache")
+    free: torch.Tensor | None = None  # (B, Hkv) int64 slot freed by the last eviction
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-private non-slot tensors
+
+
+@dataclass
+class CacheStats:
+    occupancy: int  # valid tokens per (layer, KV head)
+    capacity: int  # slots allocated per (layer, KV head)
+    budget: int
+    kv_bytes: int  # bytes of the K and V buffers
+    full_kv_bytes: int  # bytes a full cache would need for the tokens seen so far
+    tokens_seen: int
+    evictions: int  # per (layer, KV head)
+    merges: int
+
+
+class KVStore:
+    def __init__(
+        self,
+        args: ModelArgs,
+        policy: Policy,
+        budget: int,
+        capacity: int,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rope: Rope,
+        mask: bool = False,
+    ):
+        self.args, self.policy, self.budget, self.capacity, self.mask = args, policy, budget, capacity, mask
+        self.rope, self.dtype, self.device, self.batch = rope, dtype, device, batch
+        self.cache_positions = policy.positions == "cache"
+        B, Hkv, C, D = batch, args.n_kv_heads, capacity, args.head_dim
+        names = set(policy.state_names) | ({"acc"} if policy.needs_acc else set())
+        names |= {"vnorm"} if policy.value_norm else set()
+        self.layers = [
+            LayerState(
+                k=torch.zeros(B, Hkv, C, D, dtype=dtype, device=device),
+                v=torch.zeros(B, Hkv, C, D, dtype=dtype, device=device),
+                pos=torch.full((B, Hkv, C), -1, dtype=torch.int32, device=device),
+                state={n: torch.zeros(B, Hkv, C, device=device) for n in sorted(names)},
+                rank=torch.zeros(B, Hkv, C, dtype=torch.long, device=device) if self.cache_positions else None,
+                free=torch.zeros(B, Hkv, dtype=torch.long, device=device),
+            )
+            for _ in range(args.n_layers)
+        ]
+        self.out = torch.empty(B, args.n_heads, D, dtype=dtype, device=device)
+        self.probs = torch.empty(B, args.n_heads, C, device=device) if policy.needs_probs else None
+        self.scale = 1.0 / math.sqrt(D)
+        self.t = 0  # tokens seen (the next token's original position)
+        self.used = 0  # slots ever written (high-water mark); slots >= used are empty
+        self.occupancy = 0  # valid tokens per (layer, KV head): the same everywhere
+        self.evictions = 0
+        self._pending = 0  # slots in use after the chunk being prefilled
+
+    # ---- host-side bookkeeping ----------------------------------------------------------------
+    def reset(self) -> None:
+        for st in self.layers:
+            st.pos.fill_(-1)
+            for s in st.state.values():
+                s.zero_()
+            st.extra.clear()
+        self.t = self.used = self.occupancy = self.evictions = 0
+
+    def stats(self) -> CacheStats:
+        a, elt = self.args, torch.finfo(self.dtype).bits // 8
+        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * elt * self.batch
+        return CacheStats(
+            occupancy=self.occupancy, capacity=self.capacity, budget=self.budget,
+            kv_bytes=per_token * self.capacity, full_kv_bytes=per_token * self.t, tokens_seen=self.t,
+            evictions=self.evictions, merges=self.evictions if self.policy.merges_values else 0,
+        )
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE, continuing the stored sequence -> (B, H, T, D)."""
+        if q.shape[2] == 1:
+            return self._decode(layer, q, k, v)
+        return self._prefill(layer, q, k, v)
+
+    def commit(self, n: int) -> None:
+        """Host bookkeeping once every layer has processed n tokens (decode when n == 1)."""
+        if n == 1:
+            evicted = self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
+            self.occupancy += 0 if evicted else 1
+            self.evictions += int(evicted)
+            self.used = min(self.used + 1, self.capacity)
+        else:
+            self.used = self._pending
+            kept = min(self.occupancy + n, self.budget)
+            self.evictions += self.occupancy + n - kept
+            self.occupancy = kept
+        self.t += n
+
+    # ---- decode --------------------------------------------------------------------------------
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        st, t, B = self.layers[layer], self.t, q.shape[0]
+        if self.used < self.capacity:
+            slot = torch.full_like(st.free, self.used)
+        else:
+            if self.mask:
+                raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
+            slot = st.free
+        qpos = self.occupancy if self.cache_positions else t
+        if self.cache_positions:
+            st.rank.scatter_(2, slot[..., None], self.occupancy)
+        else:
+            self.rope.ensure(t + 1)
+            k = self.rope.rotate(k, torch.tensor(t, device=k.device))
+        _write(st, slot, k, v, t)
+        if self.policy.value_norm:
+            nv = torch.empty(v.shape[:3], device=v.device)
+            ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
+            st.state["vnorm"].scatter_(2, slot[..., None], nv)
+        self.rope.ensure(max(qpos, self.capacity) + 1)
+        qr = self.rope.rotate(q[:, :, 0], torch.tensor(qpos, device=q.device))
+        keys = self.rope.rotate(st.k, st.rank) if self.cache_positions else st.k
+        length = min(self.used + 1, self.capacity)
+        ops.decode_attention(
+            qr, keys, st.v, st.pos, length, self.scale, self.out,
+            st.state.get("acc") if self.policy.needs_acc else None, self.probs,
+        )
+        view = DecodeView(layer=st, step_pos=t, q=qr, k=keys, probs=self.probs)
+        self.policy.decode_update(view)
+        if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
+            self._evict(view)
+        return self.out[:, :, None]
+
+    def _evict(self, view: DecodeView) -> None:
+        st, p = view.layer, self.policy
+        score = p.decode_scores(view)
+        hi = view.step_pos + 1 - p.recent
+        victim = torch.empty_like(st.free)
+        if p.per_layer:
+            ops.select_victim(score.contiguous(), st.pos[:, :1].contiguous(), p.sinks, hi, victim[:, :1])
+            victim.copy_(victim[:, :1].expand_as(victim))
+        else:
+            ops.select_victim(score.contiguous(), st.pos, p.sinks, hi, victim)
+        p.after_evict(view, victim)
+        idx = victim[..., None]
+        if self.cache_positions:
+            gone = st.pos.gather(2, idx)
+            st.rank.sub_(((st.pos > gone) & (st.pos >= 0)).long())
+        st.pos.scatter_(2, idx, -1)
+        for s in st.state.values():
+            s.scatter_(2, idx, 0.0)
+        st.free.copy_(victim)
+
+    # ---- prefill -------------------------------------------------------------------------------
+    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        st, p, t = self.layers[layer], self.policy, self.t
+        B, H, T, D = q.shape
+        n_old = self.used
+        old = slice(0, n_old)
+        # every entry of cache + chunk, cache first
+        pos_new = torch.arange(t, t + T, dtype=torch.int32, device=q.device).expand(B, k.shape[1], T)
+        pos = torch.cat([st.pos[:, :, old], pos_new], dim=2)
+        qpos = torch.arange(t, t + T, dtype=torch.int32, device=q.device).expand(B, T).contiguous()
+        if self.cache_positions:
+            rank_old = st.rank[:, :, old]
+            rank_new = torch.arange(self.occupancy, self.occupancy + T, device=q.device).expand(B, k.shape[1], T)
+            rank = torch.cat([rank_old, rank_new], dim=2)
+            self.rope.ensure(self.occupancy + T)
+            keys_raw = torch.cat([st.k[:, :, old], k.to(self.dtype)], dim=2)
+            keys = self.rope.rotate(keys_raw, rank)
+            qr = self.rope.rotate(q, rank_new[:, :1].expand(B, H, T))
+        else:
+            self.rope.ensure(t + T)
+            k = self.rope.rotate(k, pos_new)
+            keys_raw = keys = torch.cat([st.k[:, :, old], k.to(self.dtype)], dim=2)
+            qr = self.rope.rotate(q, pos_new[:, :1].expand(B, H, T))
+            rank = None
+        vals = torch.cat([st.v[:, :, old], v.to(self.dtype)], dim=2)
+        n = keys.shape[2]
+        out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, T, device=q.device)
+        needs_scores = self.occupancy + T > self.budget and n > 0
+        colsum = None
+        rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
+        if needs_scores or p.needs_acc:
+            colsum = torch.empty(B, k.shape[1], n, device=q.device)
+        scale = p.prefill_scale(n, D) if needs_scores else None
+        ops.prefill_attention(
+            qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale, out, lse,
+            colsum, rows, self.scale if scale is None else scale,
+        )
+        state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)
+                 for name, s in st.state.items()}
+        if "vnorm" in state:
+            ops.value_norm(v.to(self.dtype).contiguous(), NORM_KIND[p.value_norm], state["vnorm"][:, :, n_old:])
+        rows_seen = (T - torch.searchsorted(qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
+                     ).reshape(pos.shape).float() * (pos >= 0)
+        merged = LayerState(k=keys_raw, v=vals, pos=pos, state=state, rank=rank, extra=st.extra)
+        view = PrefillView(layer=merged, q=qr, k=keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen)
+        if needs_scores:
+            score = p.prefill_scores(view)
+            keep = self._keep(score, pos, t + T)
+        else:
+            if colsum is not None:
+                p.prefill_scores(view)  # accumulate state even when nothing is evicted yet
+            keep = None
+        self._store(st, merged, keep, n)
+        return out
+
+    def _keep(self, score: torch.Tensor, pos: torch.Tensor, end: int) -> torch.Tensor:
+        """(B, Hkv, budget) entries to keep: protected first, then the highest scores, ties to later positions."""
+        p = self.policy
+        protected = (pos >= 0) & ((pos < p.sinks) | (pos >= end - p.recent))
+        key = score.float().masked_fill(pos < 0, -math.inf).masked_fill(protected, math.inf)
+        if p.per_layer:
+            key = key.mean(1, keepdim=True).expand_as(key)
+            key = key.masked_fill(protected, math.inf).masked_fill(pos < 0, -math.inf)
+        by_pos = torch.argsort(pos, dim=2, descending=True, stable=True)
+        order = torch.argsort(key.gather(2, by_pos), dim=2, descending=True, stable=True)
+        return by_pos.gather(2, order)[:, :, : self.budget]
+
+    def _store(self, st: LayerState, merged: LayerState, keep: torch.Tensor | None, n: int) -> None:
+        """Write the kept entries back into the static buffers (compaction) or mask the rest."""
+        if keep is None:
+            idx = None
+            count = n
+        elif self.mask:
+            drop = torch.ones_like(merged.pos, dtype=torch.bool).scatter_(2, keep, False)
+            merged.pos = merged.pos.masked_fill(drop, -1)
+            for name in merged.state:
+                merged.state[name] = merged.state[name].masked_fill(drop, 0.0)
+            idx, count = None, n
+        else:
+            keep = keep.sort(dim=2).values  # keep slot order stable (position order after the first prefill)
+            idx, count = keep, keep.shape[2]
+        if count > self.capacity:
+            raise RuntimeError(f"internal: {count} entries do not fit {self.capacity} slots")
+
+        def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+            if idx is not None:
+                src = src.gather(2, idx if src.dim() == 3 else idx[..., None].expand(-1, -1, -1, src.shape[-1]))
+            dst[:, :, :count].copy_(src)
+
+        put(st.k, merged.k)
+        put(st.v, merged.v)
+        put(st.pos, merged.pos)
+        st.pos[:, :, count:] = -1
+        for name, s in st.state.items():
+            put(s, merged.state[name])
+            s[:, :, count:] = 0
+        if self.cache_positions:
+            valid = st.pos[:, :, :count] >= 0
+            order = torch.argsort(st.pos[:, :, :count].masked_fill(~valid, torch.iinfo(torch.int32).max), dim=2)
+            st.rank[:, :, :count] = torch.argsort(order, dim=2)
+        self._pending = count
+
+
+def _write(st: LayerState, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
+    """Write one token per (B, Hkv) into `slot` (B, Hkv): k/v (B, Hkv, 1, D)."""
+    idx = slot[..., None, None].expand(-1, -1, 1, k.shape[-1])
+    st.k.scatter_(2, idx, k.to(st.k.dtype))
+    st.v.scatter_(2, idx, v.to(st.v.dtype))
+    st.pos.scatter_(2, slot[..., None], t)

@@ -1,0 +1,117 @@
+"""Prefill, decode steps, sampling, stop rules and streaming of text pieces."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVStore
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | None = None,
+            all_logits: bool = False) -> torch.Tensor:
+    """Feed ids [B, T] in chunks of `chunk` tokens (default: all at once); returns logits of the last
+    token [B, V], or of every token [B, T, V] with `all_logits`."""
+    T = ids.shape[1]
+    step = T if not chunk else chunk
+    outs = []
+    for start in range(0, T, step):
+        part = ids[:, start : start + step]
+        outs.append(model(part, kv=store, last_only=not all_logits))
+        store.commit(part.shape[1])
+    return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, store: KVStore, token: torch.Tensor) -> torch.Tensor:
+    """One token per sequence [B] -> next-token logits [B, V]. Static shapes, no host sync inside."""
+    logits = model(token[:, None], kv=store, last_only=True)[:, -1]
+    store.commit(1)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] -> [B]. Sampling by an exponential race (argmax of p / Exp(1)): no host sync."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -float("inf"))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def generate_tokens(model: Transformer, store: KVStore, ids: torch.Tensor, params: SamplingParams,
+                    eos_ids: tuple[int, ...], chunk: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the sampled tokens [B] one step at a time; stops at max_new_tokens or when every
+    sequence has produced an EOS (the caller applies stop strings)."""
+    if params.max_new_tokens == 0:
+        return
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(params.seed)
+    logits = prefill(model, store, ids, chunk)
+    eos = torch.tensor(eos_ids or (-1,), device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for i in range(params.max_new_tokens):
+        token = sample(logits, params, generator)
+        yield token
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or i + 1 == params.max_new_tokens:
+            return
+        logits = decode_step(model, store, token)
+
+
+class StopFilter:
+    """Holds back text that could still become a stop string; `feed` returns what is safe to show."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.pending, self.stopped = tuple(s for s in stops if s), "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((n for s in self.stops for n in range(len(s), 0, -1) if self.pending.endswith(s[:n])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

@@ -1,0 +1,182 @@
+"""The library object: a loaded model, its tokenizer and an eviction policy, behind a small API."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .cache import CacheStats, KVStore
+from .config import ModelArgs
+from .generate import SamplingParams, StopFilter, generate_tokens, prefill
+from .model import Rope, Transformer
+from .policies import Policy, PolicyError, make_policy
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit the model's context under the chosen policy."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use cpu or cuda[:N]")
+    return device
+
+
+class LLM:
+    """A model plus tokenizer plus policy. Each call starts from an empty cache; `cache_stats()` tells
+    what the last call's cache held."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
+                 prefill_chunk: int | None = None, source: str | Path = ""):
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.args: ModelArgs = model.args
+        self.mask, self.prefill_chunk = mask, prefill_chunk
+        self.source, self.name = Path(source), Path(source).name  # where the weights came from
+        self.device = model.tok_embeddings.weight.device
+        self.dtype = model.tok_embeddings.weight.dtype
+        self.store: KVStore | None = None
+        if model.rope is None:
+            model.rope = Rope(self.args, self.device)
+
+    # ---- cache -----------------------------------------------------------------------------------
+    def new_store(self, prompt_len: int, max_new_tokens: int, batch: int = 1) -> KVStore:
+        """A store sized for this request; `full` is bounded by the model context."""
+        total = prompt_len + max_new_tokens
+        if self.policy.name == "full":
+            if total > self.args.max_seq_len:
+                raise ContextError(
+                    f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model context "
+                    f"({self.args.max_seq_len}) with policy full; use an eviction policy with a budget, e.g. "
+                    f"--policy streaming --budget {min(1024, self.args.max_seq_len // 2)}"
+                )
+            budget = capacity = total
+        else:
+            budget = self.policy.resolve_budget(prompt_len)
+            capacity = total if self.mask else min(self.policy.capacity(budget, max_new_tokens), max(total, 1))
+            budget = min(budget, capacity)
+        return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
+                       self.model.rope, mask=self.mask)
+
+    def cache_stats(self) -> CacheStats | None:
+        return self.store.stats() if self.store else None
+
+    # ---- text in, text out -----------------------------------------------------------------------
+    def _ids(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None and self._wants_bos())
+        else:
+            ids = prompt
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if t.dim() == 1:
+            t = t[None]
+        if t.numel() == 0:
+            raise ValueError("empty prompt")
+        return t
+
+    def _wants_bos(self) -> bool:
+        return self.tokenizer.template != "chatml"
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()
+               ) -> Iterator[str]:
+        """Yield text pieces as they are decoded (never a split multi-byte character)."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed,
+                                tuple(stop) + self.tokenizer.stop_strings)
+        ids = self._ids(prompt)
+        if ids.shape[0] != 1:
+            raise ValueError("stream/generate take one prompt; use logits/nll for batches")
+        self.store = self.new_store(ids.shape[1], max_new_tokens)
+        decoder, stops = StreamDecoder(self.tokenizer), StopFilter(params.stop)
+        eos = set(self.tokenizer.eos_ids)
+        for token in generate_tokens(self.model, self.store, ids, params, self.tokenizer.eos_ids, self.prefill_chunk):
+            tid = int(token[0])
+            if tid in eos:
+                break
+            piece = stops.feed(decoder.push(tid))
+            if piece:
+                yield piece
+            if stops.stopped:
+                return
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | Sequence[int], **kw) -> str:
+        """The completion of `prompt` as one string (arguments as `stream`)."""
+        return "".join(self.stream(prompt, **kw))
+
+    def chat(self, messages: list[dict[str, str]], **kw) -> str:
+        """Answer the conversation with the model's chat template applied."""
+        return "".join(self.stream(self.tokenizer.apply_chat(messages), **kw))
+
+    # ---- numbers for checks and evaluation -------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """One full causal forward, no cache: [B, T] -> [B, T, V]."""
+        ids = self._ids(ids)
+        if ids.shape[1] > self.args.max_seq_len:
+            raise ContextError(f"{ids.shape[1]} tokens exceed the model context ({self.args.max_seq_len})")
+        return self.model(ids)
+
+    @torch.inference_mode()
+    def nll(self, ids: torch.Tensor, prefill_len: int | None = None) -> torch.Tensor:
+        """NLL [B, T-1] of every next token under the loaded policy. The first `prefill_len` tokens go
+        through prefill (exact, then compressed); the rest one decode step each."""
+        ids = self._ids(ids)
+        B, T = ids.shape
+        n_pre = max(1, prefill_len or 1)
+        self.store = store = self.new_store(n_pre, T - n_pre, batch=B)
+        logits = [prefill(self.model, store, ids[:, :n_pre], self.prefill_chunk, all_logits=True)]
+        for t in range(n_pre, T - 1):
+            logits.append(self.model(ids[:, t : t + 1], kv=store, last_only=True))
+            store.commit(1)
+        lp = torch.cat(logits, dim=1)[:, : T - 1].float().log_softmax(-1)
+        return -lp.gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,
+         sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
+         mask: bool = False, prefill_chunk: int | None = None, template: str | None = None,
+         **policy_params: object) -> LLM:
+    """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
+    first use), with an eviction policy given by name (plus its parameters) or as an object."""
+    from .fetch import resolve_model
+    from .tokenizer import load_tokenizer, tokenizer_from_gguf
+    from .weights import load_checkpoint
+
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if isinstance(policy, str):
+        policy = make_policy(policy, budget=budget, sinks=sinks, recent=recent, **policy_params)
+    elif budget is not None or sinks is not None or recent is not None or policy_params:
+        raise PolicyError("pass budget/sinks/recent inside the policy object, not beside it")
+    path = resolve_model(str(model))
+    args, state, fmt = load_checkpoint(path, dtype=torch_dtype)
+    net = Transformer.from_state_dict(args, state, torch_device)
+    del state
+    if fmt == "gguf":
+        import gguf
+
+        tok = tokenizer_from_gguf(gguf.GGUFReader(path))
+    else:
+        tok = load_tokenizer(path, template=template)
+    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path)

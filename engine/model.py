@@ -1,0 +1,174 @@
+"""The LLaMA forward pass: RMSNorm, RoPE, GQA attention, SwiGLU. One file, no cache logic.
+
+Attention over a KV cache is delegated to a `KVStore` (engine/cache.py), which owns RoPE for cached
+keys because the eviction policy decides at which positions they are rotated.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import ModelArgs, rope_inv_freq
+
+if TYPE_CHECKING:
+    from .cache import KVStore
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Rope:
+    """cos/sin tables indexed by position (rotate_half layout). Grown only by `ensure`, which host code
+    calls with lengths it already knows, so rotating never syncs with the device."""
+
+    def __init__(self, args: ModelArgs, device: torch.device):
+        self.args, self.device = args, device
+        self.cos = self.sin = torch.empty(0, args.head_dim, device=device)
+        self.scaled_for = 0  # dynamic NTK: the sequence length the frequencies were scaled for
+
+    def ensure(self, n: int) -> None:
+        """Make positions < n valid. Dynamic NTK rescales by the sequence length, as HF does."""
+        dynamic = self.args.rope_scaling.type == "dynamic"
+        scaled_for = max(n, self.args.max_seq_len) if dynamic else 0
+        if self.cos.shape[0] >= n and scaled_for == self.scaled_for:
+            return
+        size = n if dynamic else max(n, self.args.max_seq_len, 2 * self.cos.shape[0])
+        inv = rope_inv_freq(self.args, scaled_for or None).to(self.device)
+        angles = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat([angles, angles], dim=-1)
+        self.cos, self.sin, self.scaled_for = emb.cos(), emb.sin(), scaled_for
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., D] by integer positions broadcastable to x[..., 0] (negative ones clamp to 0)."""
+        positions = positions.clamp(min=0).long()
+        c, s = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat([-x2, x1], dim=-1) * s
+
+
+def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
+    """Concatenate the weights row-wise and make each layer's weight a view into the result (no second copy)."""
+    fused = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, q, bias=False)
+        self.wk = nn.Linear(args.dim, kv, bias=False)
+        self.wv = nn.Linear(args.dim, kv, bias=False)
+        self.wo = nn.Linear(q, args.dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # fused [q + 2 kv, dim], built by fuse()
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v: fewer, larger calls on the decode path."""
+        self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
+
+    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:
+            q, k, v = F.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if kv is None:
+            rope.ensure(T)
+            pos = torch.arange(T, device=x.device)
+            q, k = rope.rotate(q, pos), rope.rotate(k, pos)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+        else:
+            y = kv.attend(layer, q, k, v)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w13: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.w13 = _fuse_rows(self.w1, self.w3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), layer, rope, kv)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope: Rope | None = None
+
+    def forward(self, tokens: torch.Tensor, kv: "KVStore | None" = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] ([B, 1, V] with last_only). Without `kv`: positions 0..T-1,
+        plain causal attention. With `kv`: the tokens continue the sequence held by the store."""
+        if self.rope is None:
+            self.rope = Rope(self.args, self.tok_embeddings.weight.device)
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, self.rope, kv)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device) -> "Transformer":
+        """Build on the meta device and assign the loaded tensors: the weights are never copied twice."""
+        with torch.device("meta"):
+            model = cls(args)
+        if args.tie_embeddings:
+            state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
+        model.load_state_dict(state, assign=True, strict=True)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model = model.to(device).eval().requires_grad_(False)
+        for block in model.layers:
+            block.attention.fuse()
+            block.feed_forward.fuse()
+        return model

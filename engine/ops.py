@@ -1,0 +1,155 @@
+"""The kernel entry points the model, the cache and the policies call.
+
+Each function runs the compiled op (torch.ops.engine.*, built from csrc/ as `engine._C`) or, when
+the extension is missing, has no kernel for the tensors' device, or `ENGINE_REFERENCE=1` is set,
+the plain PyTorch version in engine.reference (one warning when that happens by necessity rather
+than by request). Both take the same arguments, write the same outputs and reject bad input with
+the same exception and message. Tests force either path with `use_reference`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from engine import reference
+
+try:
+    from engine import _C  # noqa: F401  (loading it registers torch.ops.engine.*)
+
+    HAVE_EXTENSION = True
+except ImportError:
+    HAVE_EXTENSION = False
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar("engine_force_reference", default=None)
+
+
+@contextlib.contextmanager
+def use_reference(flag: bool = True) -> Iterator[None]:
+    """Within the block, run the reference (True) or the compiled ops (False), whatever the env."""
+    if not flag and not HAVE_EXTENSION:
+        raise RuntimeError("engine._C is not built, so the compiled ops cannot be forced "
+                           "(pip install --no-build-isolation -e .)")
+    token = _forced.set(flag)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+@functools.cache
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether engine._C has a kernel for `op` (e.g. "decode_attention") on `device_type` ("cuda")."""
+    if not HAVE_EXTENSION:
+        return False
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"engine::{op}", key)
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"{reason}; using the slow PyTorch reference kernels (engine.reference)", stacklevel=4)
+
+
+def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
+    """The compiled op or its reference, for tensors on `device`."""
+    forced = _forced.get()
+    if forced is not None:
+        return fallback if forced else getattr(torch.ops.engine, op)
+    if os.environ.get("ENGINE_REFERENCE") == "1":
+        return fallback
+    if not HAVE_EXTENSION:
+        _warn_fallback("engine._C is not built (pip install --no-build-isolation -e .)")
+        return fallback
+    if not has_kernel(op, device.type):
+        _warn_fallback(f"engine._C has no {device.type} kernel for {op}")
+        return fallback
+    return getattr(torch.ops.engine, op)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF LlamaRMSNorm: weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+    return _impl("rms_norm", x.device, reference.rms_norm)(x, weight, eps)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
+                     score_acc: Tensor | None = None, probs_out: Tensor | None = None) -> None:
+    """One query per sequence over cache slots s < length with pos >= 0 (GQA). Writes out [B, H, D];
+    adds each valid slot's group-mean probability into score_acc [B, Hkv, C]; writes every slot's
+    probability (0 if masked) into probs_out [B, H, C]."""
+    _impl("decode_attention", k.device, reference.decode_attention)(
+        q, k, v, pos, length, scale, out, score_acc, probs_out)
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float, out: Tensor,
+                      lse: Tensor, col_scores: Tensor | None = None, score_rows: int = 0,
+                      score_scale: float = 1.0) -> None:
+    """L queries over S slots, causal by position (0 <= kpos <= qpos). Writes out [B, H, L, D], lse
+    [B, H, L] and, if given, col_scores [B, Hkv, S]: the sum over the last score_rows rows (all if
+    <= 0) of the group-mean softmax(score_scale q.k)."""
+    _impl("prefill_attention", k.device, reference.prefill_attention_chunked)(
+        q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale)
+
+
+def value_norm(v: Tensor, kind: int, out: Tensor) -> None:
+    """out [B, Hkv, N] = per-row Linf (kind 0), L1 (1) or squared L2 (2) of v [B, Hkv, N, D]."""
+    _impl("value_norm", v.device, reference.value_norm)(v, kind, out)
+
+
+def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor) -> None:
+    """out_idx [B, Hkv] = the slot with lo <= pos < hi and the lowest score (NaN last, ties to the
+    lower pos), or -1."""
+    _impl("select_victim", score.device, reference.select_victim)(score, pos, lo, hi, out_idx)
+
+
+def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
+    """In place: slot keep_idx[b, g, i] moves to slot i in k, v, pos and every state tensor; the
+    slots after the kept ones are emptied (pos -1, everything else 0)."""
+    _impl("compact", k.device, reference.compact)(k, v, pos, list(state), keep_idx)
+
+
+def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+    """In place, per head: v[receiver] = (w v[receiver] + weight v[victim]) / (w + weight) and
+    w[receiver] += weight (victim or receiver -1: skip the head)."""
+    _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
+
+
+# Fake (meta) implementations: shapes are checked like the real ops, indices cannot be (no data).
+if HAVE_EXTENSION:
+
+    @torch.library.register_fake("engine::rms_norm")
+    def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        reference.check_rms_norm(x, weight, eps)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("engine::decode_attention")
+    def _decode_attention_fake(q, k, v, pos, length, scale, out, score_acc, probs_out) -> None:
+        reference.check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out)
+
+    @torch.library.register_fake("engine::prefill_attention")
+    def _prefill_attention_fake(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows,
+                                score_scale) -> None:
+        reference.check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores)
+
+    @torch.library.register_fake("engine::value_norm")
+    def _value_norm_fake(v, kind, out) -> None:
+        reference.check_value_norm(v, kind, out)
+
+    @torch.library.register_fake("engine::select_victim")
+    def _select_victim_fake(score, pos, lo, hi, out_idx) -> None:
+        reference.check_select_victim(score, pos, out_idx)
+
+    @torch.library.register_fake("engine::compact")
+    def _compact_fake(k, v, pos, state, keep_idx) -> None:
+        reference.check_compact(k, v, pos, state, keep_idx)
+
+    @torch.library.register_fake("engine::merge_value")
+    def _merge_value_fake(v, w, victim, receiver, weight) -> None:
+        reference.check_merge_value(v, w, victim, receiver, weight)

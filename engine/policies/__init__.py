@@ -1,0 +1,40 @@
+"""Eviction policies by name. Register your own with `register` (see the README)."""
+from __future__ import annotations
+
+from .base import DecodeView, Policy, PolicyError, PrefillView
+from .full import Full
+from .h2o import H2O
+from .streaming import Streaming
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a Policy subclass available by its `name` (CLI, load(policy="name"))."""
+    if not cls.name:
+        raise PolicyError(f"{cls.__name__} needs a class attribute `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def policy_class(name: str) -> type[Policy]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PolicyError(f"unknown policy {name!r}; valid: {', '.join(list_policies())}") from None
+
+
+def make_policy(name: str, **params: object) -> Policy:
+    """Build a policy by name; `None` values keep the policy's defaults."""
+    return policy_class(name)(**{k: v for k, v in params.items() if v is not None})
+
+
+for _cls in (Full, Streaming, H2O):
+    register(_cls)
+
+__all__ = ["DecodeView", "Full", "H2O", "Policy", "PolicyError", "PrefillView", "Streaming",
+           "list_policies", "make_policy", "policy_class", "register"]

@@ -1,0 +1,28 @@
+"""TOVA (Oren et al. 2024): evict the token the current query attends to least, averaged over every
+query head of the layer; one decision per layer, nothing accumulated."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import DecodeView, Policy, PrefillView
+
+
+@dataclass
+class TOVA(Policy):
+    recent: int = 1  # the newest token is kept
+
+    name: ClassVar[str] = "tova"
+    needs_probs: ClassVar[bool] = True
+    per_layer: ClassVar[bool] = True
+    prefill_rows: ClassVar[int | None] = 1  # the last prompt row only
+
+    def prefill_scores(self, view: PrefillView) -> torch.Tensor:
+        """Per KV head (its group's mean); the store averages the KV heads, i.e. all query heads."""
+        return view.colsum
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        """(B, 1, C): the store picks one victim per layer from it."""
+        return view.probs.mean(1, keepdim=True)

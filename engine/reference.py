@@ -1,0 +1,375 @@
+"""Plain PyTorch versions of the engine ops: the oracle of the tests and the fallback of engine.ops.
+
+Each op has the signature of its compiled twin (torch.ops.engine.*) and writes into the same out
+arguments. The math sits in `*_dense` functions that take the compute dtype, so tests can run the
+same formula in fp64 (the truth) and in the input dtype (what plain PyTorch would get). Dense means
+obvious, not frugal: `prefill_attention` materialises L x S; `prefill_attention_chunked` bounds that.
+
+The `check_*` functions mirror csrc/cpu/checks.cpp check for check, message for message, so the
+compiled and the reference path reject bad input with the same exception and the same line.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+MAX_HEAD_DIM = 256
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+NORM_KINDS = {0: "Linf", 1: "L1", 2: "squared L2"}
+_NO_POS = 2**31 - 1  # a query position that sees every valid key
+_CHUNK_ELEMENTS = 2**22  # attention probabilities held at once by prefill_attention_chunked
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (keep in step with csrc/cpu/checks.cpp)
+# ---------------------------------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if s < 0 else str(s) for s in shape) + "]"
+
+
+def _check_tensor(op: str, name: str, t: Tensor, layout: str, shape: Sequence[int],
+                  dtypes: Sequence[torch.dtype], like: tuple[Tensor, str] | None = None) -> None:
+    """Device (like another argument), dtype, shape (-1 = any size), contiguity: in this order."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if like is not None and t.device != like[0].device:
+        raise ValueError(f"{op}: {name} must be on {like[0].device} like {like[1]}, got {t.device}")
+    if t.dtype not in dtypes:
+        allowed = " or ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must be {allowed}, got {_dtype_name(t.dtype)}")
+    if t.dim() != len(shape) or any(e >= 0 and s != e for s, e in zip(t.shape, shape)):
+        raise ValueError(f"{op}: {name} must have shape {layout} = {_shape_str(shape)}, "
+                         f"got {_shape_str(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous {layout}, got strides {_shape_str(t.stride())}")
+
+
+def _check_heads(op: str, H: int, Hkv: int, D: int) -> None:
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"{op}: H_kv={Hkv} must be >= 1 and divide H={H}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+
+
+def _query_dtypes(k: Tensor) -> tuple[torch.dtype, ...]:
+    """The query may be fp32 whatever the cache dtype."""
+    return (torch.float32,) if k.dtype == torch.float32 else (torch.float32, k.dtype)
+
+
+def check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
+    op = "rms_norm"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"{op}: x must be float32 or bfloat16 or float16, got {_dtype_name(x.dtype)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., dim], got {_shape_str(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous [..., dim], got strides {_shape_str(x.stride())}")
+    _check_tensor(op, "weight", weight, "[dim]", [x.shape[-1]], [x.dtype], (x, "x"))
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0")
+
+
+def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, out: Tensor,
+                           score_acc: Tensor | None, probs_out: Tensor | None) -> None:
+    op, cache = "decode_attention", "[B, H_kv, C, D]"
+    _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
+    B, Hkv, C, D = k.shape
+    like = (k, "k")
+    _check_tensor(op, "v", v, cache, [B, Hkv, C, D], [k.dtype], like)
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "q", q, "[B, H, D]", [B, -1, D], _query_dtypes(k), like)
+    H = q.shape[1]
+    _check_tensor(op, "out", out, "[B, H, D]", [B, H, D], [q.dtype], like)
+    if score_acc is not None:
+        _check_tensor(op, "score_acc", score_acc, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    if probs_out is not None:
+        _check_tensor(op, "probs_out", probs_out, "[B, H, C]", [B, H, C], [torch.float32], like)
+    _check_heads(op, H, Hkv, D)
+    if not 1 <= length <= C:
+        raise ValueError(f"{op}: length must be in [1, C] = [1, {C}], got {length}")
+
+
+def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, out: Tensor,
+                            lse: Tensor, col_scores: Tensor | None) -> None:
+    op, cache = "prefill_attention", "[B, H_kv, S, D]"
+    _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
+    B, Hkv, S, D = k.shape
+    like = (k, "k")
+    _check_tensor(op, "v", v, cache, [B, Hkv, S, D], [k.dtype], like)
+    _check_tensor(op, "kpos", kpos, "[B, H_kv, S]", [B, Hkv, S], [torch.int32], like)
+    _check_tensor(op, "q", q, "[B, H, L, D]", [B, -1, -1, D], _query_dtypes(k), like)
+    H, L = q.shape[1], q.shape[2]
+    _check_tensor(op, "qpos", qpos, "[B, L]", [B, L], [torch.int32], like)
+    _check_tensor(op, "out", out, "[B, H, L, D]", [B, H, L, D], [q.dtype], like)
+    _check_tensor(op, "lse", lse, "[B, H, L]", [B, H, L], [torch.float32], like)
+    if col_scores is not None:
+        _check_tensor(op, "col_scores", col_scores, "[B, H_kv, S]", [B, Hkv, S], [torch.float32], like)
+    _check_heads(op, H, Hkv, D)
+
+
+def check_value_norm(v: Tensor, kind: int, out: Tensor) -> None:
+    op = "value_norm"
+    _check_tensor(op, "v", v, "[B, H_kv, N, D]", [-1] * 4, FLOATS)
+    _check_tensor(op, "out", out, "[B, H_kv, N]", list(v.shape[:3]), [torch.float32], (v, "v"))
+    if kind not in NORM_KINDS:
+        raise ValueError(f"{op}: kind must be 0 (Linf), 1 (L1) or 2 (squared L2), got {kind}")
+
+
+def check_select_victim(score: Tensor, pos: Tensor, out_idx: Tensor) -> None:
+    op = "select_victim"
+    _check_tensor(op, "score", score, "[B, H_kv, C]", [-1] * 3, [torch.float32])
+    B, Hkv, C = score.shape
+    like = (score, "score")
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "out_idx", out_idx, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+
+
+def check_compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
+    op, cache = "compact", "[B, H_kv, C, D]"
+    _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
+    B, Hkv, C, D = k.shape
+    like = (k, "k")
+    _check_tensor(op, "v", v, cache, [B, Hkv, C, D], [k.dtype], like)
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    for i, s in enumerate(state):
+        _check_tensor(op, f"state[{i}]", s, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "keep_idx", keep_idx, "[B, H_kv, K]", [B, Hkv, -1], [torch.int64], like)
+    if keep_idx.shape[2] > C:
+        raise ValueError(f"{op}: keep_idx must keep at most C={C} slots, got K={keep_idx.shape[2]}")
+
+
+def _first(mask: Tensor) -> tuple[int, ...] | None:
+    """Index of the first True of `mask` in row-major order, or None."""
+    flat = mask.flatten().nonzero()
+    return None if flat.numel() == 0 else tuple(int(i) for i in torch.unravel_index(flat[0, 0], mask.shape))
+
+
+def check_compact_indices(keep_idx: Tensor, C: int) -> None:
+    """keep_idx[b, g, :] must hold distinct slots in [0, C); reports the first offender in order."""
+    bad = (keep_idx < 0) | (keep_idx >= C)
+    ordered, order = keep_idx.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(bad)
+    repeat.scatter_(-1, order[..., 1:], ordered[..., 1:] == ordered[..., :-1])  # later copies only
+    where = _first(bad | repeat)
+    if where is not None:
+        raise IndexError(f"compact: keep_idx must hold distinct slot indices in [0, {C}), "
+                         f"got {int(keep_idx[where])} at {list(where)}")
+
+
+def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+    op = "merge_value"
+    _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+    B, Hkv, C, _ = v.shape
+    like = (v, "v")
+    _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "victim", victim, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+    _check_tensor(op, "receiver", receiver, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+    _check_tensor(op, "weight", weight, "[B, H_kv]", [B, Hkv], [torch.float32], like)
+
+
+def check_merge_indices(victim: Tensor, receiver: Tensor, C: int) -> None:
+    """victim and receiver must hold slots in [-1, C) (-1 = skip the head)."""
+    for name, t in (("victim", victim), ("receiver", receiver)):
+        where = _first((t < -1) | (t >= C))
+        if where is not None:
+            raise IndexError(f"merge_value: {name} must hold slot indices in [-1, {C}), "
+                             f"got {int(t[where])} at {list(where)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Math in a chosen dtype
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm_dense(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) in `dtype`, with no intermediate rounding."""
+    y = x.to(dtype)
+    return weight.to(dtype) * (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps))
+
+
+def attention_probs(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """softmax(scale * q.k) over the keys each query sees (0 <= kpos <= qpos), in `dtype`.
+
+    q [B, H, L, D], k [B, Hkv, S, D], qpos [B, L], kpos [B, Hkv, S]. Returns probs [B, H, L, S]
+    (0 where not visible) and lse [B, H, L] (-inf for a row that sees nothing).
+    """
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    logits = (q.to(dtype).reshape(B, Hkv, G * L, D) @ k.to(dtype).transpose(-1, -2)) * scale
+    logits = logits.view(B, Hkv, G, L, S)
+    kp = kpos[:, :, None, None, :]
+    visible = (kp >= 0) & (kp <= qpos[:, None, None, :, None])  # [B, Hkv, 1, L, S]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1).masked_fill(~visible, 0.0)  # rows seeing nothing: 0, not NaN
+    return probs.reshape(B, H, L, S), lse.reshape(B, H, L)
+
+
+def _attend(probs: Tensor, v: Tensor) -> Tensor:
+    """probs [B, H, L, S] @ v [B, Hkv, S, D] -> [B, H, L, D], GQA, in probs' dtype."""
+    B, H, L, S = probs.shape
+    Hkv = v.shape[1]
+    return (probs.reshape(B, Hkv, H // Hkv * L, S) @ v.to(probs.dtype)).reshape(B, H, L, -1)
+
+
+def _group_mean(x: Tensor, Hkv: int) -> Tensor:
+    """[B, H, ...] -> [B, Hkv, ...]: the mean over the query heads that share a KV head."""
+    return x.reshape(x.shape[0], Hkv, x.shape[1] // Hkv, *x.shape[2:]).mean(2)
+
+
+def _decode_kpos(pos: Tensor, length: int) -> Tensor:
+    """pos with slots >= length marked empty."""
+    return pos.masked_fill(torch.arange(pos.shape[-1], device=pos.device) >= length, -1)
+
+
+def decode_attention_dense(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float,
+                           dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Decode attention in `dtype`: out [B, H, D] and probs [B, H, C] (0 for masked slots)."""
+    qpos = torch.full((q.shape[0], 1), _NO_POS, dtype=torch.int32, device=q.device)
+    probs, _ = attention_probs(q[:, :, None], k, qpos, _decode_kpos(pos, length), scale, dtype)
+    return _attend(probs, v)[:, :, 0], probs[:, :, 0]
+
+
+def prefill_attention_dense(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
+                            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Prefill attention in `dtype`: out [B, H, L, D] and lse [B, H, L]."""
+    probs, lse = attention_probs(q, k, qpos, kpos, scale, dtype)
+    return _attend(probs, v), lse
+
+
+def column_scores_dense(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, score_scale: float,
+                        dtype: torch.dtype) -> Tensor:
+    """[B, Hkv, S]: sum over all rows of q of the group-mean softmax(score_scale * q.k)."""
+    probs, _ = attention_probs(q, k, qpos, kpos, score_scale, dtype)
+    return _group_mean(probs.sum(2), k.shape[1])
+
+
+def value_norm_dense(v: Tensor, kind: int, dtype: torch.dtype) -> Tensor:
+    """[B, Hkv, N]: Linf (kind 0), L1 (1) or squared L2 (2) of each value row, in `dtype`."""
+    x = v.to(dtype)
+    return {0: lambda: x.abs().amax(-1), 1: lambda: x.abs().sum(-1), 2: lambda: x.square().sum(-1)}[kind]()
+
+
+def merged_rows(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
+                dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """The WeightedKV merge in `dtype`: index (b, g, receiver) of every active head, the merged value
+    rows [n, D] and the receivers' new weights [n]."""
+    b, g = torch.nonzero((victim >= 0) & (receiver >= 0), as_tuple=True)
+    r, j = receiver[b, g], victim[b, g]
+    x, y = v[b, g, r].to(dtype), v[b, g, j].to(dtype)
+    w_old, add = w[b, g, r].to(dtype), weight[b, g].to(dtype)
+    total = w_old + add
+    weighted = (w_old[:, None] * x + add[:, None] * y) / total[:, None]
+    return (b, g, r), torch.where(total[:, None] == 0, (x + y) / 2, weighted), total
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Exactly HF LlamaRMSNorm: normalise in fp32, cast to x's dtype, then multiply by weight."""
+    check_rms_norm(x, weight, eps)
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
+                     score_acc: Tensor | None = None, probs_out: Tensor | None = None) -> None:
+    """out = softmax(scale q.k) @ v over slots s < length with pos >= 0; score_acc += the group-mean
+    probability of each valid slot; probs_out = every slot's probability (0 if masked)."""
+    check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out)
+    o, probs = decode_attention_dense(q, k, v, pos, length, scale, torch.float32)
+    out.copy_(o)
+    if probs_out is not None:
+        probs_out.copy_(probs)
+    if score_acc is not None:
+        valid = _decode_kpos(pos, length) >= 0
+        score_acc.copy_(torch.where(valid, score_acc + _group_mean(probs, k.shape[1]), score_acc))
+
+
+def prefill_attention_chunked(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
+                              out: Tensor, lse: Tensor, col_scores: Tensor | None = None,
+                              score_rows: int = 0, score_scale: float = 1.0, *,
+                              chunk: int | None = None) -> None:
+    """prefill_attention over `chunk` query rows at a time (default: about 4M probabilities held)."""
+    check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores)
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    chunk = chunk or max(1, _CHUNK_ELEMENTS // max(1, B * H * S))
+    row0 = L - score_rows if 0 < score_rows < L else 0  # first row of the column-score window
+    cols = torch.zeros(col_scores.shape, dtype=torch.float32, device=q.device) if col_scores is not None else None
+    for t0 in range(0, L, chunk):
+        t1 = min(L, t0 + chunk)
+        o, l = prefill_attention_dense(q[:, :, t0:t1], k, v, qpos[:, t0:t1], kpos, scale, torch.float32)
+        out[:, :, t0:t1] = o
+        lse[:, :, t0:t1] = l
+        if cols is not None and t1 > row0:
+            w0 = max(t0, row0)
+            cols += column_scores_dense(q[:, :, w0:t1], k, qpos[:, w0:t1], kpos, score_scale, torch.float32)
+    if col_scores is not None:
+        col_scores.copy_(cols)
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
+                      out: Tensor, lse: Tensor, col_scores: Tensor | None = None, score_rows: int = 0,
+                      score_scale: float = 1.0) -> None:
+    """Attention of L queries over S slots, key s visible to query t iff 0 <= kpos[s] <= qpos[t]:
+    out, lse (log-sum-exp of scale q.k per row) and, if given, col_scores = sum over the last
+    `score_rows` rows (all if <= 0 or >= L) of the group-mean softmax(score_scale q.k). Dense."""
+    prefill_attention_chunked(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale,
+                              chunk=max(1, q.shape[2]))
+
+
+def value_norm(v: Tensor, kind: int, out: Tensor) -> None:
+    """out[b, g, n] = Linf (kind 0), L1 (1) or squared L2 (2) of v[b, g, n], in fp32."""
+    check_value_norm(v, kind, out)
+    out.copy_(value_norm_dense(v, kind, torch.float32))
+
+
+def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor) -> None:
+    """out_idx[b, g] = the slot with lo <= pos < hi and the lowest score (NaN above every number,
+    ties to the lower pos, then the lower slot); -1 if no slot is eligible."""
+    check_select_victim(score, pos, out_idx)
+    eligible = (pos >= lo) & (pos < hi)
+    numeric = eligible & ~score.isnan()
+    has_numeric = numeric.any(-1, keepdim=True)
+    lowest = score.masked_fill(~numeric, float("inf")).amin(-1, keepdim=True)
+    # Candidates: the numeric slots at the lowest score; only when there are none, the NaN slots.
+    cand = torch.where(has_numeric, numeric & (score == lowest), eligible)
+    first_pos = pos.masked_fill(~cand, _NO_POS).amin(-1, keepdim=True)
+    best = cand & (pos == first_pos)
+    idx = best.int().argmax(-1)  # the first (lowest) slot among equals
+    out_idx.copy_(torch.where(best.any(-1), idx, -1))
+
+
+def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
+    """In place: slot keep_idx[b, g, i] moves to slot i; slots K.. become empty (pos -1, rest 0)."""
+    check_compact(k, v, pos, state, keep_idx)
+    check_compact_indices(keep_idx, k.shape[2])
+    K = keep_idx.shape[2]
+    rows = keep_idx[..., None].expand(-1, -1, -1, k.shape[3])
+    for t, idx, empty in [(k, rows, 0), (v, rows, 0), (pos, keep_idx, -1), *((s, keep_idx, 0) for s in state)]:
+        kept = t.gather(2, idx)  # a copy, so a move onto a slot still to be read cannot corrupt it
+        t[:, :, :K] = kept
+        t[:, :, K:] = empty
+
+
+def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+    """WeightedKV merge, in place, in fp32: v[r] = (w[r] v[r] + weight v[j]) / (w[r] + weight) (the
+    plain mean if that sum is 0) and w[r] += weight, for r = receiver, j = victim (-1 = skip)."""
+    check_merge_value(v, w, victim, receiver, weight)
+    check_merge_indices(victim, receiver, v.shape[2])
+    idx, rows, total = merged_rows(v, w, victim, receiver, weight, torch.float32)
+    v[idx] = rows.to(v.dtype)
+    w[idx] = total

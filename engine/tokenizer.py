@@ -1,0 +1,406 @@
+"""Text <-> ids: one `Tokenizer` over sentencepiece (`tokenizer.model`) and HF `tokenizers`
+(`tokenizer.json`), plus the chat templates we support (chatml, llama-2, vicuna v1.1).
+
+Control tokens (BOS, EOS, <|im_start|> ...) only ever enter a sequence as ids placed by the code;
+text, including a user's "</s>" or "<|im_end|>", is always encoded as plain text.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import sentencepiece
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+if TYPE_CHECKING:
+    import gguf
+
+TEMPLATES = ("chatml", "llama-2", "vicuna")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_ROLES = ("system", "user", "assistant")
+# sentencepiece's piece types, which GGUF's tokenizer.ggml.token_type reuses.
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file, its configuration, a template name or a chat is missing or malformed."""
+
+
+# ----------------------------------------------------------------------------- backends
+
+class _SpmBackend:
+    """sentencepiece: control pieces never match text and are skipped on decode by the library itself."""
+
+    def __init__(self, proto: bytes) -> None:
+        self.sp = sentencepiece.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(proto)
+        self.vocab_size = self.sp.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(ids)
+
+    def token_id(self, token: str) -> int | None:
+        i = self.sp.PieceToId(token)
+        return i if self.sp.IdToPiece(i) == token else None
+
+    def token(self, i: int) -> str:
+        return self.sp.IdToPiece(i)
+
+    def special_id(self, name: str) -> int | None:
+        i = {"bos": self.sp.bos_id, "eos": self.sp.eos_id}[name]()
+        return i if i >= 0 else None
+
+
+class _HfBackend:
+    """HF tokenizers with `encode_special_tokens`, so added special tokens are not split off user text."""
+
+    def __init__(self, spec: str) -> None:
+        self.tk = tokenizers.Tokenizer.from_str(spec)
+        self.tk.encode_special_tokens = True
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def token(self, i: int) -> str:
+        return self.tk.id_to_token(i)
+
+    def special_id(self, name: str) -> int | None:
+        return None
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """Encode/decode plus one chat template. Build it with `load_tokenizer` or `tokenizer_from_gguf`."""
+
+    def __init__(self, backend: _SpmBackend | _HfBackend, config: dict[str, Any], template: str | None,
+                 extra_eos: tuple[int, ...] = ()) -> None:
+        self._backend = backend
+        self.vocab_size = backend.vocab_size
+        self.bos_id = self._config_id(config, "bos_token", backend.special_id("bos"))
+        eos = self._config_id(config, "eos_token", backend.special_id("eos"))
+        self.add_bos = bool(config.get("add_bos_token", isinstance(backend, _SpmBackend)))
+        chat_template = config.get("chat_template") or ""
+        self.template = template or _detect_template(chat_template) or (
+            "chatml" if backend.token_id("<|im_start|>") is not None else "llama-2")
+        if self.template not in TEMPLATES:
+            raise TokenizerError(f"unknown chat template {self.template!r} (known: {', '.join(TEMPLATES)})")
+        self._im = (backend.token_id("<|im_start|>"), backend.token_id("<|im_end|>"))
+        if self.template == "chatml":
+            if None in self._im:
+                raise TokenizerError("template chatml needs <|im_start|> and <|im_end|> in the vocabulary")
+            extra_eos = (*extra_eos, self._im[1])
+        elif self.bos_id is None or eos is None:
+            raise TokenizerError(f"template {self.template} needs BOS and EOS tokens")
+        self.eos_ids = tuple(dict.fromkeys(i for i in (eos, *extra_eos) if i is not None))
+        if not self.eos_ids:
+            raise TokenizerError("the tokenizer names no EOS token (eos_token in tokenizer_config.json)")
+        self._eos = self.eos_ids[0]
+        self.default_system = {"chatml": _chatml_default_system(chat_template), "vicuna": VICUNA_SYSTEM}.get(
+            self.template)
+        self.stop_strings: tuple[str, ...] = ("USER:",) if self.template == "vicuna" else ()
+
+    def _config_id(self, config: dict[str, Any], key: str, default: int | None) -> int | None:
+        token = config.get(key)
+        if isinstance(token, dict):  # HF AddedToken form {"content": ...}
+            token = token.get("content")
+        if not token:
+            return default
+        i = self._backend.token_id(token)
+        if i is None:
+            raise TokenizerError(f"tokenizer config names {key} {token!r}, which is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Plain text to ids; special-token spellings in `text` stay text. BOS only when asked."""
+        if bos and self.bos_id is None:
+            raise TokenizerError("this tokenizer has no BOS token")
+        return [self.bos_id] * bos + self._backend.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids to text, skipping control tokens."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        return self._backend.decode(list(ids))
+
+    def apply_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The chat as ids: template control tokens as ids, every piece of text through `encode`."""
+        return [i for seg in self._segments(messages, add_generation_prompt)
+                for i in ([seg] if isinstance(seg, int) else self._backend.encode(seg))]
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat as text with control tokens spelled out: for transcripts and checking templates."""
+        segs = self._segments(messages, add_generation_prompt)
+        return "".join(self._backend.token(s) if isinstance(s, int) else s for s in segs)
+
+    def _segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[str | int]:
+        _check_messages(messages, alternate=self.template != "chatml")
+        return _TEMPLATE_FNS[self.template](self, messages, add_generation_prompt)
+
+
+def _check_messages(messages: list[dict[str, str]], alternate: bool) -> None:
+    if not messages:
+        raise TokenizerError("a chat needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise TokenizerError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}, got {m!r}")
+        if m["role"] == "system" and i:
+            raise TokenizerError(f"message {i}: a system message may only come first")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if alternate and turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
+        raise TokenizerError(f"roles must alternate user/assistant starting with user, got {turns}")
+
+
+def _chatml(tok: Tokenizer, messages: list[dict[str, str]], gen: bool) -> list[str | int]:
+    """SmolLM2/Qwen chatml: `<|im_start|>{role}\\n{content}<|im_end|>\\n`, no BOS, content not stripped."""
+    if messages[0]["role"] != "system" and tok.default_system is not None:
+        messages = [{"role": "system", "content": tok.default_system}, *messages]
+    start, end = tok._im
+    segs: list[str | int] = []
+    for m in messages:
+        segs += [start, f"{m['role']}\n{m['content']}", end, "\n"]
+    return segs + [start, "assistant\n"] * gen
+
+
+def _llama2(tok: Tokenizer, messages: list[dict[str, str]], gen: bool) -> list[str | int]:
+    """Meta's `chat_completion`: the system prompt joins the first user turn; each exchange is its own
+    BOS ... EOS segment; contents are stripped."""
+    if messages[0]["role"] == "system":
+        if len(messages) == 1:
+            raise TokenizerError("llama-2: a system message must be followed by a user message")
+        first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+        messages = [{"role": "user", "content": first}, *messages[2:]]
+    if gen and messages[-1]["role"] != "user":
+        raise TokenizerError("llama-2: the chat must end with a user message to generate a reply")
+    segs: list[str | int] = []
+    for i in range(0, len(messages), 2):
+        user = messages[i]["content"].strip()
+        if i + 1 < len(messages):
+            segs += [tok.bos_id, f"[INST] {user} [/INST] {messages[i + 1]['content'].strip()} ", tok._eos]
+        else:
+            segs += [tok.bos_id, f"[INST] {user} [/INST]"]
+    return segs
+
+
+def _vicuna(tok: Tokenizer, messages: list[dict[str, str]], gen: bool) -> list[str | int]:
+    """FastChat vicuna_v1.1 (ADD_COLON_TWO, sep " ", sep2 "</s>" as the EOS id)."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else tok.default_system
+    segs: list[str | int] = [tok.bos_id]
+    text = f"{system} "
+    for m in messages:
+        if m["role"] == "user":
+            text += f"USER: {m['content']} "
+        elif m["role"] == "assistant":
+            segs += [f"{text}ASSISTANT: {m['content']}", tok._eos]
+            text = ""
+    text += "ASSISTANT:" * gen
+    return segs + [text] * bool(text)
+
+
+_TEMPLATE_FNS: dict[str, Callable[[Tokenizer, list[dict[str, str]], bool], list[str | int]]] = {
+    "chatml": _chatml, "llama-2": _llama2, "vicuna": _vicuna}
+
+
+def _detect_template(chat_template: str) -> str | None:
+    for marker, name in (("<|im_start|>", "chatml"), ("[INST]", "llama-2"), ("USER:", "vicuna"), ("ASSISTANT:", "vicuna")):
+        if marker in chat_template:
+            return name
+    return None
+
+
+def _chatml_default_system(chat_template: str) -> str | None:
+    """The literal system message a chatml Jinja template inserts when the chat has none (SmolLM2's)."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]+?)<\|im_end\|>", chat_template)
+    return m.group(1) if m else None
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class StreamDecoder:
+    """Incremental detokenizer. It re-decodes a short window (the last emitted group plus pending ids) and
+    emits the new suffix, holding text back while it ends in an incomplete UTF-8 sequence (U+FFFD), so a
+    multi-byte character is never split and the pieces concatenate to `decode(all ids)`. Keeping the last
+    emitted group as context keeps spacing right for sentencepiece, which drops a leading space at the
+    start of a decode."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self._tok = tok
+        self._window: list[int] = []
+        self._done = 0  # ids of the window whose text was already emitted
+
+    def push(self, token_id: int) -> str:
+        self._window.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character decodes to U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        text = self._tok.decode(self._window)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        new = text[len(self._tok.decode(self._window[: self._done])):]
+        self._window = self._window[self._done:]
+        self._done = len(self._window)
+        return new
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_tokenizer(folder: str | Path, template: str | None = None) -> Tokenizer:
+    """From a model folder: tokenizer.model (preferred: sentencepiece is the reference where it ships)
+    or tokenizer.json, plus tokenizer_config.json / chat_template.jinja / generation_config.json."""
+    folder = Path(folder)
+    spm, hf = folder / "tokenizer.model", folder / "tokenizer.json"
+    if spm.is_file():
+        backend: _SpmBackend | _HfBackend = _backend(_SpmBackend, spm.read_bytes(), spm)
+    elif hf.is_file():
+        backend = _backend(_HfBackend, hf.read_text(encoding="utf-8"), hf)
+    else:
+        raise TokenizerError(f"no tokenizer.model or tokenizer.json in {folder}")
+    config = _read_json(folder / "tokenizer_config.json")
+    jinja = folder / "chat_template.jinja"
+    if not config.get("chat_template") and jinja.is_file():
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    if isinstance(config.get("chat_template"), list):  # [{"name": ..., "template": ...}, ...]
+        config["chat_template"] = next((t["template"] for t in config["chat_template"] if t.get("name") == "default"), "")
+    gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+    extra_eos = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,) if isinstance(gen_eos, int) else ()
+    return Tokenizer(backend, config, template, extra_eos)
+
+
+def _backend(cls: type, data: Any, path: Path) -> _SpmBackend | _HfBackend:
+    try:
+        return cls(data)
+    except Exception as e:  # both libraries raise bare Exception/RuntimeError on bad files
+        raise TokenizerError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def tokenizer_from_gguf(reader: "gguf.GGUFReader", template: str | None = None) -> Tokenizer:
+    """The tokenizer stored in a GGUF model file's metadata."""
+    name, data, config = _gguf_tokenizer(reader)
+    backend = _SpmBackend(data) if name == "tokenizer.model" else _HfBackend(data)
+    return Tokenizer(backend, config, template)
+
+
+def export_gguf_tokenizer(reader: "gguf.GGUFReader", out_dir: Path) -> None:
+    """Write a GGUF's tokenizer as tokenizer.model (llama/spm) or tokenizer.json (gpt2/BPE) plus
+    tokenizer_config.json, so the converted folder loads with `load_tokenizer`."""
+    name, data, config = _gguf_tokenizer(reader)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        (out_dir / name).write_bytes(data)
+    else:
+        (out_dir / name).write_text(data, encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+
+
+def _gguf_tokenizer(reader: "gguf.GGUFReader") -> tuple[str, bytes | str, dict[str, Any]]:
+    """(file name, file content, tokenizer_config) rebuilt from GGUF metadata."""
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    kind = field("tokenizer.ggml.model")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    if kind is None or tokens is None or types is None:
+        raise TokenizerError("the GGUF file has no tokenizer (tokenizer.ggml.model/tokens/token_type)")
+    ids = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos")}
+    # tokenizer_class tells transformers how to read the files (it guesses wrong for a bare tokenizer.model).
+    config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast"}
+    config.update({f"{k}_token": tokens[ids[k]] for k in ("bos", "eos") if ids[k] is not None})
+    config["add_bos_token"] = bool(field("tokenizer.ggml.add_bos_token", kind == "llama"))
+    if field("tokenizer.chat_template"):
+        config["chat_template"] = field("tokenizer.chat_template")
+    if kind == "llama":
+        scores = field("tokenizer.ggml.scores")
+        if scores is None:
+            raise TokenizerError("the GGUF llama tokenizer has no tokenizer.ggml.scores")
+        proto = _spm_proto(tokens, scores, types, ids, bool(field("tokenizer.ggml.add_space_prefix", True)))
+        return "tokenizer.model", proto, config
+    if kind == "gpt2":
+        merges = field("tokenizer.ggml.merges")
+        if merges is None:
+            raise TokenizerError("the GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
+        return "tokenizer.json", _bpe_json(tokens, types, merges, field("tokenizer.ggml.pre", "default")), config
+    raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (supported: llama, gpt2)")
+
+
+def _spm_proto(tokens: list[str], scores: list[float], types: list[int], ids: dict[str, int | None],
+               add_space_prefix: bool) -> bytes:
+    """A sentencepiece BPE ModelProto with byte fallback and an identity normalizer, as llama.cpp reads it."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError as e:
+        raise TokenizerError("rebuilding a sentencepiece model from GGUF needs protobuf: pip install protobuf") from e
+    m = pb.ModelProto()
+    spec = m.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = _BYTE in types
+    for key, name in (("unknown", "unk"), ("bos", "bos"), ("eos", "eos")):
+        i = ids[key]
+        setattr(spec, f"{name}_id", -1 if i is None else i)
+        if i is not None:
+            setattr(spec, f"{name}_piece", tokens[i])
+    spec.pad_id = -1
+    norm = m.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = add_space_prefix
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        m.pieces.add(piece=token, score=score, type=kind)
+    return m.SerializeToString()
+
+
+def _bpe_json(tokens: list[str], types: list[int], merges: list[str], pre: str) -> str:
+    """A byte-level BPE tokenizer.json; control tokens become added special tokens (skipped on decode),
+    user-defined ones plain added tokens."""
+    splits = {
+        "smollm": [pre_tokenizers.Digits(individual_digits=True),
+                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    }
+    if pre not in splits:
+        raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(splits)})")
+    tk = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                         merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(splits[pre])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
+    tk.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    return tk.to_str()

@@ -1,0 +1,437 @@
+"""Read checkpoints (HF safetensors, Meta consolidated .pth, GGUF) into one internal state dict.
+
+Each format has one explicit name map to our internal (Meta/gpt-fast style) names. Our q/k rows use the
+Hugging Face `rotate_half` RoPE layout; Meta and GGUF store them for interleaved-pair RoPE, so those two
+are un-permuted on load. Tensors are read one at a time from memory-mapped files: the model is never
+held twice.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ConfigError, ModelArgs, RopeScaling, load_config_json
+
+if TYPE_CHECKING:
+    import gguf
+
+
+class WeightsError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe, or does not match its configuration."""
+
+
+# Internal name -> name in the file; "{i}" is the layer index.
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+META_NAMES = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{i}.attention_norm.weight": "layers.{i}.attention_norm.weight",
+    "layers.{i}.attention.wq.weight": "layers.{i}.attention.wq.weight",
+    "layers.{i}.attention.wk.weight": "layers.{i}.attention.wk.weight",
+    "layers.{i}.attention.wv.weight": "layers.{i}.attention.wv.weight",
+    "layers.{i}.attention.wo.weight": "layers.{i}.attention.wo.weight",
+    "layers.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "layers.{i}.feed_forward.w1.weight": "layers.{i}.feed_forward.w1.weight",
+    "layers.{i}.feed_forward.w3.weight": "layers.{i}.feed_forward.w3.weight",
+    "layers.{i}.feed_forward.w2.weight": "layers.{i}.feed_forward.w2.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_NAMES = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{i}.attention_norm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.attention.wq.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.attention.wk.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.attention.wv.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.attention.wo.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.ffn_norm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.feed_forward.w1.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.feed_forward.w3.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.feed_forward.w2.weight": "blk.{i}.ffn_down.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+# Buffers some checkpoints carry that are recomputed from the config (RoPE frequencies).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
+
+# GGUF tensor types we dequantize (through the `gguf` library); anything else is refused by name.
+GGUF_TYPES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise WeightsError(f"unknown dtype {dtype!r} (one of: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every internal parameter name with its shape, in model order."""
+    d, hd, f = args.dim, args.head_dim, args.hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention_norm.weight": (d,),
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "ffn_norm.weight": (d,),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w3.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+        }
+    shapes["norm.weight"] = (d,)
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    return shapes
+
+
+def expand_names(names: dict[str, str], args: ModelArgs) -> dict[str, str]:
+    """Internal name -> file name for every parameter of `args`, from a per-format template map."""
+    out = {}
+    for name in expected_shapes(args):
+        parts = name.split(".")
+        if parts[0] == "layers":
+            out[name] = names["layers.{i}." + ".".join(parts[2:])].format(i=parts[1])
+        else:
+            out[name] = names[name]
+    return out
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of q/k from the interleaved-pair RoPE layout (Meta, GGUF) to HF's rotate_half layout."""
+    n_out, dim_in = w.shape
+    return w.view(n_heads, n_out // n_heads // 2, 2, dim_in).transpose(1, 2).reshape(n_out, dim_in)
+
+
+def load_checkpoint(
+    path: str | Path, dtype: str | torch.dtype = torch.float32
+) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+    """Load a model folder (HF or Meta) or a .gguf file: (args, internal state dict, "hf" | "meta" | "gguf")."""
+    dtype = parse_dtype(dtype)
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such model folder or file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path}: a model is a folder or a .gguf file")
+        return _load_gguf(path, dtype)
+    if (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors")):
+        return _load_hf(path, dtype)
+    if any(path.glob("consolidated.*.pth")):
+        return _load_meta(path, dtype)
+    raise WeightsError(
+        f"{path}: no weights found (expected *.safetensors with config.json, or consolidated.*.pth with params.json)"
+    )
+
+
+def _convert(
+    args: ModelArgs,
+    names: dict[str, str],
+    present: set[str],
+    read: Callable[[str, tuple[int, ...]], torch.Tensor],
+    dtype: torch.dtype,
+    interleaved_qk: bool,
+    where: Path,
+) -> dict[str, torch.Tensor]:
+    """Check names, then read, check shape, un-permute and cast one tensor at a time."""
+    shapes = expected_shapes(args)
+    src = expand_names(names, args)
+    missing = [s for s in src.values() if s not in present]
+    if missing:
+        raise WeightsError(f"{where}: {len(missing)} weights missing, e.g. {', '.join(missing[:3])}")
+    known = set(src.values()) | ({names["output.weight"]} if args.tie_embeddings else set())  # tied: copy ignored
+    extra = sorted(n for n in present - known if not n.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        raise WeightsError(f"{where}: {len(extra)} unexpected weights, e.g. {', '.join(extra[:3])}")
+    out = {}
+    for name, shape in shapes.items():
+        t = read(src[name], shape)
+        if tuple(t.shape) != shape:
+            raise WeightsError(
+                f"{where}: {src[name]} has shape {tuple(t.shape)} but the config implies {shape} for {name}"
+            )
+        if interleaved_qk and name.endswith(("wq.weight", "wk.weight")):
+            t = unpermute_rope(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
+        out[name] = t.to(dtype).contiguous()
+    return out
+
+
+# ---- Hugging Face: config.json + safetensors (single file or sharded with an index) ----
+
+def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not (folder / "config.json").exists():
+        raise WeightsError(f"{folder}: safetensors weights but no config.json")
+    args = load_config_json(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (folder / f).exists():
+                raise WeightsError(f"{folder}: shard {f} named in {index.name} is missing")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    handles = {}
+    try:
+        for f in files:
+            handles[f] = safe_open(folder / f, framework="pt")
+    except SafetensorError as e:
+        raise WeightsError(f"{folder / f}: corrupt or truncated safetensors file ({e})") from None
+    if not index.exists():
+        weight_map = {k: f for f, h in handles.items() for k in h.keys()}
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            return handles[weight_map[name]].get_tensor(name)
+        except SafetensorError as e:
+            raise WeightsError(f"{folder / weight_map[name]}: cannot read {name} ({e})") from None
+
+    return args, _convert(args, HF_NAMES, set(weight_map), read, dtype, False, folder), "hf"
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """A config.json for `LlamaForCausalLM` (read by `load_config_json` and by transformers)."""
+    rs = args.rope_scaling
+    scaling = None if rs.type == "none" else {
+        "rope_type": rs.type, "factor": rs.factor,
+        **({"original_max_position_embeddings": rs.original_max_position_embeddings}
+           if rs.original_max_position_embeddings else {}),
+        **({"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor}
+           if rs.type == "llama3" else {}),
+    }
+    eos = list(args.eos_ids)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "bos_token_id": args.bos_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+def save_hf_folder(
+    args: ModelArgs, state_dict: dict[str, torch.Tensor], out_dir: str | Path, max_shard_bytes: int | None = None
+) -> Path:
+    """Write config.json + safetensors with HF names; shards with an index when `max_shard_bytes` is set."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {hf: state_dict[name].contiguous() for name, hf in expand_names(HF_NAMES, args).items()}
+    if max_shard_bytes is None:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for hf, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][hf] = t
+            size += nbytes
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / fname, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, fname)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config(args), indent=2) + "\n")
+    return out
+
+
+# ---- Meta: consolidated.*.pth (model-parallel shards) + params.json ----
+
+def _torch_load(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "disallowed pickle content")
+        raise WeightsError(f"{f}: refused, not a weights-only checkpoint ({why.strip()})") from None
+    except (RuntimeError, EOFError) as e:
+        why = str(e).splitlines()[0]
+        raise WeightsError(f"{f}: not a zip-format torch checkpoint, corrupt or legacy ({why})") from None
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise WeightsError(f"{f}: not a state dict of tensors")
+    return sd
+
+
+def _merge_shards(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Join model-parallel slices along the one axis where a slice is smaller than the full tensor.
+
+    Meta splits column-parallel weights (wq wk wv w1 w3 output) on dim 0, row-parallel ones (wo w2) on
+    dim 1, the embedding on dim 1 (Llama 2) or dim 0 (Llama 3), and replicates the norms; the shapes
+    say which, so one rule covers every version.
+    """
+    first = parts[0]
+    axes = [a for a, n in enumerate(first.shape) if a < len(shape) and n != shape[a]]
+    return first if len(parts) == 1 or not axes else torch.cat(parts, dim=axes[0])
+
+
+def _load_meta(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+    params = folder / "params.json"
+    if not params.exists():
+        raise WeightsError(f"{folder}: consolidated.*.pth weights but no params.json")
+    shards = [_torch_load(f) for f in sorted(folder.glob("consolidated.*.pth"))]
+    try:
+        p = json.loads(params.read_text())
+        vocab = shards[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in shards[0] else 0
+        args = ModelArgs.from_meta_params(p, vocab_size=vocab)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{params}: not valid JSON ({e})") from None
+    except KeyError as e:
+        raise ConfigError(f"{params} lacks required key {e.args[0]!r}") from None
+    present = set().union(*(s.keys() for s in shards))
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            return _merge_shards([s[name] for s in shards], shape)
+        except KeyError:
+            raise WeightsError(f"{folder}: {name} is missing from some consolidated shards") from None
+
+    return args, _convert(args, META_NAMES, present, read, dtype, True, folder), "meta"
+
+
+# ---- GGUF (llama.cpp): metadata + (quantized) tensors ----
+
+def _gguf_value(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    import numpy as np
+
+    return float(str(np.float32(x)))
+
+
+def gguf_model_args(reader: gguf.GGUFReader) -> ModelArgs:
+    """ModelArgs from GGUF `llama.*` metadata; embeddings are tied when the file has no output.weight."""
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise WeightsError(f"unsupported GGUF architecture {arch!r} (supported: llama)")
+
+    def get(key: str, default=None):
+        value = _gguf_value(reader, f"llama.{key}", default)
+        if value is None:
+            raise ConfigError(f"GGUF metadata lacks llama.{key}")
+        return value
+
+    n_heads = get("attention.head_count")
+    names = {t.name for t in reader.tensors}
+    vocab = _gguf_value(reader, "llama.vocab_size") or len(_gguf_value(reader, "tokenizer.ggml.tokens", []))
+    scaling = _gguf_value(reader, "llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ConfigError(f"unsupported GGUF rope scaling {scaling!r} (none, linear)")
+    bos = _gguf_value(reader, "tokenizer.ggml.bos_token_id")
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    return ModelArgs(
+        dim=get("embedding_length"),
+        n_layers=get("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads),
+        hidden_dim=get("feed_forward_length"),
+        vocab_size=vocab,
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rope_scaling=RopeScaling(
+            type=scaling,
+            factor=_f32(_gguf_value(reader, "llama.rope.scaling.factor", 1.0)),
+            original_max_position_embeddings=_gguf_value(reader, "llama.rope.scaling.original_context_length"),
+        ),
+        max_seq_len=get("context_length", 4096),
+        tie_embeddings="output.weight" not in names,
+        head_dim=_gguf_value(reader, "llama.attention.key_length", 0),
+        bos_id=bos,
+        eos_ids=() if eos is None else (eos,),
+    )
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A memory-mapped GGUF reader, or a WeightsError saying why the file cannot be read."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise WeightsError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+    return *load_gguf(open_gguf(path), dtype), "gguf"
+
+
+def load_gguf(
+    reader: gguf.GGUFReader, dtype: str | torch.dtype = torch.float32
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Dequantize an opened GGUF file into (args, internal state dict), q/k un-permuted."""
+    import gguf
+
+    where = Path(reader.data.filename)
+    args = gguf_model_args(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    for name in expand_names(GGUF_NAMES, args).values():
+        t = tensors.get(name)
+        if t is not None and t.tensor_type.name not in GGUF_TYPES:
+            raise WeightsError(
+                f"{where}: {name} has unsupported GGUF tensor type {t.tensor_type.name} "
+                f"(supported: {', '.join(GGUF_TYPES)})"
+            )
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensors[name]
+        return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))  # [out, in]; copies off the mmap
+
+    return args, _convert(args, GGUF_NAMES, set(tensors), read, parse_dtype(dtype), True, where)
