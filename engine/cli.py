@@ -29,28 +29,39 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, help="first tokens never evicted")
     p.add_argument("--recent", type=int, help="newest tokens never evicted")
     p.add_argument("--positions", choices=["original", "cache"], help="RoPE positions of cached keys")
-    p.add_argument("--policy-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="a policy-specific parameter (see --help-policy POLICY)")
+    common = {"budget", "sinks", "recent", "positions"}
+    extra: dict[str, list[str]] = {}
+    for name in list_policies():
+        for field, _, default in policy_class(name).options():
+            if field not in common:
+                extra.setdefault(field, []).append((name, default))
+    for field, users in sorted(extra.items()):
+        defaults = {d for _, d in users}
+        shown = str(defaults.pop()) if len(defaults) == 1 else "; ".join(f"{n}: {d}" for n, d in users)
+        p.add_argument(f"--{field.replace('_', '-')}", dest=f"policy_{field}", metavar="V",
+                       help=f"policy parameter of {', '.join(n for n, _ in users)} (default {shown})")
     p.add_argument("--prefill-chunk", type=int, help="prefill this many prompt tokens at a time")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
 
 
 def policy_params(ns: argparse.Namespace) -> dict[str, object]:
-    """Flags -> keyword arguments of the policy dataclass, typed from its fields."""
+    """Flags -> keyword arguments of the chosen policy's dataclass, typed from its fields."""
+    if ns.policy == "full":
+        return {}
     cls = policy_class(ns.policy)
     hints = get_type_hints(cls)
+    fields = {n for n, _, _ in cls.options()}
     params: dict[str, object] = {"budget": ns.budget, "sinks": ns.sinks, "recent": ns.recent,
                                  "positions": ns.positions}
-    for item in ns.policy_arg:
-        name, sep, value = item.partition("=")
-        if not sep or name not in {n for n, _, _ in cls.options()}:
-            valid = ", ".join(n for n, _, _ in cls.options())
-            raise ValueError(f"--policy-arg {item!r}: expected NAME=VALUE with NAME one of {valid}")
-        kind = hints.get(name, str)
-        params[name] = budget_arg(value) if name == "budget" else _convert(value, kind, name)
-    if ns.policy == "full":
-        params = {}
+    for key, value in vars(ns).items():
+        if not key.startswith("policy_") or value is None:
+            continue
+        name = key[len("policy_"):]
+        if name not in fields:
+            raise ValueError(f"--{name.replace('_', '-')} is not a parameter of policy {ns.policy} "
+                             f"(it takes: {', '.join(sorted(fields))})")
+        params[name] = _convert(value, hints[name], name)
     return params
 
 
@@ -62,7 +73,7 @@ def _convert(value: str, kind: object, name: str) -> object:
                 return caster(value)
             except ValueError:
                 continue
-    raise ValueError(f"--policy-arg {name}={value!r}: expected {kind}")
+    raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected {kind}")
 
 
 def run_cli(main: Callable[[], int | None]) -> None:

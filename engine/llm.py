@@ -12,22 +12,12 @@ from .generate import SamplingParams, StopFilter, generate_tokens, prefill
 from .model import Rope, Transformer
 from .policies import Policy, PolicyError, make_policy
 from .tokenizer import StreamDecoder, Tokenizer
+from .weights import parse_dtype
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 class ContextError(ValueError):
     """A prompt that does not fit the model's context under the chosen policy."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
 
 
 def parse_device(name: str | torch.device) -> torch.device:
@@ -83,7 +73,7 @@ class LLM:
     # ---- text in, text out -----------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None and self._wants_bos())
+            ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         else:
             ids = prompt
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
@@ -92,9 +82,6 @@ class LLM:
         if t.numel() == 0:
             raise ValueError("empty prompt")
         return t
-
-    def _wants_bos(self) -> bool:
-        return self.tokenizer.template != "chatml"
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()

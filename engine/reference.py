@@ -88,12 +88,12 @@ def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length:
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "q", q, "[B, H, D]", [B, -1, D], _query_dtypes(k), like)
     H = q.shape[1]
+    _check_heads(op, H, Hkv, D)
     _check_tensor(op, "out", out, "[B, H, D]", [B, H, D], [q.dtype], like)
     if score_acc is not None:
         _check_tensor(op, "score_acc", score_acc, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     if probs_out is not None:
         _check_tensor(op, "probs_out", probs_out, "[B, H, C]", [B, H, C], [torch.float32], like)
-    _check_heads(op, H, Hkv, D)
     if not 1 <= length <= C:
         raise ValueError(f"{op}: length must be in [1, C] = [1, {C}], got {length}")
 
@@ -108,12 +108,12 @@ def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos:
     _check_tensor(op, "kpos", kpos, "[B, H_kv, S]", [B, Hkv, S], [torch.int32], like)
     _check_tensor(op, "q", q, "[B, H, L, D]", [B, -1, -1, D], _query_dtypes(k), like)
     H, L = q.shape[1], q.shape[2]
+    _check_heads(op, H, Hkv, D)
     _check_tensor(op, "qpos", qpos, "[B, L]", [B, L], [torch.int32], like)
     _check_tensor(op, "out", out, "[B, H, L, D]", [B, H, L, D], [q.dtype], like)
     _check_tensor(op, "lse", lse, "[B, H, L]", [B, H, L], [torch.float32], like)
     if col_scores is not None:
         _check_tensor(op, "col_scores", col_scores, "[B, H_kv, S]", [B, Hkv, S], [torch.float32], like)
-    _check_heads(op, H, Hkv, D)
 
 
 def check_value_norm(v: Tensor, kind: int, out: Tensor) -> None:

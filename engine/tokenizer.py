@@ -219,10 +219,8 @@ _TEMPLATE_FNS: dict[str, Callable[[Tokenizer, list[dict[str, str]], bool], list[
 
 
 def _detect_template(chat_template: str) -> str | None:
-    for marker, name in (("<|im_start|>", "chatml"), ("[INST]", "llama-2"), ("USER:", "vicuna"), ("ASSISTANT:", "vicuna")):
-        if marker in chat_template:
-            return name
-    return None
+    markers = (("<|im_start|>", "chatml"), ("[INST]", "llama-2"), ("USER:", "vicuna"), ("ASSISTANT:", "vicuna"))
+    return next((name for marker, name in markers if marker in chat_template), None)
 
 
 def _chatml_default_system(chat_template: str) -> str | None:
@@ -281,7 +279,8 @@ def load_tokenizer(folder: str | Path, template: str | None = None) -> Tokenizer
     if not config.get("chat_template") and jinja.is_file():
         config["chat_template"] = jinja.read_text(encoding="utf-8")
     if isinstance(config.get("chat_template"), list):  # [{"name": ..., "template": ...}, ...]
-        config["chat_template"] = next((t["template"] for t in config["chat_template"] if t.get("name") == "default"), "")
+        named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
+        config["chat_template"] = named.get("default") or ""
     gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
     extra_eos = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,) if isinstance(gen_eos, int) else ()
     return Tokenizer(backend, config, template, extra_eos)
@@ -401,6 +400,7 @@ def _bpe_json(tokens: list[str], types: list[int], merges: list[str], pre: str) 
                                          merges=[tuple(m.split(" ", 1)) for m in merges]))
     tk.pre_tokenizer = pre_tokenizers.Sequence(splits[pre])
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
-    tk.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    typed = list(zip(tokens, types))
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == _CONTROL])
+    tk.add_tokens([AddedToken(t, normalized=False) for t, k in typed if k == _USER_DEFINED])
     return tk.to_str()

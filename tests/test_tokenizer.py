@@ -38,7 +38,7 @@ LLAMA_VOCAB = "ggml-vocab-llama-spm.gguf"
 # Control ids, from the GGUF files' token_type == 3 (and <unk> for Llama).
 CONTROL = {"llama": {0, 1, 2}, "smol": set(range(17))}
 SPECIAL_SPELLINGS = ["<|im_end|>", "<|im_start|>assistant\n", "</s>", "<s>", "[INST]", "<<SYS>>", "<|endoftext|>"]
-MULTIBYTE = "Café déjà vu, naïve façade. 東京は晴れ、北京は雨。 Emoji: 🦙🚀👍🏽 😶‍🌫️ Ελληνικά, русский, 한국어!"
+MULTIBYTE = "Café déjà vu, naïve façade. 東京は晴れ、北京は雨。 Emoji: 🦙🚀👍🏽 😶\u200d🌫\ufe0f Ελληνικά, 한국어!"
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is 2+2?"},

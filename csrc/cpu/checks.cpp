@@ -117,10 +117,10 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like_k);
   check_tensor(op, "q", q, "[B, H, D]", {B, -1, D}, query_dtypes(k), like_k);
   const int64_t H = q.size(1);
+  check_heads(op, H, Hkv, D);
   check_tensor(op, "out", out, "[B, H, D]", {B, H, D}, {q.scalar_type()}, like_k);
   check_optional(op, "score_acc", score_acc, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like_k);
   check_optional(op, "probs_out", probs_out, "[B, H, C]", {B, H, C}, {ScalarType::Float}, like_k);
-  check_heads(op, H, Hkv, D);
   TORCH_CHECK_VALUE(length >= 1 && length <= C, op, ": length must be in [1, C] = [1, ", C,
                     "], got ", length);
 }
@@ -137,12 +137,12 @@ void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   check_tensor(op, "kpos", kpos, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Int}, like_k);
   check_tensor(op, "q", q, "[B, H, L, D]", {B, -1, -1, D}, query_dtypes(k), like_k);
   const int64_t H = q.size(1), L = q.size(2);
+  check_heads(op, H, Hkv, D);
   check_tensor(op, "qpos", qpos, "[B, L]", {B, L}, {ScalarType::Int}, like_k);
   check_tensor(op, "out", out, "[B, H, L, D]", {B, H, L, D}, {q.scalar_type()}, like_k);
   check_tensor(op, "lse", lse, "[B, H, L]", {B, H, L}, {ScalarType::Float}, like_k);
   check_optional(op, "col_scores", col_scores, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Float},
                  like_k);
-  check_heads(op, H, Hkv, D);
 }
 
 void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out) {

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from .base import DecodeView, Policy, PolicyError, PrefillView
+from .ahakv import AhaKV
 from .full import Full
 from .h2o import H2O
+from .scissorhands import Scissorhands
+from .snapkv import SnapKV
 from .streaming import Streaming
+from .tova import TOVA
+from .vatp import VATP
+from .weightedkv import WeightedKV
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
@@ -33,8 +39,8 @@ def make_policy(name: str, **params: object) -> Policy:
     return policy_class(name)(**{k: v for k, v in params.items() if v is not None})
 
 
-for _cls in (Full, Streaming, H2O):
+for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV):
     register(_cls)
 
-__all__ = ["DecodeView", "Full", "H2O", "Policy", "PolicyError", "PrefillView", "Streaming",
-           "list_policies", "make_policy", "policy_class", "register"]
+__all__ = ["AhaKV", "DecodeView", "Full", "H2O", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
+           "Streaming", "TOVA", "VATP", "WeightedKV", "list_policies", "make_policy", "policy_class", "register"]

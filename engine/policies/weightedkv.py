@@ -1,0 +1,103 @@
+"""WeightedKV (Yuan et al. 2025, arXiv 2503.01330; no public code): drop the key of the token with the
+least average attention and merge its value into a neighbour's, weighted by average attention.
+
+Per slot: `acc` = attention accumulated over every row that saw it, `cnt` = how many rows, `w` = the
+weight of the merged value (0 = never merged into). Keys, `acc` and `cnt` of a receiver never change.
+Our choices: the receiver is the valid slot with the next larger original position (`receiver="next"`;
+"prev" and the cosine-nearest key "nearest_key" are switches), falling back to the other side, never a
+sink. A receiver's weight starts at its own average attention when it is first merged into, so every
+merged value is one convex combination of all the values it absorbed. When a prompt chunk is
+compressed, the dropped entries are merged one at a time in ascending average attention (ties: lower
+position first), each into its neighbour among the entries still present: the decode rule, repeated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .base import DecodeView, Policy, PolicyError, PrefillView
+
+RECEIVERS = ("next", "prev", "nearest_key")
+
+
+@dataclass
+class WeightedKV(Policy):
+    sinks: int = 4
+    recent: int = 32
+    receiver: str = "next"
+
+    name: ClassVar[str] = "weightedkv"
+    state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
+    needs_acc: ClassVar[bool] = True
+    merges_values: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.receiver not in RECEIVERS:
+            raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
+        super().__post_init__()
+
+    @staticmethod
+    def average(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """abar = acc / cnt (0 where nothing saw the slot)."""
+        return state["acc"] / state["cnt"].clamp(min=1.0)
+
+    def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv) slot that takes each victim's value, -1 if there is none."""
+        C = pos.shape[2]
+        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
+        if self.receiver == "nearest_key":
+            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))
+            cos = F.cosine_similarity(k.float(), kj.float(), dim=-1).masked_fill(~cand, -math.inf)
+            return torch.where(cand.any(2), cos.argmax(2), -1)
+        pj = pos.gather(2, victim[..., None])
+        big = torch.iinfo(pos.dtype).max
+        nxt = torch.where(cand & (pos > pj), pos, big).min(2)
+        prv = torch.where(cand & (pos < pj), pos, -1).max(2)
+        has_nxt, has_prv = nxt.values < big, prv.values >= 0
+        if self.receiver == "next":
+            return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
+        return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
+
+    def merge(self, v: torch.Tensor, state: dict[str, torch.Tensor], k: torch.Tensor, pos: torch.Tensor,
+              victim: torch.Tensor) -> None:
+        """Merge v[victim] into its receiver's value with weight abar[victim], in place."""
+        abar, w = self.average(state), state["w"]
+        rcv = self.receivers(k, pos, victim)
+        r = rcv.clamp(min=0)[..., None]
+        w_r = w.gather(2, r)
+        first = (rcv[..., None] >= 0) & (w_r == 0)
+        w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
+        ops.merge_value(v, w, victim, rcv, abar.gather(2, victim[..., None])[..., 0].contiguous())
+
+    def prefill_scores(self, view: PrefillView) -> torch.Tensor:
+        st, pos = view.layer.state, view.layer.pos
+        st["acc"] += view.colsum
+        st["cnt"] += view.rows_seen
+        abar = self.average(st)
+        drops = int((pos[0, 0] >= 0).sum()) - view.budget
+        if drops <= 0:
+            return abar
+        if view.budget < 1:
+            raise RuntimeError("internal: weightedkv needs PrefillView.budget from the store")
+        alive = pos.clone()
+        hi = int(pos.max()) + 1 - self.recent
+        victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
+        for _ in range(drops):
+            ops.select_victim(abar, alive, self.sinks, hi, victim)
+            self.merge(view.layer.v, st, view.k, alive, victim)
+            alive.scatter_(2, victim[..., None], -1)
+        return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
+
+    def decode_update(self, view: DecodeView) -> None:
+        view.layer.state["cnt"] += view.layer.pos >= 0
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        return self.average(view.layer.state)
+
+    def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
+        self.merge(view.layer.v, view.layer.state, view.k, view.layer.pos, victim)

@@ -1,0 +1,591 @@
+"""engine.ops (compiled and reference path) against the fp64 oracle in engine.reference.
+
+Accuracy rule (flash-attention's): an op may be at most twice as wrong as the same formula run by
+plain PyTorch in the input precision, both measured against fp64, plus a tiny absolute floor.
+Outputs are poisoned with NaN first, so an element the op forgot to write fails the check.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import ops
+from engine import reference as ref
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+PATHS = ["compiled", "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOOR = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def on_path(path: str, op: str, device: str) -> contextlib.AbstractContextManager:
+    """Force the compiled or the reference path, skipping when the compiled one cannot run here."""
+    if path == "compiled" and not ops.has_kernel(op, device):
+        pytest.skip(f"engine._C has no {device} kernel for {op}")
+    return ops.use_reference(path == "reference")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, dtype, device, g, scale=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_within(got: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, what: str,
+                  floor: float = FLOOR) -> None:
+    """Every element of `got` within 2x the baseline's worst error against `truth`, plus `floor` times
+    the largest |truth| (at least 1). Infinite truths (lse of a row that sees nothing) must match."""
+    got, truth, baseline = got.double().cpu(), truth.double().cpu(), baseline.double().cpu()
+    inf = truth.isinf()
+    assert torch.equal(got[inf], truth[inf]), f"{what}: infinite entries differ"
+    err = (got - truth)[~inf].abs()
+    base = (baseline - truth)[~inf].abs()
+    if not err.numel():
+        return
+    tol = 2 * base.max().item() + floor * max(1.0, truth[~inf].abs().max().item())
+    worst = err.max().item()
+    assert not math.isnan(worst), f"{what}: NaN in the output (an element left unwritten?)"
+    assert worst <= tol, f"{what}: max error {worst:.3g} > {tol:.3g} (2x PyTorch's {base.max().item():.3g} + floor)"
+
+
+def positions(B: int, Hkv: int, C: int, fill: str, g: torch.Generator) -> torch.Tensor:
+    """Slot positions [B, Hkv, C] int32 in shuffled slot order; `fill` says which slots are empty."""
+    pos = torch.stack([torch.randperm(4 * C, generator=g)[:C] for _ in range(B * Hkv)]).view(B, Hkv, C)
+    if fill == "holes":
+        pos[torch.rand(B, Hkv, C, generator=g) < 0.4] = -1
+    elif fill == "one":  # a single valid slot per (batch, KV head)
+        keep = torch.randint(0, C, (B, Hkv, 1), generator=g)
+        pos = torch.where(torch.arange(C) == keep, pos, -1)
+    elif fill == "empty_head":  # holes, and one (batch, KV head) with no valid slot at all
+        pos[torch.rand(B, Hkv, C, generator=g) < 0.4] = -1
+        pos[-1, -1] = -1
+    return pos.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 64), (1, 576), (5, 129)])
+def test_rms_norm(device, path, dtype, shape):
+    g = gen(1)
+    x = randn(shape, dtype, device, g, scale=3.0)
+    w = randn(shape[-1:], dtype, device, g)
+    with on_path(path, "rms_norm", device):
+        y = ops.rms_norm(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    truth = ref.rms_norm_dense(x, w, 1e-5, torch.float64)
+    assert_within(y, truth, ref.rms_norm(x, w, 1e-5), "rms_norm")
+
+
+def test_rms_norm_matches_hf_llama():
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    g = gen(2)
+    for dtype in DTYPES:
+        x = randn((4, 5, 96), dtype, "cpu", g, scale=2.0)
+        norm = modeling.LlamaRMSNorm(96, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(randn((96,), dtype, "cpu", g))
+            expected = norm(x)
+        got = ops.rms_norm(x, norm.weight.detach(), 1e-6)
+        # Same formula and roundings; only the fp32 summation order may differ.
+        torch.testing.assert_close(got, expected, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------------------
+
+DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
+    (1, 9, 3, 37, 64, 37, "all"),
+    (3, 8, 1, 50, 128, 33, "holes"),
+    (3, 4, 4, 19, 80, 19, "one"),
+    (1, 12, 3, 70, 80, 65, "holes"),
+    (3, 6, 2, 41, 64, 40, "empty_head"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_decode_attention(device, path, dtype, case):
+    B, H, Hkv, C, D, length, fill = case
+    g = gen(sum(case[:6]))
+    q = randn((B, H, D), dtype, device, g)
+    k = randn((B, Hkv, C, D), dtype, device, g)
+    v = randn((B, Hkv, C, D), dtype, device, g)
+    pos = positions(B, Hkv, C, fill, g).to(device)
+    scale = 2.0 / math.sqrt(D)  # peakier than usual, so the online max matters
+    acc0 = torch.rand((B, Hkv, C), generator=g).to(device)
+    out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
+    with on_path(path, "decode_attention", device):
+        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs)
+
+    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64)
+    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype)
+    valid = (ref._decode_kpos(pos, length) >= 0).cpu()
+    assert_within(out, o64, o_pt, "out")
+    assert_within(probs, p64, p_pt, "probs_out")
+    assert torch.equal(acc.cpu()[~valid], acc0.cpu()[~valid]), "score_acc changed on an invalid slot"
+    assert_within(acc, acc0.double() + ref._group_mean(p64, Hkv), acc0.double() + ref._group_mean(p_pt, Hkv),
+                  "score_acc")
+    if fill == "empty_head":
+        assert torch.equal(out[-1, -(H // Hkv):].cpu(), torch.zeros(H // Hkv, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_attention_fp32_query_over_bf16_cache(device, path):
+    B, H, Hkv, C, D = 2, 6, 3, 29, 64
+    g = gen(3)
+    q = randn((B, H, D), torch.float32, device, g)
+    k, v = (randn((B, Hkv, C, D), torch.bfloat16, device, g) for _ in range(2))
+    pos = positions(B, Hkv, C, "holes", g).to(device)
+    out = poisoned((B, H, D), torch.float32, device)
+    with on_path(path, "decode_attention", device):
+        ops.decode_attention(q, k, v, pos, C, 0.125, out)
+    o64, _ = ref.decode_attention_dense(q, k, v, pos, C, 0.125, torch.float64)
+    o_pt, _ = ref.decode_attention_dense(q, k, v, pos, C, 0.125, torch.float32)
+    assert out.dtype == torch.float32
+    assert_within(out, o64, o_pt, "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill_attention
+# ---------------------------------------------------------------------------------------------
+
+PREFILL_CASES = [  # B, H, Hkv, L, S, D, layout
+    (1, 9, 3, 37, 37, 64, "causal"),  # a plain prompt: slot = position
+    (3, 8, 2, 20, 45, 128, "chunk"),  # a chunk after a compressed cache with holes, shuffled slots
+    (1, 4, 4, 1, 10, 64, "chunk"),  # one query row
+    (2, 6, 1, 17, 80, 64, "blind"),  # some rows see no key at all; an empty KV head
+]
+
+
+def prefill_inputs(case, dtype, device, seed):
+    B, H, Hkv, L, S, D, layout = case
+    g = gen(seed)
+    q = randn((B, H, L, D), dtype, device, g)
+    k = randn((B, Hkv, S, D), dtype, device, g)
+    v = randn((B, Hkv, S, D), dtype, device, g)
+    if layout == "causal":
+        kpos = torch.arange(S).expand(B, Hkv, S)
+        qpos = torch.arange(L).expand(B, L)
+    else:
+        kpos = positions(B, Hkv, S, "holes", g)
+        qpos = (kpos.amax().clamp(min=0) + 1 + torch.arange(L)).expand(B, L)
+        new = L if layout == "chunk" else L // 2
+        qpos = qpos - new  # the chunk's own keys are in the cache: the first rows see less
+        if layout == "blind":
+            qpos = torch.arange(L).expand(B, L) - 3  # rows with qpos < min kpos see nothing
+            kpos[-1, -1] = -1
+    return q, k, v, qpos.contiguous().to(torch.int32).to(device), kpos.contiguous().to(torch.int32).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("score", [(0, 1.0), (5, 1.0), (7, 0.5)], ids=["all-rows", "last-5", "own-scale"])
+def test_prefill_attention(device, path, dtype, case, score):
+    B, H, Hkv, L, S, D, _ = case
+    q, k, v, qpos, kpos = prefill_inputs(case, dtype, device, seed=L + S + D)
+    scale = 1.0 / math.sqrt(D)
+    score_rows, score_scale = score[0], score[1] * scale
+    out, lse = poisoned((B, H, L, D), dtype, device), poisoned((B, H, L), torch.float32, device)
+    cols = poisoned((B, Hkv, S), torch.float32, device)
+    with on_path(path, "prefill_attention", device):
+        ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, cols, score_rows, score_scale)
+
+    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, torch.float64)
+    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, dtype)
+    assert_within(out, o64, o_pt, "out")
+    assert_within(lse, lse64, lse_pt, "lse")
+    w = slice(L - score_rows if 0 < score_rows < L else 0, L)
+    c64 = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, torch.float64)
+    c_pt = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, dtype)
+    assert_within(cols, c64, c_pt, "col_scores")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prefill_attention_without_column_scores(path):
+    case = (1, 6, 3, 24, 24, 64, "causal")
+    q, k, v, qpos, kpos = prefill_inputs(case, torch.float32, "cpu", seed=4)
+    out, lse = poisoned((1, 6, 24, 64), torch.float32, "cpu"), poisoned((1, 6, 24), torch.float32, "cpu")
+    with on_path(path, "prefill_attention", "cpu"):
+        ops.prefill_attention(q, k, v, qpos, kpos, 0.125, out, lse, None, 0, 1.0)
+    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, 0.125, torch.float64)
+    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, 0.125, torch.float32)
+    assert_within(out, o64, o_pt, "out")
+    assert_within(lse, lse64, lse_pt, "lse")
+
+
+def test_prefill_chunked_equals_whole():
+    case = (2, 6, 2, 29, 40, 64, "chunk")
+    q, k, v, qpos, kpos = prefill_inputs(case, torch.float32, "cpu", seed=5)
+    results = []
+    for chunk in (29, 4):
+        out, lse, cols = torch.empty(2, 6, 29, 64), torch.empty(2, 6, 29), torch.empty(2, 2, 40)
+        ref.prefill_attention_chunked(q, k, v, qpos, kpos, 0.1, out, lse, cols, 11, 0.05, chunk=chunk)
+        results.append((out, lse, cols))
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# value_norm
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(3, 3, 17, 64), (1, 1, 5, 128), (2, 2, 1, 80)])
+def test_value_norm(device, path, dtype, kind, shape):
+    v = randn(shape, dtype, device, gen(kind), scale=2.0)
+    out = poisoned(shape[:3], torch.float32, device)
+    with on_path(path, "value_norm", device):
+        ops.value_norm(v, kind, out)
+    assert_within(out, ref.value_norm_dense(v, kind, torch.float64), ref.value_norm_dense(v, kind, torch.float32),
+                  f"value_norm kind={kind}", floor=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_value_norm_propagates_nan(path):
+    v = torch.ones(1, 1, 3, 8)
+    v[0, 0, 1, 5] = float("nan")
+    out = torch.zeros(1, 1, 3)
+    for kind in (0, 1, 2):
+        with on_path(path, "value_norm", "cpu"):
+            ops.value_norm(v, kind, out)
+        assert out[0, 0, 1].isnan() and out[0, 0, [0, 2]].isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# select_victim, compact, merge_value: exact ops, checked against brute force
+# ---------------------------------------------------------------------------------------------
+
+SLOT_SCORES = st.one_of(st.sampled_from([0.0, 1.0, -1.0, float("inf"), float("nan")]),
+                        st.floats(-10, 10, width=32))
+
+
+@st.composite
+def victim_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
+    n = B * Hkv * C
+    score = torch.tensor(draw(st.lists(SLOT_SCORES, min_size=n, max_size=n)), dtype=torch.float32)
+    pos = torch.tensor(draw(st.lists(st.integers(-1, 15), min_size=n, max_size=n)), dtype=torch.int32)
+    lo, hi = draw(st.integers(-1, 8)), draw(st.integers(0, 17))
+    return score.view(B, Hkv, C), pos.view(B, Hkv, C), lo, hi
+
+
+def brute_victim(score: torch.Tensor, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    out = torch.empty(score.shape[:2], dtype=torch.int64)
+    for b in range(score.shape[0]):
+        for g in range(score.shape[1]):
+            slots = [s for s in range(score.shape[2]) if lo <= pos[b, g, s] < hi]
+            rank = lambda s: (math.isnan(score[b, g, s]), 0.0 if math.isnan(score[b, g, s]) else score[b, g, s].item(),
+                              pos[b, g, s].item(), s)
+            out[b, g] = min(slots, key=rank) if slots else -1
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(inputs=victim_inputs())
+def test_select_victim(path, inputs):
+    score, pos, lo, hi = inputs
+    out = torch.full(score.shape[:2], 99, dtype=torch.int64)
+    with on_path(path, "select_victim", "cpu"):
+        ops.select_victim(score, pos, lo, hi, out)
+    assert torch.equal(out, brute_victim(score, pos, lo, hi))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_select_victim_large(device, path):
+    g = gen(6)
+    score = torch.randint(0, 50, (3, 4, 300), generator=g).float()  # many ties
+    pos = positions(3, 4, 300, "holes", g)
+    out = torch.full((3, 4), 99, dtype=torch.int64, device=device)
+    with on_path(path, "select_victim", device):
+        ops.select_victim(score.to(device), pos.to(device), 4, 900, out)
+    assert torch.equal(out.cpu(), brute_victim(score, pos, 4, 900))
+
+
+@st.composite
+def compact_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 10))
+    K = draw(st.integers(0, C))
+    # Permutations overwrite slots still to be read (e.g. keep = [C-1, 0, 1, ...]).
+    keep = [draw(st.permutations(range(C)))[:K] for _ in range(B * Hkv)]
+    return B, Hkv, C, torch.tensor(keep, dtype=torch.int64).view(B, Hkv, K)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(inputs=compact_inputs())
+def test_compact(path, dtype, inputs):
+    B, Hkv, C, keep = inputs
+    D, K = 5, keep.shape[2]
+    g = gen(7)
+    k, v = randn((B, Hkv, C, D), dtype, "cpu", g), randn((B, Hkv, C, D), dtype, "cpu", g)
+    pos = positions(B, Hkv, C, "holes", g)
+    state = [torch.rand(B, Hkv, C, generator=g) for _ in range(2)]
+    before = [t.clone() for t in (k, v, pos, *state)]
+    with on_path(path, "compact", "cpu"):
+        ops.compact(k, v, pos, state, keep)
+    for after, old, empty in zip((k, v, pos, *state), before, (0, 0, -1, 0, 0)):
+        for b in range(B):
+            for h in range(Hkv):
+                assert torch.equal(after[b, h, :K], old[b, h][keep[b, h]])
+                assert (after[b, h, K:] == empty).all()
+
+
+@st.composite
+def merge_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 9))
+    pairs = [draw(st.lists(st.integers(-1, C - 1), min_size=2, max_size=2, unique=True)) for _ in range(B * Hkv)]
+    w = [draw(st.sampled_from([0.0, 0.25, 1.0, 3.5])) for _ in range(B * Hkv * C)]
+    weight = [draw(st.sampled_from([0.0, 0.1, 1.0, 2.0])) for _ in range(B * Hkv)]
+    t = torch.tensor(pairs, dtype=torch.int64).view(B, Hkv, 2)
+    return (torch.tensor(w).view(B, Hkv, C), t[..., 0].contiguous(), t[..., 1].contiguous(),
+            torch.tensor(weight).view(B, Hkv))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(inputs=merge_inputs())
+def test_merge_value(path, dtype, inputs):
+    w, victim, receiver, weight = inputs
+    B, Hkv, C = w.shape
+    v = randn((B, Hkv, C, 16), dtype, "cpu", gen(8))
+    v0, w0 = v.clone(), w.clone()
+    with on_path(path, "merge_value", "cpu"):
+        ops.merge_value(v, w, victim, receiver, weight)
+    idx, rows64, total = ref.merged_rows(v0, w0, victim, receiver, weight, torch.float64)
+    changed = torch.zeros(B, Hkv, C, dtype=torch.bool)
+    changed[idx] = True
+    assert torch.equal(v[~changed], v0[~changed]) and torch.equal(w[~changed], w0[~changed])  # victims too
+    assert torch.equal(w[idx].double(), total.float().double()), "weights must add up"
+    # A convex combination of the two rows, up to one rounding of the dtype.
+    b, g, r = idx
+    j = victim[b, g]
+    lo = torch.minimum(v0[b, g, r], v0[b, g, j]).double()
+    hi = torch.maximum(v0[b, g, r], v0[b, g, j]).double()
+    slack = torch.finfo(dtype).eps * torch.maximum(lo.abs(), hi.abs())
+    got = v[idx].double()
+    assert ((got >= lo - slack) & (got <= hi + slack)).all()
+    _, rows_pt, _ = ref.merged_rows(v0, w0, victim, receiver, weight, torch.float32)
+    assert_within(got, rows64, rows_pt.to(dtype), "merged rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck: schemas, fake impls, autograd registration, AOT dispatch
+# ---------------------------------------------------------------------------------------------
+
+def opcheck_cases():
+    g = gen(9)
+    B, H, Hkv, C, D, L = 2, 6, 3, 12, 64, 5
+    q, k, v = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
+    pos = positions(B, Hkv, C, "holes", g)
+    yield "rms_norm", (torch.randn(3, 64, generator=g), torch.randn(64, generator=g), 1e-6)
+    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C),
+                               torch.empty(B, H, C))
+    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), None, None)
+    qp = torch.randn(B, H, L, D, generator=g)
+    qpos = torch.arange(20, 20 + L, dtype=torch.int32).expand(B, L).contiguous()
+    yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
+                                torch.empty(B, Hkv, C), 3, 0.07)
+    yield "value_norm", (v, 1, torch.empty(B, Hkv, C))
+    yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
+    keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
+    yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
+    yield "merge_value", (v.clone(), torch.rand(B, Hkv, C, generator=g), torch.tensor([[0, 1, -1]] * B),
+                          torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+@pytest.mark.parametrize("op,args", list(opcheck_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(torch.ops.engine, op), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation: both paths raise the same exception with the same message
+# ---------------------------------------------------------------------------------------------
+
+def _valid_args():
+    """Valid arguments of every op (fresh tensors each call)."""
+    B, H, Hkv, C, D, L = 1, 6, 3, 8, 16, 4
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    cache = lambda: torch.zeros(B, Hkv, C, D)
+    pos = lambda: torch.arange(C, dtype=i32).expand(B, Hkv, C).contiguous()
+    return {
+        "rms_norm": dict(x=torch.ones(2, D), weight=torch.ones(D), eps=1e-6),
+        "decode_attention": dict(q=torch.zeros(B, H, D), k=cache(), v=cache(), pos=pos(), length=C, scale=1.0,
+                                 out=torch.zeros(B, H, D), score_acc=torch.zeros(B, Hkv, C),
+                                 probs_out=torch.zeros(B, H, C)),
+        "prefill_attention": dict(q=torch.zeros(B, H, L, D), k=cache(), v=cache(),
+                                  qpos=torch.arange(L, dtype=i32)[None].contiguous(), kpos=pos(), scale=1.0,
+                                  out=torch.zeros(B, H, L, D), lse=torch.zeros(B, H, L),
+                                  col_scores=torch.zeros(B, Hkv, C), score_rows=0, score_scale=1.0),
+        "value_norm": dict(v=cache(), kind=1, out=torch.zeros(B, Hkv, C)),
+        "select_victim": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=C,
+                              out_idx=torch.zeros(B, Hkv, dtype=i64)),
+        "compact": dict(k=cache(), v=cache(), pos=pos(), state=[torch.zeros(B, Hkv, C, dtype=f32)],
+                        keep_idx=torch.arange(5).expand(B, Hkv, 5).contiguous()),
+        "merge_value": dict(v=cache(), w=torch.zeros(B, Hkv, C), victim=torch.zeros(B, Hkv, dtype=i64),
+                            receiver=torch.ones(B, Hkv, dtype=i64), weight=torch.ones(B, Hkv)),
+    }
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.repeat(2)[::2]
+
+
+BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, message fragment
+    ("rms_norm", "weight", lambda t: t.double(), TypeError, "rms_norm: weight must be float32, got float64"),
+    ("rms_norm", "x", lambda t: t.t(), ValueError, "rms_norm: x must be contiguous [..., dim]"),
+    ("rms_norm", "weight", lambda t: t[:-1], ValueError, "rms_norm: weight must have shape [dim] = [16], got [15]"),
+    ("rms_norm", "eps", lambda e: -1.0, ValueError, "rms_norm: eps must be >= 0"),
+    ("decode_attention", "k", _noncontig, ValueError, "decode_attention: k must be contiguous [B, H_kv, C, D], got"),
+    ("decode_attention", "pos", lambda t: t.long(), TypeError, "decode_attention: pos must be int32, got int64"),
+    ("decode_attention", "q", lambda t: torch.zeros(1, 7, 16), ValueError, "H_kv=3 must be >= 1 and divide H=7"),
+    ("decode_attention", "q", lambda t: t.half(), TypeError, "decode_attention: q must be float32, got float16"),
+    ("decode_attention", "v", lambda t: t[:, :, :7].contiguous(), ValueError,
+     "decode_attention: v must have shape [B, H_kv, C, D] = [1, 3, 8, 16], got [1, 3, 7, 16]"),
+    ("decode_attention", "length", lambda n: 0, ValueError, "decode_attention: length must be in [1, C] = [1, 8], got 0"),
+    ("decode_attention", "length", lambda n: 9, ValueError, "length must be in [1, C] = [1, 8], got 9"),
+    ("decode_attention", "out", lambda t: t.bfloat16(), TypeError, "decode_attention: out must be float32, got bfloat16"),
+    ("decode_attention", "score_acc", lambda t: t.double(), TypeError, "score_acc must be float32, got float64"),
+    ("decode_attention", "probs_out", lambda t: t[:, :5].contiguous(), ValueError,
+     "probs_out must have shape [B, H, C] = [1, 6, 8], got [1, 5, 8]"),
+    ("decode_attention", "*", lambda a: {**a, "q": torch.zeros(1, 6, 300), "k": torch.zeros(1, 3, 8, 300),
+                                         "v": torch.zeros(1, 3, 8, 300)},
+     ValueError, "decode_attention: head dim D must be in [1, 256], got 300"),
+    ("prefill_attention", "qpos", lambda t: t[:, :3].contiguous(), ValueError,
+     "prefill_attention: qpos must have shape [B, L] = [1, 4], got [1, 3]"),
+    ("prefill_attention", "lse", lambda t: t.half(), TypeError, "prefill_attention: lse must be float32, got float16"),
+    ("prefill_attention", "col_scores", _noncontig, ValueError, "col_scores must be contiguous [B, H_kv, S]"),
+    ("prefill_attention", "kpos", lambda t: t.float(), TypeError, "kpos must be int32, got float32"),
+    ("value_norm", "kind", lambda n: 3, ValueError, "value_norm: kind must be 0 (Linf), 1 (L1) or 2 (squared L2), got 3"),
+    ("value_norm", "out", lambda t: t[:, :2].contiguous(), ValueError, "value_norm: out must have shape [B, H_kv, N]"),
+    ("value_norm", "v", lambda t: t.int(), TypeError, "value_norm: v must be float32 or bfloat16 or float16, got int32"),
+    ("select_victim", "pos", lambda t: t.long(), TypeError, "select_victim: pos must be int32, got int64"),
+    ("select_victim", "out_idx", lambda t: t[:, :1].contiguous(), ValueError, "out_idx must have shape [B, H_kv] = [1, 3]"),
+    ("compact", "keep_idx", lambda t: t + 4, IndexError,
+     "compact: keep_idx must hold distinct slot indices in [0, 8), got 8 at [0, 0, 4]"),
+    ("compact", "keep_idx", lambda t: t.clamp(max=3), IndexError,
+     "compact: keep_idx must hold distinct slot indices in [0, 8), got 3 at [0, 0, 4]"),
+    ("compact", "keep_idx", lambda t: torch.arange(9).expand(1, 3, 9).contiguous(), ValueError,
+     "compact: keep_idx must keep at most C=8 slots, got K=9"),
+    ("compact", "state", lambda s: [s[0], s[0].double()], TypeError, "compact: state[1] must be float32, got float64"),
+    ("merge_value", "receiver", lambda t: t + 7, IndexError,
+     "merge_value: receiver must hold slot indices in [-1, 8), got 8 at [0, 0]"),
+    ("merge_value", "victim", lambda t: t.int(), TypeError, "merge_value: victim must be int64, got int32"),
+    ("merge_value", "w", lambda t: torch.zeros(1, 3, 8, device="meta"), ValueError,
+     "merge_value: w must be on cpu like v, got meta"),
+]
+
+
+def _raise(path: str, op: str, args: dict) -> BaseException:
+    with on_path(path, op, "cpu"), pytest.raises(Exception) as info:
+        getattr(ops, op)(**args)
+    return info.value
+
+
+@pytest.mark.parametrize("op,arg,corrupt,exc,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_same_error_on_both_paths(op, arg, corrupt, exc, message):
+    errors = {}
+    for path in PATHS:
+        if path == "compiled" and not ops.HAVE_EXTENSION:
+            continue
+        args = _valid_args()[op]
+        if arg == "*":
+            args = corrupt(args)
+        else:
+            args[arg] = corrupt(args[arg])
+        errors[path] = _raise(path, op, args)
+    for path, err in errors.items():
+        assert type(err) is exc, f"{path}: {type(err).__name__}: {err}"
+        assert message in str(err), f"{path}: {err}"
+        assert "\n" not in str(err).strip(), f"{path}: not one line: {err}"
+    assert len({str(e) for e in errors.values()}) == 1, errors
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_valid_args_are_accepted(path):
+    """The base of BAD_INPUTS is itself valid, so each bad case fails for the corruption alone."""
+    for op, args in _valid_args().items():
+        with on_path(path, op, "cpu"):
+            getattr(ops, op)(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path selection in engine.ops
+# ---------------------------------------------------------------------------------------------
+
+def _spy(monkeypatch, name: str) -> list:
+    calls: list = []
+    real = getattr(ref, name)
+    monkeypatch.setattr(ref, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_env_selects_reference_without_warning(monkeypatch):
+    calls = _spy(monkeypatch, "rms_norm")
+    monkeypatch.setenv("ENGINE_REFERENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+def test_compiled_is_the_default(monkeypatch):
+    calls = _spy(monkeypatch, "rms_norm")
+    monkeypatch.delenv("ENGINE_REFERENCE", raising=False)
+    ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
+    assert calls == []
+    with ops.use_reference():
+        ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
+    assert calls == [1]
+
+
+def test_missing_extension_warns_once(monkeypatch):
+    calls = _spy(monkeypatch, "rms_norm")
+    monkeypatch.delenv("ENGINE_REFERENCE", raising=False)
+    monkeypatch.setattr(ops, "HAVE_EXTENSION", False)
+    ops._warn_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
+    ops._warn_fallback.cache_clear()
+    assert calls == [1, 1, 1]
+    assert len(caught) == 1 and "engine._C is not built" in str(caught[0].message)
+    with pytest.raises(RuntimeError, match="cannot be forced"), ops.use_reference(False):
+        pass
