@@ -1,7 +1,6 @@
 """Prefill, decode steps, sampling, stop rules and streaming of text pieces."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,27 +68,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = logits.softmax(-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
-
-
-def generate_tokens(model: Transformer, store: KVStore, ids: torch.Tensor, params: SamplingParams,
-                    eos_ids: tuple[int, ...], chunk: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the sampled tokens [B] one step at a time; stops at max_new_tokens or when every
-    sequence has produced an EOS (the caller applies stop strings)."""
-    if params.max_new_tokens == 0:
-        return
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=ids.device).manual_seed(params.seed)
-    logits = prefill(model, store, ids, chunk)
-    eos = torch.tensor(eos_ids or (-1,), device=ids.device)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for i in range(params.max_new_tokens):
-        token = sample(logits, params, generator)
-        yield token
-        done |= torch.isin(token, eos)
-        if bool(done.all()) or i + 1 == params.max_new_tokens:
-            return
-        logits = decode_step(model, store, token)
 
 
 class StopFilter:

@@ -8,7 +8,7 @@ import torch
 
 from .cache import CacheStats, KVStore
 from .config import ModelArgs
-from .generate import SamplingParams, StopFilter, generate_tokens, prefill
+from .generate import SamplingParams, StopFilter, decode_step, prefill, sample
 from .model import Rope, Transformer
 from .policies import Policy, PolicyError, make_policy
 from .tokenizer import StreamDecoder, Tokenizer
@@ -83,30 +83,20 @@ class LLM:
             raise ValueError("empty prompt")
         return t
 
+    def session(self, max_new_tokens: int = 4096) -> "Session":
+        """A conversation kept in one cache: every turn appends to it (see Session)."""
+        return Session(self, max_new_tokens)
+
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()
                ) -> Iterator[str]:
         """Yield text pieces as they are decoded (never a split multi-byte character)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed,
-                                tuple(stop) + self.tokenizer.stop_strings)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         ids = self._ids(prompt)
         if ids.shape[0] != 1:
             raise ValueError("stream/generate take one prompt; use logits/nll for batches")
-        self.store = self.new_store(ids.shape[1], max_new_tokens)
-        decoder, stops = StreamDecoder(self.tokenizer), StopFilter(params.stop)
-        eos = set(self.tokenizer.eos_ids)
-        for token in generate_tokens(self.model, self.store, ids, params, self.tokenizer.eos_ids, self.prefill_chunk):
-            tid = int(token[0])
-            if tid in eos:
-                break
-            piece = stops.feed(decoder.push(tid))
-            if piece:
-                yield piece
-            if stops.stopped:
-                return
-        tail = stops.feed(decoder.flush()) + stops.flush()
-        if tail:
-            yield tail
+        session = Session(self, max_new_tokens, prompt_len=ids.shape[1])
+        yield from session.stream(ids[0].tolist(), params)
 
     def generate(self, prompt: str | Sequence[int], **kw) -> str:
         """The completion of `prompt` as one string (arguments as `stream`)."""
@@ -139,6 +129,74 @@ class LLM:
             store.commit(1)
         lp = torch.cat(logits, dim=1)[:, : T - 1].float().log_softmax(-1)
         return -lp.gather(-1, ids[:, 1:, None])[..., 0]
+
+
+class Session:
+    """Tokens fed so far live in one KV store; `stream` appends a turn and the reply to it, so a
+    conversation is never re-prefilled. The last sampled token of a reply is fed with the next turn."""
+
+    def __init__(self, llm: LLM, max_new_tokens: int, prompt_len: int | None = None):
+        self.llm = llm
+        if prompt_len is None:  # an open-ended conversation: room for the whole model context
+            max_new_tokens = min(max_new_tokens, llm.args.max_seq_len // 2)
+            prompt_len = llm.args.max_seq_len - max_new_tokens
+        self.store = llm.store = llm.new_store(max(prompt_len, 1), max_new_tokens)
+        self.tokens: list[int] = []  # every token in the cache, in order
+        self.pending: list[int] = []  # sampled but not yet fed
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.tokens, self.pending = [], []
+
+    def feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append tokens (after any pending one) to the cache; returns the next-token logits [1, V]."""
+        ids = self.pending + list(ids)
+        if not ids:
+            raise ValueError("nothing to feed")
+        store = self.store
+        if not store.policy.evicts_on_decode and store.occupancy + len(ids) > store.capacity:
+            raise ContextError(
+                f"{store.occupancy} cached + {len(ids)} new tokens exceed the {store.capacity} slots of policy "
+                f"{store.policy.name}" + (" (the model context)" if store.policy.name == "full" else "")
+                + "; start a new conversation (/reset) or use an evicting policy")
+        logits = prefill(self.llm.model, store, torch.tensor([ids], device=self.llm.device), self.llm.prefill_chunk)
+        self.tokens += ids
+        self.pending = []
+        return logits
+
+    def stream_ids(self, ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Feed `ids`, then yield sampled token ids until EOS or max_new_tokens."""
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.llm.device).manual_seed(params.seed)
+        logits = self.feed(ids)
+        eos = set(self.llm.tokenizer.eos_ids)
+        for i in range(params.max_new_tokens):
+            tid = int(sample(logits, params, generator)[0])
+            self.pending = [tid]
+            yield tid
+            if tid in eos or i + 1 == params.max_new_tokens:
+                return
+            logits = decode_step(self.llm.model, self.store, torch.tensor([tid], device=self.llm.device))
+            self.tokens.append(tid)
+            self.pending = []
+
+    def stream(self, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
+        """Feed `ids` and yield the reply as text pieces, honouring stop strings."""
+        tok = self.llm.tokenizer
+        decoder, stops = StreamDecoder(tok), StopFilter(tuple(params.stop) + tok.stop_strings)
+        eos = set(tok.eos_ids)
+        for tid in self.stream_ids(ids, params):
+            if tid in eos:
+                break
+            piece = stops.feed(decoder.push(tid))
+            if piece:
+                yield piece
+            if stops.stopped:
+                return
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail
 
 
 def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,

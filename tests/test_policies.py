@@ -124,12 +124,12 @@ def feed(store: KVStore, q, k, v, prompt_len: int, chunk: int | None = None, aft
     step = chunk or prompt_len
     for a in range(0, prompt_len, step):
         b = min(prompt_len, a + step)
-        outs.append(store.attend(0, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]).clone())
+        outs.append(store.attend(0, *(x[:, :, a:b].contiguous() for x in (q, k, v))).clone())
         store.commit(b - a)
     if after_step:
         after_step(prompt_len - 1)
     for t in range(prompt_len, T):
-        outs.append(store.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]).clone())
+        outs.append(store.attend(0, *(x[:, :, t:t + 1].contiguous() for x in (q, k, v))).clone())
         store.commit(1)
         if after_step:
             after_step(t)
@@ -198,7 +198,7 @@ def test_invariants(s):
                 assert not kept & evicted[b][g]
                 if not decode:
                     continue
-                gone = before[b][g] | {t} - kept
+                gone = (before[b][g] | {t}) - kept
                 evicted[b][g] |= gone
                 if gone:
                     score, pos = seen_scores[-1]

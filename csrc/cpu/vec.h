@@ -38,10 +38,19 @@ inline void store_float(const float* __restrict__ src, T* __restrict__ dst, int6
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// kLanes independent partial sums: a fixed-trip inner loop gcc turns into several vector
+// accumulators, so the sum is not one long chain of dependent adds (and needs no fast-math).
+constexpr int64_t kLanes = 16;
+
 inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) part[u] += a[i + u] * b[i + u];
+  }
+  for (int64_t u = 0; i < n; ++i, ++u) part[u] += a[i] * b[i];
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t u = 0; u < kLanes; ++u) s += part[u];
   return s;
 }
 
