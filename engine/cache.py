@@ -82,6 +82,7 @@ class KVStore:
         self.occupancy = 0  # valid tokens per (layer, KV head): the same everywhere
         self.evictions = 0
         self._pending = 0  # slots in use after the chunk being prefilled
+        self.prefilling = False  # set by generate.prefill around a prompt chunk's forward
 
     # ---- host-side bookkeeping ----------------------------------------------------------------
     def reset(self) -> None:
@@ -102,14 +103,15 @@ class KVStore:
         )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE, continuing the stored sequence -> (B, H, T, D)."""
-        if q.shape[2] == 1:
-            return self._decode(layer, q, k, v)
-        return self._prefill(layer, q, k, v)
+        """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE, continuing the stored sequence -> (B, H, T, D).
+        A prompt chunk (even of one token) goes through prefill, a generated token through decode."""
+        if self.prefilling:
+            return self._prefill(layer, q, k, v)
+        return self._decode(layer, q, k, v)
 
     def commit(self, n: int) -> None:
-        """Host bookkeeping once every layer has processed n tokens (decode when n == 1)."""
-        if n == 1:
+        """Host bookkeeping once every layer has processed n tokens (a prompt chunk or one decode step)."""
+        if not self.prefilling:
             evicted = self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
             self.occupancy += 0 if evicted else 1
             self.evictions += int(evicted)
@@ -139,7 +141,7 @@ class KVStore:
         _write(st, slot, k, v, t)
         if self.policy.value_norm:
             nv = torch.empty(v.shape[:3], device=v.device)
-            ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
+            ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, slot[..., None], nv)
         self.rope.ensure(max(qpos, self.capacity) + 1)
         qr = self.rope.rotate(q[:, :, 0], torch.tensor(qpos, device=q.device))
@@ -161,8 +163,9 @@ class KVStore:
         hi = view.step_pos + 1 - p.recent
         victim = torch.empty_like(st.free)
         if p.per_layer:
-            ops.select_victim(score.contiguous(), st.pos[:, :1].contiguous(), p.sinks, hi, victim[:, :1])
-            victim.copy_(victim[:, :1].expand_as(victim))
+            one = torch.empty_like(victim[:, :1])
+            ops.select_victim(score.contiguous(), st.pos[:, :1].contiguous(), p.sinks, hi, one)
+            victim.copy_(one.expand_as(victim))
         else:
             ops.select_victim(score.contiguous(), st.pos, p.sinks, hi, victim)
         p.after_evict(view, victim)
@@ -206,7 +209,7 @@ class KVStore:
         needs_scores = self.occupancy + T > self.budget and n > 0
         colsum = None
         rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
-        if needs_scores or p.needs_acc:
+        if needs_scores or p.needs_acc or p.observes_prefill:
             colsum = torch.empty(B, k.shape[1], n, device=q.device)
         scale = p.prefill_scale(n, D) if needs_scores else None
         ops.prefill_attention(
@@ -216,11 +219,13 @@ class KVStore:
         state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)
                  for name, s in st.state.items()}
         if "vnorm" in state:
-            ops.value_norm(v.to(self.dtype).contiguous(), NORM_KIND[p.value_norm], state["vnorm"][:, :, n_old:])
+            nv = torch.empty(B, k.shape[1], T, device=q.device)
+            ops.value_norm(v.to(self.dtype).contiguous(), NORM_KIND[p.value_norm], nv)
+            state["vnorm"][:, :, n_old:] = nv
         rows_seen = (T - torch.searchsorted(qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                      ).reshape(pos.shape).float() * (pos >= 0)
         merged = LayerState(k=keys_raw, v=vals, pos=pos, state=state, rank=rank, extra=st.extra)
-        view = PrefillView(layer=merged, q=qr, k=keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen)
+        view = PrefillView(layer=merged, q=qr, k=keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen, budget=self.budget)
         if needs_scores:
             score = p.prefill_scores(view)
             keep = self._keep(score, pos, t + T)

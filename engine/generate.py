@@ -39,8 +39,12 @@ def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | 
     outs = []
     for start in range(0, T, step):
         part = ids[:, start : start + step]
-        outs.append(model(part, kv=store, last_only=not all_logits))
-        store.commit(part.shape[1])
+        store.prefilling = True
+        try:
+            outs.append(model(part, kv=store, last_only=not all_logits))
+            store.commit(part.shape[1])
+        finally:
+            store.prefilling = False
     return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]
 
 

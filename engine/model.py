@@ -154,7 +154,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, i, self.rope, kv)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:].contiguous()
         return self.output(self.norm(x)).float()
 
     @classmethod

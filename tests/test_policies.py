@@ -16,7 +16,7 @@ from engine.config import ModelArgs
 from engine.generate import decode_step, prefill
 from engine.llm import LLM
 from engine.model import Rope, Transformer
-from engine.policies import H2O, VATP, AhaKV, PolicyError, Policy, Scissorhands, WeightedKV, list_policies, make_policy
+from engine.policies import H2O, VATP, Policy, PolicyError, Scissorhands, WeightedKV, list_policies, make_policy
 from engine.policies.ahakv import recent_scores, step_gain
 from engine.policies.dense import rotate, simulate
 from engine.weights import expected_shapes
@@ -102,6 +102,31 @@ def test_drop_equals_mask_chunked_prefill_mha(name):
     assert_drop_equals_mask(name, "original", 24, 12, n_kv_heads=4)
 
 
+@pytest.mark.parametrize("name", EVICTING)
+def test_drop_equals_mask_second_turn(name):
+    """A prompt, replies, then another prompt fed into the same cache (a chat turn), then more replies."""
+    model, ids = tiny_model(), token_ids(60, seed=11)
+    logits = []
+    for mask in (False, True):
+        store = LLM(model, None, small(name, 16), mask=mask).new_store(30, 40)
+        out = [prefill(model, store, ids[:, :30])]
+        out += [decode_step(model, store, ids[:, t]) for t in range(30, 40)]
+        out.append(prefill(model, store, ids[:, 40:52], chunk=5))
+        out += [decode_step(model, store, ids[:, t]) for t in range(52, 60)]
+        logits.append(torch.stack(out, 1))
+    assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[0].abs().max()
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_batch_rows_are_independent(name):
+    """Two prompts in one batch get the answers each gets alone (every decision is per sequence)."""
+    model, ids = tiny_model(), token_ids(50, seed=13, batch=2)
+    both, _, _ = run(model, small(name, 12), ids[:, :30], 20, ids=ids[:, 30:])
+    for b in range(2):
+        alone, _, _ = run(model, small(name, 12), ids[b:b + 1, :30], 20, ids=ids[b:b + 1, 30:])
+        assert (both[b] - alone[0]).abs().max() <= 1e-4 * alone.abs().max()
+
+
 # ---- invariants over random shapes ----------------------------------------------------------------
 
 def one_layer_store(policy: Policy, heads: tuple[int, int], D: int, prompt_len: int, steps: int, batch: int = 1,
@@ -124,8 +149,10 @@ def feed(store: KVStore, q, k, v, prompt_len: int, chunk: int | None = None, aft
     step = chunk or prompt_len
     for a in range(0, prompt_len, step):
         b = min(prompt_len, a + step)
+        store.prefilling = True
         outs.append(store.attend(0, *(x[:, :, a:b].contiguous() for x in (q, k, v))).clone())
         store.commit(b - a)
+        store.prefilling = False
     if after_step:
         after_step(prompt_len - 1)
     for t in range(prompt_len, T):
@@ -161,7 +188,7 @@ def setups(draw):
         policy=make_policy(name, budget=budget, **kw), heads=draw(st.sampled_from([(2, 1), (2, 2), (4, 2)])),
         prompt_len=draw(st.integers(1, 24)), steps=draw(st.integers(0, 24)),
         chunk=draw(st.one_of(st.none(), st.integers(1, 9))), batch=draw(st.integers(1, 2)),
-        seed=draw(st.integers(0, 2**16)),
+        mask=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -171,7 +198,7 @@ def test_invariants(s):
     """Occupancy <= budget, sinks and recent kept, nothing evicted comes back, and the victim is the
     lowest-scoring eligible slot (ties: the lower position)."""
     p, D = s["policy"], 4
-    store = one_layer_store(p, s["heads"], D, s["prompt_len"], s["steps"], s["batch"])
+    store = one_layer_store(p, s["heads"], D, s["prompt_len"], s["steps"], s["batch"], s["mask"])
     q, k, v = random_qkv(s["heads"], D, s["prompt_len"] + s["steps"], s["seed"], s["batch"])
     budget = store.budget
     seen_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -211,6 +238,13 @@ def test_invariants(s):
     feed(store, q, k, v, s["prompt_len"], s["chunk"], after_step=check)
 
 
+def test_snapkv_compresses_a_one_token_prompt_chunk():
+    heads, D, L = (2, 1), 4, 9
+    store = one_layer_store(make_policy("snapkv", budget=6, w=2, k=1), heads, D, L, 0)
+    feed(store, *random_qkv(heads, D, L, seed=12), L, chunk=4)  # chunks of 4, 4 and 1 tokens
+    assert all(len(kept) <= 6 for kept in cached(store)[0])
+
+
 def test_gqa_scores_are_the_group_mean():
     """H2O's accumulated score after an uncompressed prompt = column sums averaged over each group."""
     heads, D, L = (4, 2), 8, 10
@@ -238,7 +272,7 @@ DENSE_CASES = [
     ("tova", {}, "original"), ("tova", {"sinks": 2, "recent": 3}, "cache"),
     ("snapkv", {"pool": "max"}, "original"), ("snapkv", {"pool": "avg", "k": 5}, "original"),
     ("vatp", {"norm": "l1"}, "original"), ("vatp", {"norm": "l2"}, "cache"), ("vatp", {"norm": "linf"}, "original"),
-    ("vatp", {"base": "scissorhands", "m": 5}, "original"), ("ahakv", {}, "original"), ("ahakv", {"r": 6}, "cache"),
+    ("vatp", {"base": "scissorhands", "m": 5, "recent": 3}, "original"), ("ahakv", {}, "original"), ("ahakv", {"r": 6}, "cache"),
     ("weightedkv", {"receiver": "next"}, "original"), ("weightedkv", {"receiver": "prev"}, "original"),
     ("weightedkv", {"receiver": "nearest_key"}, "cache"),
 ]

@@ -17,15 +17,17 @@ Our choices, where the paper is silent:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
 from .snapkv import pool_by_position
+
+if TYPE_CHECKING:
+    from ..cache import LayerState
 
 
 def step_gain(n: torch.Tensor, budget: int | torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -75,11 +77,11 @@ class AhaKV(Policy):
             extra["qpos"] = torch.full((B, self.r), -1, dtype=torch.int32, device=q.device)
         return extra["q"], extra["qpos"]
 
-    def _score(self, extra: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-               state: dict[str, torch.Tensor], seen: int, budget: int | torch.Tensor) -> torch.Tensor:
+    def _score(self, layer: "LayerState", k: torch.Tensor, seen: int, budget: int | torch.Tensor) -> torch.Tensor:
+        """gamma / max(gamma) * S over the layer's entries; k as attention used them, `seen` tokens so far."""
         n = min(self.r, seen)  # ring rows filled so far: 0..n-1
-        S = recent_scores(extra["q"][:, :, :n], extra["qpos"][:, :n], k, v, pos, budget)
-        gamma = pool_by_position(state["vnorm"], pos, pos >= 0, self.pool_kernel, "avg")
+        S = recent_scores(layer.extra["q"][:, :, :n], layer.extra["qpos"][:, :n], k, layer.v, layer.pos, budget)
+        gamma = pool_by_position(layer.state["vnorm"], layer.pos, layer.pos >= 0, self.pool_kernel, "avg")
         return gamma / gamma.amax(dim=2, keepdim=True).clamp(min=torch.finfo(gamma.dtype).tiny) * S
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
@@ -94,7 +96,7 @@ class AhaKV(Policy):
             raise RuntimeError("internal: ahakv needs PrefillView.budget from the store")
         if int((st.pos[0, 0] >= 0).sum()) <= view.budget:
             return torch.zeros_like(st.state["vnorm"])  # nothing is dropped from this chunk
-        return self._score(st.extra, view.k, st.v, st.pos, st.state, int(st.pos.max()) + 1, view.budget)
+        return self._score(st, view.k, int(st.pos.max()) + 1, view.budget)
 
     def decode_update(self, view: DecodeView) -> None:
         q, qpos = self._rows(view.layer.extra, view.q[:, :, None])
@@ -106,4 +108,4 @@ class AhaKV(Policy):
         """Called only when a token must go, i.e. the cache holds budget + 1 tokens."""
         st = view.layer
         budget = (st.pos >= 0).sum(dim=2, keepdim=True) - 1  # (B, Hkv, 1)
-        return self._score(st.extra, view.k, st.v, st.pos, st.state, view.step_pos + 1, budget)
+        return self._score(st, view.k, view.step_pos + 1, budget)

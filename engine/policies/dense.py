@@ -133,9 +133,10 @@ class _Sim:
         if not others:
             return
         if self.p.receiver == "nearest_key":
-            now = max(self.kept[g])
-            kj = self.key(g, j, now)
-            m = max(others, key=lambda s: float(torch.cosine_similarity(self.key(g, s, now), kj, 0)))
+            def stored(s: int) -> torch.Tensor:  # as the cache keeps it
+                return self.k[g, s] if self.p.positions == "cache" else rotate(self.k[g, s], s, self.rope)
+
+            m = max(others, key=lambda s: float(torch.cosine_similarity(stored(s), stored(j), 0)))
         else:
             after, before = [s for s in others if s > j], [s for s in others if s < j]
             nxt, prv = min(after, default=None), max(before, default=None)

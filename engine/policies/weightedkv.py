@@ -3,12 +3,18 @@ least average attention and merge its value into a neighbour's, weighted by aver
 
 Per slot: `acc` = attention accumulated over every row that saw it, `cnt` = how many rows, `w` = the
 weight of the merged value (0 = never merged into). Keys, `acc` and `cnt` of a receiver never change.
-Our choices: the receiver is the valid slot with the next larger original position (`receiver="next"`;
-"prev" and the cosine-nearest key "nearest_key" are switches), falling back to the other side, never a
-sink. A receiver's weight starts at its own average attention when it is first merged into, so every
-merged value is one convex combination of all the values it absorbed. When a prompt chunk is
-compressed, the dropped entries are merged one at a time in ascending average attention (ties: lower
-position first), each into its neighbour among the entries still present: the decode rule, repeated.
+
+Our choices:
+- the receiver is the valid slot with the next larger original position (`receiver="next"`; "prev" and
+  the cosine-nearest key "nearest_key" are switches), falling back to the other side, never a sink.
+  "nearest_key" compares keys as the cache stores them (after RoPE at their original positions, or
+  before RoPE with positions="cache", where ranks shift as tokens leave).
+- a receiver's weight starts at its own average attention when it is first merged into, so every
+  merged value is one convex combination of all the values it absorbed (if that weight is still 0
+  after merges, it starts again from the current average: still convex).
+- when a prompt chunk is compressed, the dropped entries are merged one at a time in ascending average
+  attention (ties: lower position first), each into its neighbour among the entries still present:
+  the decode rule, repeated (a loop of one small step per dropped token, prefill only).
 """
 from __future__ import annotations
 
@@ -63,10 +69,9 @@ class WeightedKV(Policy):
             return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
         return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
 
-    def merge(self, v: torch.Tensor, state: dict[str, torch.Tensor], k: torch.Tensor, pos: torch.Tensor,
+    def merge(self, v: torch.Tensor, w: torch.Tensor, abar: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor) -> None:
-        """Merge v[victim] into its receiver's value with weight abar[victim], in place."""
-        abar, w = self.average(state), state["w"]
+        """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
         rcv = self.receivers(k, pos, victim)
         r = rcv.clamp(min=0)[..., None]
         w_r = w.gather(2, r)
@@ -89,7 +94,7 @@ class WeightedKV(Policy):
         victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
         for _ in range(drops):
             ops.select_victim(abar, alive, self.sinks, hi, victim)
-            self.merge(view.layer.v, st, view.k, alive, victim)
+            self.merge(view.layer.v, st["w"], abar, view.layer.k, alive, victim)
             alive.scatter_(2, victim[..., None], -1)
         return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
 
@@ -100,4 +105,5 @@ class WeightedKV(Policy):
         return self.average(view.layer.state)
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        self.merge(view.layer.v, view.layer.state, view.k, view.layer.pos, victim)
+        st = view.layer
+        self.merge(st.v, st.state["w"], self.average(st.state), st.k, st.pos, victim)
