@@ -1,0 +1,269 @@
+// Per-slot cache maintenance on the GPU: value norms at insertion, victim choice, compaction, value
+// merge. Each works on (batch, KV head) rows of the slot cache. Slot indices are checked on the
+// device (the host never reads them, so nothing synchronises): a bad one stops the kernel with a
+// device-side assertion, as torch's own indexing kernels do.
+#include <ATen/ops/empty.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../cpu/checks.h"
+#include "common.cuh"
+#include "kernels.h"
+
+namespace engine {
+namespace {
+
+using cuda::kFullMask;
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / 32;  // kernels with a warp per row
+
+// ---------------------------------------------------------------------------------------------
+// value_norm: a warp per row
+// ---------------------------------------------------------------------------------------------
+
+// max(a, b) that propagates NaN, as torch.amax does.
+__device__ __forceinline__ float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    value_norm_kernel(const T* __restrict__ v, int kind, float* __restrict__ out, int64_t rows, int64_t D) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;  // the whole warp
+  const T* x = v + r * D;
+  float s = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float f = static_cast<float>(x[d]);
+    s = kind == 0 ? nan_max(s, fabsf(f)) : kind == 1 ? s + fabsf(f) : s + f * f;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, s, o);
+    s = kind == 0 ? nan_max(s, other) : s + other;
+  }
+  if (lane == 0) out[r] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// select_victim: a block per row, a reduction under one strict total order
+// ---------------------------------------------------------------------------------------------
+
+struct Candidate {
+  float score;
+  int32_t pos;
+  int32_t slot;  // -1: none
+};
+
+// Is a a better victim than b? Lower score first, NaN above every number, then the lower position,
+// then the lower slot. A total order, so the reduction's result does not depend on its shape.
+__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
+  if (a.slot < 0 || b.slot < 0) return b.slot < 0 && a.slot >= 0;
+  const bool na = isnan(a.score), nb = isnan(b.score);
+  if (na != nb) return nb;
+  if (!na && a.score != b.score) return a.score < b.score;
+  if (a.pos != b.pos) return a.pos < b.pos;
+  return a.slot < b.slot;
+}
+
+__device__ __forceinline__ Candidate warp_best(Candidate c) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const Candidate other{__shfl_xor_sync(kFullMask, c.score, o), __shfl_xor_sync(kFullMask, c.pos, o),
+                          __shfl_xor_sync(kFullMask, c.slot, o)};
+    if (better(other, c)) c = other;
+  }
+  return c;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    select_victim_kernel(const float* __restrict__ score, const int32_t* __restrict__ pos, int64_t lo,
+                         int64_t hi, int64_t* __restrict__ out_idx, int64_t C) {
+  __shared__ Candidate warp_bests[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* sr = score + blockIdx.x * C;
+  const int32_t* pr = pos + blockIdx.x * C;
+  Candidate best{0.f, 0, -1};
+  for (int64_t s = threadIdx.x; s < C; s += kThreads) {
+    const int32_t p = pr[s];
+    if (p < lo || p >= hi) continue;
+    const Candidate c{sr[s], p, static_cast<int32_t>(s)};
+    if (better(c, best)) best = c;
+  }
+  best = warp_best(best);
+  if (lane == 0) warp_bests[warp] = best;
+  __syncthreads();
+  if (warp != 0) return;
+  best = lane < kThreads / 32 ? warp_bests[lane] : Candidate{0.f, 0, -1};
+  best = warp_best(best);
+  if (lane == 0) out_idx[blockIdx.x] = best.slot;
+}
+
+// ---------------------------------------------------------------------------------------------
+// compact: check the kept slots, gather them into a scratch copy, write it back to the front
+// ---------------------------------------------------------------------------------------------
+
+// keep[r, :] must hold distinct slots in [0, C); `seen` is a zeroed bitmap of `words` per row.
+__global__ void __launch_bounds__(kThreads)
+    check_keep_kernel(const int64_t* __restrict__ keep, uint32_t* __restrict__ seen, int64_t rows,
+                      int64_t K, int64_t C, int64_t words) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < rows * K;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t s = keep[i];
+    CUDA_KERNEL_ASSERT_MSG(s >= 0 && s < C, "compact: keep_idx must hold distinct slot indices in [0, C)");
+    const uint32_t bit = 1u << (s % 32);
+    const uint32_t before = atomicOr(seen + (i / K) * words + s / 32, bit);
+    CUDA_KERNEL_ASSERT_MSG(!(before & bit), "compact: keep_idx must hold distinct slot indices in [0, C)");
+  }
+}
+
+// dst[r, i, :] = src[r, keep[r, i], :]: K slots of W units per row.
+template <typename U>
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const U* __restrict__ src, const int64_t* __restrict__ keep, U* __restrict__ dst,
+                  int64_t rows, int64_t C, int64_t K, int64_t W) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < rows * K * W;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t slot = i / W;  // r * K + kept index
+    dst[i] = src[((slot / K) * C + keep[slot]) * W + i % W];
+  }
+}
+
+// dst[r, i, :] = i < K ? kept[r, i, :] : empty: C slots of W units per row.
+template <typename U>
+__global__ void __launch_bounds__(kThreads)
+    put_front_kernel(U* __restrict__ dst, const U* __restrict__ kept, int64_t rows, int64_t C,
+                     int64_t K, int64_t W, U empty) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < rows * C * W;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t slot = i / W, r = slot / C, j = slot % C;
+    dst[i] = j < K ? kept[(r * K + j) * W + i % W] : empty;
+  }
+}
+
+template <typename U>
+void move_slots(const at::Tensor& tensor, const at::Tensor& keep, int64_t rows, int64_t C, int64_t K,
+                int64_t slot_bytes, unsigned char empty_byte) {
+  const cudaStream_t stream = cuda::current_stream();
+  const int64_t W = slot_bytes / static_cast<int64_t>(sizeof(U));
+  U* t = static_cast<U*>(tensor.mutable_data_ptr());
+  const at::Tensor kept = at::empty({rows * K * slot_bytes}, tensor.options().dtype(at::kByte));
+  U* kp = static_cast<U*>(kept.mutable_data_ptr());
+  if (K > 0) {
+    gather_kernel<U><<<cuda::grid_for(rows * K * W, kThreads), kThreads, 0, stream>>>(
+        t, keep.const_data_ptr<int64_t>(), kp, rows, C, K, W);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  U empty;
+  std::memset(&empty, empty_byte, sizeof(U));
+  put_front_kernel<U><<<cuda::grid_for(rows * C * W, kThreads), kThreads, 0, stream>>>(
+      t, kp, rows, C, K, W, empty);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Moves the kept slots of one [B, H_kv, C, ...] tensor to the front, in the widest unit its rows
+// allow; the slots after them become `empty_byte` repeated (0: zeros; 0xff: -1 for int32).
+void compact_tensor(const at::Tensor& t, const at::Tensor& keep, int64_t rows, int64_t C, int64_t K,
+                    unsigned char empty_byte) {
+  const int64_t slot_bytes = t.numel() / (rows * C) * t.element_size();
+  if (slot_bytes % 16 == 0 && cuda::aligned16(t.const_data_ptr())) {
+    move_slots<uint4>(t, keep, rows, C, K, slot_bytes, empty_byte);
+  } else if (slot_bytes % 4 == 0) {
+    move_slots<uint32_t>(t, keep, rows, C, K, slot_bytes, empty_byte);
+  } else {
+    move_slots<uint16_t>(t, keep, rows, C, K, slot_bytes, empty_byte);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge_value: a warp per row
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    merge_value_kernel(T* __restrict__ v, float* __restrict__ w, const int64_t* __restrict__ victim,
+                       const int64_t* __restrict__ receiver, const float* __restrict__ weight,
+                       int64_t rows, int64_t C, int64_t D) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;  // the whole warp
+  const int64_t j = victim[r], m = receiver[r];
+  CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "merge_value: victim must hold slot indices in [-1, C)");
+  CUDA_KERNEL_ASSERT_MSG(m >= -1 && m < C, "merge_value: receiver must hold slot indices in [-1, C)");
+  if (j < 0 || m < 0) return;
+  T* vr = v + (r * C + m) * D;
+  const T* vj = v + (r * C + j) * D;
+  const float w_old = w[r * C + m], add = weight[r], total = w_old + add;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float a = static_cast<float>(vr[d]), b = static_cast<float>(vj[d]);
+    // Plain mean when both weights are 0 (the formula would divide 0 by 0).
+    vr[d] = static_cast<T>(total == 0.f ? (a + b) * 0.5f : (w_old * a + add * b) / total);
+  }
+  __syncwarp();  // every lane has read w_old
+  if (lane == 0) w[r * C + m] = total;
+}
+
+}  // namespace
+
+void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out) {
+  check_value_norm(v, kind, out);
+  const auto guard = cuda::on_device("value_norm", v);
+  const int64_t rows = v.size(0) * v.size(1) * v.size(2), D = v.size(3);
+  if (rows == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(rows, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "value_norm", [&] {
+    value_norm_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        v.const_data_ptr<scalar_t>(), static_cast<int>(kind), out.mutable_data_ptr<float>(), rows, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
+                        at::Tensor& out_idx) {
+  check_select_victim(score, pos, out_idx);
+  const auto guard = cuda::on_device("select_victim", score);
+  const int64_t rows = score.size(0) * score.size(1), C = score.size(2);
+  if (rows == 0) return;
+  select_victim_kernel<<<static_cast<unsigned>(rows), kThreads, 0, cuda::current_stream()>>>(
+      score.const_data_ptr<float>(), pos.const_data_ptr<int32_t>(), lo, hi,
+      out_idx.mutable_data_ptr<int64_t>(), C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
+                  const at::Tensor& keep_idx) {
+  check_compact(k, v, pos, state, keep_idx);
+  const auto guard = cuda::on_device("compact", k);
+  const int64_t rows = k.size(0) * k.size(1), C = k.size(2), K = keep_idx.size(2);
+  if (rows * C == 0) return;
+  const cudaStream_t stream = cuda::current_stream();
+  if (K > 0) {
+    const int64_t words = cuda::ceil_div<int64_t>(C, 32);
+    const at::Tensor seen = at::empty({rows * words}, keep_idx.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(seen.mutable_data_ptr(), 0, seen.nbytes(), stream));
+    check_keep_kernel<<<cuda::grid_for(rows * K, kThreads), kThreads, 0, stream>>>(
+        keep_idx.const_data_ptr<int64_t>(), static_cast<uint32_t*>(seen.mutable_data_ptr()), rows, K,
+        C, words);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  compact_tensor(k, keep_idx, rows, C, K, 0);
+  compact_tensor(v, keep_idx, rows, C, K, 0);
+  compact_tensor(pos, keep_idx, rows, C, K, 0xff);  // empty slots: pos -1
+  for (const at::Tensor& s : state) compact_tensor(s, keep_idx, rows, C, K, 0);
+}
+
+void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
+                      const at::Tensor& receiver, const at::Tensor& weight) {
+  check_merge_value(v, w, victim, receiver, weight);
+  const auto guard = cuda::on_device("merge_value", v);
+  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+  if (rows == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(rows, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
+    merge_value_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        v.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<float>(), victim.const_data_ptr<int64_t>(),
+        receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(), rows, C, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace engine

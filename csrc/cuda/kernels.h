@@ -1,0 +1,38 @@
+// CUDA implementations of the engine ops (schemas: csrc/ops.cpp; semantics: engine/reference.py).
+// Each validates its inputs with the shared checks (csrc/cpu/checks.h), launches on the current
+// stream of the tensors' device and never synchronises with the host, so a decode step built from
+// them can be captured in a CUDA graph. Slot indices (compact, merge_value) are validated on the
+// device: a bad one stops the kernel with a device-side assertion naming the op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace engine {
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,
+                           const std::optional<at::Tensor>& score_acc,
+                           const std::optional<at::Tensor>& probs_out);
+
+void prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& qpos, const at::Tensor& kpos, double scale,
+                            at::Tensor& out, at::Tensor& lse,
+                            const std::optional<at::Tensor>& col_scores, int64_t score_rows,
+                            double score_scale);
+
+void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out);
+
+void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
+                        at::Tensor& out_idx);
+
+void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
+                  const at::Tensor& keep_idx);
+
+void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
+                      const at::Tensor& receiver, const at::Tensor& weight);
+
+}  // namespace engine

@@ -1,0 +1,14 @@
+// Registers the CUDA kernels under the op names declared in csrc/ops.cpp.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+  m.impl("rms_norm", &engine::rms_norm_cuda);
+  m.impl("decode_attention", &engine::decode_attention_cuda);
+  m.impl("prefill_attention", &engine::prefill_attention_cuda);
+  m.impl("value_norm", &engine::value_norm_cuda);
+  m.impl("select_victim", &engine::select_victim_cuda);
+  m.impl("compact", &engine::compact_cuda);
+  m.impl("merge_value", &engine::merge_value_cuda);
+}
