@@ -215,11 +215,13 @@ def attention_probs(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, scale: flo
     return probs.reshape(B, H, L, S), lse.reshape(B, H, L)
 
 
-def _attend(probs: Tensor, v: Tensor) -> Tensor:
-    """probs [B, H, L, S] @ v [B, Hkv, S, D] -> [B, H, L, D], GQA, in probs' dtype."""
+def _attend(probs: Tensor, v: Tensor, kpos: Tensor) -> Tensor:
+    """probs [B, H, L, S] @ v [B, Hkv, S, D] -> [B, H, L, D], GQA, in probs' dtype. Empty slots
+    (kpos < 0) count as zero rows, so whatever they hold (even NaN) cannot leak into the output."""
     B, H, L, S = probs.shape
     Hkv = v.shape[1]
-    return (probs.reshape(B, Hkv, H // Hkv * L, S) @ v.to(probs.dtype)).reshape(B, H, L, -1)
+    v = v.to(probs.dtype).masked_fill((kpos < 0)[..., None], 0.0)
+    return (probs.reshape(B, Hkv, H // Hkv * L, S) @ v).reshape(B, H, L, -1)
 
 
 def _group_mean(x: Tensor, Hkv: int) -> Tensor:
@@ -236,15 +238,16 @@ def decode_attention_dense(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length:
                            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Decode attention in `dtype`: out [B, H, D] and probs [B, H, C] (0 for masked slots)."""
     qpos = torch.full((q.shape[0], 1), _NO_POS, dtype=torch.int32, device=q.device)
-    probs, _ = attention_probs(q[:, :, None], k, qpos, _decode_kpos(pos, length), scale, dtype)
-    return _attend(probs, v)[:, :, 0], probs[:, :, 0]
+    kpos = _decode_kpos(pos, length)
+    probs, _ = attention_probs(q[:, :, None], k, qpos, kpos, scale, dtype)
+    return _attend(probs, v, kpos)[:, :, 0], probs[:, :, 0]
 
 
 def prefill_attention_dense(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
                             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Prefill attention in `dtype`: out [B, H, L, D] and lse [B, H, L]."""
     probs, lse = attention_probs(q, k, qpos, kpos, scale, dtype)
-    return _attend(probs, v), lse
+    return _attend(probs, v, kpos), lse
 
 
 def column_scores_dense(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, score_scale: float,

@@ -121,6 +121,7 @@ DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
     (3, 4, 4, 19, 80, 19, "one"),
     (1, 12, 3, 70, 80, 65, "holes"),
     (3, 6, 2, 41, 64, 40, "empty_head"),
+    (2, 3, 1, 23, 37, 23, "holes"),  # a head dim that is no multiple of the vector width
 ]
 
 
@@ -135,6 +136,8 @@ def test_decode_attention(device, path, dtype, case):
     k = randn((B, Hkv, C, D), dtype, device, g)
     v = randn((B, Hkv, C, D), dtype, device, g)
     pos = positions(B, Hkv, C, fill, g).to(device)
+    masked = ref._decode_kpos(pos, length) < 0
+    k, v = (t.masked_fill(masked[..., None], float("nan")) for t in (k, v))  # must never be read
     scale = 2.0 / math.sqrt(D)  # peakier than usual, so the online max matters
     acc0 = torch.rand((B, Hkv, C), generator=g).to(device)
     out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
@@ -178,7 +181,7 @@ PREFILL_CASES = [  # B, H, Hkv, L, S, D, layout
     (1, 9, 3, 37, 37, 64, "causal"),  # a plain prompt: slot = position
     (3, 8, 2, 20, 45, 128, "chunk"),  # a chunk after a compressed cache with holes, shuffled slots
     (1, 4, 4, 1, 10, 64, "chunk"),  # one query row
-    (2, 6, 1, 17, 80, 64, "blind"),  # some rows see no key at all; an empty KV head
+    (2, 6, 1, 17, 80, 40, "blind"),  # some rows see no key at all; an empty KV head; odd D
 ]
 
 
@@ -199,6 +202,8 @@ def prefill_inputs(case, dtype, device, seed):
         if layout == "blind":
             qpos = torch.arange(L).expand(B, L) - 3  # rows with qpos < min kpos see nothing
             kpos[-1, -1] = -1
+    empty = (kpos < 0)[..., None].to(device)
+    k, v = (t.masked_fill(empty, float("nan")) for t in (k, v))  # empty slots must never be read
     return q, k, v, qpos.contiguous().to(torch.int32).to(device), kpos.contiguous().to(torch.int32).to(device)
 
 
@@ -279,6 +284,19 @@ def test_value_norm_propagates_nan(path):
         with on_path(path, "value_norm", "cpu"):
             ops.value_norm(v, kind, out)
         assert out[0, 0, 1].isnan() and out[0, 0, [0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_half_precision_value_converts_exactly(path, dtype):
+    """All 65536 bit patterns through the kernels' fp32 conversion (value_norm Linf of one element)."""
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 1, -1, 1)
+    out = torch.empty(1, 1, 2**16)
+    with on_path(path, "value_norm", "cpu"):
+        ops.value_norm(v.contiguous(), 0, out)
+    expected = v.float().abs().reshape(1, 1, -1)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
 
 
 # ---------------------------------------------------------------------------------------------

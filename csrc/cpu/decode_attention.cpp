@@ -29,7 +29,8 @@ void decode_kernel(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_
   const bool need_probs = p.score_acc || p.probs;
 #pragma omp parallel if (p.B * p.Hkv > 1)
   {
-    std::vector<float> qf(G * D), acc(G * D), tile(G * kTile), rows(2 * kTile * D);
+    std::vector<float> qf(G * D), acc(G * D), tile(G * kTile), kf(kTile * D), vf(kTile * D);
+    std::vector<const float*> krow(kTile), vrow(kTile);  // the tile's valid rows as fp32
     std::vector<float> scratch(need_probs && !p.probs ? G * C : 0);
     std::vector<int64_t> idx(kTile);
     std::vector<SoftmaxRow> sm(G);
@@ -52,20 +53,18 @@ void decode_kernel(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_
         }
         if (nv == 0) continue;
         for (int64_t j = 0; j < nv; ++j) {
-          const float* kr = as_float(kb + idx[j] * D, rows.data(), D);
-          for (int64_t h = 0; h < G; ++h) tile[h * kTile + j] = dot(qf.data() + h * D, kr, D);
+          krow[j] = as_float(kb + idx[j] * D, kf.data() + j * D, D);
+          vrow[j] = as_float(vb + idx[j] * D, vf.data() + j * D, D);
         }
         for (int64_t h = 0; h < G; ++h) {
           float* th = tile.data() + h * kTile;
+          for (int64_t j = 0; j < nv; ++j) th[j] = dot(qf.data() + h * D, krow[j], D);
           if (need_probs) {
             for (int64_t j = 0; j < nv; ++j) logits[h * C + idx[j]] = th[j];
           }
           const float corr = sm[h].update(th, nv);
           if (corr != 1.f) scale_row(acc.data() + h * D, corr, D);
-        }
-        for (int64_t j = 0; j < nv; ++j) {
-          const float* vr = as_float(vb + idx[j] * D, rows.data() + kTile * D, D);
-          for (int64_t h = 0; h < G; ++h) axpy(acc.data() + h * D, tile[h * kTile + j], vr, D);
+          accumulate_rows(acc.data() + h * D, th, vrow.data(), nv, D);
         }
       }
 

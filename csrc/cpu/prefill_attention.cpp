@@ -43,6 +43,31 @@ inline int32_t min_valid_pos(const int32_t* kp, int64_t n) {
   return lo;
 }
 
+// A key tile in the layouts the sweeps want: kt transposed [D, n], v rows as fp32.
+struct KeyTile {
+  std::vector<float> kf, kt, vf;
+  std::vector<const float*> kt_rows, v_rows;
+  int64_t n = 0;
+
+  explicit KeyTile(int64_t D) : kf(kKTile * D), kt(kKTile * D), vf(kKTile * D), kt_rows(D), v_rows(kKTile) {}
+
+  template <typename kv_t>
+  void load(const kv_t* k, const kv_t* v, int64_t rows, int64_t D) {
+    n = rows;
+    transpose_tile(as_float(k, kf.data(), n * D), kt.data(), n, D);
+    for (int64_t d = 0; d < D; ++d) kt_rows[d] = kt.data() + d * n;
+    if (v == nullptr) return;
+    const float* vt = as_float(v, vf.data(), n * D);
+    for (int64_t j = 0; j < n; ++j) v_rows[j] = vt + j * D;
+  }
+
+  // dots[0..n) = q . k_j
+  void dots(const float* q, float* out, int64_t D) const {
+    std::fill(out, out + n, 0.f);
+    accumulate_rows(out, q, kt_rows.data(), D, n);
+  }
+};
+
 template <typename kv_t, typename q_t>
 void attention_sweep(const PrefillParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
   const int64_t G = p.G, L = p.L, S = p.S, D = p.D;
@@ -50,9 +75,10 @@ void attention_sweep(const PrefillParams& p, const q_t* q, const kv_t* k, const 
   const int64_t R = G * kQTile;  // rows of a query tile, all heads of the group
 #pragma omp parallel
   {
-    std::vector<float> qf(R * D), acc(R * D), kf(kKTile * D), vf(kKTile * D), dots(kKTile),
-        x(kKTile), x2(kKTile);
+    std::vector<float> qf(R * D), acc(R * D), dots(kKTile), x(kKTile), x2(kKTile);
+    std::vector<const float*> v_vis(kKTile);
     std::vector<SoftmaxRow> sm(R), sm2(R);
+    KeyTile tile(D);
 #pragma omp for schedule(dynamic)
     for (int64_t w = 0; w < p.B * p.Hkv * n_qtiles; ++w) {
       const int64_t bg = w / n_qtiles, b = bg / p.Hkv, h0 = (bg % p.Hkv) * G;
@@ -61,10 +87,8 @@ void attention_sweep(const PrefillParams& p, const q_t* q, const kv_t* k, const 
       const int32_t* kp = p.kpos + bg * S;
       const int32_t q_max = *std::max_element(qp, qp + nt);
       for (int64_t h = 0; h < G; ++h) {
-        for (int64_t t = 0; t < nt; ++t) {
-          const q_t* src = q + ((b * p.H + h0 + h) * L + t0 + t) * D;
-          for (int64_t d = 0; d < D; ++d) qf[(h * kQTile + t) * D + d] = static_cast<float>(src[d]);
-        }
+        const q_t* src = q + ((b * p.H + h0 + h) * L + t0) * D;
+        for (int64_t i = 0; i < nt * D; ++i) qf[h * kQTile * D + i] = static_cast<float>(src[i]);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(sm.begin(), sm.end(), SoftmaxRow{});
@@ -73,26 +97,25 @@ void attention_sweep(const PrefillParams& p, const q_t* q, const kv_t* k, const 
       for (int64_t s0 = 0; s0 < S; s0 += kKTile) {
         const int64_t n = std::min(kKTile, S - s0);
         if (min_valid_pos(kp + s0, n) > q_max) continue;  // nothing here is visible to this tile
-        const float* kt = as_float(k + (bg * S + s0) * D, kf.data(), n * D);
-        const float* vt = as_float(v + (bg * S + s0) * D, vf.data(), n * D);
+        tile.load(k + (bg * S + s0) * D, v + (bg * S + s0) * D, n, D);
         for (int64_t h = 0; h < G; ++h) {
           for (int64_t t = 0; t < nt; ++t) {
             const int64_t r = h * kQTile + t;
-            const bool want_score_lse = p.score_lse && t0 + t >= p.row0;
+            tile.dots(qf.data() + r * D, dots.data(), D);
+            int64_t nv = 0;  // visible keys, so masked slots (garbage, even NaN) never enter the sums
             for (int64_t j = 0; j < n; ++j) {
               const int32_t kj = kp[s0 + j];
-              const bool visible = kj >= 0 && kj <= qp[t];
-              dots[j] = visible ? dot(qf.data() + r * D, kt + j * D, D) : 0.f;
-              x[j] = visible ? dots[j] * p.scale : kNegInf;
-              x2[j] = visible ? dots[j] * p.score_scale : kNegInf;
+              if (kj < 0 || kj > qp[t]) continue;
+              x[nv] = dots[j] * p.scale;
+              x2[nv] = dots[j] * p.score_scale;
+              v_vis[nv++] = tile.v_rows[j];
             }
-            if (want_score_lse) sm2[r].update(x2.data(), n);
-            const float corr = sm[r].update(x.data(), n);
+            if (nv == 0) continue;
+            if (p.score_lse && t0 + t >= p.row0) sm2[r].update(x2.data(), nv);
+            const float corr = sm[r].update(x.data(), nv);
             float* ar = acc.data() + r * D;
             if (corr != 1.f) scale_row(ar, corr, D);
-            for (int64_t j = 0; j < n; ++j) {
-              if (x[j] != 0.f) axpy(ar, x[j], vt + j * D, D);
-            }
+            accumulate_rows(ar, x.data(), v_vis.data(), nv, D);
           }
         }
       }
@@ -119,25 +142,25 @@ void column_sweep(const PrefillParams& p, const q_t* q, const kv_t* k) {
   const int64_t n_ktiles = (S + kKTile - 1) / kKTile;
 #pragma omp parallel
   {
-    std::vector<float> qf(D), kf(kKTile * D), sums(kKTile);
+    std::vector<float> qf(D), dots(kKTile), sums(kKTile);
+    KeyTile tile(D);
 #pragma omp for schedule(dynamic)
     for (int64_t w = 0; w < p.B * p.Hkv * n_ktiles; ++w) {
       const int64_t bg = w / n_ktiles, b = bg / p.Hkv, h0 = (bg % p.Hkv) * G;
       const int64_t s0 = (w % n_ktiles) * kKTile, n = std::min(kKTile, S - s0);
       const int32_t* kp = p.kpos + bg * S + s0;
       const int32_t k_min = min_valid_pos(kp, n);
-      const float* kt = as_float(k + (bg * S + s0) * D, kf.data(), n * D);
       std::fill(sums.begin(), sums.end(), 0.f);
+      if (k_min != INT32_MAX) tile.load(k + (bg * S + s0) * D, static_cast<const kv_t*>(nullptr), n, D);
       for (int64_t t = p.row0; t < L && k_min != INT32_MAX; ++t) {
         const int32_t qt = p.qpos[b * L + t];
         if (qt < k_min) continue;
         for (int64_t h = 0; h < G; ++h) {
-          const int64_t head_row = (b * p.H + h0 + h);
-          const float lse = p.score_lse ? p.score_lse[head_row * W + t - p.row0]
-                                        : p.lse[head_row * L + t];
-          const float* qr = as_float(q + (head_row * L + t) * D, qf.data(), D);
+          const int64_t head_row = b * p.H + h0 + h;
+          const float lse = p.score_lse ? p.score_lse[head_row * W + t - p.row0] : p.lse[head_row * L + t];
+          tile.dots(as_float(q + (head_row * L + t) * D, qf.data(), D), dots.data(), D);
           for (int64_t j = 0; j < n; ++j) {
-            if (kp[j] >= 0 && kp[j] <= qt) sums[j] += std::exp(dot(qr, kt + j * D, D) * p.score_scale - lse);
+            if (kp[j] >= 0 && kp[j] <= qt) sums[j] += std::exp(dots[j] * p.score_scale - lse);
           }
         }
       }
