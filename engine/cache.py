@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from .config import ModelArgs
@@ -204,18 +205,21 @@ class KVStore:
             rank = None
         vals = torch.cat([st.v[:, :, old], v.to(self.dtype)], dim=2)
         n = keys.shape[2]
-        out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, H, T, device=q.device)
         needs_scores = self.occupancy + T > self.budget and n > 0
         colsum = None
         rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
         if needs_scores or p.needs_acc or p.observes_prefill:
             colsum = torch.empty(B, k.shape[1], n, device=q.device)
         scale = p.prefill_scale(n, D) if needs_scores else None
-        ops.prefill_attention(
-            qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale, out, lse,
-            colsum, rows, self.scale if scale is None else scale,
-        )
+        if colsum is None and n_old == 0:  # a plain causal prompt: nothing to score, SDPA is fastest
+            out = F.scaled_dot_product_attention(qr, keys, vals, is_causal=True, enable_gqa=H != k.shape[1])
+        else:
+            out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+            lse = torch.empty(B, H, T, device=q.device)
+            ops.prefill_attention(
+                qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale, out,
+                lse, colsum, rows, self.scale if scale is None else scale,
+            )
         state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)
                  for name, s in st.state.items()}
         if "vnorm" in state:

@@ -154,7 +154,7 @@ class Session:
         if not ids:
             raise ValueError("nothing to feed")
         store = self.store
-        if not store.policy.evicts_on_decode and store.occupancy + len(ids) > store.capacity:
+        if store.policy.name == "full" and store.occupancy + len(ids) > store.capacity:
             raise ContextError(
                 f"{store.occupancy} cached + {len(ids)} new tokens exceed the {store.capacity} slots of policy "
                 f"{store.policy.name}" + (" (the model context)" if store.policy.name == "full" else "")
