@@ -2,6 +2,7 @@
 
     python -m engine.bench                      # engine vs transformers, prefill + decode, full cache
     python -m engine.bench --policy h2o --budget 256   # policy overhead vs the full cache
+    python -m engine.bench kernels              # each op vs its reference, attention vs SDPA
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def bench_policy(llm_full, llm_policy, contexts: list[int], steps: int, reps: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="model", choices=["model", "kernels"])
     add_model_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
@@ -135,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    if ns.mode == "kernels":
+        from .bench_kernels import bench_kernels
+
+        res = bench_kernels(ns.contexts or [512, 2048, 8192], ns.reps)
+        print(f"wrote {write_result('kernels', {'reps': ns.reps, 'results': res})}")
+        return 0
     import engine
 
     full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)

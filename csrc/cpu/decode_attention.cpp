@@ -23,11 +23,14 @@ struct DecodeParams {
   float* probs;        // [B, H, C] or null
 };
 
+constexpr int64_t kDecodeParallelWork = 1 << 18;  // multiply-adds below which one thread is faster
+
 template <typename kv_t, typename q_t>
 void decode_kernel(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
   const int64_t G = p.G, C = p.C, D = p.D;
   const bool need_probs = p.score_acc || p.probs;
-#pragma omp parallel if (p.B * p.Hkv > 1)
+  // Threads only pay off when each gets real work: a short cache is faster on one thread than a wake-up.
+#pragma omp parallel if (p.B * p.Hkv > 1 && p.B * p.Hkv * p.length * D * G > kDecodeParallelWork)
   {
     std::vector<float> qf(G * D), acc(G * D), tile(G * kTile), kf(kTile * D), vf(kTile * D);
     std::vector<const float*> krow(kTile), vrow(kTile);  // the tile's valid rows as fp32

@@ -1,0 +1,130 @@
+"""`python -m engine.bench kernels`: each op against its PyTorch reference, attention against SDPA."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .benchutil import summary, time_alternating
+
+LAYOUTS = {"llama-2-7b": (32, 32, 128), "smollm2": (9, 3, 64)}  # (H, H_kv, D)
+
+
+def _cache(H: int, Hkv: int, D: int, C: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, D, generator=g).to(dtype)
+    k = torch.randn(1, Hkv, C, D, generator=g).to(dtype)
+    v = torch.randn(1, Hkv, C, D, generator=g).to(dtype)
+    pos = torch.arange(C, dtype=torch.int32).expand(1, Hkv, C).contiguous()
+    return q, k, v, pos
+
+
+def decode_case(H: int, Hkv: int, D: int, C: int, reps: int) -> dict[str, object]:
+    q, k, v, pos = _cache(H, Hkv, D, C, torch.float32)
+    out = torch.empty(1, H, D)
+    acc = torch.zeros(1, Hkv, C)
+    scale = 1 / math.sqrt(D)
+    q4 = q[:, :, None]
+    fns = {
+        "engine": lambda: ops.decode_attention(q, k, v, pos, C, scale, out),
+        "engine_with_scores": lambda: ops.decode_attention(q, k, v, pos, C, scale, out, acc),
+        "reference_with_scores": lambda: reference.decode_attention(q, k, v, pos, C, scale, out, acc),
+        "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=H != Hkv),
+    }
+    times = {name: summary(t) for name, t in time_alternating(fns, reps=reps).items()}
+    sdpa = times["sdpa"]["median"]
+    return {"times_s": times, "scores_vs_sdpa": times["engine_with_scores"]["median"] / sdpa,
+            "plain_vs_sdpa": times["engine"]["median"] / sdpa,
+            "scores_vs_reference": times["engine_with_scores"]["median"] / times["reference_with_scores"]["median"]}
+
+
+def prefill_case(H: int, Hkv: int, D: int, L: int, reps: int) -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, L, D, generator=g)
+    k, v = torch.randn(1, Hkv, L, D, generator=g), torch.randn(1, Hkv, L, D, generator=g)
+    qpos = torch.arange(L, dtype=torch.int32)[None].contiguous()
+    kpos = torch.arange(L, dtype=torch.int32).expand(1, Hkv, L).contiguous()
+    out, lse, col = torch.empty_like(q), torch.empty(1, H, L), torch.empty(1, Hkv, L)
+    scale = 1 / math.sqrt(D)
+    fns = {
+        "engine_with_colsums": lambda: ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, col, 0, scale),
+        "engine": lambda: ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, None, 0, scale),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv),
+    }
+    times = {name: summary(t) for name, t in time_alternating(fns, reps=reps).items()}
+    sdpa = times["sdpa"]["median"]
+    return {"times_s": times, "colsums_vs_sdpa": times["engine_with_colsums"]["median"] / sdpa,
+            "plain_vs_sdpa": times["engine"]["median"] / sdpa}
+
+
+def small_ops_case(Hkv: int, D: int, C: int, reps: int) -> dict[str, object]:
+    """value_norm, select_victim and merge_value: compiled vs reference."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, Hkv, C, D, generator=g)
+    score, pos = torch.rand(1, Hkv, C, generator=g), torch.arange(C, dtype=torch.int32).expand(1, Hkv, C).contiguous()
+    nv, idx = torch.empty(1, Hkv, C), torch.empty(1, Hkv, dtype=torch.long)
+    w = torch.rand(1, Hkv, C, generator=g)
+    victim, receiver = torch.full((1, Hkv), 5), torch.full((1, Hkv), 6)
+    weight = torch.rand(1, Hkv, generator=g)
+    res = {}
+    for name, ours, ref in [
+        ("value_norm", lambda: ops.value_norm(v, 1, nv), lambda: reference.value_norm(v, 1, nv)),
+        ("select_victim", lambda: ops.select_victim(score, pos, 4, C - 32, idx),
+         lambda: reference.select_victim(score, pos, 4, C - 32, idx)),
+        ("merge_value", lambda: ops.merge_value(v, w, victim, receiver, weight),
+         lambda: reference.merge_value(v, w, victim, receiver, weight)),
+    ]:
+        t = time_alternating({"engine": ours, "reference": ref}, reps=reps)
+        e, r = summary(t["engine"]), summary(t["reference"])
+        res[name] = {"engine_s": e, "reference_s": r, "speedup_vs_reference": r["median"] / e["median"]}
+    return res
+
+
+_RSS_SCRIPT = """
+import resource, sys, torch
+from engine import ops
+H, Hkv, D, L, cols = (int(a) for a in sys.argv[1:])
+q = torch.randn(1, H, L, D); k = torch.randn(1, Hkv, L, D); v = torch.randn(1, Hkv, L, D)
+qpos = torch.arange(L, dtype=torch.int32)[None].contiguous()
+kpos = torch.arange(L, dtype=torch.int32).expand(1, Hkv, L).contiguous()
+out, lse, col = torch.empty_like(q), torch.empty(1, H, L), torch.empty(1, Hkv, L)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ops.prefill_attention(q, k, v, qpos, kpos, D ** -0.5, out, lse, col if cols else None, 0, D ** -0.5)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def prefill_peak_rss(H: int, Hkv: int, D: int, L: int) -> int:
+    """Bytes of peak RSS the prefill kernel adds above its inputs, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(H), str(Hkv), str(D), str(L), "1"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_kernels(contexts: list[int], reps: int) -> dict[str, object]:
+    results: dict[str, object] = {"extension": ops.HAVE_EXTENSION}
+    for layout, (H, Hkv, D) in LAYOUTS.items():
+        lay: dict[str, object] = {"decode": {}, "prefill": {}}
+        for C in contexts:
+            d = lay["decode"][str(C)] = decode_case(H, Hkv, D, C, reps)
+            print(f"{layout} decode C={C}: with scores {d['scores_vs_sdpa']:.2f}x SDPA time, "
+                  f"plain {d['plain_vs_sdpa']:.2f}x, {1 / d['scores_vs_reference']:.1f}x faster than reference")
+        for L in [c for c in contexts if c <= 2048]:
+            p = lay["prefill"][str(L)] = prefill_case(H, Hkv, D, L, max(3, reps // 2))
+            print(f"{layout} prefill L={L}: with column sums {p['colsums_vs_sdpa']:.2f}x SDPA time, "
+                  f"plain {p['plain_vs_sdpa']:.2f}x")
+        results[layout] = lay
+    H, Hkv, D = LAYOUTS["smollm2"]
+    results["small_ops"] = small_ops_case(Hkv, D, 2048, reps)
+    for name, r in results["small_ops"].items():
+        print(f"{name}: {r['speedup_vs_reference']:.1f}x faster than reference")
+    rss = {str(L): prefill_peak_rss(H, Hkv, D, L) for L in (4096, 8192)}
+    results["prefill_peak_rss_bytes"] = rss
+    print("prefill with column sums, extra peak RSS:", json.dumps(rss),
+          "(an L x L fp32 matrix at 8K would be", 8192 * 8192 * 4 * H, "bytes)")
+    return results
