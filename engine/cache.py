@@ -208,18 +208,22 @@ class KVStore:
         needs_scores = self.occupancy + T > self.budget and n > 0
         colsum = None
         rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
-        if needs_scores or p.needs_acc or p.observes_prefill:
+        if p.prefill_rows != 0 and (needs_scores or p.needs_acc or p.observes_prefill):
             colsum = torch.empty(B, k.shape[1], n, device=q.device)
         scale = p.prefill_scale(n, D) if needs_scores else None
-        if colsum is None and n_old == 0:  # a plain causal prompt: nothing to score, SDPA is fastest
+        out = None
+        if n_old == 0:
+            # A plain causal prompt: SDPA gives the output fastest, and the same bits whatever the policy
+            # (the fused kernel then runs only for the column sums a scoring policy asked for).
             out = F.scaled_dot_product_attention(qr, keys, vals, is_causal=True, enable_gqa=H != k.shape[1])
-        else:
-            out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+        if out is None or colsum is not None:
+            kernel_out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
             lse = torch.empty(B, H, T, device=q.device)
             ops.prefill_attention(
-                qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale, out,
-                lse, colsum, rows, self.scale if scale is None else scale,
+                qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale,
+                kernel_out, lse, colsum, rows, self.scale if scale is None else scale,
             )
+            out = kernel_out if out is None else out
         state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)
                  for name, s in st.state.items()}
         if "vnorm" in state:
@@ -234,7 +238,7 @@ class KVStore:
             score = p.prefill_scores(view)
             keep = self._keep(score, pos, t + T)
         else:
-            if colsum is not None:
+            if colsum is not None or p.observes_prefill:
                 p.prefill_scores(view)  # accumulate state even when nothing is evicted yet
             keep = None
         self._store(st, merged, keep, n)

@@ -60,7 +60,7 @@ class AhaKV(Policy):
     name: ClassVar[str] = "ahakv"
     value_norm: ClassVar[str | None] = "l2"  # ||v||_2^2, stored at insertion
     observes_prefill: ClassVar[bool] = True  # the prompt's last queries are kept even without compression
-    prefill_rows: ClassVar[int | None] = 1  # the store's column sums are unused (S has a per-row lambda)
+    prefill_rows: ClassVar[int | None] = 0  # no column sums from the store: S has a per-row lambda
 
     def __post_init__(self) -> None:
         if self.r < 1:

@@ -100,7 +100,7 @@ class Policy:
         return budget + 1
 
     # ---- scoring --------------------------------------------------------------------------------
-    prefill_rows: ClassVar[int | None] = None  # column sums over the last N prompt rows (None = all)
+    prefill_rows: ClassVar[int | None] = None  # column sums over the last N prompt rows (None = all, 0 = none)
 
     def prefill_scale(self, n_keys: int, head_dim: int) -> float | None:
         """Softmax temperature for the prefill column sums (None = the model's 1/sqrt(d))."""

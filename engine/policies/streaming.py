@@ -15,6 +15,7 @@ class Streaming(Policy):
     positions: str = "cache"
 
     name: ClassVar[str] = "streaming"
+    prefill_rows: ClassVar[int | None] = 0  # scores come from positions alone: no column sums
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
         return view.layer.pos.float()  # the oldest non-sink token goes first
