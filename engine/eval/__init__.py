@@ -1,0 +1,1 @@
+"""Quality evaluations of the eviction policies: `python -m engine.eval {ppl,retrieval,longbench,analysis,data}`."""

@@ -1,0 +1,130 @@
+"""What every eval shares: the model and policy grid from flags, a resumable results file, progress.
+
+A sweep is a grid of cells (policy x budget x whatever the eval adds). Each finished cell is written to
+the results JSON at once (atomically), so an interrupted sweep picks up where it stopped; a results file
+written with other settings is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..benchutil import git_commit, machine
+from ..cli import add_model_args, budget_arg, policy_params
+from ..policies import Policy, list_policies, make_policy, policy_class
+
+
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """Model flags plus a policy x budget grid (`--policies a,b --budgets 0.25,0.5` or one --policy/--budget)."""
+    add_model_args(p)
+    p.add_argument("--policies", help="comma-separated policies to sweep (default: --policy)")
+    p.add_argument("--budgets", help="comma-separated budgets to sweep: ints are tokens, fractions in (0, 1] are "
+                                     "relative (default: --budget)")
+    p.add_argument("--out", help="results JSON (a sweep resumes from it)")
+
+
+def grid(ns: argparse.Namespace) -> list[tuple[str, int | float | None]]:
+    """(policy, budget) cells; `full` appears once, with no budget."""
+    names = [s.strip() for s in ns.policies.split(",")] if ns.policies else [ns.policy]
+    for n in names:
+        policy_class(n)  # a clear error for an unknown name
+    budgets = [budget_arg(b.strip()) for b in ns.budgets.split(",")] if ns.budgets else [ns.budget]
+    if any(n != "full" for n in names) and None in budgets:
+        raise ValueError("a policy other than full needs a budget: --budget B or --budgets B1,B2")
+    return [(n, None if n == "full" else b) for n in names for b in (budgets if n != "full" else [None])]
+
+
+def build_policy(ns: argparse.Namespace, name: str, budget: int | float | None) -> Policy:
+    """The policy of one cell: common flags apply to every policy, a policy-specific flag only to the
+    policies that take it (an error if none in the sweep does)."""
+    if name == "full":
+        return make_policy("full")
+    fields = {f for f, _, _ in policy_class(name).options()}
+    sweep = {s.strip() for s in (ns.policies or ns.policy).split(",")}
+    keep = {}
+    for key, value in vars(ns).items():
+        if key.startswith("policy_") and value is not None:
+            field = key[len("policy_"):]
+            if not any(field in {f for f, _, _ in policy_class(n).options()} for n in sweep if n != "full"):
+                flag = "--" + field.replace("_", "-")
+                raise ValueError(f"{flag} is not a parameter of any policy in {', '.join(sorted(sweep))}")
+            if field not in fields:
+                continue
+        keep[key] = value
+    one = argparse.Namespace(**{**keep, "policy": name, "budget": budget})
+    return make_policy(name, **policy_params(one))
+
+
+def load_llm(ns: argparse.Namespace):
+    """The model once, with the full cache; cells swap `llm.policy`."""
+    import engine
+
+    return engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
+
+
+class Results:
+    """A results JSON: {"meta": {...}, "cells": [...]}. Cells are keyed by `key_fields`."""
+
+    def __init__(self, path: str | Path | None, meta: dict[str, Any], key_fields: tuple[str, ...]):
+        self.path = Path(path) if path else None
+        self.key_fields = key_fields
+        self.meta = {**meta, "policies_available": list_policies()}
+        self.cells: list[dict[str, Any]] = []
+        if self.path and self.path.is_file():
+            self._resume(meta)
+        self.meta.setdefault("started", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        self.meta.update(commit=git_commit(), machine=machine())
+
+    def _resume(self, meta: dict[str, Any]) -> None:
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+            old_meta, cells = old["meta"], old["cells"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise ValueError(f"{self.path} exists but is not a results file of this eval; use another --out") from None
+        differ = [k for k, v in meta.items() if old_meta.get(k) != v]
+        if differ:
+            raise ValueError(f"{self.path} holds results with other settings ({', '.join(differ)}); "
+                             f"use another --out or the same settings")
+        self.meta["started"] = old_meta.get("started")
+        self.cells = cells
+
+    def key(self, cell: dict[str, Any]) -> tuple:
+        return tuple(cell.get(k) for k in self.key_fields)
+
+    def done(self, **key: Any) -> bool:
+        want = tuple(key.get(k) for k in self.key_fields)
+        return any(self.key(c) == want for c in self.cells)
+
+    def add(self, cell: dict[str, Any]) -> None:
+        self.cells = [c for c in self.cells if self.key(c) != self.key(cell)] + [cell]
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text(json.dumps({"meta": self.meta, "cells": self.cells}, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+    """tqdm when installed (the `progress` extra), else one line per item on stderr."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, item in enumerate(items, 1):
+            print(f"{desc}: {i}/{total}", file=sys.stderr, flush=True)
+            yield item
+        return
+    yield from tqdm(items, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def plot_path(out: str | Path | None, suffix: str) -> Path | None:
+    """Where a plot next to the results JSON goes (None when there is no --out)."""
+    return Path(out).with_name(Path(out).stem + suffix) if out else None
