@@ -123,12 +123,20 @@ class LLM:
         B, T = ids.shape
         n_pre = max(1, prefill_len or 1)
         self.store = store = self.new_store(n_pre, T - n_pre, batch=B)
-        logits = [prefill(self.model, store, ids[:, :n_pre], self.prefill_chunk, all_logits=True)]
+        nll = torch.empty(B, T - 1, device=self.device)  # one column per step: memory O(B x T), not O(B x T x V)
+
+        def score(logits: torch.Tensor, start: int) -> None:
+            n = min(logits.shape[1], T - 1 - start)
+            lp = logits[:, :n].float().log_softmax(-1)
+            nll[:, start : start + n] = -lp.gather(-1, ids[:, start + 1 : start + 1 + n, None])[..., 0]
+
+        chunk = self.prefill_chunk or n_pre
+        for start in range(0, n_pre, chunk):  # prefill chunk by chunk, scoring each chunk's logits at once
+            score(prefill(self.model, store, ids[:, start : min(n_pre, start + chunk)], all_logits=True), start)
         for t in range(n_pre, T - 1):
-            logits.append(self.model(ids[:, t : t + 1], kv=store, last_only=True))
+            score(self.model(ids[:, t : t + 1], kv=store, last_only=True), t)
             store.commit(1)
-        lp = torch.cat(logits, dim=1)[:, : T - 1].float().log_softmax(-1)
-        return -lp.gather(-1, ids[:, 1:, None])[..., 0]
+        return nll
 
 
 class Session:
