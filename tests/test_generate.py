@@ -139,3 +139,27 @@ def test_cli_prompt_past_context(default_model_dir):
     proc = run_chat("--model", str(default_model_dir), "--prompt", "-", "--temperature", "0",
                     stdin="word " * 9000)
     assert_user_error(proc, "context")
+
+
+def test_two_llms_in_one_process_are_independent(smollm):
+    """No global state: interleaving two LLMs (sharing weights, different policies) changes nothing."""
+    from engine.policies import H2O
+
+    other = engine.LLM(smollm.model, smollm.tokenizer, H2O(budget=16))
+    alone_a = smollm.generate(GOLDEN_PROMPT, max_new_tokens=24)
+    alone_b = other.generate(GOLDEN_PROMPT, max_new_tokens=24)
+    a, b = smollm.stream(GOLDEN_PROMPT, max_new_tokens=24), other.stream(GOLDEN_PROMPT, max_new_tokens=24)
+    pieces_a, pieces_b = [], []
+    for pa, pb in zip(a, b):
+        pieces_a.append(pa)
+        pieces_b.append(pb)
+    pieces_a += list(a)
+    pieces_b += list(b)
+    assert "".join(pieces_a) == alone_a and "".join(pieces_b) == alone_b
+    assert alone_a != alone_b  # the 16-token budget really evicts
+
+
+def test_import_pulls_no_optional_dependency():
+    code = "import sys, engine; print(sorted(m for m in ('transformers', 'matplotlib', 'pexpect') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
