@@ -84,6 +84,7 @@ class KVStore:
         self.evictions = 0
         self._pending = 0  # slots in use after the chunk being prefilled
         self.prefilling = False  # set by generate.prefill around a prompt chunk's forward
+        self._rope_step: tuple = (None, None, None)  # ((position, table id), cos, sin) of this decode step
 
     # ---- host-side bookkeeping ----------------------------------------------------------------
     def reset(self) -> None:
@@ -134,18 +135,18 @@ class KVStore:
                 raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
             slot = st.free
         qpos = self.occupancy if self.cache_positions else t
+        self.rope.ensure(max(qpos, self.capacity) + 1)
+        cos, sin = self._step_rope(qpos)
         if self.cache_positions:
             st.rank.scatter_(2, slot[..., None], self.occupancy)
         else:
-            self.rope.ensure(t + 1)
-            k = self.rope.rotate(k, torch.tensor(t, device=k.device))
+            k = self.rope.rotate_by(k, cos, sin)  # the new key sits at position t == qpos
         _write(st, slot, k, v, t)
         if self.policy.value_norm:
             nv = torch.empty(v.shape[:3], device=v.device)
             ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, slot[..., None], nv)
-        self.rope.ensure(max(qpos, self.capacity) + 1)
-        qr = self.rope.rotate(q[:, :, 0], torch.tensor(qpos, device=q.device))
+        qr = self.rope.rotate_by(q[:, :, 0], cos, sin)
         keys = self.rope.rotate(st.k, st.rank) if self.cache_positions else st.k
         length = min(self.used + 1, self.capacity)
         ops.decode_attention(
@@ -157,6 +158,13 @@ class KVStore:
         if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
             self._evict(view)
         return self.out[:, :, None]
+
+    def _step_rope(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of this step's query position, looked up by the first layer and reused by the rest."""
+        key = (position, id(self.rope.cos))  # a regrown table invalidates the entry
+        if self._rope_step[0] != key:
+            self._rope_step = (key, *self.rope.at(position))
+        return self._rope_step[1], self._rope_step[2]
 
     def _evict(self, view: DecodeView) -> None:
         st, p = view.layer, self.policy

@@ -52,9 +52,16 @@ class Rope:
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., D] by integer positions broadcastable to x[..., 0] (negative ones clamp to 0)."""
         positions = positions.clamp(min=0).long()
-        c, s = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        return self.rotate_by(x, self.cos[positions], self.sin[positions])
+
+    def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [D] of one position: looked up once per decode step, shared by every layer."""
+        return self.cos[position], self.sin[position]
+
+    @staticmethod
+    def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
-        return x * c + torch.cat([-x2, x1], dim=-1) * s
+        return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
