@@ -338,7 +338,7 @@ def test_terminal_session(default_model_dir: Path, tmp_path: Path) -> None:
     child = pexpect.spawn(sys.executable, ["-m", "engine.chat", "--model", str(default_model_dir), "--policy", "h2o",
                                            "--budget", "256", "--temperature", "0", "--max-new-tokens", "300",
                                            "--transcript", str(t)],
-                          encoding="utf-8", timeout=60, env={**os.environ, "TERM": "dumb"}, dimensions=(40, 200))
+                          encoding="utf-8", timeout=240, env={**os.environ, "TERM": "dumb"}, dimensions=(40, 200))
     try:
         child.expect_exact(">>> ")
         child.sendline("What is the capital of France?")
