@@ -128,3 +128,14 @@ def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
 def plot_path(out: str | Path | None, suffix: str) -> Path | None:
     """Where a plot next to the results JSON goes (None when there is no --out)."""
     return Path(out).with_name(Path(out).stem + suffix) if out else None
+
+
+def task_table(summary: dict[str, dict[str, dict[str, float]]], metric: str, task_width: int, digits: int) -> str:
+    """task -> policy -> budget -> value, as aligned text rows."""
+    width = max(8, len(metric) + 2)
+    rows = [f"{'task':<{task_width}}{'policy':<14}{'budget':>8}{metric:>{width}}"]
+    for task, ps in summary.items():
+        for policy, bs in sorted(ps.items()):
+            for budget, value in bs.items():
+                rows.append(f"{task:<{task_width}}{policy:<14}{budget:>8}{value:>{width}.{digits}f}")
+    return "\n".join(rows)

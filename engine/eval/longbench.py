@@ -18,7 +18,7 @@ from typing import Any
 from ..llm import ContextError
 from ..policies import PolicyError
 from . import metrics
-from .common import Results, add_grid_args, build_policy, grid, load_llm, progress
+from .common import Results, add_grid_args, build_policy, grid, load_llm, progress, task_table
 
 _ANSWER_ONLY = "Only give me the answer and do not output any other words."
 _PASSAGES = (f"Answer the question based on the given passages. {_ANSWER_ONLY}\n\nThe following are given "
@@ -212,7 +212,7 @@ def run(ns: argparse.Namespace) -> int:
     summary = summarize(results.cells)
     results.meta["summary"] = summary
     results.save()
-    print(table(summary))
+    print(task_table(summary, "score", 22, 2))
     if ns.out:
         print(f"results: {ns.out}")
     return 0
@@ -233,12 +233,3 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, floa
                 avg.setdefault(p, {}).setdefault(b, []).append(s)
     out["average"] = {p: {b: round(sum(v) / len(v), 2) for b, v in bs.items()} for p, bs in avg.items()}
     return out
-
-
-def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
-    rows = [f"{'task':<22}{'policy':<14}{'budget':>8}{'score':>8}"]
-    for task, ps in summary.items():
-        for policy, bs in sorted(ps.items()):
-            for budget, s in bs.items():
-                rows.append(f"{task:<22}{policy:<14}{budget:>8}{s:>8.2f}")
-    return "\n".join(rows)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..policies import PolicyError
 from . import data, metrics, plots
-from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress
+from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress, task_table
 
 Messages = list[dict[str, str]]
 
@@ -225,7 +225,7 @@ def run(ns: argparse.Namespace) -> int:
     summary = summarize(results.cells)
     results.meta["summary"] = summary
     results.save()
-    print(table(summary))
+    print(task_table(summary, "accuracy", 10, 3))
     for path in plot(results.cells, ns.out):
         print(f"plot: {path}")
     if ns.out:
@@ -243,15 +243,6 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, floa
     for c in (c for c in cells if "score" in c):
         acc.setdefault(c["task"], {}).setdefault(c["policy"], {}).setdefault(_key(c["budget"]), []).append(c["score"])
     return {t: {p: {b: sum(v) / len(v) for b, v in bs.items()} for p, bs in ps.items()} for t, ps in acc.items()}
-
-
-def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
-    rows = [f"{'task':<10}{'policy':<14}{'budget':>8}{'accuracy':>10}"]
-    for task, ps in summary.items():
-        for policy, bs in sorted(ps.items()):
-            for budget, a in bs.items():
-                rows.append(f"{task:<10}{policy:<14}{budget:>8}{a:>10.3f}")
-    return "\n".join(rows)
 
 
 def plot(cells: list[dict[str, Any]], out: str | None) -> list:
