@@ -283,6 +283,8 @@ def repl(conv: Conversation, transcript: Transcript | None) -> int:
     """The interactive session; returns the exit code (0 on /quit, Ctrl-D or a second Ctrl-C)."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
+    # A shell that starts us in the background hands down SIGINT as ignored; in a chat Ctrl-C must work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     second_ctrl_c = False
     while True:
         try:
