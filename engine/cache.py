@@ -218,7 +218,6 @@ class KVStore:
         rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
         if p.prefill_rows != 0 and (needs_scores or p.needs_acc or p.observes_prefill):
             colsum = torch.empty(B, k.shape[1], n, device=q.device)
-        scale = p.prefill_scale(n, D) if needs_scores else None
         out = None
         if n_old == 0:
             # A plain causal prompt: SDPA gives the output fastest, and the same bits whatever the policy
@@ -229,7 +228,7 @@ class KVStore:
             lse = torch.empty(B, H, T, device=q.device)
             ops.prefill_attention(
                 qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale,
-                kernel_out, lse, colsum, rows, self.scale if scale is None else scale,
+                kernel_out, lse, colsum, rows, self.scale,
             )
             out = kernel_out if out is None else out
         state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)

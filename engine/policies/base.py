@@ -102,10 +102,6 @@ class Policy:
     # ---- scoring --------------------------------------------------------------------------------
     prefill_rows: ClassVar[int | None] = None  # column sums over the last N prompt rows (None = all, 0 = none)
 
-    def prefill_scale(self, n_keys: int, head_dim: int) -> float | None:
-        """Softmax temperature for the prefill column sums (None = the model's 1/sqrt(d))."""
-        return None
-
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
         """(B, Hkv, N) scores of the cache + chunk entries; also sets the kept entries' state."""
         raise NotImplementedError
