@@ -255,10 +255,10 @@ class KVStore:
         """(B, Hkv, budget) entries to keep: protected first, then the highest scores, ties to later positions."""
         p = self.policy
         protected = (pos >= 0) & ((pos < p.sinks) | (pos >= end - p.recent))
-        key = score.float().masked_fill(pos < 0, -math.inf).masked_fill(protected, math.inf)
-        if p.per_layer:
-            key = key.mean(1, keepdim=True).expand_as(key)
-            key = key.masked_fill(protected, math.inf).masked_fill(pos < 0, -math.inf)
+        key = score.float()
+        if p.per_layer:  # one decision for the layer: every KV head ranks by the mean over heads
+            key = key.mean(1, keepdim=True).expand_as(pos)
+        key = key.masked_fill(pos < 0, -math.inf).masked_fill(protected, math.inf)
         by_pos = torch.argsort(pos, dim=2, descending=True, stable=True)
         order = torch.argsort(key.gather(2, by_pos), dim=2, descending=True, stable=True)
         return by_pos.gather(2, order)[:, :, : self.budget]
