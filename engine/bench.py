@@ -2,6 +2,7 @@
 
     python -m engine.bench                      # engine vs transformers, prefill + decode, full cache
     python -m engine.bench --policy h2o --budget 256   # policy overhead vs the full cache
+    python -m engine.bench --policies h2o,tova --budgets 256 1024   # the overhead table, one JSON
     python -m engine.bench kernels              # each op vs its reference, attention vs SDPA
 """
 from __future__ import annotations
@@ -18,25 +19,30 @@ from .cli import add_model_args, policy_params, run_cli
 from .generate import decode_step, prefill
 
 
-def decode_runner(llm, ctx: int, steps: int) -> tuple[Callable[[], None], list[float], list[float]]:
-    """A callable that prefills `ctx` tokens, then times `steps` decode steps one by one."""
+def decode_runner(llm, ctx: int, steps: int, fresh: bool = True) -> tuple[Callable[[], None], list[float], list[float]]:
+    """A callable that prefills `ctx` tokens, then times `steps` decode steps one by one. With
+    fresh=False the prompt is prefilled once and every later call goes on decoding from there (the
+    cache then holds ctx + a few steps: what a policy-overhead table needs, without an 8K prefill per call)."""
     prefills: list[float] = []
     step_times: list[float] = []
     ids = torch.randint(100, 1000, (1, ctx), generator=torch.Generator().manual_seed(0)).to(llm.device)
+    live: dict[str, object] = {}
 
     def run() -> None:
-        store = llm.new_store(ctx, steps + 1)
-        sync(llm.device)
-        t0 = time.perf_counter()
-        logits = prefill(llm.model, store, ids, llm.prefill_chunk)
-        sync(llm.device)
-        prefills.append(time.perf_counter() - t0)
-        token = logits.argmax(-1)
+        if fresh or not live:
+            live["store"] = llm.new_store(ctx, steps + 1 if fresh else llm.args.max_seq_len - ctx)
+            sync(llm.device)
+            t0 = time.perf_counter()
+            live["token"] = prefill(llm.model, live["store"], ids, llm.prefill_chunk).argmax(-1)
+            sync(llm.device)
+            prefills.append(time.perf_counter() - t0)
+        store, token = live["store"], live["token"]
         for _ in range(steps):
             t0 = time.perf_counter()
             token = decode_step(llm.model, store, token).argmax(-1)
             sync(llm.device)
             step_times.append(time.perf_counter() - t0)
+        live["token"] = token
 
     return run, prefills, step_times
 
@@ -108,21 +114,40 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
 
 def bench_policy(llm_full, llm_policy, contexts: list[int], steps: int, reps: int) -> dict[str, object]:
     """Decode step of the policy at its budget vs the full cache holding as many tokens (overhead) and vs
-    the full cache holding the whole context (what eviction buys)."""
+    the full cache holding the whole context (what eviction buys). A full context is capped so that the
+    timed steps still fit the model's context window; the table says how many tokens it held."""
     results: dict[str, object] = {}
     budget = llm_policy.policy.resolve_budget(max(contexts))
+    room = llm_full.args.max_seq_len - steps * (reps + 1) - 1
     for ctx in contexts:
-        pol, _, pol_dec = decode_runner(llm_policy, ctx, steps)
-        same, _, same_dec = decode_runner(llm_full, budget, steps)
-        full, _, full_dec = decode_runner(llm_full, ctx, steps)
+        full_ctx = min(ctx, room)
+        pol, _, pol_dec = decode_runner(llm_policy, ctx, steps, fresh=False)
+        same, _, same_dec = decode_runner(llm_full, budget, steps, fresh=False)
+        full, _, full_dec = decode_runner(llm_full, full_ctx, steps, fresh=False)
         time_alternating({"policy": pol, "full_same_occupancy": same, "full_context": full}, reps=reps)
         p, s, f = summary(pol_dec[steps:]), summary(same_dec[steps:]), summary(full_dec[steps:])
         results[str(ctx)] = {"policy_step_s": p, "full_same_occupancy_step_s": s, "full_context_step_s": f,
+                             "full_context_tokens": full_ctx,
                              "overhead_vs_same_occupancy": p["median"] / s["median"],
                              "speedup_vs_full_context": f["median"] / p["median"]}
-        print(f"ctx {ctx:5d} budget {budget}: {p['median']*1e3:6.2f} ms/step, "
-              f"{p['median']/s['median']:.2f}x full@{budget}, {f['median']/p['median']:.2f}x faster than full@{ctx}")
+        print(f"{llm_policy.policy.name:>12} ctx {ctx:5d} budget {budget}: {p['median']*1e3:6.2f} ms/step, "
+              f"{p['median']/s['median']:.2f}x full@{budget}, {f['median']/p['median']:.2f}x faster than full@{full_ctx}",
+              flush=True)
     return results
+
+
+def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict[str, object]:
+    """bench_policy for every policy x budget of --policies / --budgets, one table."""
+    import engine
+
+    grid: dict[str, object] = {}
+    for name in ns.policies.split(","):
+        for budget in ns.budgets:
+            params = {**policy_params(argparse.Namespace(**{**vars(ns), "policy": name})), "budget": budget}
+            llm = engine.load(ns.model, policy=name, device=ns.device, dtype=ns.dtype,
+                              prefill_chunk=ns.prefill_chunk, **params)
+            grid.setdefault(name, {})[str(budget)] = bench_policy(full, llm, contexts, ns.steps, ns.reps)
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--policies", help="comma list: a policy-overhead table over policies x --budgets")
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="budgets of the --policies table")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -147,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
 
     full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
     meta = {"model": full.name, "dtype": ns.dtype, "device": ns.device, "steps": ns.steps, "reps": ns.reps}
-    if ns.policy == "full":
+    if ns.policies:
+        contexts = ns.contexts or [2048, 8192]
+        res = bench_policy_grid(ns, full, contexts)
+        path = write_result("policy-grid", {**meta, "policies": ns.policies.split(","), "budgets": ns.budgets,
+                                            "results": res})
+    elif ns.policy == "full":
         contexts = ns.contexts or [128, 2048]
         res = bench_vs_transformers(full, contexts, ns.steps, ns.reps)
         path = write_result("e2e-vs-transformers", {**meta, "policy": "full", "results": res})

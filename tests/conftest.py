@@ -31,3 +31,22 @@ def smollm(default_model_dir):
     import engine
 
     return engine.load(default_model_dir, policy="full")
+
+
+TINY_CONTEXT = 256  # the tiny model's context: LongBench prompts get truncated, ppl can run past it
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(default_model_dir, tmp_path_factory: pytest.TempPathFactory):
+    """A random 2-layer model with the default model's tokenizer and chat template (CLIs end to end in seconds)."""
+    import shutil
+
+    from engine.weights import save_hf_folder
+
+    from .test_weights import random_state, tiny_args
+
+    args = tiny_args(vocab_size=49152, max_seq_len=TINY_CONTEXT)
+    dst = save_hf_folder(args, random_state(args), tmp_path_factory.mktemp("tiny") / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, dst / name)
+    return dst

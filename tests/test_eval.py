@@ -26,13 +26,11 @@ from engine.eval.__main__ import main as eval_main
 from engine.eval.ppl import stream_nll
 from engine.eval.retrieval import TASKS as RETRIEVAL_TASKS, Builder
 from engine.policies import PolicyError, list_policies, make_policy
-from engine.weights import save_hf_folder
 
-from .test_weights import random_state, tiny_args
+from .conftest import TINY_CONTEXT as CONTEXT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TEXT = Path(__file__).parent / "fixtures" / "tokenizer" / "english.txt"
-CONTEXT = 256  # the tiny model's context: LongBench prompts get truncated, ppl can run past it
 HAS_PLOT = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -46,13 +44,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer model with the default model's tokenizer and chat template."""
-    args = tiny_args(vocab_size=49152, max_seq_len=CONTEXT)
-    dst = save_hf_folder(args, random_state(args), tmp_path_factory.mktemp("eval") / "tiny")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, dst / name)
-    return dst
+def tiny(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
