@@ -24,7 +24,7 @@ import engine
 from engine.eval import data, longbench, metrics
 from engine.eval.__main__ import main as eval_main
 from engine.eval.ppl import stream_nll
-from engine.eval.retrieval import TASKS as RETRIEVAL_TASKS, Builder
+from engine.eval.retrieval import TASKS as RETRIEVAL_TASKS, Builder, answer_nll
 from engine.policies import PolicyError, list_policies, make_policy
 
 from .conftest import TINY_CONTEXT as CONTEXT
@@ -213,6 +213,15 @@ def test_qa_gold_paragraph_moves_with_depth(builders):
     assert len(docs(first)) == len({d.split("\n", 1)[1] for d in docs(first)})  # no paragraph twice
 
 
+def test_answer_nll_equals_one_forward(tiny_llm):
+    """With the full cache, prefill + teacher-forced decode gives the NLL of one causal forward."""
+    prompt = tiny_llm.tokenizer.apply_chat([{"role": "user", "content": "What is the pass key? It is 90125."}])
+    target = tiny_llm.tokenizer.encode("90125")
+    logp = tiny_llm.logits(torch.tensor([prompt + target]))[0].float().log_softmax(-1)
+    want = -sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(target)) / len(target)
+    assert answer_nll(tiny_llm, prompt, "90125") == pytest.approx(want, rel=1e-4)
+
+
 def test_retrieval_cli(tiny, cache, tmp_path):
     out = tmp_path / "ret.json"
     assert run_eval("retrieval", "--model", tiny, "--tasks", ",".join(RETRIEVAL_TASKS), "--lengths", 200,
@@ -220,6 +229,7 @@ def test_retrieval_cli(tiny, cache, tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["cells"]) == len(RETRIEVAL_TASKS) * 2 * 2
     assert all(c["prompt_tokens"] <= 200 and c["score"] in (0.0, 1.0) for c in doc["cells"])
+    assert all(math.isfinite(c["answer_nll"]) and c["answer_nll"] > 0 for c in doc["cells"])
     h2o = [c for c in doc["cells"] if c["policy"] == "h2o"]
     assert all(c["budget_tokens"] == c["prompt_tokens"] // 2 for c in h2o)
     assert set(doc["meta"]["summary"]) == set(RETRIEVAL_TASKS)

@@ -7,8 +7,10 @@ start of the context, 1 = at its end), deterministic per seed:
 - passkey: a 5-digit pass key hidden in repeated filler sentences (the Landmark Attention test);
 - squad / hotpotqa: a question whose supporting paragraph(s) are hidden among paragraphs of other
   questions (HotpotQA: its own distractors first).
-A sample scores 1 when the normalised answer occurs in the greedy reply (`metrics.contains_answer`).
-Accuracy per task, policy and budget, and a depth x length heatmap per policy and budget.
+A sample scores 1 when the normalised answer occurs in the greedy reply (`metrics.contains_answer`);
+`answer_nll` is the mean NLL of the gold answer teacher-forced after the compressed prompt (graded, so
+small models that rarely answer exactly still separate the policies). Accuracy and answer NLL per task,
+policy and budget, and a depth x length accuracy heatmap per policy and budget.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ..generate import decode_step, prefill
 from ..policies import PolicyError
 from . import data, metrics, plots
 from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress, task_table
@@ -220,12 +225,16 @@ def run(ns: argparse.Namespace) -> int:
         except PolicyError as e:  # a budget too small for the policy's sinks + recent at this length
             results.add(cell | {"skipped": str(e)})
             continue
-        results.add(cell | {"budget_tokens": llm.cache_stats().budget, "reply": reply,
-                            "score": metrics.score("contains", reply, sample.answers)})
+        budget_tokens = llm.cache_stats().budget
+        results.add(cell | {"budget_tokens": budget_tokens, "reply": reply,
+                            "score": metrics.score("contains", reply, sample.answers),
+                            "answer_nll": answer_nll(llm, llm.tokenizer.apply_chat(sample.messages), sample.answers[0])})
     summary = summarize(results.cells)
     results.meta["summary"] = summary
+    results.meta["summary_answer_nll"] = summarize(results.cells, "answer_nll")
     results.save()
     print(task_table(summary, "accuracy", 10, 3))
+    print(task_table(results.meta["summary_answer_nll"], "answer NLL", 10, 3))
     for path in plot(results.cells, ns.out):
         print(f"plot: {path}")
     if ns.out:
@@ -237,11 +246,26 @@ def _key(budget: Any) -> str:
     return "full" if budget is None else str(budget)
 
 
-def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """task -> policy -> budget -> accuracy."""
+@torch.inference_mode()
+def answer_nll(llm: Any, prompt: list[int], answer: str) -> float:
+    """Mean NLL of the gold answer's tokens, teacher-forced after the (compressed) prompt: a graded signal
+    where a small model rarely gets the answer exactly, and the same comparison between policies."""
+    target = llm.tokenizer.encode(answer)
+    store = llm.store = llm.new_store(len(prompt), len(target))
+    logits = prefill(llm.model, store, torch.tensor([prompt], device=llm.device), llm.prefill_chunk)
+    total = 0.0
+    for i, tid in enumerate(target):
+        total -= float(logits[0].float().log_softmax(-1)[tid])
+        if i + 1 < len(target):
+            logits = decode_step(llm.model, store, torch.tensor([tid], device=llm.device))
+    return total / len(target)
+
+
+def summarize(cells: list[dict[str, Any]], metric: str = "score") -> dict[str, dict[str, dict[str, float]]]:
+    """task -> policy -> budget -> mean of `metric` (score = accuracy)."""
     acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for c in (c for c in cells if "score" in c):
-        acc.setdefault(c["task"], {}).setdefault(c["policy"], {}).setdefault(_key(c["budget"]), []).append(c["score"])
+    for c in (c for c in cells if metric in c):
+        acc.setdefault(c["task"], {}).setdefault(c["policy"], {}).setdefault(_key(c["budget"]), []).append(c[metric])
     return {t: {p: {b: sum(v) / len(v) for b, v in bs.items()} for p, bs in ps.items()} for t, ps in acc.items()}
 
 
