@@ -18,6 +18,7 @@ from . import ops
 from .config import ModelArgs
 from .model import Rope
 from .policies.base import DecodeView, Policy, PrefillView
+from .policies.reduce import column_scores, reduce_group
 
 NORM_KIND = {"l1": 1, "l2": 2, "linf": 0}
 
@@ -76,7 +77,10 @@ class KVStore:
             for _ in range(args.n_layers)
         ]
         self.out = torch.empty(B, args.n_heads, D, dtype=dtype, device=device)
-        self.probs = torch.empty(B, args.n_heads, C, device=device) if policy.needs_probs else None
+        # the kernels fuse the group mean into `acc`; another reduction needs the raw row (B, H, C)
+        self.fused_acc = policy.needs_acc and policy.group_reduce == "mean"
+        raw = policy.needs_probs or (policy.needs_acc and not self.fused_acc)
+        self.probs = torch.empty(B, args.n_heads, C, device=device) if raw else None
         self.scale = 1.0 / math.sqrt(D)
         self.t = 0  # tokens seen (the next token's original position)
         self.used = 0  # slots ever written (high-water mark); slots >= used are empty
@@ -151,8 +155,10 @@ class KVStore:
         length = min(self.used + 1, self.capacity)
         ops.decode_attention(
             qr, keys, st.v, st.pos, length, self.scale, self.out,
-            st.state.get("acc") if self.policy.needs_acc else None, self.probs,
+            st.state["acc"] if self.fused_acc else None, self.probs,
         )
+        if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
+            st.state["acc"] += reduce_group(self.probs, st.k.shape[1], self.policy.group_reduce)
         view = DecodeView(layer=st, step_pos=t, q=qr, k=keys, probs=self.probs)
         self.policy.decode_update(view)
         if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
@@ -216,19 +222,22 @@ class KVStore:
         needs_scores = self.occupancy + T > self.budget and n > 0
         colsum = None
         rows = T if p.prefill_rows is None else min(p.prefill_rows, T)
+        fused = False  # the kernel's column sums are group means; other reductions are computed here
         if p.prefill_rows != 0 and (needs_scores or p.needs_acc or p.observes_prefill):
-            colsum = torch.empty(B, k.shape[1], n, device=q.device)
+            fused = p.group_reduce == "mean"
+            colsum = (torch.empty(B, k.shape[1], n, device=q.device) if fused
+                      else column_scores(qr, keys, qpos, pos, rows, self.scale, p.group_reduce))
         out = None
         if n_old == 0:
             # A plain causal prompt: SDPA gives the output fastest, and the same bits whatever the policy
             # (the fused kernel then runs only for the column sums a scoring policy asked for).
             out = F.scaled_dot_product_attention(qr, keys, vals, is_causal=True, enable_gqa=H != k.shape[1])
-        if out is None or colsum is not None:
+        if out is None or fused:
             kernel_out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
             lse = torch.empty(B, H, T, device=q.device)
             ops.prefill_attention(
                 qr.contiguous(), keys.contiguous(), vals.contiguous(), qpos, pos.contiguous(), self.scale,
-                kernel_out, lse, colsum, rows, self.scale,
+                kernel_out, lse, colsum if fused else None, rows, self.scale,
             )
             out = kernel_out if out is None else out
         state = {name: torch.cat([s[:, :, old], torch.zeros(B, k.shape[1], T, device=q.device)], dim=2)

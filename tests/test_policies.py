@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine import ops
 from engine.cache import KVStore
 from engine.config import ModelArgs
 from engine.generate import decode_step, prefill
@@ -19,9 +20,11 @@ from engine.model import Rope, Transformer
 from engine.policies import H2O, VATP, Policy, PolicyError, Scissorhands, WeightedKV, list_policies, make_policy
 from engine.policies.ahakv import recent_scores, step_gain
 from engine.policies.dense import rotate, simulate
+from engine.policies.reduce import column_scores
 from engine.weights import expected_shapes
 
 EVICTING = [n for n in list_policies() if n != "full"]
+SCORING = [n for n in EVICTING if n != "streaming"]  # the policies that score from attention
 SMALL = {  # parameters that leave room to evict under a 12-16 token budget
     "streaming": dict(sinks=2),
     "scissorhands": dict(m=8, recent=2),
@@ -245,26 +248,60 @@ def test_snapkv_compresses_a_one_token_prompt_chunk():
     assert all(len(kept) <= 6 for kept in cached(store)[0])
 
 
-def test_gqa_scores_are_the_group_mean():
-    """H2O's accumulated score after an uncompressed prompt = column sums averaged over each group."""
-    heads, D, L = (4, 2), 8, 10
-    q, k, v = random_qkv(heads, D, L, seed=3)
-    store = one_layer_store(H2O(budget=32), heads, D, L, 0)
-    feed(store, q, k, v, L)
-    rope = store.rope
-    probs = torch.zeros(4, L, L)
-    for h in range(4):
-        qr = torch.stack([rotate(q[0, h, t].double(), t, rope) for t in range(L)])
-        kr = torch.stack([rotate(k[0, h // 2, t].double(), t, rope) for t in range(L)])
-        logits = (qr @ kr.T / math.sqrt(D)).masked_fill(torch.ones(L, L).triu(1).bool(), -math.inf)
-        probs[h] = logits.softmax(-1).float()
-    want = probs.sum(1).view(2, 2, L).mean(1)
-    got = store.layers[0].state["acc"][0, :, :L]
+def explicit_probs(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """(H, T, T) fp64 causal softmax rows of every query head over the first T keys, RoPE at original positions."""
+    H, T, D = q.shape
+    G = H // k.shape[0]
+    probs = torch.zeros(H, T, T, dtype=torch.float64)
+    for h in range(H):
+        qr = torch.stack([rotate(q[h, t].double(), t, rope) for t in range(T)])
+        kr = torch.stack([rotate(k[h // G, t].double(), t, rope) for t in range(T)])
+        logits = (qr @ kr.T / math.sqrt(D)).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+        probs[h] = logits.softmax(-1)
+    return probs
+
+
+@pytest.mark.parametrize("how", ["mean", "max", "sum"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_gqa_scores_are_the_group_reduction(how, chunk):
+    """H2O's accumulated score with nothing evicted (prefill, whole or chunked, then decode) = the sum over
+    rows of each row's per-head probabilities reduced over the group: mean, max or sum (G = 2)."""
+    heads, D, L, T = (4, 2), 8, 10, 16
+    q, k, v = random_qkv(heads, D, T, seed=3)
+    store = one_layer_store(H2O(budget=32, group_reduce=how), heads, D, L, T - L)
+    feed(store, q, k, v, L, chunk)
+    grouped = explicit_probs(q[0], k[0], store.rope).view(2, 2, T, T)
+    reduce = {"mean": lambda x: x.mean(1), "max": lambda x: x.amax(1), "sum": lambda x: x.sum(1)}[how]
+    want = reduce(grouped).sum(1)  # reduce each row's group, then sum the rows
+    got = store.layers[0].state["acc"][0, :, :T].double()
     assert torch.allclose(got, want, atol=1e-5)
-    assert not torch.allclose(got, probs.sum(1).view(2, 2, L).sum(1), atol=1e-3)  # not the sum
+    if how == "max":  # not the max of the column sums
+        assert not torch.allclose(got, grouped.sum(2).amax(1), atol=1e-3)
+
+
+@pytest.mark.parametrize("how", ["mean", "max", "sum"])
+def test_column_scores_chunked_and_windowed(how, monkeypatch):
+    """The PyTorch column sums: a few rows per chunk give the same as one chunk; the window is the last
+    rows; and with mean they are the compiled (or reference) op's col_scores."""
+    B, H, Hkv, L, D = 2, 6, 2, 9, 8
+    g = torch.Generator().manual_seed(14)
+    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    qpos = torch.arange(L, dtype=torch.int32).expand(B, L).contiguous()
+    kpos = torch.arange(L, dtype=torch.int32).expand(B, Hkv, L).contiguous()
+    whole = column_scores(q, k, qpos, kpos, 5, 0.3, how)
+    monkeypatch.setattr("engine.policies.reduce._CHUNK_ELEMENTS", B * H * L * 2)  # two rows per chunk
+    assert torch.allclose(column_scores(q, k, qpos, kpos, 5, 0.3, how), whole, atol=1e-6)
+    last = column_scores(q[:, :, -5:], k, qpos[:, -5:], kpos, 0, 0.3, how)
+    assert torch.allclose(last, whole, atol=1e-6)
+    if how == "mean":
+        cols = torch.empty(B, Hkv, L)
+        ops.prefill_attention(q, k, v, qpos, kpos, 0.35, torch.empty_like(q), torch.empty(B, H, L), cols, 5, 0.3)
+        assert torch.allclose(cols, whole, atol=1e-5)
 
 
 # ---- the dense references ---------------------------------------------------------------------------
+
+REDUCE_KW = {"vatp": {"recent": 3}}  # budget // 2 recent leaves VATP too few heavy hitters to tell max from mean
 
 DENSE_CASES = [
     ("streaming", {}, "original"), ("streaming", {}, "cache"), ("h2o", {"sinks": 1}, "original"),
@@ -275,6 +312,9 @@ DENSE_CASES = [
     ("vatp", {"base": "scissorhands", "m": 5, "recent": 3}, "original"), ("ahakv", {}, "original"), ("ahakv", {"r": 6}, "cache"),
     ("weightedkv", {"receiver": "next"}, "original"), ("weightedkv", {"receiver": "prev"}, "original"),
     ("weightedkv", {"receiver": "nearest_key"}, "cache"),
+    *[(name, {**REDUCE_KW.get(name, {}), "group_reduce": how}, "original") for name in SCORING for how in ("max", "sum")],
+    ("vatp", {"base": "scissorhands", "m": 5, "recent": 3, "group_reduce": "max"}, "original"),
+    ("ahakv", {"group_reduce": "max"}, "cache"), ("tova", {"group_reduce": "max"}, "cache"),
 ]
 
 
@@ -293,6 +333,38 @@ def test_matches_dense_reference(name, kw, positions):
         assert sorted(int(st_.pos[0, g, i]) for i in slots) == want.kept[g]
         for i in slots:
             assert torch.allclose(st_.v[0, g, i].double(), want.values[g][int(st_.pos[0, g, i])], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCORING)
+def test_max_reduction_changes_what_is_kept(name):
+    """With the dense cases' parameters the reference keeps another set under max than under mean (G = 2),
+    so those cases can tell a store that ignores group_reduce."""
+    heads, D, L, T, budget = (4, 2), 8, 24, 44, 12
+    q, k, v = random_qkv(heads, D, T, seed=4)
+    rope = one_layer_store(small(name, budget), heads, D, L, T - L).rope
+    kept = [simulate(small(name, budget, group_reduce=how, **REDUCE_KW.get(name, {})), q[0], k[0], v[0], L, budget,
+                     rope).kept for how in ("mean", "max")]
+    assert kept[0] != kept[1]
+
+
+@pytest.mark.parametrize("name", SCORING)
+def test_sum_ranks_like_mean(name):
+    """Every policy here combines the group score only multiplicatively (VATP's value norm, AhaKV's value
+    prior), by pooling (SnapKV), linearly (the Scissorhands window) or as a ratio (WeightedKV's average and
+    merge weights), so sum = G x mean keeps the same tokens and merges the same values; the attention state
+    itself is G times larger."""
+    heads, D, L, T, budget = (4, 2), 8, 24, 44, 12
+    q, k, v = random_qkv(heads, D, T, seed=15)
+    stores = []
+    for how in ("mean", "sum"):
+        stores.append(one_layer_store(small(name, budget, group_reduce=how), heads, D, L, T - L))
+        feed(stores[-1], q, k, v, L, chunk=10)
+    a, b = (s.layers[0] for s in stores)
+    assert torch.equal(a.pos, b.pos) and torch.allclose(a.v, b.v, atol=1e-6)
+    assert stores[0].stats().evictions > 0
+    if "acc" in a.state:
+        assert torch.allclose(b.state["acc"], 2 * a.state["acc"], atol=1e-5)
+        assert not torch.allclose(b.state["acc"], a.state["acc"], atol=1e-3)
 
 
 def test_vatp_with_equal_value_norms_is_its_base():
@@ -434,6 +506,9 @@ def test_state_resets_between_prompts(name):
     (lambda: make_policy("weightedkv", budget=64, receiver="far"), r"weightedkv: receiver must be one of"),
     (lambda: make_policy("scissorhands", budget=64, m=1), r"scissorhands: window m must be >= 2"),
     (lambda: make_policy("ahakv", budget=64, pool_kernel=4), r"ahakv: pool_kernel must be odd"),
+    (lambda: make_policy("h2o", budget=64, group_reduce="median"),
+     r"h2o: group_reduce must be one of mean, max, sum, got 'median'"),
+    (lambda: make_policy("vatp", budget=64, group_reduce="MAX"), r"vatp: group_reduce must be one of"),
     (lambda: make_policy("weightedkv", budget=0.3).resolve_budget(100), r"weightedkv: budget 30 must exceed sinks \+ recent"),
 ])
 def test_bad_parameters_raise_one_clear_line(make, match):

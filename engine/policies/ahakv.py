@@ -1,7 +1,7 @@
 """AhaKV (Gu et al. 2025, arXiv 2506.03762; no public code): recent accumulation of a step-gain softmax,
 weighted by a value prior.
 
-    S[s]     = sum over the last r query rows i of softmax(lambda_i * q_i . k)[s]   (group mean)
+    S[s]     = sum over the last r query rows i of softmax(lambda_i * q_i . k)[s]   (group-reduced, default mean)
     lambda_i = sqrt(2 ln(n_i / budget) / d),  n_i = valid tokens row i sees
     gamma    = avg_pool1d(||v||_2^2 in position order, pool_kernel, same padding);  score = gamma / max(gamma) * S
 
@@ -24,6 +24,7 @@ import torch
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
+from .reduce import column_scores
 from .snapkv import pool_by_position
 
 if TYPE_CHECKING:
@@ -37,13 +38,16 @@ def step_gain(n: torch.Tensor, budget: int | torch.Tensor, head_dim: int) -> tor
 
 
 def recent_scores(q: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                  budget: int | torch.Tensor) -> torch.Tensor:
-    """S (B, Hkv, C): q (B, H, R, D) rows at original positions qpos (B, R) over keys k (B, Hkv, C, D)."""
+                  budget: int | torch.Tensor, group_reduce: str = "mean") -> torch.Tensor:
+    """S (B, Hkv, C): q (B, H, R, D) rows at original positions qpos (B, R) over keys k (B, Hkv, C, D),
+    each row's G heads of a KV head reduced by `group_reduce`."""
     B, H, R, D = q.shape
     Hkv = k.shape[1]
     sees = (pos[:, :, None, :] >= 0) & (pos[:, :, None, :] <= qpos[:, None, :, None])  # (B, Hkv, R, C)
     lam = step_gain(sees.sum(-1).float(), budget, D).repeat_interleave(H // Hkv, dim=1)  # (B, H, R)
     qs = (q * lam[..., None].to(q.dtype)).contiguous()  # the per-row temperature rides on the query
+    if group_reduce != "mean":  # the kernel's column sums are group means
+        return column_scores(qs, k, qpos, pos, R, 1.0, group_reduce)
     S = torch.empty(B, Hkv, k.shape[2], device=q.device)
     out, lse = torch.empty_like(qs), torch.empty(B, H, R, device=q.device)
     ops.prefill_attention(qs, k.contiguous(), v.contiguous(), qpos.int().contiguous(), pos.contiguous(),
@@ -80,7 +84,8 @@ class AhaKV(Policy):
     def _score(self, layer: "LayerState", k: torch.Tensor, seen: int, budget: int | torch.Tensor) -> torch.Tensor:
         """gamma / max(gamma) * S over the layer's entries; k as attention used them, `seen` tokens so far."""
         n = min(self.r, seen)  # ring rows filled so far: 0..n-1
-        S = recent_scores(layer.extra["q"][:, :, :n], layer.extra["qpos"][:, :n], k, layer.v, layer.pos, budget)
+        S = recent_scores(layer.extra["q"][:, :, :n], layer.extra["qpos"][:, :n], k, layer.v, layer.pos, budget,
+                          self.group_reduce)
         gamma = pool_by_position(layer.state["vnorm"], layer.pos, layer.pos >= 0, self.pool_kernel, "avg")
         return gamma / gamma.amax(dim=2, keepdim=True).clamp(min=torch.finfo(gamma.dtype).tiny) * S
 

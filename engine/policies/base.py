@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from .reduce import REDUCTIONS
+
 if TYPE_CHECKING:
     from ..cache import LayerState
 
@@ -51,11 +53,11 @@ class Policy:
     sinks: int = 0
     recent: int = 0
     positions: str = "original"
-    group_reduce: str = "mean"  # how the G query heads of a KV head combine (mean; max/sum not yet)
+    group_reduce: str = "mean"  # how the G query heads of a KV head combine: mean | max | sum
 
     name: ClassVar[str] = ""
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot fp32 tensors the policy keeps
-    needs_acc: ClassVar[bool] = False  # decode attention adds group-reduced probs into state["acc"]
+    needs_acc: ClassVar[bool] = False  # the store adds group-reduced probs into state["acc"] every decode step
     needs_probs: ClassVar[bool] = False  # decode attention writes the raw row (B, H, C)
     value_norm: ClassVar[str | None] = None  # l1 | l2 | linf, stored in state["vnorm"] at insertion
     evicts_on_decode: ClassVar[bool] = True
@@ -75,8 +77,8 @@ class Policy:
         self._half_recent = self.recent == -1
         if self.positions not in ("original", "cache"):
             raise PolicyError(f"{self.name}: positions must be 'original' or 'cache', got {self.positions!r}")
-        if self.group_reduce != "mean":
-            raise PolicyError(f"{self.name}: group_reduce {self.group_reduce!r} is not implemented (mean)")
+        if self.group_reduce not in REDUCTIONS:
+            raise PolicyError(f"{self.name}: group_reduce must be one of {', '.join(REDUCTIONS)}, got {self.group_reduce!r}")
         if isinstance(self.budget, int):
             self.resolve_budget(0)
 

@@ -25,6 +25,15 @@ class Trace:
     merged: list[dict[int, list[int]]] = field(default_factory=list)  # per KV head: receiver -> absorbed positions
 
 
+def reduce_heads(rows: list[dict[int, float]], how: str) -> dict[int, float]:
+    """One query row of a KV head's G query heads (slot -> probability each) as one row: mean, max or sum."""
+    out = {}
+    for s in rows[0]:
+        ps = [row[s] for row in rows]
+        out[s] = max(ps) if how == "max" else sum(ps) if how == "sum" else sum(ps) / len(ps)
+    return out
+
+
 def rotate(x: torch.Tensor, p: int, rope: Rope) -> torch.Tensor:
     """RoPE of one vector at position p (rotate_half layout)."""
     c, s = rope.cos[p].double(), rope.sin[p].double()
@@ -43,8 +52,7 @@ class _Sim:
         self.val = [{s: v[g, s].double() for s in range(self.T)} for g in range(self.Hkv)]
         self.w: list[dict[int, float]] = [{} for _ in range(self.Hkv)]
         self.merged: list[dict[int, list[int]]] = [{} for _ in range(self.Hkv)]
-        self.rows: list[list[tuple[int, dict[int, float]]]] = [[] for _ in range(self.Hkv)]  # (t, group-mean row)
-        self.heads: list[dict[int, float]] = []  # per query head: the current row (TOVA)
+        self.rows: list[list[tuple[int, dict[int, float]]]] = [[] for _ in range(self.Hkv)]  # (t, group-reduced row)
         self.queries: dict[int, torch.Tensor] = {}  # t -> (H, D) query as attention used it
         self.ema: list[dict[int, float]] = [{} for _ in range(self.Hkv)]  # scissorhands
         self.out = torch.zeros(self.H, self.T, self.D, dtype=torch.float64)
@@ -62,21 +70,16 @@ class _Sim:
     def attend(self, t: int, visible: list[list[int]]) -> None:
         """Token t's query over `visible` per KV head: output, history rows, stored query."""
         qt = torch.zeros(self.H, self.D, dtype=torch.float64)
-        heads = []
         for g in range(self.Hkv):
-            group = {s: 0.0 for s in visible[g]}
+            heads = []
             for h in range(g * self.G, (g + 1) * self.G):
                 qpos = t if self.p.positions == "original" else len([x for x in self.kept[g] if x < t])
                 qt[h] = rotate(self.q[h, t], qpos, self.rope)
                 logits = torch.stack([qt[h] @ self.key(g, s, t) for s in visible[g]]) / math.sqrt(self.D)
                 probs = torch.softmax(logits, 0)
                 self.out[h, t] = sum(pr * self.val[g][s] for pr, s in zip(probs, visible[g]))
-                row = dict(zip(visible[g], probs.tolist()))
-                heads.append(row)
-                for s in visible[g]:
-                    group[s] += row[s] / self.G
-            self.rows[g].append((t, group))
-        self.heads = heads
+                heads.append(dict(zip(visible[g], probs.tolist())))
+            self.rows[g].append((t, reduce_heads(heads, self.p.group_reduce)))
         self.queries[t] = qt
 
     # ---- scores -------------------------------------------------------------------------------
@@ -90,7 +93,8 @@ class _Sim:
         return {s: self.ema[g].get(s, 0.0) for s in self.kept[g]}
 
     def tova(self, g: int) -> dict[int, float]:
-        return {s: sum(row.get(s, 0.0) for row in self.heads) / self.H for s in self.kept[g]}
+        """The current row, group-reduced per KV head, averaged over the KV heads."""
+        return {s: sum(self.rows[x][-1][1].get(s, 0.0) for x in range(self.Hkv)) / self.Hkv for s in self.kept[g]}
 
     def vatp(self, g: int) -> dict[int, float]:
         base = self.h2o(g) if self.p.base == "h2o" else self.scissorhands(g)
@@ -104,10 +108,12 @@ class _Sim:
             seen = [s for s in self.kept[g] if s <= t]
             n = len(seen)
             lam = math.sqrt(2 * math.log(n / self.budget) / self.D) if n > self.budget else 1 / math.sqrt(self.D)
+            heads = []
             for h in range(g * self.G, (g + 1) * self.G):
                 logits = torch.stack([self.queries[t][h] @ self.key(g, s, t_now) for s in seen]) * lam
-                for s, pr in zip(seen, torch.softmax(logits, 0).tolist()):
-                    S[s] += pr / self.G
+                heads.append(dict(zip(seen, torch.softmax(logits, 0).tolist())))
+            for s, pr in reduce_heads(heads, self.p.group_reduce).items():
+                S[s] += pr
         order = sorted(self.kept[g])
         nu = [float(self.val[g][s].square().sum()) for s in order]
         half = self.p.pool_kernel // 2

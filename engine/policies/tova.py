@@ -1,5 +1,10 @@
 """TOVA (Oren et al. 2024): evict the token the current query attends to least, averaged over every
-query head of the layer; one decision per layer, nothing accumulated."""
+query head of the layer; one decision per layer, nothing accumulated.
+
+group_reduce (our choice): each KV head's G query heads are reduced first, then the KV heads are
+averaged. `mean` is the paper's rule (the mean over all heads), `sum` ranks the same, `max` averages
+each group's strongest attention.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from .base import DecodeView, Policy, PrefillView
+from .reduce import reduce_group
 
 
 @dataclass
@@ -20,9 +26,11 @@ class TOVA(Policy):
     prefill_rows: ClassVar[int | None] = 1  # the last prompt row only
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
-        """Per KV head (its group's mean); the store averages the KV heads, i.e. all query heads."""
+        """Per KV head (its group reduced); the store averages the KV heads."""
         return view.colsum
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         """(B, 1, C): the store picks one victim per layer from it."""
-        return view.probs.mean(1, keepdim=True)
+        if self.group_reduce == "mean":
+            return view.probs.mean(1, keepdim=True)  # = the mean of the group means
+        return reduce_group(view.probs, view.k.shape[1], self.group_reduce).mean(1, keepdim=True)

@@ -40,7 +40,8 @@ class VATP(Policy):
             self.recent = next(f.default for f in fields(cls) if f.name == "recent")
         super().__post_init__()
         extra = {"m": self.m} if cls is Scissorhands else {}
-        self._base = cls(budget=self.budget, sinks=self.sinks, recent=self.recent, positions=self.positions, **extra)
+        self._base = cls(budget=self.budget, sinks=self.sinks, recent=self.recent, positions=self.positions,
+                         group_reduce=self.group_reduce, **extra)
 
     @property
     def value_norm(self) -> str:
