@@ -23,6 +23,7 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight) "
       "-> ()");
+  m.def("matvec(Tensor x, Tensor w, Tensor(a!) out) -> ()");  // F.linear; reference in engine/ops.py
 }
 
 // Importing engine._C loads this library, which registers the ops above as torch.ops.engine.*.

@@ -1,5 +1,8 @@
 """The LLaMA forward pass: RMSNorm, RoPE, GQA attention, SwiGLU. One file, no cache logic.
 
+Every projection goes through `ops.linear`: a decode step's few rows stream the weights through the
+native matvec, a prompt's many rows go to the GEMM of F.linear.
+
 Attention over a KV cache is delegated to a `KVStore` (engine/cache.py), which owns RoPE for cached
 keys because the eviction policy decides at which positions they are rotated.
 """
@@ -94,9 +97,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
-            q, k, v = F.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = ops.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -107,7 +110,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
             y = kv.attend(layer, q, k, v)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -123,10 +126,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
         else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+            gate, up = (ops.linear(x, lin.weight) for lin in (self.w1, self.w3))
+        return ops.linear(F.silu(gate) * up, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -162,7 +165,7 @@ class Transformer(nn.Module):
             x = layer(x, i, self.rope, kv)
         if last_only:
             x = x[:, -1:].contiguous()
-        return self.output(self.norm(x)).float()
+        return ops.linear(self.norm(x), self.output.weight).float()
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device) -> "Transformer":

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from engine import reference
@@ -121,6 +123,43 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
 
 
+def matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
+    """out [..., N] = x [..., K] @ w [N, K]^T (F.linear), all three in w's dtype, accumulated in fp32.
+    Reads w once per 8 rows of x: the product of a decode step, whose time is the weights' streaming."""
+    _impl("matvec", w.device, _matvec_reference)(x, w, out)
+
+
+def check_matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
+    """Mirrors check_matvec in csrc/cpu/checks.cpp (here, not in engine.reference: F.linear is the reference)."""
+    reference._check_tensor("matvec", "w", w, "[N, K]", [-1, -1], reference.FLOATS)
+    like = (w, "w")
+    reference._check_tensor("matvec", "x", x, "[..., K]", [-1] * (x.dim() - 1) + [w.shape[1]], [w.dtype], like)
+    reference._check_tensor("matvec", "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
+
+
+def _matvec_reference(x: Tensor, w: Tensor, out: Tensor) -> None:
+    check_matvec(x, w, out)
+    out.copy_(F.linear(x, w))
+
+
+MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reuses each block of w across rows
+# fp16 stays with F.linear: torch converts it with F16C, matvec with portable integer ops (2.5x slower).
+MATVEC_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """F.linear(x [..., K], w [N, K]) without bias: a decode step (at most MATVEC_MAX_ROWS rows) through
+    matvec, a prompt through F.linear's GEMM, and F.linear wherever engine._C has no matvec (CUDA).
+    Written for few tensor ops: it runs ~120 times per decode step."""
+    device = x.device
+    if (x.numel() > MATVEC_MAX_ROWS * x.shape[-1] or x.dtype not in MATVEC_DTYPES
+            or not has_kernel("matvec", device.type)):
+        return F.linear(x, w)
+    out = x.new_empty((*x.shape[:-1], w.shape[0]))
+    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out)
+    return out
+
+
 # Fake (meta) implementations: shapes are checked like the real ops, indices cannot be (no data).
 if HAVE_EXTENSION:
 
@@ -153,3 +192,7 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::merge_value")
     def _merge_value_fake(v, w, victim, receiver, weight) -> None:
         reference.check_merge_value(v, w, victim, receiver, weight)
+
+    @torch.library.register_fake("engine::matvec")
+    def _matvec_fake(x, w, out) -> None:
+        check_matvec(x, w, out)

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -607,3 +608,138 @@ def test_missing_extension_warns_once(monkeypatch):
     assert len(caught) == 1 and "engine._C is not built" in str(caught[0].message)
     with pytest.raises(RuntimeError, match="cannot be forced"), ops.use_reference(False):
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# matvec (its reference is F.linear) and ops.linear, the projection of the model
+# ---------------------------------------------------------------------------------------------
+
+MATVEC_SHAPES = [  # x's leading dims (M rows), N, K: K not a multiple of 8 (a scalar tail), N not one of the tile
+    ((1,), 37, 131),
+    ((2,), 31, 64),
+    ((3, 1), 129, 77),
+    ((5,), 17, 40),
+    ((8,), 61, 576),
+    ((3,), 2051, 264),  # several 256 KB chunks of w, the last one partial
+    ((11,), 700, 200),  # two passes over each chunk: 8 rows of x, then 3
+    ((), 5, 7),  # x [K], K below one vector
+    ((3,), 4, 0),  # K = 0: out must still be written (zeros)
+    ((0, 2), 6, 8),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,N,K", MATVEC_SHAPES)
+def test_matvec(device, path, dtype, lead, N, K):
+    g = gen(60)
+    x, w = randn((*lead, K), dtype, device, g), randn((N, K), dtype, device, g)
+    out = poisoned((*lead, N), dtype, device)
+    with on_path(path, "matvec", device):
+        ops.matvec(x, w, out)
+    assert_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "matvec")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matvec_propagates_nan_and_inf(path):
+    x, w = torch.ones(2, 19), torch.ones(5, 19)
+    w[1, 3], w[2, 17], w[3, 0] = float("nan"), float("inf"), -float("inf")  # in a vector, the tail, a vector
+    out = poisoned((2, 5), torch.float32, "cpu")
+    with on_path(path, "matvec", "cpu"):
+        ops.matvec(x, w, out)
+    torch.testing.assert_close(out, F.linear(x, w), equal_nan=True)
+
+
+def _matvec_args() -> dict:
+    return dict(x=torch.zeros(3, 12), w=torch.zeros(5, 12), out=torch.zeros(3, 5))
+
+
+MATVEC_BAD_INPUTS = [  # argument, corruption, exception, message fragment
+    ("w", lambda t: t.double(), TypeError, "matvec: w must be float32 or bfloat16 or float16, got float64"),
+    ("w", lambda t: t[None], ValueError, "matvec: w must have shape [N, K] = [?, ?], got [1, 5, 12]"),
+    ("w", _noncontig, ValueError, "matvec: w must be contiguous [N, K], got strides [1, 5]"),
+    ("x", lambda t: t.bfloat16(), TypeError, "matvec: x must be float32, got bfloat16"),
+    ("x", lambda t: t[:, :11], ValueError, "matvec: x must have shape [..., K] = [?, 12], got [3, 11]"),
+    ("x", lambda t: t[0, 0], ValueError, "matvec: x must have shape [..., K] = [12], got []"),
+    ("x", _noncontig, ValueError, "matvec: x must be contiguous [..., K], got strides [1, 3]"),
+    ("out", lambda t: t.half(), TypeError, "matvec: out must be float32, got float16"),
+    ("out", lambda t: t[:2], ValueError, "matvec: out must have shape [..., N] = [3, 5], got [2, 5]"),
+    ("out", lambda t: t[:, None], ValueError, "matvec: out must have shape [..., N] = [3, 5], got [3, 1, 5]"),
+    ("out", _noncontig, ValueError, "matvec: out must be contiguous [..., N], got strides [1, 3]"),
+    ("out", lambda t: torch.zeros(3, 5, device="meta"), ValueError, "matvec: out must be on cpu like w, got meta"),
+]
+
+
+@pytest.mark.parametrize("arg,corrupt,exc,message", MATVEC_BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
+def test_matvec_bad_input_same_error_on_both_paths(arg, corrupt, exc, message):
+    errors = {}
+    for path in PATHS:
+        if path == "compiled" and not ops.HAVE_EXTENSION:
+            continue
+        args = _matvec_args()
+        args[arg] = corrupt(args[arg])
+        errors[path] = _raise(path, "matvec", args)
+    for path, err in errors.items():
+        assert type(err) is exc, f"{path}: {type(err).__name__}: {err}"
+        assert message in str(err), f"{path}: {err}"
+        assert "\n" not in str(err).strip(), f"{path}: not one line: {err}"
+    assert len({str(e) for e in errors.values()}) == 1, errors
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matvec_valid_args_are_accepted(path):
+    """The base of MATVEC_BAD_INPUTS is itself valid, so each bad case fails for the corruption alone."""
+    with on_path(path, "matvec", "cpu"):
+        ops.matvec(**_matvec_args())
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matvec_opcheck(dtype):
+    g = gen(62)
+    args = (randn((3, 21), dtype, "cpu", g), randn((10, 21), dtype, "cpu", g), torch.empty(3, 10, dtype=dtype))
+    torch.library.opcheck(torch.ops.engine.matvec, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 40), (3, 1, 40), (40,), (2, 4, 40), (3, 3, 40)])
+def test_linear_sends_decode_rows_to_matvec(monkeypatch, device, dtype, shape):
+    """At most MATVEC_MAX_ROWS rows in MATVEC_DTYPES go through matvec where engine._C has it (CPU),
+    the rest (prompts, fp16, CUDA) through F.linear, and either way the result is F.linear's, with
+    no fallback warning."""
+    calls = []
+    real = ops._impl
+    monkeypatch.setattr(ops, "_impl", lambda op, *a: calls.append(op) or real(op, *a))
+    g = gen(63)
+    x, w = randn(shape, dtype, device, g), randn((24, 40), dtype, device, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ops.linear(x, w)
+    small = math.prod(shape[:-1]) <= ops.MATVEC_MAX_ROWS and dtype in ops.MATVEC_DTYPES
+    assert calls == (["matvec"] if small and ops.has_kernel("matvec", device) else [])
+    assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
+    assert_within(y, F.linear(x.double(), w.double()), F.linear(x, w), "linear")
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+def test_model_through_ops_equals_reference(smollm):
+    """The default model's prefill and teacher-forced decode steps (batch 3: matvec with 3 rows)
+    give the same logits through the compiled ops as through the PyTorch reference path."""
+    from engine.generate import decode_step, prefill
+
+    ids = torch.randint(0, smollm.args.vocab_size, (3, 16), generator=gen(64))
+
+    def run() -> torch.Tensor:
+        store = smollm.new_store(12, 4, batch=3)
+        logits = [prefill(smollm.model, store, ids[:, :12])]
+        logits += [decode_step(smollm.model, store, ids[:, t]) for t in range(12, 16)]
+        return torch.stack(logits)
+
+    with ops.use_reference(False):
+        got = run()
+    with ops.use_reference():
+        want = run()
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+

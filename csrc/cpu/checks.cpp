@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -221,6 +222,18 @@ void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, i
                         ", ", r % Hkv, "]");
     }
   }
+}
+
+void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out) {
+  const char* op = "matvec";
+  check_tensor(op, "w", w, "[N, K]", {-1, -1}, kFloats);
+  const Like like{w, "w"};
+  std::vector<int64_t> x_shape(std::max<int64_t>(x.dim(), 1), -1);
+  x_shape.back() = w.size(1);
+  check_tensor(op, "x", x, "[..., K]", x_shape, {w.scalar_type()}, like);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.size(0);
+  check_tensor(op, "out", out, "[..., N]", out_shape, {w.scalar_type()}, like);
 }
 
 }  // namespace engine

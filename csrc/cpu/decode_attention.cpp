@@ -1,97 +1,325 @@
-// Decode attention: one query per sequence against the slot cache, GQA, one pass over K and V.
+// Decode attention: one query per sequence against the slot cache, GQA, exact softmax.
 //
-// Threads split (batch, KV head); the G query heads of a group are processed together, so each key
-// and value row is read once while it is in cache. Slots are visited in tiles of kTile: scores of
-// the tile's valid slots, one online-softmax rescale per head and tile, then the value rows.
+// Split-KV ("flash decoding" on CPU): the B * Hkv * length (KV head, slot) pairs are cut into one
+// contiguous range per thread, so every thread gets the same number of slots whatever Hkv is; a
+// range may hold pieces of several KV heads and a head may be shared by several threads. Per piece
+// the G query heads of the group go together, so each key and value row is read once: the logits
+// of all its slots (into probs_out, or scratch), their max, then by blocks of kRows slots exp, sum
+// and exp @ V. The thread that completes a KV head's last piece (an atomic count of its slots, so
+// no barrier: a descheduled thread delays only its own heads) combines the pieces, rescaling each
+// piece's max and sum to the head's, normalises the probabilities in place, adds them to
+// score_acc and writes the output rows.
+//
+// The kernels are written once with 8-lane vectors (vec.h) and compiled twice (ENGINE_MULTIVERSION):
+// AVX2 + FMA where the CPU has it, SSE2 elsewhere.
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
 #include "kernels.h"
 #include "vec.h"
 
+// The 8-lane helpers are all inlined, so the baseline ABI for 32-byte vectors is never used.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace engine {
 namespace {
 
-constexpr int64_t kTile = 32;
+constexpr int64_t kRows = 32;  // value rows per block: they stay in L1 while the G heads use them
+// Multiply-adds per pass (B Hkv length G D) below which one thread runs it, about 40 us of work: a
+// wake-up costs a few us on idle cores, but a whole scheduler slice (ms) when they are busy.
+constexpr int64_t kParallelWork = 1 << 18;
 
 struct DecodeParams {
-  int64_t B, H, Hkv, G, C, D, length;
+  int64_t B, Hkv, G, C, D, length;
   float scale;
   const int32_t* pos;  // [B, Hkv, C]
   float* score_acc;    // [B, Hkv, C] or null
   float* probs;        // [B, H, C] or null
 };
 
-constexpr int64_t kDecodeParallelWork = 1 << 18;  // multiply-adds below which one thread is faster
+// The flat range [0, total) of (KV head, slot) pairs, head-major, cut into nt near-equal ranges.
+// Thread t's piece of KV head bg is stored at index t + bg: unique, since along the flat order each
+// new piece starts a new thread range, a new head, or both.
+struct Split {
+  int64_t total, nt, length;
+
+  int64_t begin(int64_t t) const { return t * total / nt; }
+
+  int64_t owner(int64_t x) const {  // the thread whose range holds x
+    int64_t t = x * nt / total;
+    while (begin(t + 1) <= x) ++t;
+    while (begin(t) > x) --t;
+    return t;
+  }
+
+  // Slots [s0, s1) of KV head bg in thread t's range (s0 >= s1: none).
+  std::pair<int64_t, int64_t> piece(int64_t t, int64_t bg) const {
+    return {std::max<int64_t>(begin(t) - bg * length, 0), std::min(begin(t + 1) - bg * length, length)};
+  }
+
+  // f(bg, s0, s1) for each piece of thread t's range, in order.
+  template <typename F>
+  void for_pieces(int64_t t, F&& f) const {
+    for (int64_t bg = begin(t) / length; bg * length < begin(t + 1); ++bg) {
+      const auto [s0, s1] = piece(t, bg);
+      if (s0 < s1) f(bg, s0, s1);
+    }
+  }
+};
+
+// A piece's partial result: max logit m [G], sum of exp(logit - m) l [G], unnormalised out [G, D].
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
 
 template <typename kv_t, typename q_t>
-void decode_kernel(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
-  const int64_t G = p.G, C = p.C, D = p.D;
-  const bool need_probs = p.score_acc || p.probs;
-  // Threads only pay off when each gets real work: a short cache is faster on one thread than a wake-up.
-#pragma omp parallel if (p.B * p.Hkv > 1 && p.B * p.Hkv * p.length * D * G > kDecodeParallelWork)
-  {
-    std::vector<float> qf(G * D), acc(G * D), tile(G * kTile), kf(kTile * D), vf(kTile * D);
-    std::vector<const float*> krow(kTile), vrow(kTile);  // the tile's valid rows as fp32
-    std::vector<float> scratch(need_probs && !p.probs ? G * C : 0);
-    std::vector<int64_t> idx(kTile);
-    std::vector<SoftmaxRow> sm(G);
-#pragma omp for schedule(static)
-    for (int64_t bg = 0; bg < p.B * p.Hkv; ++bg) {
-      const int64_t b = bg / p.Hkv, h0 = (bg % p.Hkv) * G;  // heads h0 .. h0+G-1 use KV head bg
-      const kv_t* kb = k + bg * C * D;
-      const kv_t* vb = v + bg * C * D;
-      const int32_t* posb = p.pos + bg * C;
-      float* logits = p.probs ? p.probs + (b * p.H + h0) * C : scratch.data();  // [G, C]
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[(b * p.H + h0) * D + i]) * p.scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(sm.begin(), sm.end(), SoftmaxRow{});
+struct Decode {
+  const DecodeParams& p;
+  const q_t* q;      // [B * Hkv, G, D]
+  const kv_t* k;     // [B * Hkv, C, D]
+  const kv_t* v;     // [B * Hkv, C, D]
+  q_t* out;          // [B * Hkv, G, D]
+  float* rows;       // [B * Hkv, G, stride]: logits, then exp, then probabilities
+  int64_t stride;    // C when rows is probs_out, else length
+  float* partials;   // [pieces, G * (D + 2)]
 
-      for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
-        const int64_t n = std::min(kTile, p.length - t0);
-        int64_t nv = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          if (posb[t0 + i] >= 0) idx[nv++] = t0 + i;
-        }
-        if (nv == 0) continue;
-        for (int64_t j = 0; j < nv; ++j) {
-          krow[j] = as_float(kb + idx[j] * D, kf.data() + j * D, D);
-          vrow[j] = as_float(vb + idx[j] * D, vf.data() + j * D, D);
-        }
-        for (int64_t h = 0; h < G; ++h) {
-          float* th = tile.data() + h * kTile;
-          for (int64_t j = 0; j < nv; ++j) th[j] = dot(qf.data() + h * D, krow[j], D);
-          if (need_probs) {
-            for (int64_t j = 0; j < nv; ++j) logits[h * C + idx[j]] = th[j];
-          }
-          const float corr = sm[h].update(th, nv);
-          if (corr != 1.f) scale_row(acc.data() + h * D, corr, D);
-          accumulate_rows(acc.data() + h * D, th, vrow.data(), nv, D);
-        }
-      }
+  float* head_rows(int64_t bg) const { return rows + bg * p.G * stride; }
 
-      for (int64_t h = 0; h < G; ++h) {
-        const float inv = sm[h].l > 0.f ? 1.f / sm[h].l : 0.f;  // no valid slot: out = 0
-        scale_row(acc.data() + h * D, inv, D);
-        store_float(acc.data() + h * D, out + (b * p.H + h0 + h) * D, D);
-        if (!need_probs) continue;
-        float* row = logits + h * C;
-        for (int64_t s = 0; s < C; ++s) {
-          const bool valid = s < p.length && posb[s] >= 0;
-          row[s] = valid ? std::exp(row[s] - sm[h].m) * inv : 0.f;
-        }
+  Partial partial(int64_t piece) const {
+    float* base = partials + piece * p.G * (p.D + 2);
+    return {base, base + p.G, base + 2 * p.G};
+  }
+};
+
+// Lanes j < n: pos[j] >= 0; lanes from n on: false.
+ENGINE_INLINE Int8 valid8(const int32_t* pos, int64_t n) {
+  Int8 x = Int8{} - 1;
+  if (n == 8) {
+    __builtin_memcpy(&x, pos, sizeof x);
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = pos[j];
+  }
+  return x >= 0;
+}
+
+// Lane j = q[0..D) . rows[j][0..D): a vector of partial sums per row, reduced together at the end.
+template <typename T>
+ENGINE_INLINE Vec8 dot8(const float* __restrict__ q, const T* const rows[8], int64_t D) {
+  Vec8 a[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const Vec8 qv = load8(q + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] += qv * load8(rows[j] + d);
+  }
+  Vec8 r = transpose_sum8(a);
+  for (; d < D; ++d) {
+    for (int j = 0; j < 8; ++j) r[j] += q[d] * static_cast<float>(rows[j][d]);
+  }
+  return r;
+}
+
+// acc[d, d + 8 NV) += sum_j w[j] * rows[j][d, d + 8 NV): NV vectors of acc stay in registers
+// while the rows stream past.
+template <int NV, typename T>
+ENGINE_INLINE void axpy_rows(float* __restrict__ acc, const float* __restrict__ w, const T* const* rows,
+                             int64_t n, int64_t d) {
+  Vec8 a[NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) a[u] = load8(acc + d + 8 * u);
+  for (int64_t j = 0; j < n; ++j) {
+    const Vec8 wj = splat8(w[j]);
+    const T* r = rows[j] + d;
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) a[u] += wj * load8(r + 8 * u);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) store8(acc + d + 8 * u, a[u]);
+}
+
+// acc[0..D) += sum_j w[j] * rows[j][0..D)
+template <typename T>
+ENGINE_INLINE void accumulate_values(float* __restrict__ acc, const float* __restrict__ w,
+                                     const T* const* rows, int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) axpy_rows<8>(acc, w, rows, n, d);
+  if (d + 32 <= D) axpy_rows<4>(acc, w, rows, n, d), d += 32;
+  if (d + 16 <= D) axpy_rows<2>(acc, w, rows, n, d), d += 16;
+  if (d + 8 <= D) axpy_rows<1>(acc, w, rows, n, d), d += 8;
+  for (; d < D; ++d) {
+    float s = acc[d];
+    for (int64_t j = 0; j < n; ++j) s += w[j] * static_cast<float>(rows[j][d]);
+    acc[d] = s;
+  }
+}
+
+ENGINE_INLINE float row_max(const float* x, int64_t n) {
+  Vec8 m = splat8(kNegInf);
+  for (int64_t i = 0; i < n; i += 8) {
+    const Vec8 y = load_partial(x + i, std::min<int64_t>(8, n - i), kNegInf);
+    m = y > m ? y : m;
+  }
+  return hmax8(m);
+}
+
+// x[0..n) = exp(x - m) in place (m > -inf, the max of x); returns their sum.
+ENGINE_INLINE float exp_row(float* x, int64_t n, float m) {
+  Vec8 s = {};
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t k = std::min<int64_t>(8, n - i);
+    const Vec8 e = exp8_nonpositive(load_partial(x + i, k, kNegInf) - splat8(m));
+    store_partial(x + i, e, k);
+    s += e;
+  }
+  return hsum8(s);
+}
+
+// Phase 1 for slots [s0, s1) of KV head bg: logits into the head's rows, then exp in place, and
+// the piece's max, sum and exp @ V into `part`. qbuf: G * D floats of scratch.
+template <typename kv_t, typename q_t>
+ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
+                                      Partial part, float* qbuf) {
+  const int64_t G = c.p.G, C = c.p.C, D = c.p.D;
+  const kv_t* kb = c.k + bg * C * D;
+  const kv_t* vb = c.v + bg * C * D;
+  const int32_t* pos = c.p.pos + bg * C;
+  float* rows = c.head_rows(bg);
+  const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
+
+  for (int64_t s = s0; s < s1; s += 8) {
+    const int64_t n = std::min<int64_t>(8, s1 - s);
+    const kv_t* kr[8];
+    for (int64_t j = 0; j < 8; ++j) kr[j] = kb + (s + std::min(j, n - 1)) * D;  // spare lanes repeat a row
+    const Int8 valid = valid8(pos + s, n);
+    for (int64_t h = 0; h < G; ++h) {
+      const Vec8 x = dot8(qf + h * D, kr, D) * splat8(c.p.scale);
+      const Vec8 logit = valid ? x : kNegInf;  // an empty slot's row may hold anything, NaN included
+      store_partial(rows + h * c.stride + s, logit, n);
+    }
+  }
+
+  for (int64_t h = 0; h < G; ++h) {
+    part.m[h] = row_max(rows + h * c.stride + s0, s1 - s0);
+    part.l[h] = 0.f;
+  }
+  std::fill(part.acc, part.acc + G * D, 0.f);
+  const kv_t* vr[kRows];
+  float w[kRows];
+  for (int64_t b0 = s0; b0 < s1; b0 += kRows) {
+    const int64_t n = std::min(kRows, s1 - b0);
+    int64_t idx[kRows], nv = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (pos[b0 + j] >= 0) idx[nv++] = b0 + j;
+    }
+    for (int64_t j = 0; j < nv; ++j) vr[j] = vb + idx[j] * D;
+    for (int64_t h = 0; h < G; ++h) {
+      float* row = rows + h * c.stride;
+      if (part.m[h] == kNegInf) {  // nothing valid in the piece: all zero
+        std::fill(row + b0, row + b0 + n, 0.f);
+        continue;
       }
-      if (p.score_acc) {
-        float* sa = p.score_acc + bg * C;
-        for (int64_t s = 0; s < p.length; ++s) {
-          if (posb[s] < 0) continue;
-          float sum = 0.f;
-          for (int64_t h = 0; h < G; ++h) sum += logits[h * C + s];
-          sa[s] += sum / static_cast<float>(G);
-        }
+      part.l[h] += exp_row(row + b0, n, part.m[h]);
+      for (int64_t j = 0; j < nv; ++j) w[j] = row[idx[j]];
+      accumulate_values(part.acc + h * D, w, vr, nv, D);
+    }
+  }
+}
+
+// Once every piece of KV head bg is done: the head's max and sum over its pieces, then its
+// probabilities, score_acc and out. buf: 2 * G + D floats of scratch.
+template <typename kv_t, typename q_t>
+ENGINE_MULTIVERSION void finish_head(const Decode<kv_t, q_t>& c, const Split& split, int64_t bg, float* buf) {
+  const int64_t G = c.p.G, C = c.p.C, D = c.p.D, len = c.p.length;
+  // Thread ranges t_lo..t_hi cover the head; those in between may be empty when threads outnumber slots.
+  const int64_t t_lo = split.owner(bg * len), t_hi = split.owner(bg * len + len - 1);
+  auto has_piece = [&](int64_t t) { return split.begin(t) < split.begin(t + 1); };
+  float *M = buf, *L = buf + G, *o = buf + 2 * G;
+  for (int64_t h = 0; h < G; ++h) {
+    M[h] = kNegInf;
+    L[h] = 0.f;
+    for (int64_t t = t_lo; t <= t_hi; ++t) {
+      if (has_piece(t)) M[h] = std::max(M[h], c.partial(t + bg).m[h]);
+    }
+    for (int64_t t = t_lo; t <= t_hi; ++t) {
+      const Partial part = c.partial(t + bg);
+      if (has_piece(t) && part.m[h] != kNegInf) L[h] += part.l[h] * std::exp(part.m[h] - M[h]);
+    }
+  }
+  // A piece's share of head h: exp(m - M) / L, 0 when the piece or the whole head saw nothing.
+  auto weight = [&](int64_t t, int64_t h) {
+    const float m = c.partial(t + bg).m[h];
+    return !has_piece(t) || m == kNegInf || L[h] == 0.f ? 0.f : std::exp(m - M[h]) / L[h];
+  };
+
+  float* rows = c.head_rows(bg);
+  if (c.p.probs || c.p.score_acc) {
+    for (int64_t t = t_lo; t <= t_hi; ++t) {
+      const auto [s0, s1] = split.piece(t, bg);
+      for (int64_t h = 0; h < G && s0 < s1; ++h) scale_row(rows + h * c.stride + s0, weight(t, h), s1 - s0);
+    }
+  }
+  if (c.p.probs) {  // slots from length on are masked
+    for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + len, rows + h * c.stride + C, 0.f);
+  }
+  if (c.p.score_acc) {
+    float* sa = c.p.score_acc + bg * C;
+    const int32_t* pos = c.p.pos + bg * C;
+    const Vec8 inv_g = splat8(1.f / static_cast<float>(G));
+    for (int64_t s = 0; s < len; s += 8) {
+      const int64_t n = std::min<int64_t>(8, len - s);
+      Vec8 sum = {};
+      for (int64_t h = 0; h < G; ++h) sum += load_partial(rows + h * c.stride + s, n, 0.f);
+      const Vec8 old = load_partial(sa + s, n, 0.f);
+      store_partial(sa + s, valid8(pos + s, n) ? old + sum * inv_g : old, n);  // empty slots keep theirs
+    }
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    std::fill(o, o + D, 0.f);
+    for (int64_t t = t_lo; t <= t_hi; ++t) {
+      const float a = weight(t, h);
+      const float* acc = c.partial(t + bg).acc + h * D;
+      if (a != 0.f) {  // also keeps a piece that saw nothing (and its empty accumulator) out
+        for (int64_t d = 0; d < D; ++d) o[d] += a * acc[d];
       }
     }
+    store_float(o, c.out + (bg * G + h) * D, D);
+  }
+}
+
+template <typename kv_t, typename q_t>
+void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
+  const int64_t BG = p.B * p.Hkv, G = p.G, D = p.D;
+  const int max_threads = omp_get_max_threads();
+  const bool parallel = max_threads > 1 && BG * p.length * G * D > kParallelWork;
+  std::unique_ptr<float[]> scratch(p.probs ? nullptr : new float[BG * G * p.length]);
+  std::unique_ptr<float[]> partials(new float[(max_threads + BG) * G * (D + 2)]);
+  std::unique_ptr<std::atomic<int64_t>[]> slots_done(new std::atomic<int64_t>[BG]);
+  for (int64_t bg = 0; bg < BG; ++bg) slots_done[bg].store(0, std::memory_order_relaxed);
+  const Decode<kv_t, q_t> c{p, q, k, v, out, p.probs ? p.probs : scratch.get(), p.probs ? p.C : p.length,
+                            partials.get()};
+  auto run = [&](int64_t t, int64_t nt) {
+    const Split split{BG * p.length, nt, p.length};
+    std::vector<float> buf(std::max(G * D, 2 * G + D));
+    split.for_pieces(t, [&](int64_t bg, int64_t s0, int64_t s1) {
+      attend_piece(c, bg, s0, s1, c.partial(t + bg), buf.data());
+      // The head's last piece to finish (acquiring the others' writes) completes it.
+      if (slots_done[bg].fetch_add(s1 - s0, std::memory_order_acq_rel) + (s1 - s0) == p.length) {
+        finish_head(c, split, bg, buf.data());
+      }
+    });
+  };
+  if (parallel) {
+#pragma omp parallel
+    run(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    run(0, 1);  // not even a one-thread team: its start and end cost a few system calls
   }
 }
 
@@ -103,7 +331,6 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& probs_out) {
   check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out);
   const DecodeParams p{k.size(0),
-                       q.size(1),
                        k.size(1),
                        q.size(1) / k.size(1),
                        k.size(2),
@@ -115,12 +342,11 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                        probs_out ? probs_out->mutable_data_ptr<float>() : nullptr};
   ENGINE_DISPATCH_FLOATS(k.scalar_type(), "decode_attention", [&] {
     if (q.scalar_type() == at::kFloat) {
-      decode_kernel<scalar_t, float>(p, q.const_data_ptr<float>(), k.const_data_ptr<scalar_t>(),
-                                     v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>());
+      decode<scalar_t, float>(p, q.const_data_ptr<float>(), k.const_data_ptr<scalar_t>(),
+                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>());
     } else {
-      decode_kernel<scalar_t, scalar_t>(p, q.const_data_ptr<scalar_t>(),
-                                        k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                        out.mutable_data_ptr<scalar_t>());
+      decode<scalar_t, scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                 v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
     }
   });
 }

@@ -31,4 +31,7 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight);
 
+// out[..., N] = x[..., K] @ w[N, K]^T, all three in w's dtype, fp32 accumulation (decode: few rows).
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
+
 }  // namespace engine

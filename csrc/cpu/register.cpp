@@ -11,4 +11,5 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("select_victim", &engine::select_victim_cpu);
   m.impl("compact", &engine::compact_cpu);
   m.impl("merge_value", &engine::merge_value_cpu);
+  m.impl("matvec", &engine::matvec_cpu);
 }

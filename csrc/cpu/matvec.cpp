@@ -1,0 +1,146 @@
+// Matrix-vector product of the decode step: out[..., N] = x[..., K] @ w[N, K]^T (F.linear without
+// bias) for the few rows M of x that a decode step has, one per sequence.
+//
+// Its time is the time to read w once, so w streams from memory in contiguous chunks of rows, each
+// row against up to kMaxRows rows of x held in L1, into independent 8-lane fp32 accumulators. bf16
+// and fp16 weights are widened as they load: half the bytes of fp32.
+#include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "checks.h"
+#include "kernels.h"
+#include "vec.h"
+
+namespace engine {
+namespace {
+
+constexpr int64_t kMaxRows = 8;   // rows of x per pass over w (more rows: another pass)
+// Bytes of w per chunk, the unit of work: it fits L2, so a second pass (rows 9.. of x) rereads it there.
+constexpr int64_t kChunkBytes = 1 << 18;
+// Bytes of w from which the threads share the chunks. One core streams at close to the machine's
+// read bandwidth on small servers (on the 2-core EPYC VM this was written on, 2 threads were slower
+// than 1 even for a 113 MB matrix, and a busy machine makes every fork-join wait for a time slice):
+// only matrices that take one core tens of milliseconds are split.
+constexpr int64_t kParallelBytes = int64_t{256} << 20;
+
+// Independent accumulators per row of x: enough chains of FMAs in flight (4 for a single row,
+// one per row from 5 rows), few enough to stay in the 16 ymm registers with the loaded vectors.
+template <int MR>
+constexpr int kAccs = MR == 1 ? 4 : MR <= 4 ? 2 : 1;
+
+// 16 consecutive elements as two fp32 vectors. bf16 splits into the even and the odd elements: a
+// shift and a mask for 16 values. x and w split alike, so a dot product just sums in another order.
+template <typename T>
+ENGINE_INLINE void load16(const T* p, Vec8& a, Vec8& b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    UInt8 u;
+    __builtin_memcpy(&u, p, sizeof u);
+    const UInt8 even = u << 16, odd = u & 0xFFFF0000u;
+    a = reinterpret_cast<const Vec8&>(even);
+    b = reinterpret_cast<const Vec8&>(odd);
+  } else {
+    a = load8(p);
+    b = load8(p + 8);
+  }
+}
+
+// acc[m][*] += the products of 16 elements of x[m] and of the weight row, from element k.
+template <int MR, int A, typename T>
+ENGINE_INLINE void step16(Vec8 (&acc)[MR][A], const T* x, const T* w, int64_t K, int64_t k, int a0) {
+  Vec8 wa, wb;
+  load16(w + k, wa, wb);
+  for (int m = 0; m < MR; ++m) {
+    Vec8 xa, xb;
+    load16(x + m * K + k, xa, xb);
+    acc[m][a0 % A] += xa * wa;
+    acc[m][(a0 + 1) % A] += xb * wb;
+  }
+}
+
+// out[m] = dot(x[m], w) for MR rows of x (stride K, held in L1) and one row of w (out has stride
+// N). One row at a time keeps the read of w a single forward stream, which the hardware prefetcher
+// follows best (4 rows interleaved streamed 10-15% slower).
+template <int MR, typename T>
+ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
+                           int64_t K, int64_t N) {
+  constexpr int A = kAccs<MR>;
+  Vec8 acc[MR][A] = {};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    step16<MR, A>(acc, x, w, K, k, 0);
+    step16<MR, A>(acc, x, w, K, k + 16, 2);
+  }
+  if (k + 16 <= K) {
+    step16<MR, A>(acc, x, w, K, k, 0);
+    k += 16;
+  }
+  if (k + 8 <= K) {
+    const Vec8 wv = load8(w + k);
+    for (int m = 0; m < MR; ++m) acc[m][0] += load8(x + m * K + k) * wv;
+    k += 8;
+  }
+  for (int m = 0; m < MR; ++m) {
+    float tail = 0.f;
+    for (int64_t j = k; j < K; ++j) tail += static_cast<float>(x[m * K + j]) * static_cast<float>(w[j]);
+    Vec8 sum = acc[m][0];
+    for (int i = 1; i < A; ++i) sum += acc[m][i];
+    out[m * N] = static_cast<T>(hsum8(sum) + tail);
+  }
+}
+
+// Rows [n0, n1) of w against MR rows of x.
+template <int MR, typename T>
+ENGINE_INLINE void rows_pass(const T* x, const T* w, T* out, int64_t N, int64_t K, int64_t n0,
+                             int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) row_dot<MR>(x, w + n * K, out + n, K, N);
+}
+
+// Columns [n0, n1) of out[M, N], every row: one pass over w's rows n0..n1 per kMaxRows rows of x.
+template <typename T>
+ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, int64_t N,
+                                     int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const T* xm = x + m0 * K;
+    T* om = out + m0 * N;
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: rows_pass<1>(xm, w, om, N, K, n0, n1); break;
+      case 2: rows_pass<2>(xm, w, om, N, K, n0, n1); break;
+      case 3: rows_pass<3>(xm, w, om, N, K, n0, n1); break;
+      case 4: rows_pass<4>(xm, w, om, N, K, n0, n1); break;
+      case 5: rows_pass<5>(xm, w, om, N, K, n0, n1); break;
+      case 6: rows_pass<6>(xm, w, om, N, K, n0, n1); break;
+      case 7: rows_pass<7>(xm, w, om, N, K, n0, n1); break;
+      default: rows_pass<8>(xm, w, om, N, K, n0, n1); break;
+    }
+  }
+}
+
+template <typename T>
+void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);  // rows
+  const auto run = [&](int64_t n0) { matvec_slab(x, w, out, M, N, K, n0, std::min(N, n0 + chunk)); };
+  if (N * row_bytes < kParallelBytes || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
+    return;
+  }
+  // Threads claim chunks as they come free: one the OS runs late leaves its share to the others.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
+}
+
+}  // namespace
+
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  check_matvec(x, w, out);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  ENGINE_DISPATCH_FLOATS(w.scalar_type(), "matvec", [&] {
+    matvec_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                            out.mutable_data_ptr<scalar_t>(), M, w.size(0), w.size(1));
+  });
+}
+
+}  // namespace engine
