@@ -157,6 +157,18 @@ def test_decode_attention(device, path, dtype, case):
         assert torch.equal(out[-1, -(H // Hkv):].cpu(), torch.zeros(H // Hkv, D, dtype=dtype))
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("case", [(2, 8, 2, 1100, 64, 1090, "holes"), (1, 256, 1, 6, 256, 5, "holes")])
+def test_decode_attention_split_over_threads(threads, case):
+    """Caches big enough to be split across threads (pieces combined per head), and more threads than slots."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        test_decode_attention("cpu", "compiled", torch.float32, case)
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 def test_decode_attention_fp32_query_over_bf16_cache(device, path):
@@ -614,11 +626,11 @@ def test_missing_extension_warns_once(monkeypatch):
 # matvec (its reference is F.linear) and ops.linear, the projection of the model
 # ---------------------------------------------------------------------------------------------
 
-MATVEC_SHAPES = [  # x's leading dims (M rows), N, K: K not a multiple of 8 (a scalar tail), N not one of the tile
-    ((1,), 37, 131),
+MATVEC_SHAPES = [  # x's leading dims (M rows), N, K: K past whole 32-element steps by 16, 8 and a scalar tail
+    ((1,), 37, 147),
     ((2,), 31, 64),
     ((3, 1), 129, 77),
-    ((5,), 17, 40),
+    ((5,), 17, 56),
     ((8,), 61, 576),
     ((3,), 2051, 264),  # several 256 KB chunks of w, the last one partial
     ((11,), 700, 200),  # two passes over each chunk: 8 rows of x, then 3
