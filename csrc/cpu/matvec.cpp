@@ -2,8 +2,10 @@
 // bias) for the few rows M of x that a decode step has, one per sequence.
 //
 // Its time is the time to read w once, so w streams from memory in contiguous chunks of rows, each
-// row against up to kMaxRows rows of x held in L1, into independent 8-lane fp32 accumulators. bf16
-// and fp16 weights are widened as they load: half the bytes of fp32.
+// row against up to kMaxRows rows of x (which stay in cache), into independent 8-lane fp32
+// accumulators. bf16 weights are widened as they load, at half the bytes of fp32. fp16 is exact
+// too, but its portable conversion costs more than the bytes save (engine.ops.linear leaves it to
+// F.linear, whose kernel has F16C).
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 
@@ -13,6 +15,9 @@
 #include "checks.h"
 #include "kernels.h"
 #include "vec.h"
+
+// The 8-lane helpers are all inlined, so the baseline ABI for 32-byte vectors is never used.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace engine {
 namespace {
@@ -38,9 +43,8 @@ ENGINE_INLINE void load16(const T* p, Vec8& a, Vec8& b) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     UInt8 u;
     __builtin_memcpy(&u, p, sizeof u);
-    const UInt8 even = u << 16, odd = u & 0xFFFF0000u;
-    a = reinterpret_cast<const Vec8&>(even);
-    b = reinterpret_cast<const Vec8&>(odd);
+    a = (Vec8)(u << 16);
+    b = (Vec8)(u & 0xFFFF0000u);
   } else {
     a = load8(p);
     b = load8(p + 8);
@@ -60,9 +64,9 @@ ENGINE_INLINE void step16(Vec8 (&acc)[MR][A], const T* x, const T* w, int64_t K,
   }
 }
 
-// out[m] = dot(x[m], w) for MR rows of x (stride K, held in L1) and one row of w (out has stride
-// N). One row at a time keeps the read of w a single forward stream, which the hardware prefetcher
-// follows best (4 rows interleaved streamed 10-15% slower).
+// out[m] = dot(x[m], w) for MR rows of x (stride K) and one row of w (out has stride N). One row
+// at a time keeps the read of w one forward stream, which the hardware prefetcher follows best
+// (4 rows interleaved streamed 10-15% slower).
 template <int MR, typename T>
 ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                            int64_t K, int64_t N) {
