@@ -213,8 +213,9 @@ def test_qa_gold_paragraph_moves_with_depth(builders):
     assert len(docs(first)) == len({d.split("\n", 1)[1] for d in docs(first)})  # no paragraph twice
 
 
-def test_answer_nll_equals_one_forward(tiny_llm):
+def test_answer_nll_equals_one_forward(tiny):
     """With the full cache, prefill + teacher-forced decode gives the NLL of one causal forward."""
+    tiny_llm = engine.load(tiny, policy="full")  # not the shared fixture: other tests swap its policy
     prompt = tiny_llm.tokenizer.apply_chat([{"role": "user", "content": "What is the pass key? It is 90125."}])
     target = tiny_llm.tokenizer.encode("90125")
     logp = tiny_llm.logits(torch.tensor([prompt + target]))[0].float().log_softmax(-1)
