@@ -37,7 +37,7 @@ OP_FAMILY = {"engine::decode_attention": "attention", "engine::prefill_attention
              "engine::select_victim": "victim selection", "engine::compact": "compaction/merge",
              "engine::merge_value": "compaction/merge"}
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
-           "aten::dot"}
+           "aten::dot", "engine::matvec"}
 FAMILY_RANGE = "family::"  # a record_function range whose ops (unless named in OP_FAMILY) count for a family
 STEP, PREFILL = "step::decode", "step::prefill"
 
