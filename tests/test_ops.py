@@ -548,6 +548,15 @@ def _raise(path: str, op: str, args: dict) -> BaseException:
     return info.value
 
 
+def assert_same_one_line_error(errors: dict, exc: type, message: str) -> None:
+    """Every path raised `exc` with `message`, on one line, and all paths said exactly the same."""
+    for path, err in errors.items():
+        assert type(err) is exc, f"{path}: {type(err).__name__}: {err}"
+        assert message in str(err), f"{path}: {err}"
+        assert "\n" not in str(err).strip(), f"{path}: not one line: {err}"
+    assert len({str(e) for e in errors.values()}) == 1, errors
+
+
 @pytest.mark.parametrize("op,arg,corrupt,exc,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_input_same_error_on_both_paths(op, arg, corrupt, exc, message):
     errors = {}
@@ -560,11 +569,7 @@ def test_bad_input_same_error_on_both_paths(op, arg, corrupt, exc, message):
         else:
             args[arg] = corrupt(args[arg])
         errors[path] = _raise(path, op, args)
-    for path, err in errors.items():
-        assert type(err) is exc, f"{path}: {type(err).__name__}: {err}"
-        assert message in str(err), f"{path}: {err}"
-        assert "\n" not in str(err).strip(), f"{path}: not one line: {err}"
-    assert len({str(e) for e in errors.values()}) == 1, errors
+    assert_same_one_line_error(errors, exc, message)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -692,11 +697,7 @@ def test_matvec_bad_input_same_error_on_both_paths(arg, corrupt, exc, message):
         args = _matvec_args()
         args[arg] = corrupt(args[arg])
         errors[path] = _raise(path, "matvec", args)
-    for path, err in errors.items():
-        assert type(err) is exc, f"{path}: {type(err).__name__}: {err}"
-        assert message in str(err), f"{path}: {err}"
-        assert "\n" not in str(err).strip(), f"{path}: not one line: {err}"
-    assert len({str(e) for e in errors.values()}) == 1, errors
+    assert_same_one_line_error(errors, exc, message)
 
 
 @pytest.mark.parametrize("path", PATHS)
