@@ -29,7 +29,7 @@ class LayerState:
     v: torch.Tensor  # (B, Hkv, C, D)
     pos: torch.Tensor  # (B, Hkv, C) int32 original position, -1 = empty
     state: dict[str, torch.Tensor]  # name -> (B, Hkv, C) fp32
-    rank: torch.Tensor | None = None  # (B, Hkv, C) int64 rank among valid slots (positions="cache")
+    rank: torch.Tensor | None = None  # (B, Hkv, C) int32 rank among valid slots (positions="cache")
     free: torch.Tensor | None = None  # (B, Hkv) int64 slot freed by the last eviction
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-private non-slot tensors
 
@@ -71,7 +71,7 @@ class KVStore:
                 v=torch.zeros(B, Hkv, C, D, dtype=dtype, device=device),
                 pos=torch.full((B, Hkv, C), -1, dtype=torch.int32, device=device),
                 state={n: torch.zeros(B, Hkv, C, device=device) for n in sorted(names)},
-                rank=torch.zeros(B, Hkv, C, dtype=torch.long, device=device) if self.cache_positions else None,
+                rank=torch.zeros(B, Hkv, C, dtype=torch.int32, device=device) if self.cache_positions else None,
                 free=torch.zeros(B, Hkv, dtype=torch.long, device=device),
             )
             for _ in range(args.n_layers)
@@ -151,15 +151,16 @@ class KVStore:
             ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, slot[..., None], nv)
         qr = self.rope.rotate_by(q[:, :, 0], cos, sin)
-        keys = self.rope.rotate(st.k, st.rank) if self.cache_positions else st.k
+        rope = self.rope if self.cache_positions else None
         length = min(self.used + 1, self.capacity)
         ops.decode_attention(
-            qr, keys, st.v, st.pos, length, self.scale, self.out,
+            qr, st.k, st.v, st.pos, length, self.scale, self.out,
             st.state["acc"] if self.fused_acc else None, self.probs,
+            rope=(rope.cos, rope.sin, st.rank) if rope else None,
         )
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(self.probs, st.k.shape[1], self.policy.group_reduce)
-        view = DecodeView(layer=st, step_pos=t, q=qr, k=keys, probs=self.probs)
+        view = DecodeView(layer=st, step_pos=t, q=qr, probs=self.probs, rope=rope)
         self.policy.decode_update(view)
         if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
             self._evict(view)
@@ -187,7 +188,7 @@ class KVStore:
         idx = victim[..., None]
         if self.cache_positions:
             gone = st.pos.gather(2, idx)
-            st.rank.sub_(((st.pos > gone) & (st.pos >= 0)).long())
+            st.rank.sub_(((st.pos > gone) & (st.pos >= 0)).int())
         st.pos.scatter_(2, idx, -1)
         for s in st.state.values():
             s.scatter_(2, idx, 0.0)

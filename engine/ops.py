@@ -82,12 +82,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
-                     score_acc: Tensor | None = None, probs_out: Tensor | None = None) -> None:
+                     score_acc: Tensor | None = None, probs_out: Tensor | None = None,
+                     rope: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """One query per sequence over cache slots s < length with pos >= 0 (GQA). Writes out [B, H, D];
     adds each valid slot's group-mean probability into score_acc [B, Hkv, C]; writes every slot's
-    probability (0 if masked) into probs_out [B, H, C]."""
+    probability (0 if masked) into probs_out [B, H, C]. rope = (cos [P, D], sin [P, D], rank
+    [B, Hkv, C] int32): keys stored before RoPE, each rotated on the fly by its slot's table row."""
     _impl("decode_attention", k.device, reference.decode_attention)(
-        q, k, v, pos, length, scale, out, score_acc, probs_out)
+        q, k, v, pos, length, scale, out, score_acc, probs_out, *(rope or (None, None, None)))
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float, out: Tensor,
@@ -169,8 +171,10 @@ if HAVE_EXTENSION:
         return torch.empty_like(x)
 
     @torch.library.register_fake("engine::decode_attention")
-    def _decode_attention_fake(q, k, v, pos, length, scale, out, score_acc, probs_out) -> None:
-        reference.check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out)
+    def _decode_attention_fake(q, k, v, pos, length, scale, out, score_acc, probs_out, rope_cos=None,
+                               rope_sin=None, rope_rank=None) -> None:
+        reference.check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin,
+                                         rope_rank)
 
     @torch.library.register_fake("engine::prefill_attention")
     def _prefill_attention_fake(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows,

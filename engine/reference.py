@@ -79,7 +79,8 @@ def check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
 
 
 def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, out: Tensor,
-                           score_acc: Tensor | None, probs_out: Tensor | None) -> None:
+                           score_acc: Tensor | None, probs_out: Tensor | None, rope_cos: Tensor | None = None,
+                           rope_sin: Tensor | None = None, rope_rank: Tensor | None = None) -> None:
     op, cache = "decode_attention", "[B, H_kv, C, D]"
     _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
     B, Hkv, C, D = k.shape
@@ -96,6 +97,24 @@ def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length:
         _check_tensor(op, "probs_out", probs_out, "[B, H, C]", [B, H, C], [torch.float32], like)
     if not 1 <= length <= C:
         raise ValueError(f"{op}: length must be in [1, C] = [1, {C}], got {length}")
+    given = sum(t is not None for t in (rope_cos, rope_sin, rope_rank))
+    if given not in (0, 3):
+        raise ValueError(f"{op}: rope_cos, rope_sin and rope_rank go together, got {given} of the 3")
+    if given == 0:
+        return
+    if D % 2:
+        raise ValueError(f"{op}: rope needs an even head dim D, got {D}")
+    _check_tensor(op, "rope_cos", rope_cos, "[P, D]", [-1, D], [torch.float32], like)
+    _check_tensor(op, "rope_sin", rope_sin, "[P, D]", [rope_cos.shape[0], D], [torch.float32], like)
+    _check_tensor(op, "rope_rank", rope_rank, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+
+
+def check_rope_ranks(rank: Tensor, pos: Tensor, length: int, P: int) -> None:
+    """rope_rank must hold rows of the [P, D] tables on every valid slot (s < length, pos >= 0)."""
+    where = _first((_decode_kpos(pos, length) >= 0) & ((rank < 0) | (rank >= P)))
+    if where is not None:
+        raise IndexError(f"decode_attention: rope_rank must hold table rows in [0, P) = [0, {P}) on valid "
+                         f"slots, got {int(rank[where])} at {list(where)}")
 
 
 def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, out: Tensor,
@@ -234,9 +253,22 @@ def _decode_kpos(pos: Tensor, length: int) -> Tensor:
     return pos.masked_fill(torch.arange(pos.shape[-1], device=pos.device) >= length, -1)
 
 
+def rope_keys(k: Tensor, cos: Tensor, sin: Tensor, rank: Tensor, dtype: torch.dtype) -> Tensor:
+    """k [B, Hkv, C, D] rotated by table rows rank [B, Hkv, C] in `dtype`: k cos + rotate_half(k) sin
+    (out-of-range ranks, those of empty slots, read row 0)."""
+    row = rank.long().where((rank >= 0) & (rank < cos.shape[0]), 0)
+    x = k.to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[row].to(dtype) + torch.cat([-x2, x1], dim=-1) * sin[row].to(dtype)
+
+
 def decode_attention_dense(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float,
-                           dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Decode attention in `dtype`: out [B, H, D] and probs [B, H, C] (0 for masked slots)."""
+                           dtype: torch.dtype, rope: tuple[Tensor, Tensor, Tensor] | None = None,
+                           ) -> tuple[Tensor, Tensor]:
+    """Decode attention in `dtype`: out [B, H, D] and probs [B, H, C] (0 for masked slots); with
+    rope = (cos, sin, rank), over the keys rotated by rope_keys."""
+    if rope is not None:
+        k = rope_keys(k, *rope, dtype)
     qpos = torch.full((q.shape[0], 1), _NO_POS, dtype=torch.int32, device=q.device)
     kpos = _decode_kpos(pos, length)
     probs, _ = attention_probs(q[:, :, None], k, qpos, kpos, scale, dtype)
@@ -288,11 +320,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
-                     score_acc: Tensor | None = None, probs_out: Tensor | None = None) -> None:
+                     score_acc: Tensor | None = None, probs_out: Tensor | None = None,
+                     rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
+                     rope_rank: Tensor | None = None) -> None:
     """out = softmax(scale q.k) @ v over slots s < length with pos >= 0; score_acc += the group-mean
-    probability of each valid slot; probs_out = every slot's probability (0 if masked)."""
-    check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out)
-    o, probs = decode_attention_dense(q, k, v, pos, length, scale, torch.float32)
+    probability of each valid slot; probs_out = every slot's probability (0 if masked). With the rope
+    tables, key s is first rotated by row rope_rank[s] of (rope_cos, rope_sin)."""
+    check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank)
+    rope = None
+    if rope_rank is not None:
+        check_rope_ranks(rope_rank, pos, length, rope_cos.shape[0])
+        rope = (rope_cos, rope_sin, rope_rank)
+    o, probs = decode_attention_dense(q, k, v, pos, length, scale, torch.float32, rope)
     out.copy_(o)
     if probs_out is not None:
         probs_out.copy_(probs)

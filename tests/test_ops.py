@@ -126,12 +126,29 @@ DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
 ]
 
 
+def rope_tables(P: int, D: int, device: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D] of RoPE angles (rotate_half layout), with random frequencies so no pair is special."""
+    inv = torch.rand(D // 2, generator=g, dtype=torch.float64) + 0.01
+    angles = torch.arange(P, dtype=torch.float64)[:, None] * inv
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().float().to(device), emb.sin().float().to(device)
+
+
+def rope_ranks(pos: torch.Tensor, P: int, g: torch.Generator) -> torch.Tensor:
+    """A table row per valid slot; empty slots get out-of-range garbage, which must never be read."""
+    rank = torch.randint(0, P, pos.shape, generator=g, dtype=torch.int32).to(pos.device)
+    return torch.where(pos >= 0, rank, torch.full_like(rank, -(2**30)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_decode_attention(device, path, dtype, case):
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
+def test_decode_attention(device, path, dtype, case, rope):
     B, H, Hkv, C, D, length, fill = case
+    if rope and D % 2:
+        pytest.skip("rope needs an even head dim")
     g = gen(sum(case[:6]))
     q = randn((B, H, D), dtype, device, g)
     k = randn((B, Hkv, C, D), dtype, device, g)
@@ -141,12 +158,16 @@ def test_decode_attention(device, path, dtype, case):
     k, v = (t.masked_fill(masked[..., None], float("nan")) for t in (k, v))  # must never be read
     scale = 2.0 / math.sqrt(D)  # peakier than usual, so the online max matters
     acc0 = torch.rand((B, Hkv, C), generator=g).to(device)
+    tables = None
+    if rope:
+        P = 3 * C + 5
+        tables = (*rope_tables(P, D, device, g), rope_ranks(pos, P, g))
     out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
     with on_path(path, "decode_attention", device):
-        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs)
+        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs, rope=tables)
 
-    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64)
-    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype)
+    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64, tables)
+    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype, tables)
     valid = (ref._decode_kpos(pos, length) >= 0).cpu()
     assert_within(out, o64, o_pt, "out")
     assert_within(probs, p64, p_pt, "probs_out")
@@ -159,12 +180,13 @@ def test_decode_attention(device, path, dtype, case):
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("case", [(2, 8, 2, 1100, 64, 1090, "holes"), (1, 256, 1, 6, 256, 5, "holes")])
-def test_decode_attention_split_over_threads(threads, case):
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
+def test_decode_attention_split_over_threads(threads, case, rope):
     """Caches big enough to be split across threads (pieces combined per head), and more threads than slots."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        test_decode_attention("cpu", "compiled", torch.float32, case)
+        test_decode_attention("cpu", "compiled", torch.float32, case, rope)
     finally:
         torch.set_num_threads(n)
 
@@ -446,6 +468,8 @@ def opcheck_cases():
     yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C),
                                torch.empty(B, H, C))
     yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), None, None)
+    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C), None,
+                               *rope_tables(40, D, "cpu", g), rope_ranks(pos, 40, g))
     qp = torch.randn(B, H, L, D, generator=g)
     qpos = torch.arange(20, 20 + L, dtype=torch.int32).expand(B, L).contiguous()
     yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
@@ -478,7 +502,7 @@ def _valid_args():
         "rms_norm": dict(x=torch.ones(2, D), weight=torch.ones(D), eps=1e-6),
         "decode_attention": dict(q=torch.zeros(B, H, D), k=cache(), v=cache(), pos=pos(), length=C, scale=1.0,
                                  out=torch.zeros(B, H, D), score_acc=torch.zeros(B, Hkv, C),
-                                 probs_out=torch.zeros(B, H, C)),
+                                 probs_out=torch.zeros(B, H, C), rope=(torch.zeros(20, D), torch.zeros(20, D), pos())),
         "prefill_attention": dict(q=torch.zeros(B, H, L, D), k=cache(), v=cache(),
                                   qpos=torch.arange(L, dtype=i32)[None].contiguous(), kpos=pos(), scale=1.0,
                                   out=torch.zeros(B, H, L, D), lse=torch.zeros(B, H, L),
@@ -517,6 +541,20 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
     ("decode_attention", "*", lambda a: {**a, "q": torch.zeros(1, 6, 300), "k": torch.zeros(1, 3, 8, 300),
                                          "v": torch.zeros(1, 3, 8, 300)},
      ValueError, "decode_attention: head dim D must be in [1, 256], got 300"),
+    ("decode_attention", "rope", lambda r: (r[0], r[1], None), ValueError,
+     "decode_attention: rope_cos, rope_sin and rope_rank go together, got 2 of the 3"),
+    ("decode_attention", "rope", lambda r: (r[0], r[1][:5].contiguous(), r[2]), ValueError,
+     "decode_attention: rope_sin must have shape [P, D] = [20, 16], got [5, 16]"),
+    ("decode_attention", "rope", lambda r: (r[0].double(), r[1], r[2]), TypeError,
+     "decode_attention: rope_cos must be float32, got float64"),
+    ("decode_attention", "rope", lambda r: (r[0], r[1], r[2].long()), TypeError,
+     "decode_attention: rope_rank must be int32, got int64"),
+    ("decode_attention", "rope", lambda r: (r[0], r[1], r[2] + 15), IndexError,
+     "decode_attention: rope_rank must hold table rows in [0, P) = [0, 20) on valid slots, got 20 at [0, 0, 5]"),
+    ("decode_attention", "*", lambda a: {**a, "q": torch.zeros(1, 6, 15), "k": torch.zeros(1, 3, 8, 15),
+                                         "v": torch.zeros(1, 3, 8, 15), "out": torch.zeros(1, 6, 15),
+                                         "rope": (torch.zeros(20, 15), torch.zeros(20, 15), a["rope"][2])},
+     ValueError, "decode_attention: rope needs an even head dim D, got 15"),
     ("prefill_attention", "qpos", lambda t: t[:, :3].contiguous(), ValueError,
      "prefill_attention: qpos must have shape [B, L] = [1, 4], got [1, 3]"),
     ("prefill_attention", "lse", lambda t: t.half(), TypeError, "prefill_attention: lse must be float32, got float16"),

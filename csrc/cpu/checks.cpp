@@ -108,7 +108,10 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pos, int64_t length, const at::Tensor& out,
                             const std::optional<at::Tensor>& score_acc,
-                            const std::optional<at::Tensor>& probs_out) {
+                            const std::optional<at::Tensor>& probs_out,
+                            const std::optional<at::Tensor>& rope_cos,
+                            const std::optional<at::Tensor>& rope_sin,
+                            const std::optional<at::Tensor>& rope_rank) {
   const char* op = "decode_attention";
   const char* cache = "[B, H_kv, C, D]";
   check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
@@ -124,6 +127,28 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   check_optional(op, "probs_out", probs_out, "[B, H, C]", {B, H, C}, {ScalarType::Float}, like_k);
   TORCH_CHECK_VALUE(length >= 1 && length <= C, op, ": length must be in [1, C] = [1, ", C,
                     "], got ", length);
+  const int given = int(rope_cos.has_value()) + int(rope_sin.has_value()) + int(rope_rank.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 3, op,
+                    ": rope_cos, rope_sin and rope_rank go together, got ", given, " of the 3");
+  if (given == 0) return;
+  TORCH_CHECK_VALUE(D % 2 == 0, op, ": rope needs an even head dim D, got ", D);
+  check_tensor(op, "rope_cos", *rope_cos, "[P, D]", {-1, D}, {ScalarType::Float}, like_k);
+  check_tensor(op, "rope_sin", *rope_sin, "[P, D]", {rope_cos->size(0), D}, {ScalarType::Float}, like_k);
+  check_tensor(op, "rope_rank", *rope_rank, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like_k);
+}
+
+void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t length, int64_t P) {
+  const int64_t rows = rank.size(0) * rank.size(1), C = rank.size(2);
+  const int32_t* r = rank.const_data_ptr<int32_t>();
+  const int32_t* p = pos.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t s = 0; s < length; ++s) {
+      const int32_t x = r[i * C + s];
+      TORCH_CHECK_INDEX(p[i * C + s] < 0 || (x >= 0 && x < P), "decode_attention: rope_rank must hold ",
+                        "table rows in [0, P) = [0, ", P, ") on valid slots, got ", x, " at [",
+                        i / rank.size(1), ", ", i % rank.size(1), ", ", s, "]");
+    }
+  }
 }
 
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -20,7 +20,12 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pos, int64_t length, const at::Tensor& out,
                             const std::optional<at::Tensor>& score_acc,
-                            const std::optional<at::Tensor>& probs_out);
+                            const std::optional<at::Tensor>& probs_out,
+                            const std::optional<at::Tensor>& rope_cos,
+                            const std::optional<at::Tensor>& rope_sin,
+                            const std::optional<at::Tensor>& rope_rank);
+// rope_rank must hold rows of the [P, D] tables on every valid slot (s < length, pos >= 0).
+void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t length, int64_t P);
 
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,

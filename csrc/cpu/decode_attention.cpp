@@ -10,6 +10,9 @@
 // piece's max and sum to the head's, normalises the probabilities in place, adds them to
 // score_acc and writes the output rows.
 //
+// With rope tables (positions="cache": keys stored before RoPE), each block of 8 key rows is rotated
+// by its slots' ranks into fp32 scratch before the dot products, so K is still read once.
+//
 // The kernels are written once with 8-lane vectors (vec.h) and compiled twice (ENGINE_MULTIVERSION):
 // AVX2 + FMA where the CPU has it, SSE2 elsewhere.
 #include <omp.h>
@@ -40,6 +43,9 @@ struct DecodeParams {
   const int32_t* pos;  // [B, Hkv, C]
   float* score_acc;    // [B, Hkv, C] or null
   float* probs;        // [B, H, C] or null
+  const float* cos;    // [P, D] or null (no rotation)
+  const float* sin;    // [P, D]
+  const int32_t* rank;  // [B, Hkv, C]: the table row of each slot's key
 };
 
 // The flat range [0, total) of (KV head, slot) pairs, head-major, cut into nt near-equal ranges.
@@ -181,8 +187,48 @@ ENGINE_INLINE float exp_row(float* x, int64_t n, float m) {
   return hsum8(s);
 }
 
+// Row j of dst [8, D] = key row kr[j] rotated by table row rows[j] (rotate_half layout: pairs
+// (d, d + D/2)), in fp32. Products rounded before the sum, as PyTorch's k cos + rotate_half(k) sin
+// does, so keys rotated here equal keys rotated by the model (a full cache is matched bit for bit).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+ENGINE_MULTIVERSION void rotate_rows(const T* const kr[8], const int64_t rows[8], const float* __restrict__ cos,
+                                     const float* __restrict__ sin, float* __restrict__ dst, int64_t D) {
+  const int64_t half = D / 2;
+  for (int j = 0; j < 8; ++j) {
+    const T* src = kr[j];
+    const float* c = cos + rows[j] * D;
+    const float* s = sin + rows[j] * D;
+    float* o = dst + j * D;
+    int64_t d = 0;
+    for (; d + 8 <= half; d += 8) {
+      const Vec8 x1 = load8(src + d), x2 = load8(src + half + d);
+      store8(o + d, x1 * load8(c + d) - x2 * load8(s + d));
+      store8(o + half + d, x2 * load8(c + half + d) + x1 * load8(s + half + d));
+    }
+    for (; d < half; ++d) {
+      const float x1 = static_cast<float>(src[d]), x2 = static_cast<float>(src[half + d]);
+      o[d] = x1 * c[d] - x2 * s[d];
+      o[half + d] = x2 * c[half + d] + x1 * s[half + d];
+    }
+  }
+}
+#pragma GCC pop_options
+
+// Logits of 8 key rows (n of them real) for the G query heads into rows[h * stride + 0..n).
+template <typename T>
+ENGINE_INLINE void logits8(const float* qf, const T* const kr[8], Int8 valid, int64_t n, int64_t G,
+                           int64_t D, float scale, float* rows, int64_t stride) {
+  for (int64_t h = 0; h < G; ++h) {
+    const Vec8 x = dot8(qf + h * D, kr, D) * splat8(scale);
+    const Vec8 logit = valid ? x : kNegInf;  // an empty slot's row may hold anything, NaN included
+    store_partial(rows + h * stride, logit, n);
+  }
+}
+
 // Phase 1 for slots [s0, s1) of KV head bg: logits into the head's rows, then exp in place, and
-// the piece's max, sum and exp @ V into `part`. qbuf: G * D floats of scratch.
+// the piece's max, sum and exp @ V into `part`. qbuf: (G + 8) * D floats of scratch.
 template <typename kv_t, typename q_t>
 ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
                                       Partial part, float* qbuf) {
@@ -190,18 +236,28 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
   const kv_t* kb = c.k + bg * C * D;
   const kv_t* vb = c.v + bg * C * D;
   const int32_t* pos = c.p.pos + bg * C;
+  const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
   float* rows = c.head_rows(bg);
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
+  float* rotated = qbuf + G * D;  // [8, D]
 
   for (int64_t s = s0; s < s1; s += 8) {
     const int64_t n = std::min<int64_t>(8, s1 - s);
     const kv_t* kr[8];
     for (int64_t j = 0; j < 8; ++j) kr[j] = kb + (s + std::min(j, n - 1)) * D;  // spare lanes repeat a row
     const Int8 valid = valid8(pos + s, n);
-    for (int64_t h = 0; h < G; ++h) {
-      const Vec8 x = dot8(qf + h * D, kr, D) * splat8(c.p.scale);
-      const Vec8 logit = valid ? x : kNegInf;  // an empty slot's row may hold anything, NaN included
-      store_partial(rows + h * c.stride + s, logit, n);
+    if (rank) {
+      const float* kf[8];
+      int64_t row[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        const int64_t slot = s + std::min(j, n - 1);
+        row[j] = pos[slot] >= 0 ? rank[slot] : 0;  // an empty slot's rank may be anything
+        kf[j] = rotated + j * D;
+      }
+      rotate_rows(kr, row, c.p.cos, c.p.sin, rotated, D);
+      logits8(qf, kf, valid, n, G, D, c.p.scale, rows + s, c.stride);
+    } else {
+      logits8(qf, kr, valid, n, G, D, c.p.scale, rows + s, c.stride);
     }
   }
 
@@ -306,7 +362,7 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
                             partials.get()};
   auto run = [&](int64_t t, int64_t nt) {
     const Split split{BG * p.length, nt, p.length};
-    std::vector<float> buf(std::max(G * D, 2 * G + D));
+    std::vector<float> buf(std::max((G + 8) * D, 2 * G + D));
     split.for_pieces(t, [&](int64_t bg, int64_t s0, int64_t s1) {
       attend_piece(c, bg, s0, s1, c.partial(t + bg), buf.data());
       // The head's last piece to finish (acquiring the others' writes) completes it.
@@ -328,8 +384,12 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
 void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,
                           const std::optional<at::Tensor>& score_acc,
-                          const std::optional<at::Tensor>& probs_out) {
-  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out);
+                          const std::optional<at::Tensor>& probs_out,
+                          const std::optional<at::Tensor>& rope_cos,
+                          const std::optional<at::Tensor>& rope_sin,
+                          const std::optional<at::Tensor>& rope_rank) {
+  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank);
+  if (rope_rank) check_rope_ranks(*rope_rank, pos, length, rope_cos->size(0));
   const DecodeParams p{k.size(0),
                        k.size(1),
                        q.size(1) / k.size(1),
@@ -339,7 +399,10 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                        static_cast<float>(scale),
                        pos.const_data_ptr<int32_t>(),
                        score_acc ? score_acc->mutable_data_ptr<float>() : nullptr,
-                       probs_out ? probs_out->mutable_data_ptr<float>() : nullptr};
+                       probs_out ? probs_out->mutable_data_ptr<float>() : nullptr,
+                       rope_cos ? rope_cos->const_data_ptr<float>() : nullptr,
+                       rope_sin ? rope_sin->const_data_ptr<float>() : nullptr,
+                       rope_rank ? rope_rank->const_data_ptr<int32_t>() : nullptr};
   ENGINE_DISPATCH_FLOATS(k.scalar_type(), "decode_attention", [&] {
     if (q.scalar_type() == at::kFloat) {
       decode<scalar_t, float>(p, q.const_data_ptr<float>(), k.const_data_ptr<scalar_t>(),

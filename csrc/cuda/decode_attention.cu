@@ -10,6 +10,10 @@
 // valid slot's raw logit (in probs_out, or a workspace when only score_acc is given) and phase 2
 // turns it into exp(logit - max) / sum and adds the group mean into score_acc: K is still read once.
 //
+// With rope tables (positions="cache": keys stored before RoPE), the key is rotated on the fly:
+// q . rot(k) = sum_d k[d] (q[d] cos[d] +- q[d'] sin[d']) with d' = d -+ D/2 (rotate_half layout), so
+// a lane needs only the key dims it already holds, plus the query at their partners (in registers).
+//
 // Everything launches on the current stream; the workspace comes from the caching allocator; the
 // split count depends on shapes only: the op can be captured in a CUDA graph.
 #include <ATen/ops/empty.h>
@@ -50,6 +54,10 @@ struct DecodeParams {
   float* part_acc;     // [B, H, splits, D]: unnormalised output of each split
   float* score_acc;    // [B, Hkv, C] or null
   float* probs;        // [B, H, C] or null
+  const float* cos;    // [P, D] or null (no rotation)
+  const float* sin;    // [P, D]
+  const int32_t* rank;  // [B, Hkv, C]: the table row of each slot's key
+  int64_t rope_rows;   // P
 };
 
 // VEC: elements per load (16 bytes, or 1 when a row is not a whole number of aligned 16-byte
@@ -81,8 +89,10 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tpr = p.tpr, lr = lane % tpr, grp = tid / tpr, ngrp = kThreads / tpr, tile = p.tile;
 
-  // The scaled query dims this lane multiplies (the same dims it accumulates), in registers.
-  float qr[HEADS][kDimsPerLane];
+  // The scaled query dims this lane multiplies (the same dims it accumulates), in registers, and
+  // with rope the signed query at each dim's rotation partner.
+  const int half = D / 2;
+  float qr[HEADS][kDimsPerLane], qp[HEADS][kDimsPerLane];
 #pragma unroll
   for (int h = 0; h < HEADS; ++h) {
 #pragma unroll
@@ -91,7 +101,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const bool mine = h < gb && dv < nv;
-        qr[h][i * VEC + e] = mine ? static_cast<float>(q[(row0 + h) * D + dv * VEC + e]) * p.scale : 0.f;
+        const int d = dv * VEC + e;
+        const int pd = d < half ? d + half : d - half;
+        const float sign = d < half ? 1.f : -1.f;
+        qr[h][i * VEC + e] = mine ? static_cast<float>(q[(row0 + h) * D + d]) * p.scale : 0.f;
+        qp[h][i * VEC + e] = mine && p.rank ? sign * static_cast<float>(q[(row0 + h) * D + pd]) * p.scale : 0.f;
       }
     }
   }
@@ -120,17 +134,36 @@ __global__ void __launch_bounds__(kThreads)
       for (int h = 0; h < HEADS; ++h) dot[h] = 0.f;
       if (ok) {
         const kv_t* kr = k + (bg * C + s) * D;
+        int64_t trow = 0;  // the slot's row of the rope tables
+        if (p.rank) {
+          const int32_t r = p.rank[bg * C + s];
+          CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < p.rope_rows,
+                                 "decode_attention: rope_rank must hold table rows in [0, P) on valid slots");
+          trow = static_cast<int64_t>(r) * D;
+        }
 #pragma unroll
         for (int i = 0; i < NVPT; ++i) {
           const int dv = lr + i * tpr;
           if (dv < nv) {
             float kf[VEC];
             cuda::load_floats<kv_t, VEC>(kr + dv * VEC, kf);
+            if (p.rank) {
 #pragma unroll
-            for (int h = 0; h < HEADS; ++h) {
-              if (h < gb) {
+              for (int e = 0; e < VEC; ++e) {
+                const int d = dv * VEC + e;
+                const float c = p.cos[trow + d], sn = p.sin[trow + (d < half ? d + half : d - half)];
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) dot[h] += qr[h][i * VEC + e] * kf[e];
+                for (int h = 0; h < HEADS; ++h) {
+                  if (h < gb) dot[h] += (qr[h][i * VEC + e] * c + qp[h][i * VEC + e] * sn) * kf[e];
+                }
+              }
+            } else {
+#pragma unroll
+              for (int h = 0; h < HEADS; ++h) {
+                if (h < gb) {
+#pragma unroll
+                  for (int e = 0; e < VEC; ++e) dot[h] += qr[h][i * VEC + e] * kf[e];
+                }
               }
             }
           }
@@ -362,8 +395,11 @@ void launch(DecodeParams p, int64_t B, bool vec, const at::Tensor& q, const at::
 void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,
                            const std::optional<at::Tensor>& score_acc,
-                           const std::optional<at::Tensor>& probs_out) {
-  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out);
+                           const std::optional<at::Tensor>& probs_out,
+                           const std::optional<at::Tensor>& rope_cos,
+                           const std::optional<at::Tensor>& rope_sin,
+                           const std::optional<at::Tensor>& rope_rank) {
+  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank);
   const auto guard = cuda::on_device("decode_attention", k);
   const int64_t B = k.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv, C = k.size(2), D = k.size(3);
   if (B == 0) return;
@@ -377,6 +413,12 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   p.length = length;
   p.scale = static_cast<float>(scale);
   p.pos = pos.const_data_ptr<int32_t>();
+  if (rope_rank) {
+    p.cos = rope_cos->const_data_ptr<float>();
+    p.sin = rope_sin->const_data_ptr<float>();
+    p.rank = rope_rank->const_data_ptr<int32_t>();
+    p.rope_rows = rope_cos->size(0);
+  }
   // Balanced head blocks of at most kMaxHeads heads each, none empty.
   p.heads_per_block = cuda::ceil_div<int64_t>(G, cuda::ceil_div<int64_t>(G, kMaxHeads));
   p.head_blocks = cuda::ceil_div(G, p.heads_per_block);

@@ -16,7 +16,10 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
 void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,
                            const std::optional<at::Tensor>& score_acc,
-                           const std::optional<at::Tensor>& probs_out);
+                           const std::optional<at::Tensor>& probs_out,
+                           const std::optional<at::Tensor>& rope_cos,
+                           const std::optional<at::Tensor>& rope_sin,
+                           const std::optional<at::Tensor>& rope_rank);
 
 void prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& qpos, const at::Tensor& kpos, double scale,

@@ -6,6 +6,7 @@ attention and the eviction itself. A policy only turns attention statistics into
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
@@ -15,6 +16,7 @@ from .reduce import REDUCTIONS
 
 if TYPE_CHECKING:
     from ..cache import LayerState
+    from ..model import Rope
 
 
 class PolicyError(ValueError):
@@ -28,8 +30,15 @@ class DecodeView:
     layer: "LayerState"
     step_pos: int  # original position of the token just inserted
     q: torch.Tensor  # (B, H, D) the query as attention used it (rotated)
-    k: torch.Tensor  # (B, Hkv, C, D) the keys as attention used them (rotated)
     probs: torch.Tensor | None  # (B, H, C) this step's softmax row, when the policy asks for it
+    rope: "Rope | None" = None  # positions="cache": the tables attention rotated the stored keys with
+
+    @functools.cached_property
+    def k(self) -> torch.Tensor:
+        """(B, Hkv, C, D) the keys as attention used them (rotated). With positions="cache" attention
+        rotates them on the fly, so they are materialised only for a policy that reads them."""
+        st = self.layer
+        return st.k if self.rope is None else self.rope.rotate(st.k, st.rank)
 
 
 @dataclass
