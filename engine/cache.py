@@ -2,7 +2,9 @@
 
 Every buffer is allocated once. A decode step writes the incoming token into the free slot, attends
 over the valid slots, lets the policy score them and frees the lowest-scoring eligible slot: one slot
-overwrite, no data movement, static shapes. A prompt chunk is attended exactly, then the kept entries
+overwrite, no data movement, static shapes. Each buffer holds all layers ([n_layers * B, ...], a
+layer's rows are a view), so once every layer has attended, the policy scores and evicts for all of
+them in one set of tensor ops (a layer's eviction only matters from the next step on). A prompt chunk is attended exactly, then the kept entries
 of cache + chunk are gathered into the first slots (compaction). `mask=True` keeps every token in a
 full-size buffer and only masks the evicted ones: the papers' protocol, used as a test oracle.
 """
@@ -33,6 +35,13 @@ class LayerState:
     free: torch.Tensor | None = None  # (B, Hkv) int64 slot freed by the last eviction
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-private non-slot tensors
 
+    def rows(self, lo: int, hi: int) -> "LayerState":
+        """Views of batch rows [lo, hi) of every per-slot buffer (one layer of the all-layer state)."""
+        view = lambda t: None if t is None else t[lo:hi]
+        return LayerState(k=self.k[lo:hi], v=self.v[lo:hi], pos=self.pos[lo:hi],
+                          state={n: s[lo:hi] for n, s in self.state.items()}, rank=view(self.rank),
+                          free=view(self.free))
+
 
 @dataclass
 class CacheStats:
@@ -62,25 +71,24 @@ class KVStore:
         self.args, self.policy, self.budget, self.capacity, self.mask = args, policy, budget, capacity, mask
         self.rope, self.dtype, self.device, self.batch = rope, dtype, device, batch
         self.cache_positions = policy.positions == "cache"
-        B, Hkv, C, D = batch, args.n_kv_heads, capacity, args.head_dim
+        B, Hkv, C, D, L, H = batch, args.n_kv_heads, capacity, args.head_dim, args.n_layers, args.n_heads
         names = set(policy.state_names) | ({"acc"} if policy.needs_acc else set())
         names |= {"vnorm"} if policy.value_norm else set()
-        self.layers = [
-            LayerState(
-                k=torch.zeros(B, Hkv, C, D, dtype=dtype, device=device),
-                v=torch.zeros(B, Hkv, C, D, dtype=dtype, device=device),
-                pos=torch.full((B, Hkv, C), -1, dtype=torch.int32, device=device),
-                state={n: torch.zeros(B, Hkv, C, device=device) for n in sorted(names)},
-                rank=torch.zeros(B, Hkv, C, dtype=torch.int32, device=device) if self.cache_positions else None,
-                free=torch.zeros(B, Hkv, dtype=torch.long, device=device),
-            )
-            for _ in range(args.n_layers)
-        ]
-        self.out = torch.empty(B, args.n_heads, D, dtype=dtype, device=device)
+        self.all = LayerState(  # every layer at once: layer l is batch rows [l B, (l + 1) B)
+            k=torch.zeros(L * B, Hkv, C, D, dtype=dtype, device=device),
+            v=torch.zeros(L * B, Hkv, C, D, dtype=dtype, device=device),
+            pos=torch.full((L * B, Hkv, C), -1, dtype=torch.int32, device=device),
+            state={n: torch.zeros(L * B, Hkv, C, device=device) for n in sorted(names)},
+            rank=torch.zeros(L * B, Hkv, C, dtype=torch.int32, device=device) if self.cache_positions else None,
+            free=torch.zeros(L * B, Hkv, dtype=torch.long, device=device),
+        )
+        self.layers = [self.all.rows(l * B, (l + 1) * B) for l in range(L)]
+        self.out = torch.empty(B, H, D, dtype=dtype, device=device)
         # the kernels fuse the group mean into `acc`; another reduction needs the raw row (B, H, C)
         self.fused_acc = policy.needs_acc and policy.group_reduce == "mean"
         raw = policy.needs_probs or (policy.needs_acc and not self.fused_acc)
-        self.probs = torch.empty(B, args.n_heads, C, device=device) if raw else None
+        self.probs = torch.empty(L * B, H, C, device=device) if raw else None  # this step's rows, every layer
+        self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries
         self.scale = 1.0 / math.sqrt(D)
         self.t = 0  # tokens seen (the next token's original position)
         self.used = 0  # slots ever written (high-water mark); slots >= used are empty
@@ -118,6 +126,10 @@ class KVStore:
     def commit(self, n: int) -> None:
         """Host bookkeeping once every layer has processed n tokens (a prompt chunk or one decode step)."""
         if not self.prefilling:
+            if not self.policy.layerwise_decode:
+                rope = self.rope if self.cache_positions else None
+                self._policy_step(DecodeView(layer=self.all, step_pos=self.t, q=self.queries, probs=self.probs,
+                                             rope=rope))
             evicted = self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
             self.occupancy += 0 if evicted else 1
             self.evictions += int(evicted)
@@ -153,18 +165,26 @@ class KVStore:
         qr = self.rope.rotate_by(q[:, :, 0], cos, sin)
         rope = self.rope if self.cache_positions else None
         length = min(self.used + 1, self.capacity)
+        rows = slice(layer * B, (layer + 1) * B)
+        probs = None if self.probs is None else self.probs[rows]
         ops.decode_attention(
             qr, st.k, st.v, st.pos, length, self.scale, self.out,
-            st.state["acc"] if self.fused_acc else None, self.probs,
+            st.state["acc"] if self.fused_acc else None, probs,
             rope=(rope.cos, rope.sin, st.rank) if rope else None,
         )
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
-            st.state["acc"] += reduce_group(self.probs, st.k.shape[1], self.policy.group_reduce)
-        view = DecodeView(layer=st, step_pos=t, q=qr, probs=self.probs, rope=rope)
+            st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
+        if self.policy.layerwise_decode:
+            self._policy_step(DecodeView(layer=st, step_pos=t, q=qr, probs=probs, rope=rope))
+        else:
+            self.queries[rows] = qr  # scored with every other layer's in commit
+        return self.out[:, :, None]
+
+    def _policy_step(self, view: DecodeView) -> None:
+        """Fold the step's attention into the policy state, then evict if the cache is over budget."""
         self.policy.decode_update(view)
         if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
             self._evict(view)
-        return self.out[:, :, None]
 
     def _step_rope(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of this step's query position, looked up by the first layer and reused by the rest."""

@@ -65,6 +65,7 @@ class AhaKV(Policy):
     value_norm: ClassVar[str | None] = "l2"  # ||v||_2^2, stored at insertion
     observes_prefill: ClassVar[bool] = True  # the prompt's last queries are kept even without compression
     prefill_rows: ClassVar[int | None] = 0  # no column sums from the store: S has a per-row lambda
+    layerwise_decode: ClassVar[bool] = True  # the ring of kept queries lives in each layer's `extra`
 
     def __post_init__(self) -> None:
         if self.r < 1:

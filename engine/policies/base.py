@@ -25,7 +25,8 @@ class PolicyError(ValueError):
 
 @dataclass
 class DecodeView:
-    """What a policy sees after one decode step's attention in one layer."""
+    """What a policy sees after one decode step's attention: in one layer, or (the default, see
+    Policy.layerwise_decode) in every layer at once, stacked along the batch dim (n_layers * B rows)."""
 
     layer: "LayerState"
     step_pos: int  # original position of the token just inserted
@@ -73,6 +74,8 @@ class Policy:
     per_layer: ClassVar[bool] = False  # one decision for all KV heads of a layer (TOVA)
     merges_values: ClassVar[bool] = False  # every eviction merges the victim's value (WeightedKV)
     observes_prefill: ClassVar[bool] = False  # prefill_scores runs on every chunk, not only when it compresses
+    # decode hooks run per layer (a policy with per-layer `extra` state), not once per step for all layers
+    layerwise_decode: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):

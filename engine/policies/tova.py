@@ -33,4 +33,4 @@ class TOVA(Policy):
         """(B, 1, C): the store picks one victim per layer from it."""
         if self.group_reduce == "mean":
             return view.probs.mean(1, keepdim=True)  # = the mean of the group means
-        return reduce_group(view.probs, view.k.shape[1], self.group_reduce).mean(1, keepdim=True)
+        return reduce_group(view.probs, view.layer.pos.shape[1], self.group_reduce).mean(1, keepdim=True)
