@@ -30,9 +30,18 @@ def decode_case(H: int, Hkv: int, D: int, C: int, reps: int) -> dict[str, object
     acc = torch.zeros(1, Hkv, C)
     scale = 1 / math.sqrt(D)
     q4 = q[:, :, None]
+    angles = torch.arange(C + 1, dtype=torch.float32)[:, None] * torch.rand(D // 2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    rope = (cos, sin, pos)  # positions="cache": keys before RoPE, rotated by rank in the kernel
+
+    def rotate_then_attend() -> None:  # what positions="cache" costs without the rope argument
+        ops.decode_attention(q, reference.rope_keys(k, *rope, torch.float32), v, pos, C, scale, out, acc)
+
     fns = {
         "engine": lambda: ops.decode_attention(q, k, v, pos, C, scale, out),
         "engine_with_scores": lambda: ops.decode_attention(q, k, v, pos, C, scale, out, acc),
+        "engine_rope_with_scores": lambda: ops.decode_attention(q, k, v, pos, C, scale, out, acc, rope=rope),
+        "rotate_then_engine_with_scores": rotate_then_attend,
         "reference_with_scores": lambda: reference.decode_attention(q, k, v, pos, C, scale, out, acc),
         "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=H != Hkv),
     }
@@ -40,6 +49,9 @@ def decode_case(H: int, Hkv: int, D: int, C: int, reps: int) -> dict[str, object
     sdpa = times["sdpa"]["median"]
     return {"times_s": times, "scores_vs_sdpa": times["engine_with_scores"]["median"] / sdpa,
             "plain_vs_sdpa": times["engine"]["median"] / sdpa,
+            "rope_vs_scores": times["engine_rope_with_scores"]["median"] / times["engine_with_scores"]["median"],
+            "rope_vs_rotate_then_attend": (times["engine_rope_with_scores"]["median"]
+                                           / times["rotate_then_engine_with_scores"]["median"]),
             "scores_vs_reference": times["engine_with_scores"]["median"] / times["reference_with_scores"]["median"]}
 
 
@@ -123,7 +135,9 @@ def bench_kernels(contexts: list[int], reps: int) -> dict[str, object]:
         for C in contexts:
             d = lay["decode"][str(C)] = decode_case(H, Hkv, D, C, reps)
             print(f"{layout} decode C={C}: with scores {d['scores_vs_sdpa']:.2f}x SDPA time, "
-                  f"plain {d['plain_vs_sdpa']:.2f}x, {1 / d['scores_vs_reference']:.1f}x faster than reference")
+                  f"plain {d['plain_vs_sdpa']:.2f}x, {1 / d['scores_vs_reference']:.1f}x faster than reference; "
+                  f"rope in the kernel {d['rope_vs_scores']:.2f}x the time without rope, "
+                  f"{d['rope_vs_rotate_then_attend']:.2f}x rotating the keys first")
         for L in [c for c in contexts if c <= 2048]:
             p = lay["prefill"][str(L)] = prefill_case(H, Hkv, D, L, max(3, reps // 2))
             print(f"{layout} prefill L={L}: with column sums {p['colsums_vs_sdpa']:.2f}x SDPA time, "
