@@ -44,6 +44,16 @@ class LayerState:
 
 
 @dataclass
+class StepPlan:
+    """What every layer of one decode step shares (KVStore._begin_step)."""
+
+    slot: torch.Tensor  # (L B, Hkv) int64 the slot the incoming token lands in, per layer and KV head
+    index: torch.Tensor  # (L B, Hkv, 1, D) the same, expanded for scattering a key or value row
+    cos: torch.Tensor  # (D,) RoPE row of the query's position
+    sin: torch.Tensor  # (D,) its sin, signed for Rope.rotate_by
+
+
+@dataclass
 class CacheStats:
     occupancy: int  # valid tokens per (layer, KV head)
     capacity: int  # slots allocated per (layer, KV head)
@@ -96,7 +106,7 @@ class KVStore:
         self.evictions = 0
         self._pending = 0  # slots in use after the chunk being prefilled
         self.prefilling = False  # set by generate.prefill around a prompt chunk's forward
-        self._rope_step: tuple = (None, None, None)  # ((position, table id), cos, sin) of this decode step
+        self._step: StepPlan | None = None  # set by the first layer of each decode step
 
     # ---- host-side bookkeeping ----------------------------------------------------------------
     def reset(self) -> None:
@@ -142,30 +152,41 @@ class KVStore:
         self.t += n
 
     # ---- decode --------------------------------------------------------------------------------
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        st, t, B = self.layers[layer], self.t, q.shape[0]
+    def _begin_step(self) -> "StepPlan":
+        """Once per decode step, for every layer at once: the slot the token lands in, its position (and
+        rank) there, and the RoPE rows of its query."""
+        a = self.all
         if self.used < self.capacity:
-            slot = torch.full_like(st.free, self.used)
+            slot = torch.full_like(a.free, self.used)
+        elif self.mask:
+            raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
         else:
-            if self.mask:
-                raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
-            slot = st.free
-        qpos = self.occupancy if self.cache_positions else t
-        self.rope.ensure(max(qpos, self.capacity) + 1)
-        cos, sin = self._step_rope(qpos)
+            slot = a.free.clone()  # a layer-by-layer policy overwrites `free` while the step runs
+        a.pos.scatter_(2, slot[..., None], self.t)
         if self.cache_positions:
-            st.rank.scatter_(2, slot[..., None], self.occupancy)
-        else:
-            k = self.rope.rotate_by(k, cos, sin)  # the new key sits at position t == qpos
-        _write(st, slot, k, v, t)
+            a.rank.scatter_(2, slot[..., None], self.occupancy)
+        qpos = self.occupancy if self.cache_positions else self.t
+        self.rope.ensure(max(qpos, self.capacity) + 1)
+        cos, sin = self.rope.at(qpos)
+        return StepPlan(slot=slot, index=slot[..., None, None].expand(-1, -1, 1, self.args.head_dim), cos=cos, sin=sin)
+
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            self._step = self._begin_step()
+        step, st, t, B = self._step, self.layers[layer], self.t, q.shape[0]
+        rows = slice(layer * B, (layer + 1) * B)
+        if not self.cache_positions:
+            k = self.rope.rotate_by(k, step.cos, step.sin)  # the new key sits at position t == qpos
+        index = step.index[rows]
+        st.k.scatter_(2, index, k.to(st.k.dtype))
+        st.v.scatter_(2, index, v.to(st.v.dtype))
         if self.policy.value_norm:
             nv = torch.empty(v.shape[:3], device=v.device)
             ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
-            st.state["vnorm"].scatter_(2, slot[..., None], nv)
-        qr = self.rope.rotate_by(q[:, :, 0], cos, sin)
+            st.state["vnorm"].scatter_(2, step.slot[rows, :, None], nv)
+        qr = self.rope.rotate_by(q[:, :, 0], step.cos, step.sin)
         rope = self.rope if self.cache_positions else None
         length = min(self.used + 1, self.capacity)
-        rows = slice(layer * B, (layer + 1) * B)
         probs = None if self.probs is None else self.probs[rows]
         ops.decode_attention(
             qr, st.k, st.v, st.pos, length, self.scale, self.out,
@@ -185,13 +206,6 @@ class KVStore:
         self.policy.decode_update(view)
         if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
             self._evict(view)
-
-    def _step_rope(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of this step's query position, looked up by the first layer and reused by the rest."""
-        key = (position, id(self.rope.cos))  # a regrown table invalidates the entry
-        if self._rope_step[0] != key:
-            self._rope_step = (key, *self.rope.at(position))
-        return self._rope_step[1], self._rope_step[2]
 
     def _evict(self, view: DecodeView) -> None:
         st, p = view.layer, self.policy
@@ -327,11 +341,3 @@ class KVStore:
             order = torch.argsort(st.pos[:, :, :count].masked_fill(~valid, torch.iinfo(torch.int32).max), dim=2)
             st.rank[:, :, :count] = torch.argsort(order, dim=2)
         self._pending = count
-
-
-def _write(st: LayerState, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
-    """Write one token per (B, Hkv) into `slot` (B, Hkv): k/v (B, Hkv, 1, D)."""
-    idx = slot[..., None, None].expand(-1, -1, 1, k.shape[-1])
-    st.k.scatter_(2, idx, k.to(st.k.dtype))
-    st.v.scatter_(2, idx, v.to(st.v.dtype))
-    st.pos.scatter_(2, slot[..., None], t)

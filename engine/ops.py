@@ -56,6 +56,12 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 
 @functools.cache
+def _compiled(op: str) -> Callable:
+    """The op's one overload: calling it skips the packet's overload resolution (~1 us a call)."""
+    return getattr(torch.ops.engine, op).default
+
+
+@functools.cache
 def _warn_fallback(reason: str) -> None:
     warnings.warn(f"{reason}; using the slow PyTorch reference kernels (engine.reference)", stacklevel=4)
 
@@ -64,7 +70,7 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
     """The compiled op or its reference, for tensors on `device`."""
     forced = _forced.get()
     if forced is not None:
-        return fallback if forced else getattr(torch.ops.engine, op)
+        return fallback if forced else _compiled(op)
     if os.environ.get("ENGINE_REFERENCE") == "1":
         return fallback
     if not HAVE_EXTENSION:
@@ -73,7 +79,7 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
     if not has_kernel(op, device.type):
         _warn_fallback(f"engine._C has no {device.type} kernel for {op}")
         return fallback
-    return getattr(torch.ops.engine, op)
+    return _compiled(op)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
