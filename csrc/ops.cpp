@@ -16,6 +16,9 @@ TORCH_LIBRARY(engine, m) {
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor qpos, Tensor kpos, float scale, "
       "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? col_scores, int score_rows, float score_scale) "
       "-> ()");
+  m.def(
+      "rope_append(Tensor qkv, Tensor cos, Tensor sin, Tensor slot, bool rotate_key, Tensor(a!) q_out, "
+      "Tensor(b!) k_cache, Tensor(c!) v_cache) -> ()");
   m.def("value_norm(Tensor v, int kind, Tensor(a!) out) -> ()");
   m.def("select_victim(Tensor score, Tensor pos, int lo, int hi, Tensor(a!) out_idx) -> ()");
   m.def(

@@ -48,9 +48,8 @@ class StepPlan:
     """What every layer of one decode step shares (KVStore._begin_step)."""
 
     slot: torch.Tensor  # (L B, Hkv) int64 the slot the incoming token lands in, per layer and KV head
-    index: torch.Tensor  # (L B, Hkv, 1, D) the same, expanded for scattering a key or value row
     cos: torch.Tensor  # (D,) RoPE row of the query's position
-    sin: torch.Tensor  # (D,) its sin, signed for Rope.rotate_by
+    sin: torch.Tensor  # (D,)
 
 
 @dataclass
@@ -98,7 +97,7 @@ class KVStore:
         self.fused_acc = policy.needs_acc and policy.group_reduce == "mean"
         raw = policy.needs_probs or (policy.needs_acc and not self.fused_acc)
         self.probs = torch.empty(L * B, H, C, device=device) if raw else None  # this step's rows, every layer
-        self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries
+        self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries, every layer
         self.scale = 1.0 / math.sqrt(D)
         self.t = 0  # tokens seen (the next token's original position)
         self.used = 0  # slots ever written (high-water mark); slots >= used are empty
@@ -126,12 +125,14 @@ class KVStore:
             evictions=self.evictions, merges=self.evictions if self.policy.merges_values else 0,
         )
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               qkv: torch.Tensor | None = None) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE, continuing the stored sequence -> (B, H, T, D).
-        A prompt chunk (even of one token) goes through prefill, a generated token through decode."""
+        A prompt chunk (even of one token) goes through prefill, a generated token through decode.
+        qkv: the fused projection (B, T, (H + 2 Hkv) D) that q, k and v are views of, if there is one."""
         if self.prefilling:
             return self._prefill(layer, q, k, v)
-        return self._decode(layer, q, k, v)
+        return self._decode(layer, q, k, v, qkv)
 
     def commit(self, n: int) -> None:
         """Host bookkeeping once every layer has processed n tokens (a prompt chunk or one decode step)."""
@@ -168,23 +169,22 @@ class KVStore:
         qpos = self.occupancy if self.cache_positions else self.t
         self.rope.ensure(max(qpos, self.capacity) + 1)
         cos, sin = self.rope.at(qpos)
-        return StepPlan(slot=slot, index=slot[..., None, None].expand(-1, -1, 1, self.args.head_dim), cos=cos, sin=sin)
+        return StepPlan(slot=slot, cos=cos, sin=sin)
 
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                qkv: torch.Tensor | None) -> torch.Tensor:
         if layer == 0:
             self._step = self._begin_step()
         step, st, t, B = self._step, self.layers[layer], self.t, q.shape[0]
         rows = slice(layer * B, (layer + 1) * B)
-        if not self.cache_positions:
-            k = self.rope.rotate_by(k, step.cos, step.sin)  # the new key sits at position t == qpos
-        index = step.index[rows]
-        st.k.scatter_(2, index, k.to(st.k.dtype))
-        st.v.scatter_(2, index, v.to(st.v.dtype))
+        qkv = torch.cat([x.reshape(B, -1) for x in (q, k, v)], dim=1) if qkv is None else qkv.view(B, -1)
+        qr = self.queries[rows]
+        # at original positions the new key sits at t == the query's position: rotated like the query
+        ops.rope_append(qkv, step.cos, step.sin, step.slot[rows], not self.cache_positions, qr, st.k, st.v)
         if self.policy.value_norm:
             nv = torch.empty(v.shape[:3], device=v.device)
             ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, step.slot[rows, :, None], nv)
-        qr = self.rope.rotate_by(q[:, :, 0], step.cos, step.sin)
         rope = self.rope if self.cache_positions else None
         length = min(self.used + 1, self.capacity)
         probs = None if self.probs is None else self.probs[rows]
@@ -197,8 +197,6 @@ class KVStore:
             st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
         if self.policy.layerwise_decode:
             self._policy_step(DecodeView(layer=st, step_pos=t, q=qr, probs=probs, rope=rope))
-        else:
-            self.queries[rows] = qr  # scored with every other layer's in commit
         return self.out[:, :, None]
 
     def _policy_step(self, view: DecodeView) -> None:

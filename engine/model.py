@@ -61,14 +61,16 @@ class Rope:
         return self.rotate_by(x, self.cos[positions], self.signed_sin[positions])
 
     def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin [D] of one position (the arguments of rotate_by): looked up once per decode step."""
-        return self.cos[position], self.signed_sin[position]
+        """cos, sin [D] of one position (for ops.rope_append): looked up once per decode step."""
+        return self.cos[position], self.sin[position]
 
     @staticmethod
     def rotate_by(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """x cos + rotate_half(x) sin, as flip_halves(x) * (-sin, sin): the same products and sum, bit for bit."""
-        flipped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-        return x * cos.to(x.dtype) + flipped * signed_sin.to(x.dtype)
+        """x cos + rotate_half(x) sin in fp32, as flip_halves(x) * (-sin, sin) (the same products and sum,
+        bit for bit), rounded to x's dtype once: what ops.rope_append computes."""
+        y = x.float()
+        flipped = y.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return (y * cos + flipped * signed_sin).to(x.dtype)
 
 
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
@@ -100,8 +102,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = None
         if self.wqkv is not None:
-            q, k, v = ops.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            qkv = ops.linear(x, self.wqkv)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -113,7 +117,7 @@ class Attention(nn.Module):
             q, k = rope.rotate(q, pos), rope.rotate(k, pos)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
-            y = kv.attend(layer, q, k, v)  # (B, H, T, D)
+            y = kv.attend(layer, q, k, v, qkv)  # (B, H, T, D)
         return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight)
 
 

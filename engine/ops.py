@@ -108,6 +108,15 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tenso
         q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale)
 
 
+def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key: bool, q_out: Tensor,
+                k_cache: Tensor, v_cache: Tensor) -> None:
+    """A decode step's prologue: q_out [B, H, D] = the query heads of qkv [B, (H + 2 H_kv) D] rotated by
+    (cos, sin) [D]; key head g (rotated too if rotate_key) and value head g into slot slot[b, g] of
+    k_cache / v_cache [B, H_kv, C, D]. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
+    _impl("rope_append", k_cache.device, reference.rope_append)(qkv, cos, sin, slot, rotate_key, q_out,
+                                                                k_cache, v_cache)
+
+
 def value_norm(v: Tensor, kind: int, out: Tensor) -> None:
     """out [B, Hkv, N] = per-row Linf (kind 0), L1 (1) or squared L2 (2) of v [B, Hkv, N, D]."""
     _impl("value_norm", v.device, reference.value_norm)(v, kind, out)
@@ -186,6 +195,10 @@ if HAVE_EXTENSION:
     def _prefill_attention_fake(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows,
                                 score_scale) -> None:
         reference.check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores)
+
+    @torch.library.register_fake("engine::rope_append")
+    def _rope_append_fake(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache) -> None:
+        reference.check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
 
     @torch.library.register_fake("engine::value_norm")
     def _value_norm_fake(v, kind, out) -> None:

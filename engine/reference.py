@@ -117,6 +117,31 @@ def check_rope_ranks(rank: Tensor, pos: Tensor, length: int, P: int) -> None:
                          f"slots, got {int(rank[where])} at {list(where)}")
 
 
+def check_rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, q_out: Tensor, k_cache: Tensor,
+                      v_cache: Tensor) -> None:
+    op, cache = "rope_append", "[B, H_kv, C, D]"
+    _check_tensor(op, "k_cache", k_cache, cache, [-1] * 4, FLOATS)
+    B, Hkv, C, D = k_cache.shape
+    like = (k_cache, "k_cache")
+    _check_tensor(op, "v_cache", v_cache, cache, [B, Hkv, C, D], [k_cache.dtype], like)
+    _check_tensor(op, "q_out", q_out, "[B, H, D]", [B, -1, D], _query_dtypes(k_cache), like)
+    H = q_out.shape[1]
+    _check_heads(op, H, Hkv, D)
+    if D % 2:
+        raise ValueError(f"{op}: rope needs an even head dim D, got {D}")
+    _check_tensor(op, "qkv", qkv, "[B, (H + 2 H_kv) D]", [B, (H + 2 * Hkv) * D], [q_out.dtype], like)
+    _check_tensor(op, "cos", cos, "[D]", [D], [torch.float32], like)
+    _check_tensor(op, "sin", sin, "[D]", [D], [torch.float32], like)
+    _check_tensor(op, "slot", slot, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+
+
+def check_slot_indices(op: str, slot: Tensor, C: int) -> None:
+    """slot [B, H_kv] must hold slots in [0, C)."""
+    where = _first((slot < 0) | (slot >= C))
+    if where is not None:
+        raise IndexError(f"{op}: slot must hold slot indices in [0, C) = [0, {C}), got {int(slot[where])} at {list(where)}")
+
+
 def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, out: Tensor,
                             lse: Tensor, col_scores: Tensor | None) -> None:
     op, cache = "prefill_attention", "[B, H_kv, S, D]"
@@ -253,13 +278,18 @@ def _decode_kpos(pos: Tensor, length: int) -> Tensor:
     return pos.masked_fill(torch.arange(pos.shape[-1], device=pos.device) >= length, -1)
 
 
+def rotate_half_dense(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
+    """x cos + rotate_half(x) sin in `dtype` (cos, sin broadcast against x [..., D])."""
+    y = x.to(dtype)
+    y1, y2 = y.chunk(2, dim=-1)
+    return y * cos.to(dtype) + torch.cat([-y2, y1], dim=-1) * sin.to(dtype)
+
+
 def rope_keys(k: Tensor, cos: Tensor, sin: Tensor, rank: Tensor, dtype: torch.dtype) -> Tensor:
     """k [B, Hkv, C, D] rotated by table rows rank [B, Hkv, C] in `dtype`: k cos + rotate_half(k) sin
     (out-of-range ranks, those of empty slots, read row 0)."""
     row = rank.long().where((rank >= 0) & (rank < cos.shape[0]), 0)
-    x = k.to(dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[row].to(dtype) + torch.cat([-x2, x1], dim=-1) * sin[row].to(dtype)
+    return rotate_half_dense(k, cos[row], sin[row], dtype)
 
 
 def decode_attention_dense(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float,
@@ -338,6 +368,23 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, 
     if score_acc is not None:
         valid = _decode_kpos(pos, length) >= 0
         score_acc.copy_(torch.where(valid, score_acc + _group_mean(probs, k.shape[1]), score_acc))
+
+
+def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key: bool, q_out: Tensor,
+                k_cache: Tensor, v_cache: Tensor) -> None:
+    """q_out = the H query heads of qkv rotated by (cos, sin); the key head g (rotated too if rotate_key)
+    and the value head g go into slot slot[b, g] of k_cache / v_cache. Rotation in fp32."""
+    check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
+    B, Hkv, C, D = k_cache.shape
+    check_slot_indices("rope_append", slot, C)
+    H = q_out.shape[1]
+    q, k, v = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
+    q_out.copy_(rotate_half_dense(q, cos, sin, torch.float32))
+    if rotate_key:
+        k = rotate_half_dense(k, cos, sin, torch.float32)
+    index = slot[..., None, None].expand(-1, -1, 1, D)
+    k_cache.scatter_(2, index, k[:, :, None].to(k_cache.dtype))
+    v_cache.scatter_(2, index, v[:, :, None].to(v_cache.dtype))
 
 
 def prefill_attention_chunked(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,

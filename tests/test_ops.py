@@ -209,6 +209,53 @@ def test_decode_attention_fp32_query_over_bf16_cache(device, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# rope_append
+# ---------------------------------------------------------------------------------------------
+
+ROPE_APPEND_CASES = [  # B, H, Hkv, D, C
+    (1, 9, 3, 64, 37),
+    (3, 8, 2, 128, 20),
+    (2, 4, 4, 80, 5),
+    (1, 6, 1, 18, 1),  # half a head dim that is no multiple of the vector width; one slot
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2,
+                                    (torch.float32, torch.bfloat16)], ids=lambda d: "-".join(map(str, d)))
+@pytest.mark.parametrize("case", ROPE_APPEND_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("rotate_key", [True, False], ids=["rotate_key", "raw_key"])
+def test_rope_append(device, path, dtypes, case, rotate_key):
+    """Bit for bit the model's rotation (Rope.rotate_by) of the query and key; every other slot untouched."""
+    from engine.model import Rope
+
+    q_dtype, kv_dtype = dtypes
+    B, H, Hkv, D, C = case
+    g = gen(sum(case))
+    qkv = randn((B, (H + 2 * Hkv) * D), q_dtype, device, g, scale=3.0)
+    cos, sin = (t[7] for t in rope_tables(9, D, device, g))
+    slot = torch.randint(0, C, (B, Hkv), generator=g).to(device)
+    k_cache, v_cache = (randn((B, Hkv, C, D), kv_dtype, device, g) for _ in range(2))
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    q_out = poisoned((B, H, D), q_dtype, device)
+    with on_path(path, "rope_append", device):
+        ops.rope_append(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache)
+
+    half = D // 2
+    signed_sin = torch.cat([-sin[:half], sin[half:]])
+    q, k, v = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
+    assert torch.equal(q_out, Rope.rotate_by(q, cos, signed_sin))
+    want_k = (Rope.rotate_by(k, cos, signed_sin) if rotate_key else k).to(kv_dtype)
+    written = torch.zeros(B, Hkv, C, dtype=torch.bool, device=device).scatter_(2, slot[..., None], True)
+    for got, before, want in ((k_cache, k0, want_k), (v_cache, v0, v.to(kv_dtype))):
+        assert torch.equal(got[~written], before[~written]), "a slot other than `slot` changed"
+        assert torch.equal(got.gather(2, slot[..., None, None].expand(-1, -1, 1, D))[:, :, 0], want)
+    assert_within(q_out, ref.rotate_half_dense(q, cos, sin, torch.float64),
+                  ref.rotate_half_dense(q, cos, sin, q_dtype), "q_out")
+
+
+# ---------------------------------------------------------------------------------------------
 # prefill_attention
 # ---------------------------------------------------------------------------------------------
 
@@ -475,6 +522,8 @@ def opcheck_cases():
     yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
                                 torch.empty(B, Hkv, C), 3, 0.07)
     yield "value_norm", (v, 1, torch.empty(B, Hkv, C))
+    yield "rope_append", (torch.randn(B, (H + 2 * Hkv) * D, generator=g), *(t[3] for t in rope_tables(5, D, "cpu", g)),
+                          torch.randint(0, C, (B, Hkv), generator=g), True, torch.empty(B, H, D), k.clone(), v.clone())
     yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
     keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
@@ -508,6 +557,9 @@ def _valid_args():
                                   out=torch.zeros(B, H, L, D), lse=torch.zeros(B, H, L),
                                   col_scores=torch.zeros(B, Hkv, C), score_rows=0, score_scale=1.0),
         "value_norm": dict(v=cache(), kind=1, out=torch.zeros(B, Hkv, C)),
+        "rope_append": dict(qkv=torch.zeros(B, (H + 2 * Hkv) * D), cos=torch.ones(D), sin=torch.zeros(D),
+                            slot=torch.arange(Hkv).expand(B, Hkv).contiguous(), rotate_key=True,
+                            q_out=torch.zeros(B, H, D), k_cache=cache(), v_cache=cache()),
         "select_victim": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=C,
                               out_idx=torch.zeros(B, Hkv, dtype=i64)),
         "compact": dict(k=cache(), v=cache(), pos=pos(), state=[torch.zeros(B, Hkv, C, dtype=f32)],
@@ -560,6 +612,17 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
     ("prefill_attention", "lse", lambda t: t.half(), TypeError, "prefill_attention: lse must be float32, got float16"),
     ("prefill_attention", "col_scores", _noncontig, ValueError, "col_scores must be contiguous [B, H_kv, S]"),
     ("prefill_attention", "kpos", lambda t: t.float(), TypeError, "kpos must be int32, got float32"),
+    ("rope_append", "qkv", lambda t: t[:, :-16].contiguous(), ValueError,
+     "rope_append: qkv must have shape [B, (H + 2 H_kv) D] = [1, 192], got [1, 176]"),
+    ("rope_append", "sin", lambda t: t.double(), TypeError, "rope_append: sin must be float32, got float64"),
+    ("rope_append", "slot", lambda t: t.int(), TypeError, "rope_append: slot must be int64, got int32"),
+    ("rope_append", "slot", lambda t: t + 6, IndexError,
+     "rope_append: slot must hold slot indices in [0, C) = [0, 8), got 8 at [0, 2]"),
+    ("rope_append", "q_out", lambda t: t.half(), TypeError, "rope_append: q_out must be float32, got float16"),
+    ("rope_append", "*", lambda a: {**a, "qkv": torch.zeros(1, 180), "cos": torch.ones(15), "sin": torch.zeros(15),
+                                    "q_out": torch.zeros(1, 6, 15), "k_cache": torch.zeros(1, 3, 8, 15),
+                                    "v_cache": torch.zeros(1, 3, 8, 15)},
+     ValueError, "rope_append: rope needs an even head dim D, got 15"),
     ("value_norm", "kind", lambda n: 3, ValueError, "value_norm: kind must be 0 (Linf), 1 (L1) or 2 (squared L2), got 3"),
     ("value_norm", "out", lambda t: t[:, :2].contiguous(), ValueError, "value_norm: out must have shape [B, H_kv, N]"),
     ("value_norm", "v", lambda t: t.int(), TypeError, "value_norm: v must be float32 or bfloat16 or float16, got int32"),

@@ -151,6 +151,33 @@ void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t len
   }
 }
 
+void check_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& slot, const at::Tensor& q_out, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache) {
+  const char* op = "rope_append";
+  const char* cache = "[B, H_kv, C, D]";
+  check_tensor(op, "k_cache", k_cache, cache, {-1, -1, -1, -1}, kFloats);
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const Like like_k{k_cache, "k_cache"};
+  check_tensor(op, "v_cache", v_cache, cache, {B, Hkv, C, D}, {k_cache.scalar_type()}, like_k);
+  check_tensor(op, "q_out", q_out, "[B, H, D]", {B, -1, D}, query_dtypes(k_cache), like_k);
+  const int64_t H = q_out.size(1);
+  check_heads(op, H, Hkv, D);
+  TORCH_CHECK_VALUE(D % 2 == 0, op, ": rope needs an even head dim D, got ", D);
+  check_tensor(op, "qkv", qkv, "[B, (H + 2 H_kv) D]", {B, (H + 2 * Hkv) * D}, {q_out.scalar_type()}, like_k);
+  check_tensor(op, "cos", cos, "[D]", {D}, {ScalarType::Float}, like_k);
+  check_tensor(op, "sin", sin, "[D]", {D}, {ScalarType::Float}, like_k);
+  check_tensor(op, "slot", slot, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like_k);
+}
+
+void check_slot_indices(const char* op, const at::Tensor& slot, int64_t C) {
+  const int64_t* idx = slot.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < slot.numel(); ++i) {
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < C, op, ": slot must hold slot indices in [0, C) = [0, ", C,
+                      "), got ", idx[i], " at [", i / slot.size(1), ", ", i % slot.size(1), "]");
+  }
+}
+
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
                              const at::Tensor& lse, const std::optional<at::Tensor>& col_scores) {

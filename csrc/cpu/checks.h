@@ -27,6 +27,12 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // rope_rank must hold rows of the [P, D] tables on every valid slot (s < length, pos >= 0).
 void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t length, int64_t P);
 
+void check_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& slot, const at::Tensor& q_out, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache);
+// slot [B, H_kv] must hold slots in [0, C).
+void check_slot_indices(const char* op, const at::Tensor& slot, int64_t C);
+
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
                              const at::Tensor& lse, const std::optional<at::Tensor>& col_scores);

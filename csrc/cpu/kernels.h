@@ -17,6 +17,11 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& rope_sin,
                           const std::optional<at::Tensor>& rope_rank);
 
+// RoPE on the query (and the key if rotate_key), the key and value rows into cache slot `slot`.
+void rope_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& slot, bool rotate_key, at::Tensor& q_out, at::Tensor& k_cache,
+                     at::Tensor& v_cache);
+
 void prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                            at::Tensor& out, at::Tensor& lse,

@@ -7,6 +7,7 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("rms_norm", &engine::rms_norm_cuda);
   m.impl("decode_attention", &engine::decode_attention_cuda);
   m.impl("prefill_attention", &engine::prefill_attention_cuda);
+  m.impl("rope_append", &engine::rope_append_cuda);
   m.impl("value_norm", &engine::value_norm_cuda);
   m.impl("select_victim", &engine::select_victim_cuda);
   m.impl("compact", &engine::compact_cuda);
