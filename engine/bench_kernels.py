@@ -31,7 +31,8 @@ def decode_case(H: int, Hkv: int, D: int, C: int, reps: int) -> dict[str, object
     scale = 1 / math.sqrt(D)
     q4 = q[:, :, None]
     angles = torch.arange(C + 1, dtype=torch.float32)[:, None] * torch.rand(D // 2)
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos(), emb.sin()
     rope = (cos, sin, pos)  # positions="cache": keys before RoPE, rotated by rank in the kernel
 
     def rotate_then_attend() -> None:  # what positions="cache" costs without the rope argument

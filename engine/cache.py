@@ -4,9 +4,10 @@ Every buffer is allocated once. A decode step writes the incoming token into the
 over the valid slots, lets the policy score them and frees the lowest-scoring eligible slot: one slot
 overwrite, no data movement, static shapes. Each buffer holds all layers ([n_layers * B, ...], a
 layer's rows are a view), so once every layer has attended, the policy scores and evicts for all of
-them in one set of tensor ops (a layer's eviction only matters from the next step on). A prompt chunk is attended exactly, then the kept entries
-of cache + chunk are gathered into the first slots (compaction). `mask=True` keeps every token in a
-full-size buffer and only masks the evicted ones: the papers' protocol, used as a test oracle.
+them in one set of tensor ops (a layer's eviction only matters from the next step on). A prompt chunk
+is attended exactly, then the kept entries of cache + chunk are gathered into the first slots
+(compaction). `mask=True` keeps every token in a full-size buffer and only masks the evicted ones: the
+papers' protocol, used as a test oracle.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ class KVStore:
         self.t += n
 
     # ---- decode --------------------------------------------------------------------------------
-    def _begin_step(self) -> "StepPlan":
+    def _begin_step(self) -> StepPlan:
         """Once per decode step, for every layer at once: the slot the token lands in, its position (and
         rank) there, and the RoPE rows of its query."""
         a = self.all

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import ops
 from .config import ModelArgs, rope_inv_freq
+from .reference import rotate_half_dense
 
 if TYPE_CHECKING:
     from .cache import KVStore
@@ -37,7 +38,7 @@ class Rope:
 
     def __init__(self, args: ModelArgs, device: torch.device):
         self.args, self.device = args, device
-        self.cos = self.sin = self.signed_sin = torch.empty(0, args.head_dim, device=device)
+        self.cos = self.sin = torch.empty(0, args.head_dim, device=device)
         self.scaled_for = 0  # dynamic NTK: the sequence length the frequencies were scaled for
 
     def ensure(self, n: int) -> None:
@@ -51,26 +52,21 @@ class Rope:
         angles = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * inv[None, :]
         emb = torch.cat([angles, angles], dim=-1)
         self.cos, self.sin, self.scaled_for = emb.cos(), emb.sin(), scaled_for
-        half = self.args.head_dim // 2
-        # rotate_half(x) * sin == flip_halves(x) * signed_sin: fewer kernels on the decode path
-        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., D] by integer positions broadcastable to x[..., 0] (negative ones clamp to 0)."""
         positions = positions.clamp(min=0).long()
-        return self.rotate_by(x, self.cos[positions], self.signed_sin[positions])
+        return self.rotate_by(x, self.cos[positions], self.sin[positions])
 
     def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [D] of one position (for ops.rope_append): looked up once per decode step."""
         return self.cos[position], self.sin[position]
 
     @staticmethod
-    def rotate_by(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """x cos + rotate_half(x) sin in fp32, as flip_halves(x) * (-sin, sin) (the same products and sum,
-        bit for bit), rounded to x's dtype once: what ops.rope_append computes."""
-        y = x.float()
-        flipped = y.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-        return (y * cos + flipped * signed_sin).to(x.dtype)
+    def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x cos + rotate_half(x) sin in fp32, rounded to x's dtype once: the bits of ops.rope_append and of
+        decode_attention's rope argument, so keys rotated here and there agree exactly."""
+        return rotate_half_dense(x, cos, sin, torch.float32).to(x.dtype)
 
 
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:

@@ -242,11 +242,9 @@ def test_rope_append(device, path, dtypes, case, rotate_key):
     with on_path(path, "rope_append", device):
         ops.rope_append(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache)
 
-    half = D // 2
-    signed_sin = torch.cat([-sin[:half], sin[half:]])
     q, k, v = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
-    assert torch.equal(q_out, Rope.rotate_by(q, cos, signed_sin))
-    want_k = (Rope.rotate_by(k, cos, signed_sin) if rotate_key else k).to(kv_dtype)
+    assert torch.equal(q_out, Rope.rotate_by(q, cos, sin))
+    want_k = (Rope.rotate_by(k, cos, sin) if rotate_key else k).to(kv_dtype)
     written = torch.zeros(B, Hkv, C, dtype=torch.bool, device=device).scatter_(2, slot[..., None], True)
     for got, before, want in ((k_cache, k0, want_k), (v_cache, v0, v.to(kv_dtype))):
         assert torch.equal(got[~written], before[~written]), "a slot other than `slot` changed"
