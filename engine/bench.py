@@ -154,7 +154,7 @@ def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="model", choices=["model", "kernels"])
+    p.add_argument("mode", nargs="?", default="model", choices=["model", "kernels", "gpu"])
     add_model_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--policies", help="comma list: a policy-overhead table over policies x --budgets")
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="budgets of the --policies table")
+    p.add_argument("--preset", default="llama-2-7b", help="gpu mode: the model shape (random fp16 weights)")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -170,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
         res = bench_kernels(ns.contexts or [512, 2048, 8192], ns.reps)
         print(f"wrote {write_result('kernels', {'reps': ns.reps, 'results': res})}")
+        return 0
+    if ns.mode == "gpu":
+        from .bench_gpu import bench_gpu
+
+        policies = (ns.policies or "full,h2o,vatp,weightedkv").split(",")
+        res = bench_gpu(ns.preset, ns.contexts or [512, 2048, 4096, 16384, 32768], policies,
+                        ns.budgets[0] if ns.policies else 2048, ns.steps)
+        print(f"wrote {write_result(f'gpu-decode-{ns.preset}', res)}")
         return 0
     import engine
 

@@ -2,7 +2,10 @@
 
 Every buffer is allocated once. A decode step writes the incoming token into the free slot, attends
 over the valid slots, lets the policy score them and frees the lowest-scoring eligible slot: one slot
-overwrite, no data movement, static shapes. Each buffer holds all layers ([n_layers * B, ...], a
+overwrite, no data movement, static shapes, and no host value in the step's tensor ops: what changes
+from step to step (the token's position, its slot while the cache fills, its RoPE row) is read from a
+small device counter (`clock`) that the step itself advances, so a step can be captured in a CUDA graph
+and replayed (engine/graphs.py). Each buffer holds all layers ([n_layers * B, ...], a
 layer's rows are a view), so once every layer has attended, the policy scores and evicts for all of
 them in one set of tensor ops (a layer's eviction only matters from the next step on). A prompt chunk
 is attended exactly, then the kept entries of cache + chunk are gathered into the first slots
@@ -24,6 +27,7 @@ from .policies.base import DecodeView, Policy, PrefillView
 from .policies.reduce import column_scores, reduce_group
 
 NORM_KIND = {"l1": 1, "l2": 2, "linf": 0}
+NO_LIMIT = torch.iinfo(torch.int32).max  # select_victim's upper position bound when the store masks `recent` itself
 
 
 @dataclass
@@ -100,6 +104,10 @@ class KVStore:
         self.probs = torch.empty(L * B, H, C, device=device) if raw else None  # this step's rows, every layer
         self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries, every layer
         self.scale = 1.0 / math.sqrt(D)
+        # device copy of (t, used, qpos) for the step's tensor ops; rows of `_advance` are its per-step moves
+        self.clock = torch.zeros(3, dtype=torch.long, device=device)
+        self._advance = torch.tensor([[1, du, dq] for du in (0, 1) for dq in (0, 1)], device=device)
+        self.static_length = False  # attend over every slot (masked), not the used ones: a graph's fixed shape
         self.t = 0  # tokens seen (the next token's original position)
         self.used = 0  # slots ever written (high-water mark); slots >= used are empty
         self.occupancy = 0  # valid tokens per (layer, KV head): the same everywhere
@@ -116,6 +124,7 @@ class KVStore:
                 s.zero_()
             st.extra.clear()
         self.t = self.used = self.occupancy = self.evictions = 0
+        self.clock.zero_()
 
     def stats(self) -> CacheStats:
         a, elt = self.args, torch.finfo(self.dtype).bits // 8
@@ -135,41 +144,71 @@ class KVStore:
             return self._prefill(layer, q, k, v)
         return self._decode(layer, q, k, v, qkv)
 
+    @property
+    def qpos(self) -> int:
+        """The RoPE position of the next token's query (its rank with positions="cache")."""
+        return self.occupancy if self.cache_positions else self.t
+
+    @property
+    def evicts_now(self) -> bool:
+        """Whether the coming decode step ends with an eviction."""
+        return self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
+
     def commit(self, n: int) -> None:
-        """Host bookkeeping once every layer has processed n tokens (a prompt chunk or one decode step)."""
+        """Once every layer has processed n tokens (a prompt chunk or one decode step)."""
         if not self.prefilling:
-            if not self.policy.layerwise_decode:
-                rope = self.rope if self.cache_positions else None
-                self._policy_step(DecodeView(layer=self.all, step_pos=self.t, q=self.queries, probs=self.probs,
-                                             rope=rope))
-            evicted = self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
+            self.finish_decode()
+        self.advance(n)
+
+    def finish_decode(self) -> None:
+        """The device side of a decode step's end: the policy's update and eviction for every layer, and
+        the clock moved on. Host values only pick which ops run (fixed while the cache is in one phase)."""
+        if not self.policy.layerwise_decode:
+            rope = self.rope if self.cache_positions else None
+            self._policy_step(DecodeView(layer=self.all, step_pos=self.t, q=self.queries, probs=self.probs,
+                                         rope=rope))
+        grows_used = self.used < self.capacity
+        moves_qpos = not (self.cache_positions and self.evicts_now)
+        self.clock.add_(self._advance[2 * grows_used + moves_qpos])
+
+    def advance(self, n: int) -> None:
+        """The host side: counters after n tokens (one decode step, or a prompt chunk)."""
+        if not self.prefilling:
+            evicted = self.evicts_now
             self.occupancy += 0 if evicted else 1
             self.evictions += int(evicted)
             self.used = min(self.used + 1, self.capacity)
-        else:
-            self.used = self._pending
-            kept = min(self.occupancy + n, self.budget)
-            self.evictions += self.occupancy + n - kept
-            self.occupancy = kept
+            self.t += n
+            return
+        self.used = self._pending
+        kept = min(self.occupancy + n, self.budget)
+        self.evictions += self.occupancy + n - kept
+        self.occupancy = kept
         self.t += n
+        self.clock.copy_(torch.tensor([self.t, self.used, self.qpos]))
+
+    def prepare_decode(self, steps: int = 1) -> tuple[bool, bool]:
+        """Host work before a decode step, kept out of it: RoPE tables valid for the next `steps` steps.
+        Returns the cache's phase (filling, evicting): the host choices that shape the step's ops."""
+        self.rope.ensure(max(self.qpos + steps, self.capacity + 1))
+        return self.used < self.capacity, self.evicts_now
 
     # ---- decode --------------------------------------------------------------------------------
     def _begin_step(self) -> StepPlan:
         """Once per decode step, for every layer at once: the slot the token lands in, its position (and
         rank) there, and the RoPE rows of its query."""
-        a = self.all
+        a, clock = self.all, self.clock
         if self.used < self.capacity:
-            slot = torch.full_like(a.free, self.used)
+            slot = clock[1].expand_as(a.free).contiguous()
         elif self.mask:
             raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
         else:
             slot = a.free.clone()  # a layer-by-layer policy overwrites `free` while the step runs
-        a.pos.scatter_(2, slot[..., None], self.t)
+        a.pos.scatter_(2, slot[..., None], clock[0].int().expand_as(slot)[..., None])
         if self.cache_positions:
-            a.rank.scatter_(2, slot[..., None], self.occupancy)
-        qpos = self.occupancy if self.cache_positions else self.t
-        self.rope.ensure(max(qpos, self.capacity) + 1)
-        cos, sin = self.rope.at(qpos)
+            a.rank.scatter_(2, slot[..., None], clock[2].int().expand_as(slot)[..., None])
+        self.prepare_decode()
+        cos, sin = self.rope.at(clock[2:])
         return StepPlan(slot=slot, cos=cos, sin=sin)
 
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -187,7 +226,7 @@ class KVStore:
             ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, step.slot[rows, :, None], nv)
         rope = self.rope if self.cache_positions else None
-        length = min(self.used + 1, self.capacity)
+        length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
         probs = None if self.probs is None else self.probs[rows]
         ops.decode_attention(
             qr, st.k, st.v, st.pos, length, self.scale, self.out,
@@ -209,14 +248,16 @@ class KVStore:
     def _evict(self, view: DecodeView) -> None:
         st, p = view.layer, self.policy
         score = p.decode_scores(view)
-        hi = view.step_pos + 1 - p.recent
+        pos = st.pos[:, :1] if p.per_layer else st.pos
+        if p.recent:  # the newest `recent` tokens stay: pos >= t + 1 - recent, t read from the clock
+            pos = pos.masked_fill(pos > self.clock[0] - p.recent, -1)
         victim = torch.empty_like(st.free)
         if p.per_layer:
             one = torch.empty_like(victim[:, :1])
-            ops.select_victim(score.contiguous(), st.pos[:, :1].contiguous(), p.sinks, hi, one)
+            ops.select_victim(score.contiguous(), pos.contiguous(), p.sinks, NO_LIMIT, one)
             victim.copy_(one.expand_as(victim))
         else:
-            ops.select_victim(score.contiguous(), st.pos, p.sinks, hi, victim)
+            ops.select_victim(score.contiguous(), pos, p.sinks, NO_LIMIT, victim)
         p.after_evict(view, victim)
         idx = victim[..., None]
         if self.cache_positions:

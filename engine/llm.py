@@ -8,7 +8,8 @@ import torch
 
 from .cache import CacheStats, KVStore
 from .config import ModelArgs
-from .generate import SamplingParams, StopFilter, decode_step, prefill, sample
+from .generate import SamplingParams, StopFilter, prefill, sample
+from .graphs import GraphDecoder
 from .model import Rope, Transformer
 from .policies import Policy, PolicyError, make_policy
 from .tokenizer import StreamDecoder, Tokenizer
@@ -37,10 +38,10 @@ class LLM:
     what the last call's cache held."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
-                 prefill_chunk: int | None = None, source: str | Path = ""):
+                 prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True):
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.args: ModelArgs = model.args
-        self.mask, self.prefill_chunk = mask, prefill_chunk
+        self.mask, self.prefill_chunk, self.cuda_graphs = mask, prefill_chunk, cuda_graphs
         self.source, self.name = Path(source), Path(source).name  # where the weights came from
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
@@ -66,6 +67,10 @@ class LLM:
             budget = min(budget, capacity)
         return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
                        self.model.rope, mask=self.mask)
+
+    def decoder(self, store: KVStore) -> GraphDecoder:
+        """Decode steps over `store`: replayed CUDA graphs on a GPU (unless cuda_graphs=False), else eager."""
+        return GraphDecoder(self.model, store, enabled=self.cuda_graphs)
 
     def cache_stats(self) -> CacheStats | None:
         return self.store.stats() if self.store else None
@@ -133,9 +138,9 @@ class LLM:
         chunk = self.prefill_chunk or n_pre
         for start in range(0, n_pre, chunk):  # prefill chunk by chunk, scoring each chunk's logits at once
             score(prefill(self.model, store, ids[:, start : min(n_pre, start + chunk)], all_logits=True), start)
+        step = self.decoder(store).step
         for t in range(n_pre, T - 1):
-            score(self.model(ids[:, t : t + 1], kv=store, last_only=True), t)
-            store.commit(1)
+            score(step(ids[:, t])[:, None], t)
         return nll
 
 
@@ -149,6 +154,7 @@ class Session:
             max_new_tokens = min(max_new_tokens, llm.args.max_seq_len // 2)
             prompt_len = llm.args.max_seq_len - max_new_tokens
         self.store = llm.store = llm.new_store(max(prompt_len, 1), max_new_tokens)
+        self.step = llm.decoder(self.store).step
         self.tokens: list[int] = []  # every token in the cache, in order
         self.pending: list[int] = []  # sampled but not yet fed
 
@@ -185,7 +191,7 @@ class Session:
             yield tid
             if tid in eos or i + 1 == params.max_new_tokens:
                 return
-            logits = decode_step(self.llm.model, self.store, torch.tensor([tid], device=self.llm.device))
+            logits = self.step(torch.tensor([tid], device=self.llm.device))
             self.tokens.append(tid)
             self.pending = []
 
@@ -210,7 +216,7 @@ class Session:
 def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,
          sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
          mask: bool = False, prefill_chunk: int | None = None, template: str | None = None,
-         **policy_params: object) -> LLM:
+         cuda_graphs: bool = True, **policy_params: object) -> LLM:
     """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
     first use), with an eviction policy given by name (plus its parameters) or as an object."""
     from .fetch import resolve_model
@@ -232,4 +238,4 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
         tok = tokenizer_from_gguf(gguf.GGUFReader(path))
     else:
         tok = load_tokenizer(path, template=template)
-    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path)
+    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs)

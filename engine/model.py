@@ -58,9 +58,10 @@ class Rope:
         positions = positions.clamp(min=0).long()
         return self.rotate_by(x, self.cos[positions], self.sin[positions])
 
-    def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [D] of one position (for ops.rope_append): looked up once per decode step."""
-        return self.cos[position], self.sin[position]
+    def at(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [D] of one position held in a 1-element device tensor (for ops.rope_append): looked up
+        once per decode step, on the device, so the step has no host value in it."""
+        return self.cos.index_select(0, position)[0], self.sin.index_select(0, position)[0]
 
     @staticmethod
     def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

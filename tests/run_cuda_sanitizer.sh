@@ -11,6 +11,7 @@
 # non-zero on the first tool that reports an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the driver runs from a temp file
 
 sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 if [ ! -x "$sanitizer" ]; then
@@ -27,8 +28,8 @@ import torch
 from engine import ops
 
 assert torch.cuda.is_available(), "no CUDA device"
-for op in ("rms_norm", "decode_attention", "prefill_attention", "value_norm", "select_victim", "compact",
-           "merge_value"):
+for op in ("rms_norm", "decode_attention", "prefill_attention", "rope_append", "value_norm", "select_victim",
+           "compact", "merge_value"):
     assert ops.has_kernel(op, "cuda"), f"engine._C has no cuda kernel for {op}"
 dev = "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -60,6 +61,15 @@ with ops.use_reference(False):
             ops.decode_attention(q, k, v, pos, length, 0.1, out, acc, probs)
             ops.decode_attention(q, k, v, pos, length, 0.1, out, acc, None)
             ops.decode_attention(q, k, v, pos, length, 0.1, out, None, None)
+            if D % 2 == 0:  # keys before RoPE, rotated by their slot's rank (positions="cache")
+                angles = torch.rand(C + 1, D // 2, generator=g, device=dev) * torch.arange(C + 1, device=dev)[:, None]
+                emb = torch.cat([angles, angles], -1)
+                rank = torch.randint(0, C + 1, (B, Hkv, C), generator=g, device=dev, dtype=torch.int32)
+                ops.decode_attention(q, k, v, pos, length, 0.1, out, acc, probs, rope=(emb.cos(), emb.sin(), rank))
+                qkv = rand(B, (H + 2 * Hkv) * D, dtype=dtype)
+                slot = torch.randint(0, C, (B, Hkv), generator=g, device=dev)
+                for rotate_key in (True, False):
+                    ops.rope_append(qkv, emb[5].cos(), emb[5].sin(), slot, rotate_key, out, k, v)
             ops.select_victim(acc, pos, 0, C, torch.empty(B, Hkv, dtype=torch.int64, device=dev))
 
         # prefill: B, H, Hkv, L, S, D (32-key tiles; 16-key tiles at D=256; odd D)

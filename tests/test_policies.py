@@ -40,7 +40,8 @@ def small(name: str, budget: int, **kw) -> Policy:
 
 
 @functools.cache
-def tiny_model(n_layers: int = 2, n_kv_heads: int = 2, dim: int = 64, n_heads: int = 4, seed: int = 0) -> Transformer:
+def tiny_model(n_layers: int = 2, n_kv_heads: int = 2, dim: int = 64, n_heads: int = 4, seed: int = 0,
+               device: str = "cpu") -> Transformer:
     """Random weights scaled by 1/sqrt(fan_in), so attention stays spread out (no exact zeros to tie on)."""
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=96,
                      vocab_size=97, max_seq_len=512)
@@ -48,7 +49,7 @@ def tiny_model(n_layers: int = 2, n_kv_heads: int = 2, dim: int = 64, n_heads: i
     state = {name: 1 + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1
              else torch.randn(shape, generator=g) / math.sqrt(shape[-1])
              for name, shape in expected_shapes(args).items()}
-    return Transformer.from_state_dict(args, state, "cpu")
+    return Transformer.from_state_dict(args, state, device)
 
 
 def token_ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:

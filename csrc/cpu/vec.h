@@ -7,7 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <bit>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -32,6 +32,15 @@ namespace engine {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// std::bit_cast for C++17 builds (torch < 2.12 compiles extensions with -std=c++17).
+template <typename To, typename From>
+inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
+}
+
 // fp16 -> fp32 written so the loop vectorises (c10::Half's conversion does not without -mf16c):
 // the branch-free method of c10's fp16_ieee_to_fp32_value, the select done with masks. Exact for
 // every input, NaN and inf included.
@@ -39,10 +48,10 @@ inline void half_to_float(const uint16_t* __restrict__ src, float* __restrict__ 
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t w = static_cast<uint32_t>(src[i]) << 16;
     const uint32_t sign = w & 0x80000000u, two_w = w + w;
-    const uint32_t normal = std::bit_cast<uint32_t>(std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f);
-    const uint32_t subnormal = std::bit_cast<uint32_t>(std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f);
+    const uint32_t normal = bits_as<uint32_t>(bits_as<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f);
+    const uint32_t subnormal = bits_as<uint32_t>(bits_as<float>((two_w >> 17) | (126u << 23)) - 0.5f);
     const uint32_t is_sub = 0u - static_cast<uint32_t>(two_w < (1u << 27));
-    dst[i] = std::bit_cast<float>(sign | (subnormal & is_sub) | (normal & ~is_sub));
+    dst[i] = bits_as<float>(sign | (subnormal & is_sub) | (normal & ~is_sub));
   }
 }
 
