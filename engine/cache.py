@@ -173,7 +173,7 @@ class KVStore:
 
     def advance(self, n: int) -> None:
         """The host side: counters after n tokens (one decode step, or a prompt chunk)."""
-        if not self.prefilling:
+        if not self.prefilling:  # the step moved the clock itself
             evicted = self.evicts_now
             self.occupancy += 0 if evicted else 1
             self.evictions += int(evicted)
@@ -187,10 +187,10 @@ class KVStore:
         self.t += n
         self.clock.copy_(torch.tensor([self.t, self.used, self.qpos]))
 
-    def prepare_decode(self, steps: int = 1) -> tuple[bool, bool]:
-        """Host work before a decode step, kept out of it: RoPE tables valid for the next `steps` steps.
+    def prepare_decode(self) -> tuple[bool, bool]:
+        """Host work before a decode step, kept out of it: the RoPE tables cover the step's query.
         Returns the cache's phase (filling, evicting): the host choices that shape the step's ops."""
-        self.rope.ensure(max(self.qpos + steps, self.capacity + 1))
+        self.rope.ensure(max(self.qpos, self.capacity) + 1)
         return self.used < self.capacity, self.evicts_now
 
     # ---- decode --------------------------------------------------------------------------------
