@@ -135,14 +135,18 @@ class KVStore:
             evictions=self.evictions, merges=self.evictions if self.policy.merges_values else 0,
         )
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               qkv: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def decoding(self) -> bool:
+        """Whether the tokens now fed are a decode step (else a prompt chunk, even of one token)."""
+        return not self.prefilling
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE, continuing the stored sequence -> (B, H, T, D).
-        A prompt chunk (even of one token) goes through prefill, a generated token through decode.
-        qkv: the fused projection (B, T, (H + 2 Hkv) D) that q, k and v are views of, if there is one."""
+        A prompt chunk goes through prefill, a generated token through `decode`."""
         if self.prefilling:
             return self._prefill(layer, q, k, v)
-        return self._decode(layer, q, k, v, qkv)
+        B = q.shape[0]
+        return self.decode(layer, torch.cat([x.reshape(B, -1) for x in (q, k, v)], dim=1))[:, :, None]
 
     @property
     def qpos(self) -> int:
@@ -211,19 +215,21 @@ class KVStore:
         cos, sin = self.rope.at(clock[2:])
         return StepPlan(slot=slot, cos=cos, sin=sin)
 
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                qkv: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """One decode step of one layer: qkv (B, (H + 2 Hkv) D), the token's fused projection before RoPE
+        -> its attention output (B, H, D). The model passes its fused buffer as is: no per-head views."""
         if layer == 0:
             self._step = self._begin_step()
-        step, st, t, B = self._step, self.layers[layer], self.t, q.shape[0]
+        step, st, t, B = self._step, self.layers[layer], self.t, qkv.shape[0]
         rows = slice(layer * B, (layer + 1) * B)
-        qkv = torch.cat([x.reshape(B, -1) for x in (q, k, v)], dim=1) if qkv is None else qkv.view(B, -1)
         qr = self.queries[rows]
         # at original positions the new key sits at t == the query's position: rotated like the query
         ops.rope_append(qkv, step.cos, step.sin, step.slot[rows], not self.cache_positions, qr, st.k, st.v)
         if self.policy.value_norm:
-            nv = torch.empty(v.shape[:3], device=v.device)
-            ops.value_norm(v.contiguous(), NORM_KIND[self.policy.value_norm], nv)
+            Hkv, D = st.k.shape[1], st.k.shape[3]
+            v = qkv[:, qkv.shape[1] - Hkv * D :].reshape(B, Hkv, 1, D).contiguous()
+            nv = torch.empty(B, Hkv, 1, device=qkv.device)
+            ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, step.slot[rows, :, None], nv)
         rope = self.rope if self.cache_positions else None
         length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
@@ -237,7 +243,7 @@ class KVStore:
             st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
         if self.policy.layerwise_decode:
             self._policy_step(DecodeView(layer=st, step_pos=t, q=qr, probs=probs, rope=rope))
-        return self.out[:, :, None]
+        return self.out
 
     def _policy_step(self, view: DecodeView) -> None:
         """Fold the step's attention into the policy state, then evict if the cache is over budget."""

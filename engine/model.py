@@ -99,7 +99,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = None
+        if kv is not None and kv.decoding and self.wqkv is not None:  # one token: the store takes the fused row
+            y = kv.decode(layer, ops.linear(x, self.wqkv).view(B, -1))  # (B, H, D)
+            return ops.linear(y.view(B, 1, H * D), self.wo.weight)
         if self.wqkv is not None:
             qkv = ops.linear(x, self.wqkv)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -114,7 +116,7 @@ class Attention(nn.Module):
             q, k = rope.rotate(q, pos), rope.rotate(k, pos)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
-            y = kv.attend(layer, q, k, v, qkv)  # (B, H, T, D)
+            y = kv.attend(layer, q, k, v)  # (B, H, T, D)
         return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight)
 
 
