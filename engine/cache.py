@@ -52,9 +52,17 @@ class LayerState:
 class StepPlan:
     """What every layer of one decode step shares (KVStore._begin_step)."""
 
-    slot: torch.Tensor  # (L B, Hkv) int64 the slot the incoming token lands in, per layer and KV head
     cos: torch.Tensor  # (D,) RoPE row of the query's position
     sin: torch.Tensor  # (D,)
+
+
+@dataclass
+class StepRows:
+    """One layer's rows of the decode-step buffers (views sliced once, at allocation)."""
+
+    q: torch.Tensor  # (B, H, D) the rotated query
+    slot: torch.Tensor  # (B, Hkv) int64 the slot the incoming token lands in
+    probs: torch.Tensor | None  # (B, H, C) the softmax row, when the policy needs it
 
 
 @dataclass
@@ -103,6 +111,10 @@ class KVStore:
         raw = policy.needs_probs or (policy.needs_acc and not self.fused_acc)
         self.probs = torch.empty(L * B, H, C, device=device) if raw else None  # this step's rows, every layer
         self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries, every layer
+        self.slot = torch.zeros(L * B, Hkv, dtype=torch.long, device=device)  # where this step's token lands
+        self.step_rows = [StepRows(q=self.queries[l * B : (l + 1) * B], slot=self.slot[l * B : (l + 1) * B],
+                                   probs=None if self.probs is None else self.probs[l * B : (l + 1) * B])
+                          for l in range(L)]
         self.scale = 1.0 / math.sqrt(D)
         # device copy of (t, used, qpos) for the step's tensor ops; rows of `_advance` are its per-step moves
         self.clock = torch.zeros(3, dtype=torch.long, device=device)
@@ -201,39 +213,38 @@ class KVStore:
     def _begin_step(self) -> StepPlan:
         """Once per decode step, for every layer at once: the slot the token lands in, its position (and
         rank) there, and the RoPE rows of its query."""
-        a, clock = self.all, self.clock
+        a, clock, slot = self.all, self.clock, self.slot
         if self.used < self.capacity:
-            slot = clock[1].expand_as(a.free).contiguous()
+            slot.copy_(clock[1].expand_as(slot))
         elif self.mask:
             raise RuntimeError("mask mode ran out of slots")  # capacity is the whole sequence
         else:
-            slot = a.free.clone()  # a layer-by-layer policy overwrites `free` while the step runs
+            slot.copy_(a.free)  # a copy: a layer-by-layer policy overwrites `free` while the step runs
         a.pos.scatter_(2, slot[..., None], clock[0].int().expand_as(slot)[..., None])
         if self.cache_positions:
             a.rank.scatter_(2, slot[..., None], clock[2].int().expand_as(slot)[..., None])
         self.prepare_decode()
         cos, sin = self.rope.at(clock[2:])
-        return StepPlan(slot=slot, cos=cos, sin=sin)
+        return StepPlan(cos=cos, sin=sin)
 
     def decode(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """One decode step of one layer: qkv (B, (H + 2 Hkv) D), the token's fused projection before RoPE
         -> its attention output (B, H, D). The model passes its fused buffer as is: no per-head views."""
         if layer == 0:
             self._step = self._begin_step()
-        step, st, t, B = self._step, self.layers[layer], self.t, qkv.shape[0]
-        rows = slice(layer * B, (layer + 1) * B)
-        qr = self.queries[rows]
+        step, st, rows, B = self._step, self.layers[layer], self.step_rows[layer], qkv.shape[0]
+        qr = rows.q
         # at original positions the new key sits at t == the query's position: rotated like the query
-        ops.rope_append(qkv, step.cos, step.sin, step.slot[rows], not self.cache_positions, qr, st.k, st.v)
+        ops.rope_append(qkv, step.cos, step.sin, rows.slot, not self.cache_positions, qr, st.k, st.v)
         if self.policy.value_norm:
             Hkv, D = st.k.shape[1], st.k.shape[3]
             v = qkv[:, qkv.shape[1] - Hkv * D :].reshape(B, Hkv, 1, D).contiguous()
             nv = torch.empty(B, Hkv, 1, device=qkv.device)
             ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
-            st.state["vnorm"].scatter_(2, step.slot[rows, :, None], nv)
+            st.state["vnorm"].scatter_(2, rows.slot[..., None], nv)
         rope = self.rope if self.cache_positions else None
         length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
-        probs = None if self.probs is None else self.probs[rows]
+        probs = rows.probs
         ops.decode_attention(
             qr, st.k, st.v, st.pos, length, self.scale, self.out,
             st.state["acc"] if self.fused_acc else None, probs,
@@ -242,7 +253,7 @@ class KVStore:
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
         if self.policy.layerwise_decode:
-            self._policy_step(DecodeView(layer=st, step_pos=t, q=qr, probs=probs, rope=rope))
+            self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope))
         return self.out
 
     def _policy_step(self, view: DecodeView) -> None:
