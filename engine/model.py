@@ -133,10 +133,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
+            gate_up = ops.linear(x, self.w13)
+            n = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :n], gate_up[..., n:]
         else:
             gate, up = (ops.linear(x, lin.weight) for lin in (self.w1, self.w3))
-        return ops.linear(F.silu(gate) * up, self.w2.weight)
+        # in place on the projection's own buffer: a decode step runs this 30 times, allocations show
+        return ops.linear(F.silu(gate, inplace=True).mul_(up), self.w2.weight)
 
 
 class Block(nn.Module):
