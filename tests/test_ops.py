@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -690,13 +694,30 @@ def _spy(monkeypatch, name: str) -> list:
     return calls
 
 
-def test_env_selects_reference_without_warning(monkeypatch):
-    calls = _spy(monkeypatch, "rms_norm")
-    monkeypatch.setenv("ENGINE_REFERENCE", "1")
-    with warnings.catch_warnings():
+def test_env_selects_reference_without_warning():
+    """ENGINE_REFERENCE=1 at start-up (read once, at import): a fresh interpreter with it set."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        from engine import ops, reference
+        calls = []
+        real = reference.rms_norm
+        reference.rms_norm = lambda *a: calls.append(1) or real(*a)
         warnings.simplefilter("error")
         ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
-    assert calls == [1]
+        assert ops.REFERENCE_BY_ENV and calls == [1], calls
+    """)
+    env = {**os.environ, "ENGINE_REFERENCE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION or ops.REFERENCE_BY_ENV, reason="needs the compiled default")
+def test_env_selection_is_read_at_import(monkeypatch):
+    """Setting the variable later changes nothing: the choice is made once, not per op call."""
+    calls = _spy(monkeypatch, "rms_norm")
+    monkeypatch.setenv("ENGINE_REFERENCE", "1")
+    ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
+    assert calls == []
 
 
 @pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
