@@ -3,7 +3,8 @@ CUDA graph, against the device's copy bandwidth measured in the same run (BENCHM
 
 The model has the preset's shape and random weights (speed does not depend on the values). Each cell's
 cache is filled directly as it stands after `ctx` tokens (random K/V; `full` holds every position, a
-policy its budget: the sinks, the recent window and positions spread over the rest), so a 32K context
+policy its budget: the sinks, the recent window and positions spread over the rest; StreamingLLM the
+sinks and the newest tokens), so a 32K context
 costs no 32K-token prefill. Steps are timed with CUDA events, each step's next token is its argmax.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def random_model(preset: str, max_seq_len: int, dtype: torch.dtype) -> Transform
 
 def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KVStore:
     """A store as it stands after `ctx` tokens (see the module docstring)."""
-    args, dev = model.args, torch.device("cuda")
+    args, dev = model.args, model.tok_embeddings.weight.device
     dtype = model.tok_embeddings.weight.dtype
     if policy.name == "full":
         kept = budget = ctx
@@ -79,7 +80,9 @@ def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KV
     if kept == ctx:
         positions = torch.arange(ctx, device=dev)
     else:
-        sinks, recent = policy.sinks, min(policy.recent, kept - policy.sinks - 1)
+        sinks = policy.sinks
+        # StreamingLLM holds the newest tokens; a scoring policy at least the newest one and its recent window
+        recent = kept - sinks if policy.name == "streaming" else max(1, min(policy.recent, kept - sinks - 1))
         middle = torch.randperm(ctx - sinks - recent, device=dev)[: kept - sinks - recent].sort().values + sinks
         positions = torch.cat([torch.arange(sinks, device=dev), middle, torch.arange(ctx - recent, ctx, device=dev)])
     a.pos[:, :, :kept] = positions.int()

@@ -44,3 +44,43 @@ def test_kernels_bench(results_dir: Path) -> None:
         assert set(doc["results"][layout]["decode"]) == {"33"}
     rss = doc["results"]["prefill_peak_rss_bytes"]
     assert rss["8192"] > 0  # the kernel's working set above its inputs is measured, not lost in an earlier peak
+
+
+def test_gpu_mode_without_a_gpu_says_so(capsys) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present: the mode would run")
+    with pytest.raises(SystemExit, match="torch sees no CUDA GPU"):
+        bench_main(["gpu"])
+
+
+@pytest.mark.parametrize("name", ["full", "h2o", "weightedkv", "streaming"])
+def test_gpu_bench_fills_the_cache_as_after_the_context(name) -> None:
+    """The synthetic fill of `engine.bench gpu` (run here on the CPU): the counters, clock and positions of
+    a store that has seen `ctx` tokens, from which decode steps then run and evict like any other."""
+    import torch
+
+    from engine.bench_gpu import filled_store
+    from engine.generate import decode_step
+    from engine.model import Rope
+    from engine.policies import make_policy
+
+    from .test_policies import small, tiny_model
+
+    model = tiny_model()
+    model.rope = model.rope or Rope(model.args, torch.device("cpu"))
+    ctx, budget, steps = 300, 24, 5
+    policy = make_policy("full") if name == "full" else small(name, budget)
+    store = filled_store(model, policy, ctx, steps)
+    kept = ctx if name == "full" else budget
+    assert (store.t, store.used, store.occupancy) == (ctx, kept, kept)
+    assert store.clock.tolist() == [ctx, kept, store.qpos]
+    pos = store.all.pos[:, :, :kept]
+    assert bool((store.all.pos[:, :, kept:] == -1).all()) and bool((pos >= 0).all())
+    assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos.max()) == ctx - 1  # ordered, newest kept
+    assert bool((pos[..., : policy.sinks] == torch.arange(policy.sinks)).all())
+    if name == "streaming":  # the sinks, then the newest tokens
+        assert bool((pos[..., policy.sinks :] == torch.arange(ctx - kept + policy.sinks, ctx)).all())
+    for _ in range(steps):
+        decode_step(model, store, torch.tensor([3]))
+    assert store.t == ctx + steps and store.occupancy == (kept + steps if name == "full" else budget)
+    assert store.stats().evictions == (0 if name == "full" else steps)
