@@ -56,9 +56,7 @@ def random_model(preset: str, max_seq_len: int, dtype: torch.dtype) -> Transform
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    for block in model.layers:
-        block.attention.fuse()
-        block.feed_forward.fuse()
+    model.fuse()
     model.rope = Rope(args, torch.device("cuda"))
     return model
 

@@ -259,7 +259,7 @@ class KVStore:
     def _policy_step(self, view: DecodeView) -> None:
         """Fold the step's attention into the policy state, then evict if the cache is over budget."""
         self.policy.decode_update(view)
-        if self.policy.evicts_on_decode and self.occupancy + 1 > self.budget:
+        if self.evicts_now:
             self._evict(view)
 
     def _evict(self, view: DecodeView) -> None:

@@ -49,9 +49,10 @@ class GraphDecoder:
         filling, evicting = self.store.prepare_decode()
         key = (filling, evicting, self.store.rope.cos.data_ptr())
         if key not in self.graphs:
-            if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
-                if len(self.graphs) >= MAX_GRAPHS:
-                    self._fall_back(f"more than {MAX_GRAPHS} cache phases")
+            if len(self.graphs) >= MAX_GRAPHS:
+                self._fall_back(f"more than {MAX_GRAPHS} cache phases")
+                return decode_step(self.model, self.store, token)
+            if key not in self.seen:  # its first step runs eagerly
                 self.seen.add(key)
                 return decode_step(self.model, self.store, token)
             try:

@@ -188,7 +188,11 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model = model.to(device).eval().requires_grad_(False)
-        for block in model.layers:
+        model.fuse()
+        return model
+
+    def fuse(self) -> None:
+        """Fused q/k/v and gate/up weights in every block (done once the weights are on their device)."""
+        for block in self.layers:
             block.attention.fuse()
             block.feed_forward.fuse()
-        return model
