@@ -778,6 +778,24 @@ def test_matvec(device, path, dtype, lead, N, K):
     assert_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "matvec")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_split_over_threads(threads, dtype):
+    """Matrices past the size where threads share the chunks (a decode step's projections), chunks that
+    do not divide evenly among the threads, two passes of x rows."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lead, N, K in [((1,), 1283, 576), ((10,), 3001, 200)]:
+            g = gen(61)
+            x, w = randn((*lead, K), dtype, "cpu", g), randn((N, K), dtype, "cpu", g)
+            out = poisoned((*lead, N), dtype, "cpu")
+            ops.matvec(x, w, out)
+            assert_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "matvec")
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_matvec_propagates_nan_and_inf(path):
     x, w = torch.ones(2, 19), torch.ones(5, 19)

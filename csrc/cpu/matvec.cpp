@@ -25,11 +25,13 @@ namespace {
 constexpr int64_t kMaxRows = 8;   // rows of x per pass over w (more rows: another pass)
 // Bytes of w per chunk, the unit of work: it fits L2, so a second pass (rows 9.. of x) rereads it there.
 constexpr int64_t kChunkBytes = 1 << 18;
-// Bytes of w from which the threads share the chunks. One core streams at close to the machine's
-// read bandwidth on small servers (on the 2-core EPYC VM this was written on, 2 threads were slower
-// than 1 even for a 113 MB matrix, and a busy machine makes every fork-join wait for a time slice):
-// only matrices that take one core tens of milliseconds are split.
-constexpr int64_t kParallelBytes = int64_t{256} << 20;
+// Bytes of w from which the threads share the chunks. One core does not reach the machine's read
+// bandwidth (on the 2-core EPYC VM: 15-17 GB/s alone, 27-30 GB/s with both), so every matrix of a
+// decode step is split, down to sizes where waking the other thread costs more than it saves
+// (measured: 0.3 MB no gain, 0.6 MB 1.5x).
+constexpr int64_t kParallelBytes = int64_t{1} << 19;
+// Chunks per thread at least, when split: a thread the OS runs late leaves its share to the others.
+constexpr int64_t kChunksPerThread = 4;
 
 // Independent accumulators per row of x: enough chains of FMAs in flight (4 for a single row,
 // one per row from 5 rows), few enough to stay in the 16 ymm registers with the loaded vectors.
@@ -125,13 +127,17 @@ ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, 
 template <typename T>
 void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
   const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);  // rows
+  const int64_t threads = at::get_num_threads();
+  const bool parallel = N * row_bytes >= kParallelBytes && threads > 1 && !at::in_parallel_region();
+  const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
+                                       : kChunkBytes;
+  const int64_t chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);  // rows
   const auto run = [&](int64_t n0) { matvec_slab(x, w, out, M, N, K, n0, std::min(N, n0 + chunk)); };
-  if (N * row_bytes < kParallelBytes || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (!parallel) {
     for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
     return;
   }
-  // Threads claim chunks as they come free: one the OS runs late leaves its share to the others.
+  // Threads claim chunks as they come free.
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
 }
