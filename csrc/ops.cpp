@@ -27,7 +27,7 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight) "
       "-> ()");
-  m.def("matvec(Tensor x, Tensor w, Tensor(a!) out) -> ()");  // F.linear; reference in engine/ops.py
+  m.def("matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False) -> ()");  // F.linear; reference in engine/ops.py
 }
 
 // Importing engine._C loads this library, which registers the ops above as torch.ops.engine.*.

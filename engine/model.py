@@ -96,12 +96,14 @@ class Attention(nn.Module):
         """One matmul for q, k and v: fewer, larger calls on the decode path."""
         self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
 
-    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None",
+                residual: torch.Tensor) -> torch.Tensor:
+        """Adds attention(x) into `residual` in place and returns it."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if kv is not None and kv.decoding and self.wqkv is not None:  # one token: the store takes the fused row
             y = kv.decode(layer, ops.linear(x, self.wqkv).view(B, -1))  # (B, H, D)
-            return ops.linear(y.view(B, 1, H * D), self.wo.weight)
+            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=residual)
         if self.wqkv is not None:
             qkv = ops.linear(x, self.wqkv)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -117,7 +119,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
             y = kv.attend(layer, q, k, v)  # (B, H, T, D)
-        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight)
+        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, add_to=residual)
 
 
 class FeedForward(nn.Module):
@@ -131,7 +133,8 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         self.w13 = _fuse_rows(self.w1, self.w3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Adds the FFN of x into `residual` in place and returns it."""
         if self.w13 is not None:
             gate_up = ops.linear(x, self.w13)
             n = gate_up.shape[-1] // 2
@@ -139,7 +142,7 @@ class FeedForward(nn.Module):
         else:
             gate, up = (ops.linear(x, lin.weight) for lin in (self.w1, self.w3))
         # in place on the projection's own buffer: a decode step runs this 30 times, allocations show
-        return ops.linear(F.silu(gate, inplace=True).mul_(up), self.w2.weight)
+        return ops.linear(F.silu(gate, inplace=True).mul_(up), self.w2.weight, add_to=residual)
 
 
 class Block(nn.Module):
@@ -151,8 +154,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), layer, rope, kv)
-        return h + self.feed_forward(self.ffn_norm(h))
+        """x is the residual stream, updated in place: each sublayer's output projection adds into it."""
+        x = self.attention(self.attention_norm(x), layer, rope, kv, residual=x)
+        return self.feed_forward(self.ffn_norm(x), residual=x)
 
 
 class Transformer(nn.Module):

@@ -142,10 +142,11 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
 
 
-def matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
-    """out [..., N] = x [..., K] @ w [N, K]^T (F.linear), all three in w's dtype, accumulated in fp32.
+def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out [..., N] = x [..., K] @ w [N, K]^T (F.linear), all three in w's dtype, accumulated in fp32;
+    with `accumulate`, out += that product (rounded to out's dtype first, as out.add_(F.linear(x, w))).
     Reads w once per 8 rows of x: the product of a decode step, whose time is the weights' streaming."""
-    _impl("matvec", w.device, _matvec_reference)(x, w, out)
+    _impl("matvec", w.device, _matvec_reference)(x, w, out, accumulate)
 
 
 def check_matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
@@ -156,9 +157,24 @@ def check_matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
     reference._check_tensor("matvec", "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
 
 
-def _matvec_reference(x: Tensor, w: Tensor, out: Tensor) -> None:
+def check_matvec_overlap(x: Tensor, w: Tensor, out: Tensor) -> None:
+    """out is written while x and w are read (the fake op has no memory to compare)."""
+
+    def overlaps(t: Tensor) -> bool:  # all three are contiguous: [data, data + nbytes)
+        a, b = out.data_ptr(), t.data_ptr()
+        return out.numel() > 0 and t.numel() > 0 and a < b + t.nbytes and b < a + out.nbytes
+
+    if overlaps(x) or overlaps(w):
+        raise ValueError("matvec: out must not overlap x or w")
+
+
+def _matvec_reference(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None:
     check_matvec(x, w, out)
-    out.copy_(F.linear(x, w))
+    check_matvec_overlap(x, w, out)
+    if accumulate:
+        out.add_(F.linear(x, w))
+    else:
+        out.copy_(F.linear(x, w))
 
 
 MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reuses each block of w across rows
@@ -166,16 +182,19 @@ MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reu
 MATVEC_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    """F.linear(x [..., K], w [N, K]) without bias: a decode step (at most MATVEC_MAX_ROWS rows) through
+def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None) -> Tensor:
+    """F.linear(x [..., K], w [N, K]) without bias; with `add_to` (contiguous, the result's shape) the
+    product is added into it in place and add_to returned: the residual stream takes an output
+    projection with no separate add. A decode step (at most MATVEC_MAX_ROWS rows) goes through
     matvec, a prompt through F.linear's GEMM, and F.linear wherever engine._C has no matvec (CUDA).
     Written for few tensor ops: it runs ~120 times per decode step."""
     device = x.device
     if (x.numel() > MATVEC_MAX_ROWS * x.shape[-1] or x.dtype not in MATVEC_DTYPES
             or not has_kernel("matvec", device.type)):
-        return F.linear(x, w)
-    out = x.new_empty((*x.shape[:-1], w.shape[0]))
-    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out)
+        y = F.linear(x, w)
+        return y if add_to is None else add_to.add_(y)
+    out = x.new_empty((*x.shape[:-1], w.shape[0])) if add_to is None else add_to
+    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out, add_to is not None)
     return out
 
 
@@ -219,5 +238,5 @@ if HAVE_EXTENSION:
         reference.check_merge_value(v, w, victim, receiver, weight)
 
     @torch.library.register_fake("engine::matvec")
-    def _matvec_fake(x, w, out) -> None:
+    def _matvec_fake(x, w, out, accumulate=False) -> None:
         check_matvec(x, w, out)

@@ -778,6 +778,34 @@ def test_matvec(device, path, dtype, lead, N, K):
     assert_within(out, F.linear(x.double(), w.double()), F.linear(x, w), "matvec")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,N,K", [((1,), 37, 147), ((3, 1), 129, 77), ((11,), 700, 200), ((1,), 1283, 576)])
+def test_matvec_accumulate(device, path, dtype, lead, N, K):
+    """accumulate=True adds the product into out: the bits of out.add_(F.linear(x, w)), the product
+    rounded to out's dtype before the add (every slot compared, none left unwritten)."""
+    g = gen(64)
+    x, w, base = randn((*lead, K), dtype, device, g), randn((N, K), dtype, device, g), randn((*lead, N), dtype, device, g)
+    out = base.clone()
+    with on_path(path, "matvec", device):
+        ops.matvec(x, w, out, accumulate=True)
+    product = torch.empty_like(base)
+    with on_path(path, "matvec", device):
+        ops.matvec(x, w, product)
+    assert torch.equal(out, base + product)  # the same product, rounded once, then one rounded add
+    assert_within(out, base.double() + F.linear(x.double(), w.double()), base + F.linear(x, w), "matvec accumulate")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matvec_out_overlapping_an_input_is_refused(path):
+    """out is written while x and w are read: a view into either is a clear error on both paths."""
+    x, w = torch.zeros(3, 12), torch.zeros(5, 12)
+    for args in (dict(x=x, w=w, out=x.view(-1)[:15].view(3, 5)), dict(x=x, w=w, out=w.view(-1)[45:].view(3, 5))):
+        assert_same_one_line_error({path: _raise(path, "matvec", args)}, ValueError,
+                                   "matvec: out must not overlap x or w")
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matvec_split_over_threads(threads, dtype):
@@ -851,27 +879,32 @@ def test_matvec_opcheck(dtype):
     g = gen(62)
     args = (randn((3, 21), dtype, "cpu", g), randn((10, 21), dtype, "cpu", g), torch.empty(3, 10, dtype=dtype))
     torch.library.opcheck(torch.ops.engine.matvec, args)
+    torch.library.opcheck(torch.ops.engine.matvec, (*args, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 40), (3, 1, 40), (40,), (2, 4, 40), (3, 3, 40)])
-def test_linear_sends_decode_rows_to_matvec(monkeypatch, device, dtype, shape):
+@pytest.mark.parametrize("add", [False, True])
+def test_linear_sends_decode_rows_to_matvec(monkeypatch, device, dtype, shape, add):
     """At most MATVEC_MAX_ROWS rows in MATVEC_DTYPES go through matvec where engine._C has it (CPU),
-    the rest (prompts, fp16, CUDA) through F.linear, and either way the result is F.linear's, with
-    no fallback warning."""
+    the rest (prompts, fp16, CUDA) through F.linear, and either way the result is F.linear's (added
+    into `add_to` in place, when given), with no fallback warning."""
     calls = []
     real = ops._impl
     monkeypatch.setattr(ops, "_impl", lambda op, *a: calls.append(op) or real(op, *a))
     g = gen(63)
     x, w = randn(shape, dtype, device, g), randn((24, 40), dtype, device, g)
+    base = randn((*shape[:-1], 24), dtype, device, g) if add else torch.zeros((), dtype=dtype, device=device)
+    residual = base.clone() if add else None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = ops.linear(x, w)
+        y = ops.linear(x, w, add_to=residual)
     small = math.prod(shape[:-1]) <= ops.MATVEC_MAX_ROWS and dtype in ops.MATVEC_DTYPES
     assert calls == (["matvec"] if small and ops.has_kernel("matvec", device) else [])
     assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
-    assert_within(y, F.linear(x.double(), w.double()), F.linear(x, w), "linear")
+    assert (y is residual) == add
+    assert_within(y, base.double() + F.linear(x.double(), w.double()), base + F.linear(x, w), "linear")
 
 
 @pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")

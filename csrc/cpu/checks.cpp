@@ -286,6 +286,11 @@ void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ou
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.size(0);
   check_tensor(op, "out", out, "[..., N]", out_shape, {w.scalar_type()}, like);
+  const auto overlaps = [&](const at::Tensor& t) {  // all three are contiguous: [data, data + nbytes)
+    const char *a = static_cast<const char*>(out.const_data_ptr()), *b = static_cast<const char*>(t.const_data_ptr());
+    return out.numel() && t.numel() && a < b + t.nbytes() && b < a + out.nbytes();
+  };
+  TORCH_CHECK_VALUE(!overlaps(x) && !overlaps(w), "matvec: out must not overlap x or w");
 }
 
 }  // namespace engine

@@ -40,6 +40,6 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight);
 
 // out[..., N] = x[..., K] @ w[N, K]^T, all three in w's dtype, fp32 accumulation (decode: few rows).
-void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate);
 
 }  // namespace engine

@@ -1,5 +1,7 @@
 // Matrix-vector product of the decode step: out[..., N] = x[..., K] @ w[N, K]^T (F.linear without
-// bias) for the few rows M of x that a decode step has, one per sequence.
+// bias) for the few rows M of x that a decode step has, one per sequence. With `accumulate`, out +=
+// the product (rounded to out's dtype first, as out.add_(F.linear(x, w)) would): the residual
+// stream takes an output projection in place, with no separate add.
 //
 // Its time is the time to read w once, so w streams from memory in contiguous chunks of rows, each
 // row against up to kMaxRows rows of x (which stay in cache), into independent 8-lane fp32
@@ -69,7 +71,7 @@ ENGINE_INLINE void step16(Vec8 (&acc)[MR][A], const T* x, const T* w, int64_t K,
 // out[m] = dot(x[m], w) for MR rows of x (stride K) and one row of w (out has stride N). One row
 // at a time keeps the read of w one forward stream, which the hardware prefetcher follows best
 // (4 rows interleaved streamed 10-15% slower).
-template <int MR, typename T>
+template <int MR, bool ACC, typename T>
 ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                            int64_t K, int64_t N) {
   constexpr int A = kAccs<MR>;
@@ -93,38 +95,39 @@ ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* 
     for (int64_t j = k; j < K; ++j) tail += static_cast<float>(x[m * K + j]) * static_cast<float>(w[j]);
     Vec8 sum = acc[m][0];
     for (int i = 1; i < A; ++i) sum += acc[m][i];
-    out[m * N] = static_cast<T>(hsum8(sum) + tail);
+    const T dot = static_cast<T>(hsum8(sum) + tail);
+    out[m * N] = ACC ? static_cast<T>(static_cast<float>(out[m * N]) + static_cast<float>(dot)) : dot;
   }
 }
 
 // Rows [n0, n1) of w against MR rows of x.
-template <int MR, typename T>
+template <int MR, bool ACC, typename T>
 ENGINE_INLINE void rows_pass(const T* x, const T* w, T* out, int64_t N, int64_t K, int64_t n0,
                              int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_dot<MR>(x, w + n * K, out + n, K, N);
+  for (int64_t n = n0; n < n1; ++n) row_dot<MR, ACC>(x, w + n * K, out + n, K, N);
 }
 
 // Columns [n0, n1) of out[M, N], every row: one pass over w's rows n0..n1 per kMaxRows rows of x.
-template <typename T>
+template <bool ACC, typename T>
 ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, int64_t N,
                                      int64_t K, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const T* xm = x + m0 * K;
     T* om = out + m0 * N;
     switch (std::min(kMaxRows, M - m0)) {
-      case 1: rows_pass<1>(xm, w, om, N, K, n0, n1); break;
-      case 2: rows_pass<2>(xm, w, om, N, K, n0, n1); break;
-      case 3: rows_pass<3>(xm, w, om, N, K, n0, n1); break;
-      case 4: rows_pass<4>(xm, w, om, N, K, n0, n1); break;
-      case 5: rows_pass<5>(xm, w, om, N, K, n0, n1); break;
-      case 6: rows_pass<6>(xm, w, om, N, K, n0, n1); break;
-      case 7: rows_pass<7>(xm, w, om, N, K, n0, n1); break;
-      default: rows_pass<8>(xm, w, om, N, K, n0, n1); break;
+      case 1: rows_pass<1, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 2: rows_pass<2, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 3: rows_pass<3, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 4: rows_pass<4, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 5: rows_pass<5, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 6: rows_pass<6, ACC>(xm, w, om, N, K, n0, n1); break;
+      case 7: rows_pass<7, ACC>(xm, w, om, N, K, n0, n1); break;
+      default: rows_pass<8, ACC>(xm, w, om, N, K, n0, n1); break;
     }
   }
 }
 
-template <typename T>
+template <bool ACC, typename T>
 void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
   const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
   const int64_t threads = at::get_num_threads();
@@ -132,7 +135,7 @@ void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t
   const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
                                        : kChunkBytes;
   const int64_t chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);  // rows
-  const auto run = [&](int64_t n0) { matvec_slab(x, w, out, M, N, K, n0, std::min(N, n0 + chunk)); };
+  const auto run = [&](int64_t n0) { matvec_slab<ACC>(x, w, out, M, N, K, n0, std::min(N, n0 + chunk)); };
   if (!parallel) {
     for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
     return;
@@ -144,12 +147,13 @@ void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t
 
 }  // namespace
 
-void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate) {
   check_matvec(x, w, out);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   ENGINE_DISPATCH_FLOATS(w.scalar_type(), "matvec", [&] {
-    matvec_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                            out.mutable_data_ptr<scalar_t>(), M, w.size(0), w.size(1));
+    const auto kernel = accumulate ? matvec_kernel<true, scalar_t> : matvec_kernel<false, scalar_t>;
+    kernel(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M,
+           w.size(0), w.size(1));
   });
 }
 
