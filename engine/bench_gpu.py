@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import ops
-from .benchutil import summary
+from .benchutil import summary, weight_bytes
 from .cache import KVStore
 from .config import PRESETS
 from .graphs import GraphDecoder
@@ -110,18 +110,6 @@ def decode_times(model: Transformer, store: KVStore, steps: int, graphs: bool, w
     return times
 
 
-def weight_bytes(model: Transformer) -> int:
-    """Bytes a decode step reads from the weights: every matrix but the embedding table (one row)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.tok_embeddings.weight
-    return total - (0 if model.output.weight is emb else emb.numel() * emb.element_size())
-
-
-def kv_bytes(model: Transformer, occupancy: int) -> int:
-    a = model.args
-    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * occupancy * model.tok_embeddings.weight.element_size()
-
-
 def attention_kernel(model: Transformer, ctx: int, reps: int = 30) -> dict[str, float]:
     """One layer's decode attention alone at `ctx` cached tokens: K and V bytes per second, with and without
     the score accumulation a policy asks for (3 cache copies in turn, so no timing reads from L2)."""
@@ -169,7 +157,7 @@ def bench_gpu(preset: str, contexts: list[int], policies: list[str], budget: int
                 mode = "graph" if graphs else "eager"
                 row[f"{mode}_step_s"] = t
                 row[f"{mode}_tok_s"] = 1 / t["median"]
-                moved = wbytes + kv_bytes(model, store.occupancy)
+                moved = wbytes + model.args.kv_bytes_per_token(store.dtype) * store.occupancy
                 row[f"{mode}_bytes_per_s"] = moved / t["median"]
                 row[f"{mode}_of_copy_bw"] = moved / t["median"] / copy_bw
                 del store

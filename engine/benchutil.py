@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from .model import RMSNorm
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
@@ -81,3 +84,9 @@ def write_result(name: str, payload: dict[str, object], out_dir: Path | None = N
     doc = {"commit": git_commit(), "date": stamp, "machine": machine(), **payload}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads from the weights: every linear and norm (the embedding reads one row)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, (nn.Linear, RMSNorm)))

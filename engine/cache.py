@@ -139,8 +139,7 @@ class KVStore:
         self.clock.zero_()
 
     def stats(self) -> CacheStats:
-        a, elt = self.args, torch.finfo(self.dtype).bits // 8
-        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * elt * self.batch
+        per_token = self.args.kv_bytes_per_token(self.dtype) * self.batch
         return CacheStats(
             occupancy=self.occupancy, capacity=self.capacity, budget=self.budget,
             kv_bytes=per_token * self.capacity, full_kv_bytes=per_token * self.t, tokens_seen=self.t,

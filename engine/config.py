@@ -5,7 +5,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,10 @@ class ModelArgs:
     @property
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V one token takes in a cache of `dtype`, every layer and KV head."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype.itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, record_function
 
 from .bench import decode_runner
-from .benchutil import sync
+from .benchutil import sync, weight_bytes
 from .cache import KVStore
 from .cli import add_model_args, policy_params, run_cli
 from .generate import SamplingParams, decode_step, prefill, sample
@@ -170,17 +170,10 @@ def attribute(events: list[FunctionEvent], steps: int, cuda: bool) -> tuple[dict
 
 # ---- runs --------------------------------------------------------------------------------------
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes a decode step reads from the weights: every linear and norm (the embedding reads one row)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-               if isinstance(m, (nn.Linear, RMSNorm)))
-
-
 def kv_read_bytes(store: KVStore) -> int:
     """K and V bytes the next decode step's attention reads: every slot up to the high-water mark."""
-    a = store.args
     slots = min(store.used + 1, store.capacity)
-    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * slots * store.batch * torch.finfo(store.dtype).bits // 8
+    return store.args.kv_bytes_per_token(store.dtype) * slots * store.batch
 
 
 def profiled_run(llm, context: int, steps: int, trace: Path | None) -> tuple[list[FunctionEvent], float, int]:
