@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import ops
-from .benchutil import summary, sync, time_alternating, weight_bytes, write_result
+from .benchutil import read_bandwidth, summary, sync, time_alternating, weight_bytes, write_result
 from .cli import add_model_args, policy_params, run_cli
 from .generate import decode_step, prefill
 
@@ -90,7 +90,9 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
 
     hf = transformers.LlamaForCausalLM.from_pretrained(llm.source, torch_dtype=llm.dtype).eval()
     weights = weight_bytes(llm.model)
-    results: dict[str, object] = {}
+    read_bw = read_bandwidth(llm.device)
+    print(f"read bandwidth: {read_bw / 1e9:.1f} GB/s")
+    results: dict[str, object] = {"read_bytes_per_s": read_bw, "weight_bytes": weights}
     for ctx in contexts:
         ours, ours_pre, ours_dec = decode_runner(llm, ctx, steps)
         theirs, hf_pre, hf_dec = hf_runner(hf, ctx, steps)
@@ -102,9 +104,11 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
         # the floor scaled by the K/V bytes attention also reads (mean cache over the timed steps)
         kv = llm.args.kv_bytes_per_token(llm.dtype) * (ctx + steps / 2)
         floor_kv = floor_step["median"] * (1 + kv / weights)
+        achieved = (weights + kv) / e_dec["median"]
         results[str(ctx)] = {
             "engine_decode_s": e_dec, "transformers_decode_s": h_dec, "floor_step_s": floor_step,
             "floor_with_kv_step_s": floor_kv, "decode_vs_floor_with_kv": e_dec["median"] / floor_kv,
+            "kv_bytes": kv, "engine_decode_bytes_per_s": achieved, "engine_decode_of_read_bw": achieved / read_bw,
             "engine_prefill_s": e_pre, "transformers_prefill_s": h_pre,
             "decode_speedup_vs_transformers": h_dec["median"] / e_dec["median"],
             "decode_vs_floor": e_dec["median"] / floor_step["median"],
@@ -115,7 +119,8 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
         print(f"ctx {ctx:5d}: decode {e_dec['median']*1e3:6.1f} ms (transformers {h_dec['median']*1e3:6.1f}, "
               f"floor {floor_step['median']*1e3:5.1f}, with KV {floor_kv*1e3:5.1f}) -> "
               f"{r['decode_speedup_vs_transformers']:.2f}x transformers, {r['decode_vs_floor']:.2f}x floor "
-              f"({r['decode_vs_floor_with_kv']:.2f}x with KV); prefill {r['prefill_speedup_vs_transformers']:.2f}x "
+              f"({r['decode_vs_floor_with_kv']:.2f}x with KV), {achieved / 1e9:.1f} GB/s = "
+              f"{achieved / read_bw * 100:.0f}% of read bw; prefill {r['prefill_speedup_vs_transformers']:.2f}x "
               "transformers")
     return results
 

@@ -34,6 +34,19 @@ def summary(samples: list[float]) -> dict[str, float]:
     return out
 
 
+def read_bandwidth(device: torch.device | str, nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """Bytes per second a reduction over a buffer far larger than the caches reads (median, all threads):
+    the ceiling of a decode step, which reads its weights and K/V once and writes almost nothing."""
+    buf = torch.ones(nbytes // 4, device=device)
+    buf.sum()
+
+    def read() -> None:
+        buf.sum()
+
+    times = time_alternating({"read": read}, reps=reps, device=str(device))["read"]
+    return nbytes / statistics.median(times)
+
+
 def time_alternating(fns: dict[str, Callable[[], None]], reps: int = 5, warmup: int = 1,
                      device: str = "cpu") -> dict[str, list[float]]:
     """Run each candidate `warmup` times, then `reps` rounds alternating A, B, ... (noise hits all alike)."""

@@ -37,6 +37,33 @@ def test_policy_grid(tiny_model_dir: Path, results_dir: Path) -> None:
                 assert cell["full_context_tokens"] == min(int(ctx), 256 - 2 * 2 - 1)
 
 
+def test_vs_transformers(tiny_model_dir: Path, results_dir: Path) -> None:
+    """The default mode (engine vs transformers vs the floor) on the tiny model: every derived figure is
+    the one its inputs give (bytes per step from the model's shapes, ratios from the medians)."""
+    from engine.config import load_config_json
+
+    assert bench_main(["--model", str(tiny_model_dir), "--contexts", "16", "40", "--steps", "2", "--reps", "1"]) == 0
+    doc = only_result(results_dir, "e2e-vs-transformers")["results"]
+    args = load_config_json(tiny_model_dir / "config.json")
+    read_bw, weights = doc["read_bytes_per_s"], doc["weight_bytes"]
+    assert read_bw > 0 and weights == sum(
+        4 * n for n in (args.vocab_size * args.dim, args.dim,  # output, final norm (fp32)
+                        args.n_layers * (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+                                         + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.hidden_dim
+                                         + 2 * args.dim)))
+    for ctx in ("16", "40"):
+        r = doc[ctx]
+        e, h, f = (r[k]["median"] for k in ("engine_decode_s", "transformers_decode_s", "floor_step_s"))
+        assert r["kv_bytes"] == 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4 * (int(ctx) + 1)
+        assert r["decode_speedup_vs_transformers"] == pytest.approx(h / e)
+        assert r["decode_vs_floor"] == pytest.approx(e / f)
+        assert r["floor_with_kv_step_s"] == pytest.approx(f * (1 + r["kv_bytes"] / weights))
+        assert r["decode_vs_floor_with_kv"] == pytest.approx(e / r["floor_with_kv_step_s"])
+        assert r["decode_vs_floor_with_kv"] < r["decode_vs_floor"]
+        assert r["engine_decode_bytes_per_s"] == pytest.approx((weights + r["kv_bytes"]) / e)
+        assert r["engine_decode_of_read_bw"] == pytest.approx(r["engine_decode_bytes_per_s"] / read_bw)
+
+
 def test_kernels_bench(results_dir: Path) -> None:
     assert bench_main(["kernels", "--contexts", "33", "--reps", "1"]) == 0
     doc = only_result(results_dir, "kernels")
