@@ -171,13 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--policies", help="comma list: a policy-overhead table over policies x --budgets")
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="budgets of the --policies table")
     p.add_argument("--preset", default="llama-2-7b", help="gpu mode: the model shape (random fp16 weights)")
     ns = p.parse_args(argv)
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
     if ns.mode == "kernels":
         from .bench_kernels import bench_kernels
 

@@ -299,6 +299,30 @@ def test_cli_user_errors(tiny_smol: Path, tmp_path: Path) -> None:
         user_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), needle)
 
 
+@pytest.mark.parametrize("value", ["1", "3"])
+def test_threads_flag_sets_the_thread_count_before_anything_runs(value: str) -> None:
+    """--threads (every entry point's model flags) takes effect as it is parsed."""
+    from engine.chat import parse_args
+
+    before = torch.get_num_threads()
+    try:
+        assert parse_args(["--threads", value]).threads == int(value)
+        assert torch.get_num_threads() == int(value)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_threads_flag_refuses_what_is_not_a_thread_count(value: str, capsys) -> None:
+    from engine.chat import parse_args
+
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--threads", value])
+    assert info.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
+
+
 def test_cli_prompt_past_the_context_names_what_fits(tiny_smol: Path) -> None:
     line = user_error(run_chat("--model", str(tiny_smol), "--prompt", "-", stdin="word " * 600), "context")
     assert "--policy" in line and "--budget" in line
