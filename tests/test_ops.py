@@ -806,11 +806,12 @@ def test_matvec_out_overlapping_an_input_is_refused(path):
                                    "matvec: out must not overlap x or w")
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matvec_split_over_threads(threads, dtype):
     """Matrices past the size where threads share the chunks (a decode step's projections), chunks that
-    do not divide evenly among the threads, two passes of x rows."""
+    do not divide evenly among the threads, two passes of x rows, more threads than the matrix has
+    shares for (capped)."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

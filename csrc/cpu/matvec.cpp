@@ -27,11 +27,11 @@ namespace {
 constexpr int64_t kMaxRows = 8;   // rows of x per pass over w (more rows: another pass)
 // Bytes of w per chunk, the unit of work: it fits L2, so a second pass (rows 9.. of x) rereads it there.
 constexpr int64_t kChunkBytes = 1 << 18;
-// Bytes of w from which the threads share the chunks. One core does not reach the machine's read
-// bandwidth (on the 2-core EPYC VM: 15-17 GB/s alone, 27-30 GB/s with both), so every matrix of a
-// decode step is split, down to sizes where waking the other thread costs more than it saves
-// (measured: 0.3 MB no gain, 0.6 MB 1.5x).
-constexpr int64_t kParallelBytes = int64_t{1} << 19;
+// Bytes of w each thread gets at least. One core does not reach the machine's read bandwidth (on the
+// 2-core EPYC VM: 15-17 GB/s alone, 27-30 GB/s with both), so the matrices of a decode step are split,
+// but a thread joins only for a share that pays for waking it (measured with 2 threads: 0.3 MB no
+// gain, 0.6 MB 1.5x), which also keeps a many-core machine from waking all its cores for a small matrix.
+constexpr int64_t kBytesPerThread = int64_t{1} << 18;
 // Chunks per thread at least, when split: a thread the OS runs late leaves its share to the others.
 constexpr int64_t kChunksPerThread = 4;
 
@@ -130,8 +130,8 @@ ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, 
 template <bool ACC, typename T>
 void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
   const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
-  const int64_t threads = at::get_num_threads();
-  const bool parallel = N * row_bytes >= kParallelBytes && threads > 1 && !at::in_parallel_region();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N * row_bytes / kBytesPerThread);
+  const bool parallel = threads > 1 && !at::in_parallel_region();
   const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
                                        : kChunkBytes;
   const int64_t chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);  // rows
@@ -141,7 +141,7 @@ void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t
     return;
   }
   // Threads claim chunks as they come free.
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
 }
 
