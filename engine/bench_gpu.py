@@ -89,7 +89,7 @@ def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KV
     if a.rank is not None:
         a.rank[:, :, :kept] = torch.arange(kept, device=dev, dtype=torch.int32)
     store.t, store.used, store.occupancy = ctx, kept, kept
-    store.clock.copy_(torch.tensor([store.t, store.used, store.qpos]))
+    store.sync_clock()
     return store
 
 

@@ -200,6 +200,10 @@ class KVStore:
         self.evictions += self.occupancy + n - kept
         self.occupancy = kept
         self.t += n
+        self.sync_clock()
+
+    def sync_clock(self) -> None:
+        """The device clock from the host counters: after a prompt chunk, or counters set directly."""
         self.clock.copy_(torch.tensor([self.t, self.used, self.qpos]))
 
     def prepare_decode(self) -> tuple[bool, bool]:
