@@ -23,7 +23,7 @@ from torch import Tensor
 from engine import reference
 
 try:
-    from engine import _C  # noqa: F401  (loading it registers torch.ops.engine.*)
+    from engine import _C  # loading it registers torch.ops.engine.*
 
     HAVE_EXTENSION = True
 except ImportError:
@@ -58,8 +58,12 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 
 @functools.cache
-def _compiled(op: str) -> Callable:
-    """The op's one overload: calling it skips the packet's overload resolution (~1 us a call)."""
+def _compiled(op: str, device_type: str) -> Callable:
+    """The compiled op for tensors on `device_type`. On CPU the kernel's direct binding (engine._C.cpu:
+    ~1.5 us less per call than the dispatcher, ~240 calls per decode step), elsewhere the op's one
+    overload (calling it skips the packet's overload resolution, ~1 us a call)."""
+    if device_type == "cpu":
+        return getattr(_C.cpu, op)
     return getattr(torch.ops.engine, op).default
 
 
@@ -72,7 +76,7 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
     """The compiled op or its reference, for tensors on `device`."""
     forced = _forced.get()
     if forced is not None:
-        return fallback if forced else _compiled(op)
+        return fallback if forced else _compiled(op, device.type)
     if REFERENCE_BY_ENV:
         return fallback
     if not HAVE_EXTENSION:
@@ -81,7 +85,7 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
     if not has_kernel(op, device.type):
         _warn_fallback(f"engine._C has no {device.type} kernel for {op}")
         return fallback
-    return _compiled(op)
+    return _compiled(op, device.type)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
