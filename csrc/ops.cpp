@@ -33,7 +33,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight) "
       "-> ()");
-  m.def("matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False) -> ()");  // F.linear; reference in engine/ops.py
+  // F.linear of x, RMSNorm(x) or silu(x[..., :K]) * x[..., K:]; reference in engine/ops.py
+  m.def(
+      "matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, float eps=0., "
+      "bool swiglu=False) -> ()");
 }
 
 namespace {

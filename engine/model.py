@@ -31,6 +31,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def project(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """F.linear(self(x), w): on the decode path the norm is the projection's prologue, one op call."""
+        return ops.linear(x, w, norm=self.weight, eps=self.eps)
+
 
 class Rope:
     """cos/sin tables indexed by position (rotate_half layout). Grown only by `ensure`, which host code
@@ -96,19 +100,18 @@ class Attention(nn.Module):
         """One matmul for q, k and v: fewer, larger calls on the decode path."""
         self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
 
-    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None",
-                residual: torch.Tensor) -> torch.Tensor:
-        """Adds attention(x) into `residual` in place and returns it."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+        """Adds attention(norm(x)) into the residual stream x in place and returns it."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if kv is not None and kv.decoding and self.wqkv is not None:  # one token: the store takes the fused row
-            y = kv.decode(layer, ops.linear(x, self.wqkv).view(B, -1))  # (B, H, D)
-            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=residual)
+            y = kv.decode(layer, norm.project(x, self.wqkv).view(B, -1))  # (B, H, D)
+            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=x)
         if self.wqkv is not None:
-            qkv = ops.linear(x, self.wqkv)
+            qkv = norm.project(x, self.wqkv)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
-            q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+            q, k, v = (norm.project(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -119,7 +122,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
             y = kv.attend(layer, q, k, v)  # (B, H, T, D)
-        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, add_to=residual)
+        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, add_to=x)
 
 
 class FeedForward(nn.Module):
@@ -133,14 +136,13 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         self.w13 = _fuse_rows(self.w1, self.w3)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Adds the FFN of x into `residual` in place and returns it."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """Adds w2 (silu(w1 h) * w3 h), h = norm(x), into the residual stream x in place and returns it."""
         if self.w13 is not None:
-            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
+            gate_up = norm.project(x, self.w13)
         else:
-            gate, up = (ops.linear(x, lin.weight) for lin in (self.w1, self.w3))
-        # in place on the projection's own buffer: a decode step runs this 30 times, allocations show
-        return ops.linear(F.silu(gate, inplace=True).mul_(up), self.w2.weight, add_to=residual)
+            gate_up = torch.cat([norm.project(x, lin.weight) for lin in (self.w1, self.w3)], dim=-1)
+        return ops.linear(gate_up, self.w2.weight, add_to=x, swiglu=True)  # the SwiGLU is w2's prologue
 
 
 class Block(nn.Module):
@@ -152,9 +154,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
-        """x is the residual stream, updated in place: each sublayer's output projection adds into it."""
-        x = self.attention(self.attention_norm(x), layer, rope, kv, residual=x)
-        return self.feed_forward(self.ffn_norm(x), residual=x)
+        """x is the residual stream, updated in place: each sublayer normalises it in its first projection
+        and adds its output projection into it."""
+        x = self.attention(x, self.attention_norm, layer, rope, kv)
+        return self.feed_forward(x, self.ffn_norm)
 
 
 class Transformer(nn.Module):
@@ -177,7 +180,7 @@ class Transformer(nn.Module):
             x = layer(x, i, self.rope, kv)
         if last_only:
             x = x[:, -1:].contiguous()
-        return ops.linear(self.norm(x), self.output.weight).float()
+        return self.norm.project(x, self.output.weight).float()
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device) -> "Transformer":

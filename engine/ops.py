@@ -68,6 +68,12 @@ def _compiled(op: str, device_type: str) -> Callable:
 
 
 @functools.cache
+def _kernel(op: str, device_type: str) -> Callable | None:
+    """The compiled op where engine._C has one for the device, else None (one cached lookup per call)."""
+    return _compiled(op, device_type) if has_kernel(op, device_type) else None
+
+
+@functools.cache
 def _warn_fallback(reason: str) -> None:
     warnings.warn(f"{reason}; using the slow PyTorch reference kernels (engine.reference)", stacklevel=4)
 
@@ -79,13 +85,12 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
         return fallback if forced else _compiled(op, device.type)
     if REFERENCE_BY_ENV:
         return fallback
-    if not HAVE_EXTENSION:
-        _warn_fallback("engine._C is not built (pip install --no-build-isolation -e .)")
-        return fallback
-    if not has_kernel(op, device.type):
-        _warn_fallback(f"engine._C has no {device.type} kernel for {op}")
-        return fallback
-    return _compiled(op, device.type)
+    kernel = _kernel(op, device.type) if HAVE_EXTENSION else None
+    if kernel is not None:
+        return kernel
+    _warn_fallback(f"engine._C has no {device.type} kernel for {op}" if HAVE_EXTENSION
+                   else "engine._C is not built (pip install --no-build-isolation -e .)")
+    return fallback
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -146,18 +151,30 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
 
 
-def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None:
-    """out [..., N] = x [..., K] @ w [N, K]^T (F.linear), all three in w's dtype, accumulated in fp32;
-    with `accumulate`, out += that product (rounded to out's dtype first, as out.add_(F.linear(x, w))).
+def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
+           eps: float = 0.0, swiglu: bool = False) -> None:
+    """out [..., N] = h [..., K] @ w [N, K]^T (F.linear), all in w's dtype, accumulated in fp32; with
+    `accumulate`, out += that product (rounded to out's dtype first, as out.add_(F.linear(h, w))).
+    h is x [..., K], or rms_norm(x, norm, eps) with `norm` [K], or silu(x[..., :K]) * x[..., K:] of x
+    [..., 2K] with `swiglu`: the projection's input made in the same call (one op where two or four were).
     Reads w once per 8 rows of x: the product of a decode step, whose time is the weights' streaming."""
-    _impl("matvec", w.device, _matvec_reference)(x, w, out, accumulate)
+    _impl("matvec", w.device, _matvec_reference)(x, w, out, accumulate, norm, eps, swiglu)
 
 
-def check_matvec(x: Tensor, w: Tensor, out: Tensor) -> None:
+def check_matvec(x: Tensor, w: Tensor, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
+                 swiglu: bool = False) -> None:
     """Mirrors check_matvec in csrc/cpu/checks.cpp (here, not in engine.reference: F.linear is the reference)."""
     reference._check_tensor("matvec", "w", w, "[N, K]", [-1, -1], reference.FLOATS)
     like = (w, "w")
-    reference._check_tensor("matvec", "x", x, "[..., K]", [-1] * (x.dim() - 1) + [w.shape[1]], [w.dtype], like)
+    if norm is not None and swiglu:
+        raise ValueError("matvec: norm and swiglu cannot be combined")
+    K = w.shape[1]
+    x_shape = [-1] * (x.dim() - 1) + [2 * K if swiglu else K]
+    reference._check_tensor("matvec", "x", x, "[..., 2K]" if swiglu else "[..., K]", x_shape, [w.dtype], like)
+    if norm is not None:
+        reference._check_tensor("matvec", "norm", norm, "[K]", [K], [w.dtype], like)
+        if not eps >= 0:
+            raise ValueError("matvec: eps must be >= 0")
     reference._check_tensor("matvec", "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
 
 
@@ -172,13 +189,25 @@ def check_matvec_overlap(x: Tensor, w: Tensor, out: Tensor) -> None:
         raise ValueError("matvec: out must not overlap x or w")
 
 
-def _matvec_reference(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None:
-    check_matvec(x, w, out)
+def matvec_input(x: Tensor, norm: Tensor | None, eps: float, swiglu: bool) -> Tensor:
+    """The rows matvec multiplies: x, rms_norm(x, norm, eps), or silu of x's first half times its second."""
+    if norm is not None:
+        return rms_norm(x, norm, eps)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return x
+
+
+def _matvec_reference(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
+                      eps: float = 0.0, swiglu: bool = False) -> None:
+    check_matvec(x, w, out, norm, eps, swiglu)
     check_matvec_overlap(x, w, out)
+    y = F.linear(matvec_input(x, norm, eps, swiglu), w)
     if accumulate:
-        out.add_(F.linear(x, w))
+        out.add_(y)
     else:
-        out.copy_(F.linear(x, w))
+        out.copy_(y)
 
 
 MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reuses each block of w across rows
@@ -186,19 +215,21 @@ MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reu
 MATVEC_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None) -> Tensor:
-    """F.linear(x [..., K], w [N, K]) without bias; with `add_to` (contiguous, the result's shape) the
-    product is added into it in place and add_to returned: the residual stream takes an output
-    projection with no separate add. A decode step (at most MATVEC_MAX_ROWS rows) goes through
-    matvec, a prompt through F.linear's GEMM, and F.linear wherever engine._C has no matvec (CUDA).
+def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None, norm: Tensor | None = None, eps: float = 0.0,
+           swiglu: bool = False) -> Tensor:
+    """F.linear(h, w [N, K]) without bias, h as in `matvec` (x, rms_norm(x, norm, eps), or the SwiGLU of
+    x's two halves); with `add_to` (contiguous, the result's shape) the product is added into it in
+    place and add_to returned: the residual stream takes an output projection with no separate add.
+    A decode step (at most MATVEC_MAX_ROWS rows) goes through matvec, its input made in the same call;
+    a prompt through F.linear's GEMM, and F.linear wherever engine._C has no matvec (CUDA).
     Written for few tensor ops: it runs ~120 times per decode step."""
     device = x.device
     if (x.numel() > MATVEC_MAX_ROWS * x.shape[-1] or x.dtype not in MATVEC_DTYPES
             or not has_kernel("matvec", device.type)):
-        y = F.linear(x, w)
+        y = F.linear(matvec_input(x, norm, eps, swiglu), w)
         return y if add_to is None else add_to.add_(y)
     out = x.new_empty((*x.shape[:-1], w.shape[0])) if add_to is None else add_to
-    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out, add_to is not None)
+    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out, add_to is not None, norm, eps, swiglu)
     return out
 
 
@@ -242,5 +273,5 @@ if HAVE_EXTENSION:
         reference.check_merge_value(v, w, victim, receiver, weight)
 
     @torch.library.register_fake("engine::matvec")
-    def _matvec_fake(x, w, out, accumulate=False) -> None:
-        check_matvec(x, w, out)
+    def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:
+        check_matvec(x, w, out, norm, eps, swiglu)

@@ -827,6 +827,99 @@ def test_matvec_accumulate(device, path, dtype, lead, N, K):
     assert_within(out, base.double() + F.linear(x.double(), w.double()), base + F.linear(x, w), "matvec accumulate")
 
 
+PROLOGUE_SHAPES = [((1,), 37, 147), ((3, 1), 129, 77), ((11,), 700, 200), ((1,), 1283, 576), ((2,), 9, 5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,N,K", PROLOGUE_SHAPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matvec_norm_prologue(device, path, dtype, lead, N, K, accumulate):
+    """With `norm`, the product of rms_norm(x): the bits of ops.rms_norm then ops.matvec on the same path
+    (the normalised row is the same either way), within 2x PyTorch's error of the fp64 truth."""
+    g = gen(65)
+    x, w, norm = randn((*lead, K), dtype, device, g), randn((N, K), dtype, device, g), randn((K,), dtype, device, g)
+    base = randn((*lead, N), dtype, device, g)
+    out = base.clone() if accumulate else poisoned((*lead, N), dtype, device)
+    want = base.clone() if accumulate else torch.empty_like(out)
+    with on_path(path, "matvec", device):
+        ops.matvec(x, w, out, accumulate, norm=norm, eps=1e-5)
+        ops.matvec(ops.rms_norm(x, norm, 1e-5), w, want, accumulate)
+    assert torch.equal(out, want)
+    xd = x.double()
+    h = norm.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    offset = base.double() if accumulate else 0
+    assert_within(out, offset + F.linear(h, w.double()), want, "matvec norm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,N,K", PROLOGUE_SHAPES)
+def test_matvec_swiglu_prologue(device, path, dtype, lead, N, K):
+    """With `swiglu`, the product of silu(x[..., :K]) * x[..., K:]: within 2x PyTorch's error of fp64."""
+    g = gen(66)
+    x, w = randn((*lead, 2 * K), dtype, device, g, scale=4.0), randn((N, K), dtype, device, g)
+    out = poisoned((*lead, N), dtype, device)
+    with on_path(path, "matvec", device):
+        ops.matvec(x, w, out, swiglu=True)
+    gate, up = x.chunk(2, dim=-1)
+    truth = F.linear(F.silu(gate.double()) * up.double(), w.double())
+    assert_within(out, truth, F.linear(F.silu(gate) * up, w), "matvec swiglu")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_swiglu_prologue_elementwise(path, dtype):
+    """The prologue itself, seen through an identity w (each output is one input element): within two
+    ulps of F.silu(a) * b; exact at silu's limits (0, huge of either sign, inf, NaN: one element per call,
+    as an identity row would multiply a non-finite neighbour by 0)."""
+    K = 203
+    gate = torch.linspace(-30, 30, K, dtype=torch.float64).to(dtype)
+    up = randn((K,), dtype, "cpu", gen(67))
+    out = poisoned((K,), dtype, "cpu")
+    with on_path(path, "matvec", "cpu"):
+        ops.matvec(torch.cat([gate, up]), torch.eye(K, dtype=dtype), out, swiglu=True)
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=2 * torch.finfo(dtype).eps, atol=1e-30)
+    for a in (0.0, -0.0, -100.0, 100.0, float("inf"), -float("inf"), float("nan"), -90.0):
+        x = torch.tensor([a, 1.5], dtype=dtype)
+        one = poisoned((1,), dtype, "cpu")
+        with on_path(path, "matvec", "cpu"):
+            ops.matvec(x, torch.ones(1, 1, dtype=dtype), one, swiglu=True)
+        torch.testing.assert_close(one, F.silu(x[:1]) * x[1:], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matvec_swiglu_propagates_through_residual(path):
+    """accumulate with swiglu: the MLP's down projection added into the residual stream in place."""
+    g = gen(68)
+    x, w, base = randn((1, 1, 64), torch.float32, "cpu", g), randn((24, 32), torch.float32, "cpu", g), randn((1, 1, 24), torch.float32, "cpu", g)
+    out = base.clone()
+    product = poisoned((1, 1, 24), torch.float32, "cpu")
+    with on_path(path, "matvec", "cpu"):
+        ops.matvec(x, w, out, True, swiglu=True)
+        ops.matvec(x, w, product, swiglu=True)
+    assert torch.equal(out, base + product)
+
+
+MATVEC_PROLOGUE_BAD_INPUTS = [  # extra arguments over _matvec_args, exception, message
+    (dict(norm=torch.ones(12), swiglu=True), ValueError, "matvec: norm and swiglu cannot be combined"),
+    (dict(swiglu=True), ValueError, "matvec: x must have shape [..., 2K] = [?, 24], got [3, 12]"),
+    (dict(norm=torch.ones(11)), ValueError, "matvec: norm must have shape [K] = [12], got [11]"),
+    (dict(norm=torch.ones(12).double()), TypeError, "matvec: norm must be float32, got float64"),
+    (dict(norm=torch.ones(12, device="meta")), ValueError, "matvec: norm must be on cpu like w, got meta"),
+    (dict(norm=torch.ones(12), eps=-1.0), ValueError, "matvec: eps must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("extra,exc,message", MATVEC_PROLOGUE_BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
+def test_matvec_prologue_bad_input_same_error_on_both_paths(extra, exc, message):
+    errors = {path: _raise(path, "matvec", {**_matvec_args(), **extra}) for path in PATHS
+              if path == "reference" or ops.HAVE_EXTENSION}
+    assert_same_one_line_error(errors, exc, message)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_matvec_out_overlapping_an_input_is_refused(path):
     """out is written while x and w are read: a view into either is a clear error on both paths."""
@@ -911,6 +1004,9 @@ def test_matvec_opcheck(dtype):
     args = (randn((3, 21), dtype, "cpu", g), randn((10, 21), dtype, "cpu", g), torch.empty(3, 10, dtype=dtype))
     torch.library.opcheck(torch.ops.engine.matvec, args)
     torch.library.opcheck(torch.ops.engine.matvec, (*args, True))
+    torch.library.opcheck(torch.ops.engine.matvec, (*args, False, randn((21,), dtype, "cpu", g), 1e-6))
+    x2 = randn((3, 42), dtype, "cpu", g)
+    torch.library.opcheck(torch.ops.engine.matvec, (x2, args[1], args[2], True, None, 0.0, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

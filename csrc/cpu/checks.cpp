@@ -276,13 +276,19 @@ void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, i
   }
 }
 
-void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out) {
+void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
+                  const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
   const char* op = "matvec";
   check_tensor(op, "w", w, "[N, K]", {-1, -1}, kFloats);
   const Like like{w, "w"};
+  TORCH_CHECK_VALUE(!(norm && swiglu), op, ": norm and swiglu cannot be combined");
   std::vector<int64_t> x_shape(std::max<int64_t>(x.dim(), 1), -1);
-  x_shape.back() = w.size(1);
-  check_tensor(op, "x", x, "[..., K]", x_shape, {w.scalar_type()}, like);
+  x_shape.back() = swiglu ? 2 * w.size(1) : w.size(1);
+  check_tensor(op, "x", x, swiglu ? "[..., 2K]" : "[..., K]", x_shape, {w.scalar_type()}, like);
+  if (norm) {
+    check_tensor(op, "norm", *norm, "[K]", {w.size(1)}, {w.scalar_type()}, like);
+    TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0");
+  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.size(0);
   check_tensor(op, "out", out, "[..., N]", out_shape, {w.scalar_type()}, like);

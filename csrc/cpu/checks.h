@@ -51,6 +51,7 @@ void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tenso
 // victim and receiver must hold slots in [-1, C).
 void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
 
-void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out);
+void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
+                  const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 
 }  // namespace engine

@@ -39,7 +39,9 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight);
 
-// out[..., N] = x[..., K] @ w[N, K]^T, all three in w's dtype, fp32 accumulation (decode: few rows).
-void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate);
+// out[..., N] (+)= h[..., K] @ w[N, K]^T, all in w's dtype, fp32 accumulation (decode: few rows), where
+// h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,
+                const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 
 }  // namespace engine

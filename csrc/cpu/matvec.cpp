@@ -1,7 +1,10 @@
 // Matrix-vector product of the decode step: out[..., N] = x[..., K] @ w[N, K]^T (F.linear without
 // bias) for the few rows M of x that a decode step has, one per sequence. With `accumulate`, out +=
 // the product (rounded to out's dtype first, as out.add_(F.linear(x, w)) would): the residual
-// stream takes an output projection in place, with no separate add.
+// stream takes an output projection in place, with no separate add. A prologue may replace x by
+// RMSNorm(x) (`norm`: the projection of a normalised row, q/k/v or gate/up) or by silu(a) * b of its
+// two halves (`swiglu`: the down projection of the MLP), computed once per call on the calling thread:
+// one op call where a decode step made two or four.
 //
 // Its time is the time to read w once, so w streams from memory in contiguous chunks of rows, each
 // row against up to kMaxRows rows of x (which stay in cache), into independent 8-lane fp32
@@ -16,6 +19,7 @@
 
 #include "checks.h"
 #include "kernels.h"
+#include "rms_norm.h"
 #include "vec.h"
 
 // The 8-lane helpers are all inlined, so the baseline ABI for 32-byte vectors is never used.
@@ -145,15 +149,54 @@ void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t
   for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
 }
 
+// h[m] = silu(x[m, :K]) * x[m, K:], the silu and the product each rounded to T, as F.silu(a) * b.
+// silu(a) = a / (1 + exp(-a)), written with e = exp(-|a|) so that exp only sees arguments <= 0.
+template <typename T>
+ENGINE_MULTIVERSION void swiglu_rows(const T* x, T* h, int64_t M, int64_t K, float* buf) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = as_float(x + m * 2 * K, buf, K);
+    const float* b = as_float(x + m * 2 * K + K, buf + K, K);
+    for (int64_t k = 0; k < K; k += 8) {
+      const int64_t n = std::min<int64_t>(8, K - k);
+      const Vec8 av = load_partial(a + k, n, 0.f);
+      const Vec8 e = exp8_nonpositive(av < 0.f ? av : -av);
+      float silu[8];
+      store8(silu, (av < 0.f ? av * e : av) / (e + 1.f));
+      for (int64_t j = 0; j < n; ++j) {
+        h[m * K + k + j] = static_cast<T>(static_cast<float>(static_cast<T>(silu[j])) * b[k + j]);
+      }
+    }
+  }
+}
+
+// The rows the product reads: x, or x through the prologue into h.
+template <typename T>
+const T* input_rows(const T* x, int64_t M, int64_t K, const T* norm, float eps, bool swiglu, std::vector<T>& h) {
+  if (!norm && !swiglu) return x;
+  h.resize(M * K);
+  std::vector<float> buf(2 * K);
+  if (norm) {
+    rms_norm_rows(x, norm, h.data(), 0, M, K, eps, buf.data());
+  } else {
+    swiglu_rows(x, h.data(), M, K, buf.data());
+  }
+  return h.data();
+}
+
 }  // namespace
 
-void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate) {
-  check_matvec(x, w, out);
+void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,
+                const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  check_matvec(x, w, out, norm, eps, swiglu);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const int64_t N = w.size(0), K = w.size(1);
   ENGINE_DISPATCH_FLOATS(w.scalar_type(), "matvec", [&] {
+    std::vector<scalar_t> h;
+    const scalar_t* rows = input_rows(x.const_data_ptr<scalar_t>(), M, K,
+                                      norm ? norm->const_data_ptr<scalar_t>() : nullptr,
+                                      static_cast<float>(eps), swiglu, h);
     const auto kernel = accumulate ? matvec_kernel<true, scalar_t> : matvec_kernel<false, scalar_t>;
-    kernel(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M,
-           w.size(0), w.size(1));
+    kernel(rows, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M, N, K);
   });
 }
 

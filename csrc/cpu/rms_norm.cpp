@@ -3,7 +3,7 @@
 
 #include "checks.h"
 #include "kernels.h"
-#include "vec.h"
+#include "rms_norm.h"
 
 #include <vector>
 
@@ -13,20 +13,6 @@ namespace {
 // Elements from which the rows are shared among threads (a prompt); a decode step's row stays on
 // the calling thread: even a one-thread OpenMP team costs more than normalising it (~2 us).
 constexpr int64_t kParallelElements = 32768;
-
-template <typename T>
-void rms_norm_rows(const T* x, const T* weight, T* y, int64_t r0, int64_t r1, int64_t dim, float eps,
-                   float* buf) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = as_float(x + r * dim, buf, dim);
-    const float inv = 1.f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
-    T* yr = y + r * dim;
-    for (int64_t i = 0; i < dim; ++i) {
-      // Two roundings, as HF: (x * inv) to x's dtype, then the product with weight.
-      yr[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(xr[i] * inv)));
-    }
-  }
-}
 
 template <typename T>
 void rms_norm_kernel(const T* x, const T* weight, T* y, int64_t rows, int64_t dim, float eps) {
