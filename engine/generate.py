@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import decode_plan
 from .cache import KVStore
 from .model import Transformer
 
@@ -50,7 +51,11 @@ def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | 
 
 @torch.inference_mode()
 def decode_step(model: Transformer, store: KVStore, token: torch.Tensor) -> torch.Tensor:
-    """One token per sequence [B] -> next-token logits [B, V]. Static shapes, no host sync inside."""
+    """One token per sequence [B] -> next-token logits [B, V]. Static shapes, no host sync inside. On the
+    CPU through the store's decode plan (the same kernels without the modules' Python) where it applies."""
+    logits = decode_plan.step(model, store, token)
+    if logits is not None:
+        return logits
     logits = model(token[:, None], kv=store, last_only=True)[:, -1]
     store.commit(1)
     return logits
