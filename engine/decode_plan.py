@@ -28,6 +28,7 @@ from . import ops
 from .cache import KVStore
 from .model import Transformer
 
+# Each store's plan, dropped with the store (a plan holds views of the store's buffers, never the store).
 _plans: weakref.WeakKeyDictionary[KVStore, "DecodePlan"] = weakref.WeakKeyDictionary()
 
 
@@ -35,7 +36,7 @@ class DecodePlan:
     def __init__(self, model: Transformer, store: KVStore):
         args = model.args
         B, dtype, device = store.batch, model.tok_embeddings.weight.dtype, store.device
-        self.model, self.store, self.eps = model, store, args.norm_eps
+        self.model, self.eps = model, args.norm_eps
         self.layers = [(b.attention_norm.weight, b.attention.wqkv, b.attention.wo.weight, b.ffn_norm.weight,
                         b.feed_forward.w13, b.feed_forward.w2.weight) for b in model.layers]
         self.embedding, self.norm, self.output = model.tok_embeddings.weight, model.norm.weight, model.output.weight
@@ -50,9 +51,9 @@ class DecodePlan:
         return (any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
                 or bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 
-    def run(self, token: torch.Tensor, matvec: Callable) -> torch.Tensor:
+    def run(self, store: KVStore, token: torch.Tensor, matvec: Callable) -> torch.Tensor:
         """token [B] -> logits [B, V] (fp32), the store committed: generate.decode_step's contract."""
-        store, qkv, gate_up, attended, eps = self.store, self.qkv, self.gate_up, self.attended, self.eps
+        qkv, gate_up, attended, eps = self.qkv, self.gate_up, self.attended, self.eps
         x = F.embedding(token, self.embedding)  # (B, dim), the residual stream, updated in place
         for layer, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
             matvec(x, wqkv, qkv, False, attention_norm, eps, False)
@@ -77,6 +78,6 @@ def step(model: Transformer, store: KVStore, token: torch.Tensor) -> torch.Tenso
     if matvec is None:
         return None
     plan = _plans.get(store)
-    if plan is None or plan.model is not model:
+    if plan is None or plan.model is not model or plan.layers[0][1] is not model.layers[0].attention.wqkv:  # re-fused
         plan = _plans[store] = DecodePlan(model, store)
-    return None if plan.hooked() else plan.run(token, matvec)
+    return None if plan.hooked() else plan.run(store, token, matvec)

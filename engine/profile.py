@@ -4,8 +4,9 @@
 
 It prefills a random context-N prompt, then runs K decode steps twice: once plain (tokens/s and the
 achieved bandwidth: weight + KV bytes read per step / step time) and once under torch.profiler with
-record_function ranges around the model's stages and the cache's and policy's work, which gives the
-table of time per op family per step. Our kernels appear by name (engine::decode_attention, ...).
+record_function ranges around the cache's and policy's work (and the model's stages in the prefill),
+which gives the table of time per op family per step. Our kernels appear by name (engine::decode_attention,
+...). Decode steps run as unprofiled ones do: on the CPU through the decode plan (engine/decode_plan.py).
 Python overhead is the step's wall time minus the time spent inside ops (on CUDA: GPU kernel time).
 """
 from __future__ import annotations
@@ -106,13 +107,23 @@ def _stage_hooks(module: nn.Module, name: str) -> list[torch.utils.hooks.Removab
 
 
 @contextlib.contextmanager
-def instrument(model: nn.Module, store: KVStore) -> Iterator[None]:
-    """Label the model's stages (forward hooks) and the store's and policy's work (wrappers set on these
-    two instances only) with record_function ranges; everything is undone on exit."""
+def stage_ranges(model: nn.Module) -> Iterator[None]:
+    """Label the model's stages (forward hooks, removed on exit). Around the prefill only: a hook makes a
+    CPU decode step leave its plan (engine/decode_plan.py) for the modules, which is not what runs unprofiled."""
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (Attention, FeedForward, RMSNorm)) or name == "output":
             handles += _stage_hooks(module, f"model::{name}")
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def family_ranges(store: KVStore) -> Iterator[None]:
+    """Label the store's and policy's work (wrappers set on these two instances only, undone on exit)."""
     policy = store.policy
     wrapped = [(store, "attend", "attention"), (store, "_evict", "victim selection"),
                (store, "_keep", "victim selection"), (store, "_store", "compaction/merge"),
@@ -123,8 +134,6 @@ def instrument(model: nn.Module, store: KVStore) -> Iterator[None]:
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
         for obj, method, _ in wrapped:
             delattr(obj, method)  # the class's method shows through again
 
@@ -184,8 +193,8 @@ def profiled_run(llm, context: int, steps: int, trace: Path | None) -> tuple[lis
     params, kv = SamplingParams(max_new_tokens=steps), []
     cuda = llm.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    with instrument(llm.model, store), torch.profiler.profile(activities=activities) as prof:
-        with record_function(PREFILL):
+    with family_ranges(store), torch.profiler.profile(activities=activities) as prof:
+        with stage_ranges(llm.model), record_function(PREFILL):
             logits = prefill(llm.model, store, ids, llm.prefill_chunk)
             sync(llm.device)
         for _ in range(steps):

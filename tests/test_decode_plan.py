@@ -89,3 +89,17 @@ def test_plan_stands_aside():
     half.fuse()
     _, (store, _) = _stores(half, small("full", 64), token_ids(5), 2)
     assert decode_plan.step(half, store, token) is None
+
+
+def test_a_dropped_store_takes_its_plan_along():
+    """The plans are kept per store, weakly: a plan holding the store would keep it alive forever."""
+    import gc
+    import weakref
+
+    model = tiny_model(n_layers=2)
+    _, (store, _) = _stores(model, small("full", 64), token_ids(5), 2)
+    assert decode_plan.step(model, store, torch.tensor([3])) is not None
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None
