@@ -96,7 +96,8 @@ def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
 def compiled_kernel(op: str, device: torch.device) -> Callable | None:
     """The compiled kernel ops.<op> would call now for tensors on `device`, or None where it would run
     the reference (by request, or for want of a kernel): for a caller that binds it (engine.decode_plan)."""
-    if _forced.get() or (_forced.get() is None and REFERENCE_BY_ENV) or not HAVE_EXTENSION:
+    forced = _forced.get()
+    if forced or (forced is None and REFERENCE_BY_ENV) or not HAVE_EXTENSION:
         return None
     return _kernel(op, device.type)
 

@@ -30,7 +30,7 @@ from .benchutil import sync, weight_bytes
 from .cache import KVStore
 from .cli import add_model_args, policy_params, run_cli
 from .generate import SamplingParams, decode_step, prefill, sample
-from .model import Attention, FeedForward, RMSNorm
+from .model import Attention, FeedForward
 
 FAMILIES = ("matmuls", "attention", "scoring", "victim selection", "compaction/merge", "sampling", "other ops",
             "Python overhead")
@@ -112,7 +112,7 @@ def stage_ranges(model: nn.Module) -> Iterator[None]:
     CPU decode step leave its plan (engine/decode_plan.py) for the modules, which is not what runs unprofiled."""
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (Attention, FeedForward, RMSNorm)) or name == "output":
+        if isinstance(module, (Attention, FeedForward)):  # the norms and the head run inside projections
             handles += _stage_hooks(module, f"model::{name}")
     try:
         yield

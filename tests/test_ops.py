@@ -827,7 +827,8 @@ def test_matvec_accumulate(device, path, dtype, lead, N, K):
     assert_within(out, base.double() + F.linear(x.double(), w.double()), base + F.linear(x, w), "matvec accumulate")
 
 
-PROLOGUE_SHAPES = [((1,), 37, 147), ((3, 1), 129, 77), ((11,), 700, 200), ((1,), 1283, 576), ((2,), 9, 5)]
+PROLOGUE_SHAPES = [((1,), 37, 147), ((3, 1), 129, 77), ((11,), 700, 200), ((1,), 1283, 576), ((2,), 9, 5),
+                   ((3,), 4, 0), ((0, 2), 6, 8)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
