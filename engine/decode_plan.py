@@ -1,8 +1,8 @@
 """A CPU decode step with its Python paid once: the kernels of Transformer.forward's decode path, called
 straight from one loop over arguments bound when the plan is made.
 
-On the CPU a decode step is ~150 kernel calls (the projections stream the weights; attention reads the
-cache) and, through the modules, ~1000 Python-level calls around them: module calls, attribute
+On the CPU a decode step is ~180 kernel calls (the projections stream the weights; attention reads the
+cache) and, through the modules, ~2000 Python-level calls around them: module calls, attribute
 lookups, the op wrappers' checks and allocations. Each is cheap alone, but the projections stream
 hundreds of MB through the caches between them, so that Python runs cold: at 2048 tokens on SmolLM2
 the module path spends ~2.7 ms per step (of ~25) outside the kernels. This is what CUDA graphs do
