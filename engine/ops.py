@@ -78,28 +78,27 @@ def _warn_fallback(reason: str) -> None:
     warnings.warn(f"{reason}; using the slow PyTorch reference kernels (engine.reference)", stacklevel=4)
 
 
-def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
-    """The compiled op or its reference, for tensors on `device`."""
-    forced = _forced.get()
-    if forced is not None:
-        return fallback if forced else _compiled(op, device.type)
-    if REFERENCE_BY_ENV:
-        return fallback
-    kernel = _kernel(op, device.type) if HAVE_EXTENSION else None
-    if kernel is not None:
-        return kernel
-    _warn_fallback(f"engine._C has no {device.type} kernel for {op}" if HAVE_EXTENSION
-                   else "engine._C is not built (pip install --no-build-isolation -e .)")
-    return fallback
-
-
 def compiled_kernel(op: str, device: torch.device) -> Callable | None:
-    """The compiled kernel ops.<op> would call now for tensors on `device`, or None where it would run
-    the reference (by request, or for want of a kernel): for a caller that binds it (engine.decode_plan)."""
+    """The compiled kernel ops.<op> calls now for tensors on `device`, or None where it runs the reference
+    (by request, or for want of a kernel): _impl's choice, and a binder's (engine.decode_plan)."""
     forced = _forced.get()
     if forced or (forced is None and REFERENCE_BY_ENV) or not HAVE_EXTENSION:
         return None
     return _kernel(op, device.type)
+
+
+def _impl(op: str, device: torch.device, fallback: Callable) -> Callable:
+    """The compiled op or its reference, for tensors on `device`."""
+    kernel = compiled_kernel(op, device)
+    if kernel is not None:
+        return kernel
+    forced = _forced.get()
+    if forced is False:  # compiled by request where there is no kernel: the op itself says so
+        return _compiled(op, device.type)
+    if forced is None and not REFERENCE_BY_ENV:  # the reference by necessity, not by request
+        _warn_fallback(f"engine._C has no {device.type} kernel for {op}" if HAVE_EXTENSION
+                       else "engine._C is not built (pip install --no-build-isolation -e .)")
+    return fallback
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
