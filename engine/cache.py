@@ -138,6 +138,23 @@ class KVStore:
         self.t = self.used = self.occupancy = self.evictions = 0
         self.clock.zero_()
 
+    def fill(self, positions: torch.Tensor, t: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Stand as after `t` tokens with the entries of `positions` (n,), ascending, kept in slots [0, n) of every layer,
+        batch row and KV head: keys and values drawn from N(0, 1), each policy state from `state` (a name ->
+        (n,) tensor) or U(0, 1). For benchmarks that time decode at a given occupancy without a prefill."""
+        n, a = positions.shape[0], self.all
+        self.reset()
+        a.k[:, :, :n].normal_()
+        a.v[:, :, :n].normal_()
+        a.pos[:, :, :n] = positions.to(device=self.device, dtype=torch.int32)
+        for name, s in a.state.items():
+            given = (state or {}).get(name)
+            s[:, :, :n] = torch.rand_like(s[:, :, :n]) if given is None else given.to(s.device, s.dtype)
+        if a.rank is not None:
+            a.rank[:, :, :n] = torch.arange(n, device=self.device, dtype=torch.int32)
+        self.t, self.used, self.occupancy = t, n, n
+        self.sync_clock()
+
     def stats(self) -> CacheStats:
         per_token = self.args.kv_bytes_per_token(self.dtype) * self.batch
         return CacheStats(
