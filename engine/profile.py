@@ -25,8 +25,8 @@ from torch import nn
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, record_function
 
-from .bench import decode_runner
-from .benchutil import sync, weight_bytes
+from .bench.model import decode_runner
+from .bench.timing import sync, weight_bytes
 from .cache import KVStore
 from .cli import add_model_args, policy_params, run_cli
 from .generate import SamplingParams, decode_step, prefill, sample

@@ -80,13 +80,31 @@ def test_gpu_mode_without_a_gpu_says_so(capsys) -> None:
         bench_main(["gpu"])
 
 
+@pytest.mark.parametrize("argv", [["kernels", "--policy", "h2o"], ["gpu", "--model", "x"], ["--preset", "x"],
+                                  ["model", "--preset", "x"]])
+def test_a_flag_of_another_mode_is_refused(argv: list[str], capsys) -> None:
+    """Each subcommand takes only its own flags (flags alone mean `model`): one that would do nothing there
+    is an error that names it."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv[-2:])}" in capsys.readouterr().err
+
+
+def test_a_budget_the_table_would_ignore_is_refused() -> None:
+    with pytest.raises(ValueError, match="--budgets sets the budgets of a --policies table"):
+        bench_main(["--budgets", "16"])
+    with pytest.raises(ValueError, match="not --budget"):
+        bench_main(["--policies", "h2o", "--budget", "16"])
+
+
 @pytest.mark.parametrize("name", ["full", "h2o", "weightedkv", "streaming"])
 def test_gpu_bench_fills_the_cache_as_after_the_context(name) -> None:
     """The synthetic fill of `engine.bench gpu` (run here on the CPU): the counters, clock and positions of
     a store that has seen `ctx` tokens, from which decode steps then run and evict like any other."""
     import torch
 
-    from engine.bench_gpu import filled_store
+    from engine.bench.gpu import filled_store
     from engine.generate import decode_step
     from engine.model import Rope
     from engine.policies import make_policy

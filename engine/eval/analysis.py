@@ -16,8 +16,6 @@ Numbers go to the JSON (--out), plots next to it.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from ..cli import add_model_args
 from .common import build_policy, load_llm, plot_path, progress
 from .ppl import resolve_budget, stream_nll, text_ids
 from ..policies import list_policies, make_policy
+from ..results import run_metadata, write_json
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
@@ -127,12 +126,11 @@ def run(ns: argparse.Namespace) -> int:
     kept = {name: kept_positions(llm, policy, ids, ns.bins)
             for name, policy in progress(list(policies.items()), len(policies), "kept positions")}
     doc = {"meta": {"eval": "analysis", "model": str(llm.source), "text": ns.text or ns.dataset, "tokens": ns.tokens,
-                    "sink_tokens": ns.sink_tokens, "top": ns.top, "budget": ns.budget, "budget_tokens": budget},
+                    "sink_tokens": ns.sink_tokens, "top": ns.top, "budget": ns.budget, "budget_tokens": budget,
+                    **run_metadata()},
            "layers": stats, "summary": summarize(stats), "kept_positions": kept}
     if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        print(f"results: {ns.out}")
+        print(f"results: {write_json(ns.out, doc)}")
     print(report(doc))
     for path in plot(doc, raw, ns.out):
         print(f"plot: {path}")

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..benchutil import git_commit, machine
 from ..cli import add_model_args, budget_arg, policy_params
 from ..policies import Policy, list_policies, make_policy, policy_class
+from ..results import run_metadata, write_json
 
 
 def add_grid_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +68,8 @@ def load_llm(ns: argparse.Namespace):
 
 
 class Results:
-    """A results JSON: {"meta": {...}, "cells": [...]}. Cells are keyed by `key_fields`."""
+    """A results JSON: {"meta": {...}, "cells": [...]}. Cells are keyed by `key_fields`. "started" is the
+    first run's time, commit/date/machine those of the run that wrote the file last."""
 
     def __init__(self, path: str | Path | None, meta: dict[str, Any], key_fields: tuple[str, ...]):
         self.path = Path(path) if path else None
@@ -78,7 +79,7 @@ class Results:
         if self.path and self.path.is_file():
             self._resume(meta)
         self.meta.setdefault("started", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        self.meta.update(commit=git_commit(), machine=machine())
+        self.meta.update(run_metadata())
 
     def _resume(self, meta: dict[str, Any]) -> None:
         try:
@@ -105,12 +106,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".part")
-        tmp.write_text(json.dumps({"meta": self.meta, "cells": self.cells}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        if self.path is not None:
+            write_json(self.path, {"meta": self.meta, "cells": self.cells})
 
 
 def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:

@@ -1,9 +1,9 @@
-"""`python -m engine.bench`: speed, measured as ratios against a peer in the same run (BENCHMARKS.md).
+"""`python -m engine.bench model` (the default): decode and prefill speed of a real model, measured as
+ratios against a peer timed in the same run (bench/CPU.md).
 
-    python -m engine.bench                      # engine vs transformers, prefill + decode, full cache
+    python -m engine.bench                      # engine vs transformers vs the matvec floor, full cache
     python -m engine.bench --policy h2o --budget 256   # policy overhead vs the full cache
     python -m engine.bench --policies h2o,tova --budgets 256 1024   # the overhead table, one JSON
-    python -m engine.bench kernels              # each op vs its reference, attention vs SDPA
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-from . import ops
-from .benchutil import read_bandwidth, summary, sync, time_alternating, weight_bytes, write_result
-from .cli import add_model_args, policy_params, run_cli
-from .generate import decode_step, prefill
+from .. import ops
+from ..cli import add_model_args, policy_params
+from ..generate import decode_step, prefill
+from ..results import write_result
+from .timing import read_bandwidth, summary, sync, time_alternating, weight_bytes
 
 
 def decode_runner(llm, ctx: int, steps: int, fresh: bool = True) -> tuple[Callable[[], None], list[float], list[float]]:
@@ -163,37 +164,27 @@ def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict
     return grid
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="model", choices=["model", "kernels", "gpu"])
+def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--contexts", type=int, nargs="+", default=None)
+    p.add_argument("--contexts", type=int, nargs="+",
+                   help="prompt lengths (default: 128 2048 vs transformers, 2048 8192 for a policy)")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="alternating rounds of the candidates")
     p.add_argument("--policies", help="comma list: a policy-overhead table over policies x --budgets")
-    p.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="budgets of the --policies table")
-    p.add_argument("--preset", default="llama-2-7b", help="gpu mode: the model shape (random fp16 weights)")
-    ns = p.parse_args(argv)
-    if ns.mode == "kernels":
-        from .bench_kernels import bench_kernels
+    p.add_argument("--budgets", type=int, nargs="+", help="budgets of the --policies table (default: 256 1024)")
 
-        res = bench_kernels(ns.contexts or [512, 2048, 8192], ns.reps)
-        print(f"wrote {write_result('kernels', {'reps': ns.reps, 'results': res})}")
-        return 0
-    if ns.mode == "gpu":
-        from .bench_gpu import bench_gpu
 
-        policies = (ns.policies or "full,h2o,vatp,weightedkv").split(",")
-        res = bench_gpu(ns.preset, ns.contexts or [512, 2048, 4096, 16384, 32768], policies,
-                        ns.budgets[0] if ns.policies else 2048, ns.steps)
-        print(f"wrote {write_result(f'gpu-decode-{ns.preset}', res)}")
-        return 0
+def run(ns: argparse.Namespace) -> int:
     import engine
 
+    if ns.budgets and not ns.policies:
+        raise ValueError("--budgets sets the budgets of a --policies table; for one policy use --budget")
+    if ns.policies and ns.budget is not None:
+        raise ValueError("a --policies table takes its budgets from --budgets, not --budget")
     full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
     meta = {"model": full.name, "dtype": ns.dtype, "device": ns.device, "steps": ns.steps, "reps": ns.reps}
     if ns.policies:
+        ns.budgets = ns.budgets or [256, 1024]
         contexts = ns.contexts or [2048, 8192]
         res = bench_policy_grid(ns, full, contexts)
         path = write_result("policy-grid", {**meta, "policies": ns.policies.split(","), "budgets": ns.budgets,
@@ -211,7 +202,3 @@ def main(argv: list[str] | None = None) -> int:
                                                       "results": res})
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

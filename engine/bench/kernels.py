@@ -1,6 +1,8 @@
-"""`python -m engine.bench kernels`: each op against its PyTorch reference, attention against SDPA."""
+"""`python -m engine.bench kernels`: each op against its PyTorch reference, attention against SDPA, on
+random inputs shaped as two models' layers (no model is loaded)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -9,8 +11,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
-from .benchutil import summary, time_alternating
+from .. import ops, reference
+from ..cli import SetThreads
+from ..results import write_result
+from .timing import summary, time_alternating
 
 LAYOUTS = {"llama-2-7b": (32, 32, 128), "smollm2": (9, 3, 64)}  # (H, H_kv, D)
 
@@ -153,3 +157,16 @@ def bench_kernels(contexts: list[int], reps: int) -> dict[str, object]:
     print("prefill with column sums, extra peak RSS:", json.dumps(rss),
           "(an L x L fp32 matrix at 8K would be", 8192 * 8192 * 4 * H, "bytes)")
     return results
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192],
+                   help="cached tokens of the decode cases (those <= 2048 also prefill lengths)")
+    p.add_argument("--reps", type=int, default=5, help="alternating rounds of the candidates")
+    p.add_argument("--threads", type=int, action=SetThreads, help="CPU threads (default: every core)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    res = bench_kernels(ns.contexts, ns.reps)
+    print(f"wrote {write_result('kernels', {'reps': ns.reps, 'results': res})}")
+    return 0

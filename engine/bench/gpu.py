@@ -1,27 +1,30 @@
 """`python -m engine.bench gpu`: batch-1 decode on a CUDA GPU, full cache vs eviction policies, eager vs
-CUDA graph, against the device's copy bandwidth measured in the same run (BENCHMARKS.md, "GPU").
+CUDA graph, against the device's copy bandwidth measured in the same run (bench/GPU.md).
 
 The model has the preset's shape and random weights (speed does not depend on the values). Each cell's
 cache is filled directly as it stands after `ctx` tokens (random K/V; `full` holds every position, a
 policy its budget: the sinks, the recent window and positions spread over the rest; StreamingLLM the
-sinks and the newest tokens), so a 32K context
-costs no 32K-token prefill. Steps are timed with CUDA events, each step's next token is its argmax.
+sinks and the newest tokens), so a 32K context costs no 32K-token prefill. Steps are timed with CUDA
+events, each step's next token is its argmax.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
 import torch
 
-from . import ops
-from .benchutil import summary, weight_bytes
-from .cache import KVStore
-from .config import PRESETS
-from .graphs import GraphDecoder
-from .model import Rope, Transformer
-from .policies import make_policy
-from .policies.base import Policy
+from .. import ops
+from ..cache import KVStore
+from ..cli import SetThreads
+from ..config import PRESETS
+from ..graphs import GraphDecoder
+from ..model import Rope, Transformer
+from ..policies import make_policy
+from ..policies.base import Policy
+from ..results import write_result
+from .timing import summary, weight_bytes
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
@@ -62,19 +65,15 @@ def random_model(preset: str, max_seq_len: int, dtype: torch.dtype) -> Transform
 
 
 def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KVStore:
-    """A store as it stands after `ctx` tokens (see the module docstring)."""
-    args, dev = model.args, model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
+    """A store as it stands after `ctx` tokens (see the module docstring), room left for `steps` more."""
+    dev, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     if policy.name == "full":
         kept = budget = ctx
         capacity = ctx + steps
     else:
         kept = budget = min(policy.budget, ctx)
         capacity = policy.capacity(budget, steps)
-    store = KVStore(args, policy, budget, capacity, 1, dtype, dev, model.rope)
-    a = store.all
-    a.k[:, :, :kept].normal_()
-    a.v[:, :, :kept].normal_()
+    store = KVStore(model.args, policy, budget, capacity, 1, dtype, dev, model.rope)
     if kept == ctx:
         positions = torch.arange(ctx, device=dev)
     else:
@@ -83,13 +82,7 @@ def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KV
         recent = kept - sinks if policy.name == "streaming" else max(1, min(policy.recent, kept - sinks - 1))
         middle = torch.randperm(ctx - sinks - recent, device=dev)[: kept - sinks - recent].sort().values + sinks
         positions = torch.cat([torch.arange(sinks, device=dev), middle, torch.arange(ctx - recent, ctx, device=dev)])
-    a.pos[:, :, :kept] = positions.int()
-    for name, s in a.state.items():
-        s[:, :, :kept] = (ctx - positions).float() if name == "cnt" else torch.rand_like(s[:, :, :kept])
-    if a.rank is not None:
-        a.rank[:, :, :kept] = torch.arange(kept, device=dev, dtype=torch.int32)
-    store.t, store.used, store.occupancy = ctx, kept, kept
-    store.sync_clock()
+    store.fill(positions, ctx, {"cnt": ctx - positions})  # WeightedKV's count of the rows that saw each slot
     return store
 
 
@@ -176,3 +169,20 @@ def bench_gpu(preset: str, contexts: list[int], policies: list[str], budget: int
         "copy_bytes_per_s": copy_bw, "weight_bytes": wbytes, "decode": rows, "attention_kernel": kernel,
         "max_memory_allocated": torch.cuda.max_memory_allocated(),
     }
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="llama-2-7b", help="the model shape (random fp16 weights)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096, 16384, 32768],
+                   help="tokens in the cache before the timed steps")
+    p.add_argument("--policies", default="full,h2o,vatp,weightedkv", help="comma list of policies")
+    p.add_argument("--budget", "--budgets", type=int, default=2048,
+                   help="tokens each evicting policy keeps (contexts within it run the full cache only)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per cell")
+    p.add_argument("--threads", type=int, action=SetThreads, help="CPU threads (default: every core)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    res = bench_gpu(ns.preset, ns.contexts, ns.policies.split(","), ns.budget, ns.steps)
+    print(f"wrote {write_result(f'gpu-decode-{ns.preset}', res)}")
+    return 0

@@ -1,25 +1,20 @@
-"""Timing and result files shared by engine.bench and engine.profile (BENCHMARKS.md's rules)."""
+"""Timing shared by the bench subcommands and engine.profile: alternating candidates, medians, the bytes a
+decode step reads and how fast the machine can read them. Candidates alternate within one run, so that noise
+hits them alike and a ratio between them holds where absolute times do not (bench/CPU.md)."""
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model import RMSNorm
-
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+from ..model import RMSNorm
 
 
 def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers it (a no-op on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -62,41 +57,6 @@ def time_alternating(fns: dict[str, Callable[[], None]], reps: int = 5, warmup: 
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, object] = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_result(name: str, payload: dict[str, object], out_dir: Path | None = None) -> Path:
-    """bench/results/<name>-<date>.json with commit, date and machine metadata."""
-    out_dir = Path(out_dir or os.environ.get("ENGINE_BENCH_DIR", RESULTS))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = out_dir / f"{name}-{stamp}.json"
-    doc = {"commit": git_commit(), "date": stamp, "machine": machine(), **payload}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    return path
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,0 +1,43 @@
+"""`python -m engine.bench {model,kernels,gpu}`: speed, measured as ratios against a peer timed in the same run.
+
+    python -m engine.bench                            # model: engine vs transformers vs the matvec floor
+    python -m engine.bench --policy h2o --budget 256  # flags without a subcommand go to model
+    python -m engine.bench kernels                    # each op vs its reference, attention vs SDPA
+    python -m engine.bench gpu --preset smollm2-135m  # CUDA: full cache vs policies, eager vs CUDA graph
+
+Each subcommand takes only the flags it uses (`python -m engine.bench SUBCOMMAND --help`). Results go to
+bench/results/<name>-<date>.json ($ENGINE_BENCH_DIR elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "model": "a real model: decode and prefill vs transformers, or a policy's overhead (the default)",
+    "kernels": "each op vs its reference, attention vs SDPA, on random inputs",
+    "gpu": "CUDA decode of a random model: full cache vs policies, eager vs CUDA graph",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and run one subcommand. Arguments that do not start with one run `model`, so the command lines
+    of the bench's first, single-mode form still work."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["model", *argv]
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    modules, parsers = {}, {}
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f".{name}", __package__)
+        parsers[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(parsers[name])
+        modules[name] = module
+    ns, unknown = p.parse_known_args(argv)
+    if unknown:  # the subcommand's usage and name in the error, not the top level's
+        parsers[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return modules[ns.command].run(ns)
