@@ -5,7 +5,7 @@
 #include <cstring>
 #include <vector>
 
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "vec.h"
 

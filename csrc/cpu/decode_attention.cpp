@@ -22,7 +22,7 @@
 #include <memory>
 #include <vector>
 
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "vec.h"
 

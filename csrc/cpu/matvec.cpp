@@ -17,7 +17,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "rms_norm.h"
 #include "vec.h"

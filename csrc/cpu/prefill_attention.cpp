@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "vec.h"
 

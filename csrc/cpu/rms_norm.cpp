@@ -1,7 +1,7 @@
 // RMSNorm exactly as HF LlamaRMSNorm: normalise in fp32, cast to x's dtype, then multiply by weight.
 #include <ATen/ops/empty_like.h>
 
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "rms_norm.h"
 

@@ -1,7 +1,7 @@
 // The decode step's prologue in one call: RoPE on the query (and on the key at original positions),
 // then the key and value rows into their cache slots. In PyTorch this is ~25 small ops per layer
 // (splits, views, two rotations, two scatters), which cost more than the arithmetic.
-#include "checks.h"
+#include "../checks.h"
 #include "kernels.h"
 #include "vec.h"
 

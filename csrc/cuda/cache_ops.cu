@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../cpu/checks.h"
+#include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
 

@@ -20,7 +20,7 @@
 
 #include <type_traits>
 
-#include "../cpu/checks.h"
+#include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
 

@@ -1,5 +1,5 @@
 // CUDA implementations of the engine ops (schemas: csrc/ops.cpp; semantics: engine/reference.py).
-// Each validates its inputs with the shared checks (csrc/cpu/checks.h), launches on the current
+// Each validates its inputs with the shared checks (csrc/checks.h), launches on the current
 // stream of the tensors' device and never synchronises with the host, so a decode step built from
 // them can be captured in a CUDA graph. Slot indices (compact, merge_value) are validated on the
 // device: a bad one stops the kernel with a device-side assertion naming the op.

@@ -13,7 +13,7 @@
 
 #include <climits>
 
-#include "../cpu/checks.h"
+#include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
 

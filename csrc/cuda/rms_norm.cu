@@ -2,7 +2,7 @@
 // One block per row; the sum of squares is a warp-shuffle block reduction.
 #include <ATen/ops/empty_like.h>
 
-#include "../cpu/checks.h"
+#include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
 

@@ -1,7 +1,7 @@
 // The decode step's prologue in one launch: RoPE on the query (and on the key at original positions),
 // then the key and value rows into their cache slots. A thread per (batch, row, pair of dims), where
 // a row is one of the H query, H_kv key and H_kv value heads of the fused qkv projection.
-#include "../cpu/checks.h"
+#include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
 

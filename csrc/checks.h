@@ -1,4 +1,4 @@
-// Input validation shared by every backend of every op (CPU here, CUDA in csrc/cuda).
+// Input validation shared by every backend of every op (csrc/cpu and csrc/cuda).
 //
 // Each check_<op> throws the same exception type with the same one-line message as the Python
 // mirror in engine/reference.py, in the same order, so the compiled and the reference path fail
