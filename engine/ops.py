@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -80,7 +79,7 @@ def _warn_fallback(reason: str) -> None:
 
 def compiled_kernel(op: str, device: torch.device) -> Callable | None:
     """The compiled kernel ops.<op> calls now for tensors on `device`, or None where it runs the reference
-    (by request, or for want of a kernel): _impl's choice, and a binder's (engine.decode_plan)."""
+    (by request, or for want of a kernel): _impl's choice, and a binder's (engine/decode/plan.py)."""
     forced = _forced.get()
     if forced or (forced is None and REFERENCE_BY_ENV) or not HAVE_EXTENSION:
         return None
@@ -166,56 +165,7 @@ def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Te
     h is x [..., K], or rms_norm(x, norm, eps) with `norm` [K], or silu(x[..., :K]) * x[..., K:] of x
     [..., 2K] with `swiglu`: the projection's input made in the same call (one op where two or four were).
     Reads w once per 8 rows of x: the product of a decode step, whose time is the weights' streaming."""
-    _impl("matvec", w.device, _matvec_reference)(x, w, out, accumulate, norm, eps, swiglu)
-
-
-def check_matvec(x: Tensor, w: Tensor, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
-                 swiglu: bool = False) -> None:
-    """Mirrors check_matvec in csrc/cpu/checks.cpp (here, not in engine.reference: F.linear is the reference)."""
-    reference._check_tensor("matvec", "w", w, "[N, K]", [-1, -1], reference.FLOATS)
-    like = (w, "w")
-    if norm is not None and swiglu:
-        raise ValueError("matvec: norm and swiglu cannot be combined")
-    K = w.shape[1]
-    x_shape = [-1] * (x.dim() - 1) + [2 * K if swiglu else K]
-    reference._check_tensor("matvec", "x", x, "[..., 2K]" if swiglu else "[..., K]", x_shape, [w.dtype], like)
-    if norm is not None:
-        reference._check_tensor("matvec", "norm", norm, "[K]", [K], [w.dtype], like)
-        if not eps >= 0:
-            raise ValueError("matvec: eps must be >= 0")
-    reference._check_tensor("matvec", "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
-
-
-def check_matvec_overlap(x: Tensor, w: Tensor, out: Tensor) -> None:
-    """out is written while x and w are read (the fake op has no memory to compare)."""
-
-    def overlaps(t: Tensor) -> bool:  # all three are contiguous: [data, data + nbytes)
-        a, b = out.data_ptr(), t.data_ptr()
-        return out.numel() > 0 and t.numel() > 0 and a < b + t.nbytes and b < a + out.nbytes
-
-    if overlaps(x) or overlaps(w):
-        raise ValueError("matvec: out must not overlap x or w")
-
-
-def matvec_input(x: Tensor, norm: Tensor | None, eps: float, swiglu: bool) -> Tensor:
-    """The rows matvec multiplies: x, rms_norm(x, norm, eps), or silu of x's first half times its second."""
-    if norm is not None:
-        return rms_norm(x, norm, eps)
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return x
-
-
-def _matvec_reference(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
-                      eps: float = 0.0, swiglu: bool = False) -> None:
-    check_matvec(x, w, out, norm, eps, swiglu)
-    check_matvec_overlap(x, w, out)
-    y = F.linear(matvec_input(x, norm, eps, swiglu), w)
-    if accumulate:
-        out.add_(y)
-    else:
-        out.copy_(y)
+    _impl("matvec", w.device, reference.matvec)(x, w, out, accumulate, norm, eps, swiglu)
 
 
 MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reuses each block of w across rows
@@ -234,10 +184,10 @@ def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None, norm: Tensor | No
     device = x.device
     if (x.numel() > MATVEC_MAX_ROWS * x.shape[-1] or x.dtype not in MATVEC_DTYPES
             or not has_kernel("matvec", device.type)):
-        y = F.linear(matvec_input(x, norm, eps, swiglu), w)
+        y = F.linear(reference.matvec_input(x, norm, eps, swiglu, rms_norm), w)
         return y if add_to is None else add_to.add_(y)
     out = x.new_empty((*x.shape[:-1], w.shape[0])) if add_to is None else add_to
-    _impl("matvec", device, _matvec_reference)(x.contiguous(), w, out, add_to is not None, norm, eps, swiglu)
+    _impl("matvec", device, reference.matvec)(x.contiguous(), w, out, add_to is not None, norm, eps, swiglu)
     return out
 
 
@@ -282,4 +232,4 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("engine::matvec")
     def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:
-        check_matvec(x, w, out, norm, eps, swiglu)
+        reference.check_matvec(x, w, out, norm, eps, swiglu)

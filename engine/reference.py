@@ -5,14 +5,15 @@ arguments. The math sits in `*_dense` functions that take the compute dtype, so 
 same formula in fp64 (the truth) and in the input dtype (what plain PyTorch would get). Dense means
 obvious, not frugal: `prefill_attention` materialises L x S; `prefill_attention_chunked` bounds that.
 
-The `check_*` functions mirror csrc/cpu/checks.cpp check for check, message for message, so the
+The `check_*` functions mirror csrc/checks.cpp check for check, message for message, so the
 compiled and the reference path reject bad input with the same exception and the same line.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MAX_HEAD_DIM = 256
@@ -23,7 +24,7 @@ _CHUNK_ELEMENTS = 2**22  # attention probabilities held at once by prefill_atten
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation (keep in step with csrc/cpu/checks.cpp)
+# Validation (keep in step with csrc/checks.cpp)
 # ---------------------------------------------------------------------------------------------
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -227,6 +228,34 @@ def check_merge_indices(victim: Tensor, receiver: Tensor, C: int) -> None:
         if where is not None:
             raise IndexError(f"merge_value: {name} must hold slot indices in [-1, {C}), "
                              f"got {int(t[where])} at {list(where)}")
+
+
+def check_matvec(x: Tensor, w: Tensor, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
+                 swiglu: bool = False) -> None:
+    op = "matvec"
+    _check_tensor(op, "w", w, "[N, K]", [-1, -1], FLOATS)
+    like = (w, "w")
+    if norm is not None and swiglu:
+        raise ValueError(f"{op}: norm and swiglu cannot be combined")
+    K = w.shape[1]
+    x_shape = [-1] * (x.dim() - 1) + [2 * K if swiglu else K]
+    _check_tensor(op, "x", x, "[..., 2K]" if swiglu else "[..., K]", x_shape, [w.dtype], like)
+    if norm is not None:
+        _check_tensor(op, "norm", norm, "[K]", [K], [w.dtype], like)
+        if not eps >= 0:
+            raise ValueError(f"{op}: eps must be >= 0")
+    _check_tensor(op, "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
+
+
+def check_matvec_overlap(x: Tensor, w: Tensor, out: Tensor) -> None:
+    """out is written while x and w are read (apart from check_matvec: the fake op has no memory to compare)."""
+
+    def overlaps(t: Tensor) -> bool:  # all three are contiguous: [data, data + nbytes)
+        a, b = out.data_ptr(), t.data_ptr()
+        return out.numel() > 0 and t.numel() > 0 and a < b + t.nbytes and b < a + out.nbytes
+
+    if overlaps(x) or overlaps(w):
+        raise ValueError("matvec: out must not overlap x or w")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,3 +491,28 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     idx, rows, total = merged_rows(v, w, victim, receiver, weight, torch.float32)
     v[idx] = rows.to(v.dtype)
     w[idx] = total
+
+
+def matvec_input(x: Tensor, norm: Tensor | None, eps: float, swiglu: bool,
+                 norm_op: Callable[[Tensor, Tensor, float], Tensor] = rms_norm) -> Tensor:
+    """The rows matvec multiplies: x, norm_op(x, norm, eps), or silu of x's first half times its second
+    (engine.ops.linear passes its rms_norm, so a prompt is normalised by the compiled kernel)."""
+    if norm is not None:
+        return norm_op(x, norm, eps)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return x
+
+
+def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
+           eps: float = 0.0, swiglu: bool = False) -> None:
+    """out = F.linear(matvec_input(x, norm, eps, swiglu), w), or out += it with `accumulate` (the
+    product rounded to out's dtype first, as out.add_(F.linear(h, w)))."""
+    check_matvec(x, w, out, norm, eps, swiglu)
+    check_matvec_overlap(x, w, out)
+    y = F.linear(matvec_input(x, norm, eps, swiglu), w)
+    if accumulate:
+        out.add_(y)
+    else:
+        out.copy_(y)
