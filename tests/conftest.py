@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# helpers.py holds asserts (assert_within) that were in test modules: keep pytest's assertion rewriting on them
+pytest.register_assert_rewrite("tests.helpers")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
@@ -43,7 +46,7 @@ def tiny_model_dir(default_model_dir, tmp_path_factory: pytest.TempPathFactory):
 
     from engine.weights import save_hf_folder
 
-    from .test_weights import random_state, tiny_args
+    from .helpers import random_state, tiny_args
 
     args = tiny_args(vocab_size=49152, max_seq_len=TINY_CONTEXT)
     dst = save_hf_folder(args, random_state(args), tmp_path_factory.mktemp("tiny") / "tiny")

@@ -109,7 +109,7 @@ def test_gpu_bench_fills_the_cache_as_after_the_context(name) -> None:
     from engine.model import Rope
     from engine.policies import make_policy
 
-    from .test_policies import small, tiny_model
+    from .helpers import small, tiny_model
 
     model = tiny_model()
     model.rope = model.rope or Rope(model.args, torch.device("cpu"))

@@ -17,10 +17,8 @@ import engine
 from engine.chat import Conversation, Transcript, continuation, read_transcript
 from engine.generate import SamplingParams
 from engine.tokenizer import Tokenizer, export_gguf_tokenizer, load_tokenizer
-from engine.weights import save_hf_folder
 
-from .test_tokenizer import llama_spm_vocab
-from .test_weights import random_state, tiny_args
+from .helpers import llama_spm_vocab, tiny_chat_model
 
 U1, R1, U2 = "What is 2+2?", "It is 4.", "And 3+3?"
 
@@ -32,16 +30,6 @@ def llama_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("llama-tok")
     export_gguf_tokenizer(gguf.GGUFReader(llama_spm_vocab()), d)
     return d
-
-
-def tiny_chat_model(tok_dir: Path, dst: Path, **kw: object) -> Path:
-    """A random 2-layer model folder that carries `tok_dir`'s tokenizer: fast, and speaks its template."""
-    args = tiny_args(vocab_size=load_tokenizer(tok_dir).vocab_size, **{"max_seq_len": 512, **kw})
-    save_hf_folder(args, random_state(args), dst)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-        if (tok_dir / name).is_file():
-            shutil.copy(tok_dir / name, dst / name)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from engine.generate import decode_step, prefill
 from engine.llm import LLM
 from engine.policies import list_policies
 
-from .test_policies import small, tiny_model, token_ids
+from .helpers import small, tiny_model, token_ids
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="the plan binds the compiled matvec")
 

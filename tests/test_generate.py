@@ -12,7 +12,7 @@ import engine
 from engine.generate import StopFilter
 from engine.weights import expected_shapes, save_hf_folder
 
-from .test_weights import tiny_args
+from .helpers import tiny_args
 
 TEXT = (Path(__file__).parent / "fixtures" / "tokenizer" / "english.txt").read_text()
 GOLDEN_PROMPT = "The history of the printing press begins"

@@ -11,7 +11,7 @@ from engine.llm import LLM
 from engine.model import Transformer
 from engine.policies import Policy, list_policies, make_policy
 
-from .test_policies import small, tiny_model, token_ids
+from .helpers import small, tiny_model, token_ids
 
 CAPTURABLE = [n for n in list_policies() if n != "ahakv"]  # AhaKV reads host values in its step
 

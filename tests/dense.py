@@ -1,4 +1,4 @@
-"""Slow, dense, independently written references of the POLICIES.md formulas (used only by tests).
+"""Slow, dense, independently written references of the eviction policies (used by tests/test_policies.py).
 
 One layer, one sequence, drop mode, fp64. `simulate` feeds a prompt (one exact causal prefill,
 compressed to the budget if longer) and then one token per decode step. Per KV head it keeps a plain
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import Rope
-from .base import Policy
+from engine.model import Rope
+from engine.policies import Policy
 
 
 @dataclass
