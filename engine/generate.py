@@ -1,12 +1,11 @@
-"""Prefill, decode steps, sampling, stop rules and streaming of text pieces."""
+"""Prompt chunks into the cache, sampling, stop rules and streaming of text pieces (decode steps: engine/decode/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import decode_plan
-from .cache import KVStore
+from .kv import KVStore
 from .model import Transformer
 
 
@@ -40,25 +39,10 @@ def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | 
     outs = []
     for start in range(0, T, step):
         part = ids[:, start : start + step]
-        store.prefilling = True
-        try:
-            outs.append(model(part, kv=store, last_only=not all_logits))
-            store.commit(part.shape[1])
-        finally:
-            store.prefilling = False
+        store.begin_prefill(part.shape[1])
+        outs.append(model(part, kv=store, phase="prefill", last_only=not all_logits))
+        store.end_prefill(part.shape[1])
     return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]
-
-
-@torch.inference_mode()
-def decode_step(model: Transformer, store: KVStore, token: torch.Tensor) -> torch.Tensor:
-    """One token per sequence [B] -> next-token logits [B, V]. Static shapes, no host sync inside. On the
-    CPU through the store's decode plan (the same kernels without the modules' Python) where it applies."""
-    logits = decode_plan.step(model, store, token)
-    if logits is not None:
-        return logits
-    logits = model(token[:, None], kv=store, last_only=True)[:, -1]
-    store.commit(1)
-    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

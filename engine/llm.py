@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheStats, KVStore
 from .config import ModelArgs
+from .decode import Decoder
 from .generate import SamplingParams, StopFilter, prefill, sample
-from .graphs import GraphDecoder
-from .model import Rope, Transformer
+from .kv import CacheStats, KVStore
+from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
+from .rope import Rope
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import parse_dtype
-
 
 
 class ContextError(ValueError):
@@ -63,14 +63,14 @@ class LLM:
             budget = capacity = total
         else:
             budget = self.policy.resolve_budget(prompt_len)
-            capacity = total if self.mask else min(self.policy.capacity(budget, max_new_tokens), max(total, 1))
+            capacity = total if self.mask else min(self.policy.slots(budget, max_new_tokens), max(total, 1))
             budget = min(budget, capacity)
         return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
                        self.model.rope, mask=self.mask)
 
-    def decoder(self, store: KVStore) -> GraphDecoder:
-        """Decode steps over `store`: replayed CUDA graphs on a GPU (unless cuda_graphs=False), else eager."""
-        return GraphDecoder(self.model, store, enabled=self.cuda_graphs)
+    def decoder(self, store: KVStore) -> Decoder:
+        """Decode steps over `store` (engine/decode/ chooses how each one runs)."""
+        return Decoder(self.model, store, cuda_graphs=self.cuda_graphs)
 
     def cache_stats(self) -> CacheStats | None:
         return self.store.stats() if self.store else None

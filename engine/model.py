@@ -3,23 +3,37 @@
 Every projection goes through `ops.linear`: a decode step's few rows stream the weights through the
 native matvec, a prompt's many rows go to the GEMM of F.linear.
 
-Attention over a KV cache is delegated to a `KVStore` (engine/cache.py), which owns RoPE for cached
-keys because the eviction policy decides at which positions they are rotated.
+Attention over a KV cache is delegated to the cache (`KVCache` below; engine.kv.KVStore is the one the
+engine uses), which owns RoPE for cached keys because the eviction policy decides at which positions
+they are rotated. The caller says which phase the tokens are in: a prompt chunk (any length, attended
+exactly, then compressed) or a decode step (one token per sequence).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import ModelArgs, rope_inv_freq
-from .reference import rotate_half_dense
+from .config import ModelArgs
+from .rope import Rope
 
-if TYPE_CHECKING:
-    from .cache import KVStore
+Phase = Literal["prefill", "decode"]
+
+
+class KVCache(Protocol):
+    """What the forward pass needs of a KV cache: attention of the new tokens over the stored sequence and
+    themselves, storing them on the way. Before RoPE in, attention output out."""
+
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A prompt chunk: q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D)."""
+        ...
+
+    def decode(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: its fused q/k/v row (B, (H + 2 Hkv) D) -> (B, H, D)."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -34,44 +48,6 @@ class RMSNorm(nn.Module):
     def project(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """F.linear(self(x), w): on the decode path the norm is the projection's prologue, one op call."""
         return ops.linear(x, w, norm=self.weight, eps=self.eps)
-
-
-class Rope:
-    """cos/sin tables indexed by position (rotate_half layout). Grown only by `ensure`, which host code
-    calls with lengths it already knows, so rotating never syncs with the device."""
-
-    def __init__(self, args: ModelArgs, device: torch.device):
-        self.args, self.device = args, device
-        self.cos = self.sin = torch.empty(0, args.head_dim, device=device)
-        self.scaled_for = 0  # dynamic NTK: the sequence length the frequencies were scaled for
-
-    def ensure(self, n: int) -> None:
-        """Make positions < n valid. Dynamic NTK rescales by the sequence length, as HF does."""
-        dynamic = self.args.rope_scaling.type == "dynamic"
-        scaled_for = max(n, self.args.max_seq_len) if dynamic else 0
-        if self.cos.shape[0] >= n and scaled_for == self.scaled_for:
-            return
-        size = n if dynamic else max(n, self.args.max_seq_len, 2 * self.cos.shape[0])
-        inv = rope_inv_freq(self.args, scaled_for or None).to(self.device)
-        angles = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * inv[None, :]
-        emb = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin, self.scaled_for = emb.cos(), emb.sin(), scaled_for
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., D] by integer positions broadcastable to x[..., 0] (negative ones clamp to 0)."""
-        positions = positions.clamp(min=0).long()
-        return self.rotate_by(x, self.cos[positions], self.sin[positions])
-
-    def at(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [D] of one position held in a 1-element device tensor (for ops.rope_append): looked up
-        once per decode step, on the device, so the step has no host value in it."""
-        return self.cos.index_select(0, position)[0], self.sin.index_select(0, position)[0]
-
-    @staticmethod
-    def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x cos + rotate_half(x) sin in fp32, rounded to x's dtype once: the bits of ops.rope_append and of
-        decode_attention's rope argument, so keys rotated here and there agree exactly."""
-        return rotate_half_dense(x, cos, sin, torch.float32).to(x.dtype)
 
 
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
@@ -100,18 +76,19 @@ class Attention(nn.Module):
         """One matmul for q, k and v: fewer, larger calls on the decode path."""
         self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm, layer: int, rope: Rope, kv: KVCache | None,
+                phase: Phase) -> torch.Tensor:
         """Adds attention(norm(x)) into the residual stream x in place and returns it."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if kv is not None and kv.decoding and self.wqkv is not None:  # one token: the store takes the fused row
-            y = kv.decode(layer, norm.project(x, self.wqkv).view(B, -1))  # (B, H, D)
-            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=x)
         if self.wqkv is not None:
             qkv = norm.project(x, self.wqkv)
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
-            q, k, v = (norm.project(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+            qkv = torch.cat([norm.project(x, lin.weight) for lin in (self.wq, self.wk, self.wv)], dim=-1)
+        if kv is not None and phase == "decode":  # one token: the cache takes the fused row as is
+            y = kv.decode(layer, qkv.view(B, -1))  # (B, H, D)
+            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=x)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -121,7 +98,7 @@ class Attention(nn.Module):
             q, k = rope.rotate(q, pos), rope.rotate(k, pos)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
-            y = kv.attend(layer, q, k, v)  # (B, H, T, D)
+            y = kv.prefill(layer, q, k, v)  # (B, H, T, D)
         return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, add_to=x)
 
 
@@ -153,10 +130,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: "KVStore | None") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: KVCache | None, phase: Phase) -> torch.Tensor:
         """x is the residual stream, updated in place: each sublayer normalises it in its first projection
-        and adds its output projection into it."""
-        x = self.attention(x, self.attention_norm, layer, rope, kv)
+        and adds its output projection into it. Unfused, the same two lines as any LLaMA:
+        x = x + attention(attention_norm(x)); x = x + w2(silu(w1(ffn_norm(x))) * w3(ffn_norm(x)))."""
+        x = self.attention(x, self.attention_norm, layer, rope, kv, phase)
         return self.feed_forward(x, self.ffn_norm)
 
 
@@ -170,14 +148,16 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope: Rope | None = None
 
-    def forward(self, tokens: torch.Tensor, kv: "KVStore | None" = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, kv: KVCache | None = None, phase: Phase = "prefill",
+                last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] ([B, 1, V] with last_only). Without `kv`: positions 0..T-1,
-        plain causal attention. With `kv`: the tokens continue the sequence held by the store."""
+        plain causal attention. With `kv`: the tokens continue the sequence held by the cache, as a prompt
+        chunk (phase="prefill") or as one decode step (phase="decode", T = 1)."""
         if self.rope is None:
             self.rope = Rope(self.args, self.tok_embeddings.weight.device)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, i, self.rope, kv)
+            x = layer(x, i, self.rope, kv, phase)
         if last_only:
             x = x[:, -1:].contiguous()
         return self.norm.project(x, self.output.weight).float()

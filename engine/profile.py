@@ -6,7 +6,7 @@ It prefills a random context-N prompt, then runs K decode steps twice: once plai
 achieved bandwidth: weight + KV bytes read per step / step time) and once under torch.profiler with
 record_function ranges around the cache's and policy's work (and the model's stages in the prefill),
 which gives the table of time per op family per step. Our kernels appear by name (engine::decode_attention,
-...). Decode steps run as unprofiled ones do: on the CPU through the decode plan (engine/decode_plan.py).
+...). Decode steps run as unprofiled ones do: on the CPU through the decode plan (engine/decode/plan.py).
 Python overhead is the step's wall time minus the time spent inside ops (on CUDA: GPU kernel time).
 """
 from __future__ import annotations
@@ -27,9 +27,11 @@ from torch.profiler import ProfilerActivity, record_function
 
 from .bench.model import decode_runner
 from .bench.timing import sync, weight_bytes
-from .cache import KVStore
 from .cli import add_model_args, policy_params, run_cli
-from .generate import SamplingParams, decode_step, prefill, sample
+from .decode import decode_step
+from .generate import SamplingParams, prefill, sample
+from .kv import KVStore
+from .kv import prefill as kv_prefill
 from .model import Attention, FeedForward
 
 FAMILIES = ("matmuls", "attention", "scoring", "victim selection", "compaction/merge", "sampling", "other ops",
@@ -109,7 +111,7 @@ def _stage_hooks(module: nn.Module, name: str) -> list[torch.utils.hooks.Removab
 @contextlib.contextmanager
 def stage_ranges(model: nn.Module) -> Iterator[None]:
     """Label the model's stages (forward hooks, removed on exit). Around the prefill only: a hook makes a
-    CPU decode step leave its plan (engine/decode_plan.py) for the modules, which is not what runs unprofiled."""
+    CPU decode step leave its plan (engine/decode/plan.py) for the modules, which is not what runs unprofiled."""
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (Attention, FeedForward)):  # the norms and the head run inside projections
@@ -123,19 +125,24 @@ def stage_ranges(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def family_ranges(store: KVStore) -> Iterator[None]:
-    """Label the store's and policy's work (wrappers set on these two instances only, undone on exit)."""
+    """Label the store's and policy's work (wrappers set on these two instances and on the prefill module's
+    functions, undone on exit)."""
     policy = store.policy
-    wrapped = [(store, "attend", "attention"), (store, "_evict", "victim selection"),
-               (store, "_keep", "victim selection"), (store, "_store", "compaction/merge"),
+    wrapped = [(store, "prefill", "attention"), (store, "decode", "attention"), (store, "_evict", "victim selection"),
+               (kv_prefill, "keep_indices", "victim selection"), (kv_prefill, "compact", "compaction/merge"),
                (policy, "prefill_scores", "scoring"), (policy, "decode_update", "scoring"),
                (policy, "decode_scores", "scoring"), (policy, "after_evict", "compaction/merge")]
+    saved = [(obj, method, vars(obj).get(method)) for obj, method, _ in wrapped]
     for obj, method, family in wrapped:
         setattr(obj, method, _ranged(getattr(obj, method), FAMILY_RANGE + family))
     try:
         yield
     finally:
-        for obj, method, _ in wrapped:
-            delattr(obj, method)  # the class's method shows through again
+        for obj, method, original in saved:
+            if original is None:
+                delattr(obj, method)  # the class's method shows through again
+            else:
+                setattr(obj, method, original)
 
 
 # ---- attribution -------------------------------------------------------------------------------

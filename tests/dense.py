@@ -4,7 +4,7 @@ One layer, one sequence, drop mode, fp64. `simulate` feeds a prompt (one exact c
 compressed to the budget if longer) and then one token per decode step. Per KV head it keeps a plain
 list of positions and a dict of values, and recomputes every score from its written definition over
 the full history of attention rows and queries; nothing here shares code with the policy classes or
-the KVStore. Only the RoPE tables (engine.model.Rope) are shared.
+the KVStore. Only the RoPE tables (engine.rope.Rope) are shared.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.model import Rope
+from engine.rope import Rope
 from engine.policies import Policy
 
 

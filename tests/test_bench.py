@@ -105,8 +105,8 @@ def test_gpu_bench_fills_the_cache_as_after_the_context(name) -> None:
     import torch
 
     from engine.bench.gpu import filled_store
-    from engine.generate import decode_step
-    from engine.model import Rope
+    from engine.decode import decode_step
+    from engine.rope import Rope
     from engine.policies import make_policy
 
     from .helpers import small, tiny_model

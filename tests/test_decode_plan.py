@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from engine import decode_plan, ops
-from engine.generate import decode_step, prefill
+from engine import ops
+from engine.decode import Decoder, decode_step
+from engine.generate import prefill
 from engine.llm import LLM
 from engine.policies import list_policies
 
@@ -69,26 +70,25 @@ def test_plan_in_bfloat16_equals_module_path():
 
 
 def test_plan_stands_aside():
-    """Where the plan must not run, decode_plan.step says so (None) and decode_step takes the modules:
+    """Where the plan must not run, the decoder takes the modules:
     the reference kernels requested, a batch past MATVEC_MAX_ROWS, fp16 weights (F.linear), any hook."""
     model = tiny_model(n_layers=2)
     _, (store, _) = _stores(model, small("full", 64), token_ids(5), 4)
-    token = torch.tensor([3])
-    assert decode_plan.step(model, store, token) is not None  # the baseline: it runs here
+    assert Decoder(model, store).path() == "plan"  # the baseline: it runs here
     with ops.use_reference():
-        assert decode_plan.step(model, store, token) is None
+        assert Decoder(model, store).path() == "modules"
     handle = model.norm.register_forward_pre_hook(lambda *_: None)
     try:
-        assert decode_plan.step(model, store, token) is None
+        assert Decoder(model, store).path() == "modules"
     finally:
         handle.remove()
     wide = ops.MATVEC_MAX_ROWS + 1
     _, (store, _) = _stores(model, small("full", 64), token_ids(5, batch=wide), 2)
-    assert decode_plan.step(model, store, torch.zeros(wide, dtype=torch.long)) is None
+    assert Decoder(model, store).path() == "modules"
     half = copy.deepcopy(tiny_model(n_layers=2)).half()
     half.fuse()
     _, (store, _) = _stores(half, small("full", 64), token_ids(5), 2)
-    assert decode_plan.step(half, store, token) is None
+    assert Decoder(half, store).path() == "modules"
 
 
 def test_a_dropped_store_takes_its_plan_along():
@@ -98,8 +98,10 @@ def test_a_dropped_store_takes_its_plan_along():
 
     model = tiny_model(n_layers=2)
     _, (store, _) = _stores(model, small("full", 64), token_ids(5), 2)
-    assert decode_plan.step(model, store, torch.tensor([3])) is not None
+    decoder = Decoder(model, store)
+    assert decoder.path() == "plan"
+    decoder.step(torch.tensor([3]))  # makes the store's plan
     gone = weakref.ref(store)
-    del store
+    del store, decoder
     gc.collect()
     assert gone() is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.generate import prefill
-from engine.graphs import GraphDecoder
+from engine.decode import Decoder
 from engine.llm import LLM
 from engine.model import Transformer
 from engine.policies import Policy, list_policies, make_policy
@@ -25,7 +25,7 @@ def decode(model: Transformer, policy: Policy, prompt: torch.Tensor, ids: torch.
     """Prefill `prompt`, then feed `ids` one decode step each: logits (1, n + 1, V), the store, the decoder."""
     store = LLM(model, None, policy).new_store(prompt.shape[1], ids.shape[1] + 1)
     logits = [prefill(model, store, prompt.to(store.device))]
-    decoder = GraphDecoder(model, store, enabled=graphs)
+    decoder = Decoder(model, store, cuda_graphs=graphs)
     store.static_length = static_length
     for i in range(ids.shape[1]):
         logits.append(decoder.step(ids[:, i].to(store.device)))
@@ -52,7 +52,7 @@ def test_static_length_equals_used_slots(name, positions):
 def test_decoder_off_cuda_is_eager():
     model, prompt, ids = tiny_model(), token_ids(9, seed=3), token_ids(5, seed=4)
     _, _, decoder = decode(model, policy_for("h2o", "original"), prompt, ids)
-    assert decoder.eager and not decoder.graphs
+    assert decoder.graphs is None and decoder.path() != "graphs"
 
 
 cuda = pytest.mark.cuda
@@ -68,7 +68,7 @@ def test_graph_replay_equals_eager(name, positions):
     prompt, ids = token_ids(9, seed=3), token_ids(40, seed=4)
     want, ref, eager = decode(model, policy_for(name, positions), prompt, ids, graphs=False)
     got, store, decoder = decode(model, policy_for(name, positions), prompt, ids)
-    assert eager.eager and not decoder.eager and decoder.graphs
+    assert eager.path() != "graphs" and decoder.path() == "graphs" and decoder.graphs.graphs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert_same_cache(store, ref)
     for a, b in zip(store.layers, ref.layers):
@@ -83,5 +83,5 @@ def test_graph_falls_back_for_a_layerwise_policy():
     want, _, _ = decode(model, small("ahakv", 12), prompt, ids, graphs=False)
     with pytest.warns(RuntimeWarning, match="ahakv reads host values"):
         got, _, decoder = decode(model, small("ahakv", 12), prompt, ids)
-    assert decoder.eager and not decoder.graphs
+    assert decoder.graphs is None and decoder.path() != "graphs"
     assert torch.equal(got, want)

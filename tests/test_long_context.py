@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import engine
-from engine.generate import SamplingParams, decode_step
+from engine.decode import decode_step
+from engine.generate import SamplingParams
 from engine.policies import Full
 
 

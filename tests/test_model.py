@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cache import KVStore
-from engine.generate import decode_step, prefill
-from engine.model import Rope, Transformer
+from engine.kv import KVStore
+from engine.decode import decode_step
+from engine.generate import prefill
+from engine.model import Transformer
+from engine.rope import Rope
 from engine.policies import Full
 from engine.weights import load_checkpoint
 

@@ -168,7 +168,7 @@ ROPE_APPEND_CASES = [  # B, H, Hkv, D, C
 @pytest.mark.parametrize("rotate_key", [True, False], ids=["rotate_key", "raw_key"])
 def test_rope_append(device, path, dtypes, case, rotate_key):
     """Bit for bit the model's rotation (Rope.rotate_by) of the query and key; every other slot untouched."""
-    from engine.model import Rope
+    from engine.rope import Rope
 
     q_dtype, kv_dtype = dtypes
     B, H, Hkv, D, C = case
@@ -917,7 +917,8 @@ def test_linear_sends_decode_rows_to_matvec(monkeypatch, device, dtype, shape, a
 def test_model_through_ops_equals_reference(smollm):
     """The default model's prefill and teacher-forced decode steps (batch 3: matvec with 3 rows)
     give the same logits through the compiled ops as through the PyTorch reference path."""
-    from engine.generate import decode_step, prefill
+    from engine.decode import decode_step
+    from engine.generate import prefill
 
     ids = torch.randint(0, smollm.args.vocab_size, (3, 16), generator=gen(64))
 

@@ -11,11 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import ops
-from engine.cache import KVStore
+from engine.kv import KVStore
 from engine.config import ModelArgs
-from engine.generate import decode_step, prefill
+from engine.decode import decode_step
+from engine.generate import prefill
 from engine.llm import LLM
-from engine.model import Rope, Transformer
+from engine.model import Transformer
+from engine.rope import Rope
 from engine.policies import H2O, VATP, Policy, PolicyError, Scissorhands, WeightedKV, list_policies, make_policy
 from engine.policies.ahakv import recent_scores, step_gain
 from engine.policies.reduce import column_scores
@@ -124,15 +126,16 @@ def feed(store: KVStore, q, k, v, prompt_len: int, chunk: int | None = None, aft
     step = chunk or prompt_len
     for a in range(0, prompt_len, step):
         b = min(prompt_len, a + step)
-        store.prefilling = True
-        outs.append(store.attend(0, *(x[:, :, a:b].contiguous() for x in (q, k, v))).clone())
-        store.commit(b - a)
-        store.prefilling = False
+        store.begin_prefill(b - a)
+        outs.append(store.prefill(0, *(x[:, :, a:b].contiguous() for x in (q, k, v))).clone())
+        store.end_prefill(b - a)
     if after_step:
         after_step(prompt_len - 1)
     for t in range(prompt_len, T):
-        outs.append(store.attend(0, *(x[:, :, t:t + 1].contiguous() for x in (q, k, v))).clone())
-        store.commit(1)
+        store.begin_decode()
+        qkv = torch.cat([x[:, :, t].reshape(x.shape[0], -1) for x in (q, k, v)], dim=1)
+        outs.append(store.decode(0, qkv)[:, :, None].clone())
+        store.end_decode()
         if after_step:
             after_step(t)
     return torch.cat(outs, dim=2)
@@ -204,7 +207,7 @@ def test_invariants(s):
                 evicted[b][g] |= gone
                 if gone:
                     score, pos = seen_scores[-1]
-                    sc, ps = score[b, 0 if p.per_layer else g], pos[b, g]
+                    sc, ps = score[b, 0 if p.layer_wide else g], pos[b, g]
                     ok = (ps >= p.sinks) & (ps < t + 1 - p.recent)
                     best = min((float(sc[i]), int(ps[i])) for i in torch.nonzero(ok)[:, 0])
                     assert gone == {best[1]}

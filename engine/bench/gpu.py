@@ -16,11 +16,12 @@ import math
 import torch
 
 from .. import ops
-from ..cache import KVStore
 from ..cli import SetThreads
 from ..config import PRESETS
-from ..graphs import GraphDecoder
-from ..model import Rope, Transformer
+from ..decode import Decoder
+from ..kv import KVStore
+from ..model import Transformer
+from ..rope import Rope
 from ..policies import make_policy
 from ..policies.base import Policy
 from ..results import write_result
@@ -72,7 +73,7 @@ def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KV
         capacity = ctx + steps
     else:
         kept = budget = min(policy.budget, ctx)
-        capacity = policy.capacity(budget, steps)
+        capacity = policy.slots(budget, steps)
     store = KVStore(model.args, policy, budget, capacity, 1, dtype, dev, model.rope)
     if kept == ctx:
         positions = torch.arange(ctx, device=dev)
@@ -88,7 +89,7 @@ def filled_store(model: Transformer, policy: Policy, ctx: int, steps: int) -> KV
 
 def decode_times(model: Transformer, store: KVStore, steps: int, graphs: bool, warmup: int = 4) -> list[float]:
     """Seconds per decode step over `store`, eager or replayed from CUDA graphs."""
-    decoder = GraphDecoder(model, store, enabled=graphs)
+    decoder = Decoder(model, store, cuda_graphs=graphs)
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     state = {"token": token}
 

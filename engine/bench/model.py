@@ -15,7 +15,8 @@ import torch
 
 from .. import ops
 from ..cli import add_model_args, policy_params
-from ..generate import decode_step, prefill
+from ..decode import decode_step
+from ..generate import prefill
 from ..results import write_result
 from .timing import read_bandwidth, summary, sync, time_alternating, weight_bytes
 

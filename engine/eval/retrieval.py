@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..generate import decode_step, prefill
+from ..decode import decode_step
+from ..generate import prefill
 from ..policies import PolicyError
 from . import data, metrics, plots
 from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress, task_table

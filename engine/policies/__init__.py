@@ -1,7 +1,7 @@
 """Eviction policies by name. Register your own with `register` (see the README)."""
 from __future__ import annotations
 
-from .base import DecodeView, Policy, PolicyError, PrefillView
+from .base import Policy, PolicyError
 from .ahakv import AhaKV
 from .full import Full
 from .h2o import H2O
@@ -10,6 +10,7 @@ from .snapkv import SnapKV
 from .streaming import Streaming
 from .tova import TOVA
 from .vatp import VATP
+from .views import DecodeView, LayerState, PrefillView
 from .weightedkv import WeightedKV
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -42,5 +43,5 @@ def make_policy(name: str, **params: object) -> Policy:
 for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV):
     register(_cls)
 
-__all__ = ["AhaKV", "DecodeView", "Full", "H2O", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
+__all__ = ["AhaKV", "DecodeView", "Full", "H2O", "LayerState", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
            "Streaming", "TOVA", "VATP", "WeightedKV", "list_policies", "make_policy", "policy_class", "register"]

@@ -18,7 +18,7 @@ Our choices, where the paper is silent:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -26,9 +26,7 @@ from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
 from .reduce import column_scores
 from .snapkv import pool_by_position
-
-if TYPE_CHECKING:
-    from ..cache import LayerState
+from .views import LayerState
 
 
 def step_gain(n: torch.Tensor, budget: int | torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -65,7 +63,7 @@ class AhaKV(Policy):
     value_norm: ClassVar[str | None] = "l2"  # ||v||_2^2, stored at insertion
     observes_prefill: ClassVar[bool] = True  # the prompt's last queries are kept even without compression
     prefill_rows: ClassVar[int | None] = 0  # no column sums from the store: S has a per-row lambda
-    layerwise_decode: ClassVar[bool] = True  # the ring of kept queries lives in each layer's `extra`
+    decode_layer_by_layer: ClassVar[bool] = True  # the ring of kept queries lives in each layer's `extra`
 
     def __post_init__(self) -> None:
         if self.r < 1:

@@ -1,58 +1,22 @@
 """The policy interface: what a policy keeps per slot, what it needs from attention, how it scores.
 
-A policy never touches the cache buffers' layout; the KVStore (engine/cache.py) owns slots, writes,
+A policy never touches the cache buffers' layout; the KVStore (engine/kv/) owns slots, writes,
 attention and the eviction itself. A policy only turns attention statistics into per-slot scores
 (lower = evicted first) and may post-process an eviction (WeightedKV's value merge).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from .reduce import REDUCTIONS
-
-if TYPE_CHECKING:
-    from ..cache import LayerState
-    from ..model import Rope
+from .views import DecodeView, PrefillView  # what a policy sees: the arguments of the hooks below
 
 
 class PolicyError(ValueError):
     """A policy name or parameter that cannot work."""
-
-
-@dataclass
-class DecodeView:
-    """What a policy sees after one decode step's attention: in one layer, or (the default, see
-    Policy.layerwise_decode) in every layer at once, stacked along the batch dim (n_layers * B rows)."""
-
-    layer: "LayerState"
-    step_pos: int  # original position of the token just inserted
-    q: torch.Tensor  # (B, H, D) the query as attention used it (rotated)
-    probs: torch.Tensor | None  # (B, H, C) this step's softmax row, when the policy asks for it
-    rope: "Rope | None" = None  # positions="cache": the tables attention rotated the stored keys with
-
-    @functools.cached_property
-    def k(self) -> torch.Tensor:
-        """(B, Hkv, C, D) the keys as attention used them (rotated). With positions="cache" attention
-        rotates them on the fly, so they are materialised only for a policy that reads them."""
-        st = self.layer
-        return st.k if self.rope is None else self.rope.rotate(st.k, st.rank)
-
-
-@dataclass
-class PrefillView:
-    """What a policy sees when a prompt chunk is compressed: every entry of cache + chunk (N of them)."""
-
-    layer: "LayerState"  # .k/.v/.pos/.state hold the N concatenated entries (cache first, then chunk)
-    q: torch.Tensor  # (B, H, T, D) the chunk's queries as attention used them (rotated)
-    k: torch.Tensor  # (B, Hkv, N, D) keys as attention used them (rotated)
-    colsum: torch.Tensor | None  # (B, Hkv, N) group-reduced column sums over the rows the policy asked for
-    n_rows: int  # how many query rows those column sums cover
-    rows_seen: torch.Tensor  # (B, Hkv, N) fp32, number of chunk rows that could see each entry
-    budget: int = 0  # entries the store keeps after this chunk (0: the store did not say)
 
 
 @dataclass
@@ -71,11 +35,12 @@ class Policy:
     needs_probs: ClassVar[bool] = False  # decode attention writes the raw row (B, H, C)
     value_norm: ClassVar[str | None] = None  # l1 | l2 | linf, stored in state["vnorm"] at insertion
     evicts_on_decode: ClassVar[bool] = True
-    per_layer: ClassVar[bool] = False  # one decision for all KV heads of a layer (TOVA)
+    layer_wide: ClassVar[bool] = False  # one eviction decision for all KV heads of a layer (TOVA), not per head
     merges_values: ClassVar[bool] = False  # every eviction merges the victim's value (WeightedKV)
     observes_prefill: ClassVar[bool] = False  # prefill_scores runs on every chunk, not only when it compresses
-    # decode hooks run per layer (a policy with per-layer `extra` state), not once per step for all layers
-    layerwise_decode: ClassVar[bool] = False
+    # decode_update/decode_scores are called for each layer in turn (a policy with per-layer `extra` state),
+    # not once per step for all layers stacked
+    decode_layer_by_layer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -109,7 +74,7 @@ class Policy:
         self.check_budget(budget)
         return budget
 
-    def capacity(self, budget: int, max_new_tokens: int) -> int:
+    def slots(self, budget: int, max_new_tokens: int) -> int:
         """Slots to allocate: the budget plus the spare slot the incoming token lands in."""
         return budget + 1
 

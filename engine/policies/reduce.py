@@ -1,4 +1,4 @@
-"""Group reduction (POLICIES.md): how the G = H / Hkv query heads of one KV head combine into one score row.
+"""Group reduction: how the G = H / Hkv query heads of one KV head combine into one score row.
 
 The compiled attention kernels fuse the default, `mean`. For `max` and `sum` the store asks the kernels
 for the raw per-head probabilities (decode) or computes the column sums here (prefill), reducing over

@@ -57,7 +57,7 @@ class SnapKV(Policy):
             raise PolicyError(f"snapkv: window w={self.w} must be smaller than the budget {budget}")
         super().check_budget(budget)
 
-    def capacity(self, budget: int, max_new_tokens: int) -> int:
+    def slots(self, budget: int, max_new_tokens: int) -> int:
         """Decode never evicts: every generated token needs a slot."""
         return budget + max_new_tokens
 

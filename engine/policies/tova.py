@@ -22,7 +22,7 @@ class TOVA(Policy):
 
     name: ClassVar[str] = "tova"
     needs_probs: ClassVar[bool] = True
-    per_layer: ClassVar[bool] = True
+    layer_wide: ClassVar[bool] = True
     prefill_rows: ClassVar[int | None] = 1  # the last prompt row only
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
