@@ -124,9 +124,9 @@ class KVStore:
         self.clock.zero_()
 
     def fill(self, positions: torch.Tensor, t: int, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Stand as after `t` tokens with the entries of `positions` (n,), ascending, kept in slots [0, n) of every layer,
-        batch row and KV head: keys and values drawn from N(0, 1), each policy state from `state` (a name ->
-        (n,) tensor) or U(0, 1). For benchmarks that time decode at a given occupancy without a prefill."""
+        """Stand as after `t` tokens with the entries of `positions` (n,), ascending, kept in slots [0, n) of
+        every layer, batch row and KV head: keys and values drawn from N(0, 1), each policy state from `state`
+        (a name -> (n,) tensor) or U(0, 1). For benchmarks that time decode at a given occupancy, no prefill."""
         n, a = positions.shape[0], self.all
         self.reset()
         a.k[:, :, :n].normal_()
