@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import add_model_args, policy_params, run_cli
+from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, Parser, add_model_args,
+                  policy_params, run_cli)
 from .generate import SamplingParams
 from .llm import LLM, ContextError, load
 from .tokenizer import TEMPLATES, Tokenizer
@@ -348,22 +349,25 @@ def command(conv: Conversation, transcript: Transcript | None, text: str) -> boo
 
 # ---- entry point --------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m engine.chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--prompt", help="answer this once and exit ('-' reads stdin); stdout gets only the answer")
     p.add_argument("--system", help="system message")
     p.add_argument("--template", choices=TEMPLATES, help="chat template (default: from the tokenizer config)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=COUNT, default=256, help="longest reply (tokens, >= 1)")
+    p.add_argument("--temperature", type=NON_NEGATIVE_REAL, default=0.7, help="0: greedy (finite, >= 0)")
+    p.add_argument("--top-p", type=FRACTION_OPEN, default=0.9, help="nucleus mass, in (0, 1]")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="the k likeliest tokens only (0: off)")
+    p.add_argument("--seed", type=SEED, help="sampling seed, 0 to 2**64 - 1")
     p.add_argument("--transcript", help="append every turn to this JSONL file")
     p.add_argument("--resume", help="continue the conversation saved in this transcript (and append to it unless "
                                     "--transcript names another file)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def read_prompt(prompt: str) -> str:

@@ -6,7 +6,6 @@ tokenizer files) that both this engine and transformers can load.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -18,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli import Parser
 from .weights import WeightsError, load_gguf, open_gguf, save_hf_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -130,7 +130,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Callable[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.fetch", description="Resolve a model, print its folder.")
+    parser = Parser(prog="python -m engine.fetch", description="Resolve a model, print its folder.")
     parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"short name or path (default {DEFAULT_MODEL})")
     try:
         print(resolve_model(parser.parse_args().name))

@@ -1,12 +1,16 @@
 """Prompt chunks into the cache, sampling, stop rules and streaming of text pieces (decode steps: engine/decode/)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .kv import KVStore
 from .model import Transformer
+
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -19,14 +23,31 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        """Refuse here what sampling would turn into NaN probabilities or a torch error mid-reply."""
+        _check_int("max_new_tokens", self.max_new_tokens, 0)
+        _check_int("top_k", self.top_k, 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+        _check_real("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be strings, got {self.stop!r}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {value}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @torch.inference_mode()
@@ -34,8 +55,10 @@ def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | 
             all_logits: bool = False) -> torch.Tensor:
     """Feed ids [B, T] in chunks of `chunk` tokens (default: all at once); returns logits of the last
     token [B, V], or of every token [B, T, V] with `all_logits`."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill chunk must be an int >= 1 (or None: the whole prompt), got {chunk!r}")
     T = ids.shape[1]
-    step = T if not chunk else chunk
+    step = chunk or T
     outs = []
     for start in range(0, T, step):
         part = ids[:, start : start + step]
@@ -49,7 +72,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """[B, V] -> [B]. Sampling by an exponential race (argmax of p / Exp(1)): no host sync."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # The best token at 0 before scaling, the temperature at least float32's smallest normal: a tiny one sends
+    # the rest to -inf (greedy, as it should be), never to inf - inf or 0 / 0 (NaN probabilities, token 0).
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, FLOAT32_TINY)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 from .bench.model import decode_runner
 from .bench.timing import sync, weight_bytes
-from .cli import add_model_args, policy_params, run_cli
+from .cli import COUNT, Parser, add_model_args, policy_params, run_cli
 from .decode import decode_step
 from .generate import SamplingParams, prefill, sample
 from .kv import KVStore
@@ -236,15 +236,18 @@ def profile(llm, context: int = 1024, steps: int = 16, trace: str | Path | None 
         weight_bytes=weight_bytes(llm.model), kv_bytes=kv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m engine.profile", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--context", type=int, default=1024, help="prompt tokens prefilled before the decode steps")
-    p.add_argument("--steps", type=int, default=16, help="decode steps profiled")
+    p.add_argument("--context", type=COUNT, default=1024, help="prompt tokens prefilled before the decode steps (>= 1)")
+    p.add_argument("--steps", type=COUNT, default=16, help="decode steps profiled (>= 1)")
     p.add_argument("--trace", help="write a Chrome trace (chrome://tracing, ui.perfetto.dev) to this file")
-    ns = p.parse_args(argv)
-    check_sizes(ns.context, ns.steps)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
     if ns.trace:
         try:
             Path(ns.trace).open("w").close()  # fail now, not after the model is loaded and profiled

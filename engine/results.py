@@ -52,8 +52,12 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written .part left beside the results
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -14,6 +14,8 @@ import argparse
 import importlib
 import sys
 
+from ..cli import Parser
+
 COMMANDS = {
     "model": "a real model: decode and prefill vs transformers, or a policy's overhead (the default)",
     "kernels": "each op vs its reference, attention vs SDPA, on random inputs",
@@ -21,23 +23,33 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse and run one subcommand. Arguments that do not start with one run `model`, so the command lines
-    of the bench's first, single-mode form still work."""
+def parsers() -> tuple[Parser, dict[str, Parser]]:
+    """The top-level parser and each subcommand's."""
+    p = Parser(prog="python -m engine.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    subs = {}
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f".{name}", __package__)
+        subs[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(subs[name])
+    return p, subs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments that do not start with a subcommand are `model`'s, so the command lines of the bench's
+    first, single-mode form still work."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["model", *argv]
-    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    modules, parsers = {}, {}
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f".{name}", __package__)
-        parsers[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_args(parsers[name])
-        modules[name] = module
+    p, subs = parsers()
     ns, unknown = p.parse_known_args(argv)
-    if unknown:  # the subcommand's usage and name in the error, not the top level's
-        parsers[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return modules[ns.command].run(ns)
+    if unknown:  # the subcommand's name in the error, not the top level's
+        subs[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and run one subcommand."""
+    ns = parse_args(argv)
+    return importlib.import_module(f".{ns.command}", __package__).run(ns)

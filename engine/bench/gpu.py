@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import ops
-from ..cli import SetThreads
+from ..cli import COUNT, add_threads_arg
 from ..config import PRESETS
 from ..decode import Decoder
 from ..kv import KVStore
@@ -174,13 +174,14 @@ def bench_gpu(preset: str, contexts: list[int], policies: list[str], budget: int
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="llama-2-7b", help="the model shape (random fp16 weights)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096, 16384, 32768],
+    p.add_argument("--contexts", type=COUNT, nargs="+", default=[512, 2048, 4096, 16384, 32768],
                    help="tokens in the cache before the timed steps")
     p.add_argument("--policies", default="full,h2o,vatp,weightedkv", help="comma list of policies")
-    p.add_argument("--budget", "--budgets", type=int, default=2048,
-                   help="tokens each evicting policy keeps (contexts within it run the full cache only)")
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed per cell")
-    p.add_argument("--threads", type=int, action=SetThreads, help="CPU threads (default: every core)")
+    p.add_argument("--budget", "--budgets", type=COUNT, default=2048,
+                   help="tokens each evicting policy keeps, an integer >= 1 (a random cache has no prompt to take "
+                        "a fraction of; contexts within it run the full cache only)")
+    p.add_argument("--steps", type=COUNT, default=16, help="decode steps timed per cell (>= 1)")
+    add_threads_arg(p)
 
 
 def run(ns: argparse.Namespace) -> int:

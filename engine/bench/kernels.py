@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops, reference
-from ..cli import SetThreads
+from ..cli import COUNT, add_threads_arg
 from ..results import write_result
 from .timing import summary, time_alternating
 
@@ -160,10 +160,10 @@ def bench_kernels(contexts: list[int], reps: int) -> dict[str, object]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192],
+    p.add_argument("--contexts", type=COUNT, nargs="+", default=[512, 2048, 8192],
                    help="cached tokens of the decode cases (those <= 2048 also prefill lengths)")
-    p.add_argument("--reps", type=int, default=5, help="alternating rounds of the candidates")
-    p.add_argument("--threads", type=int, action=SetThreads, help="CPU threads (default: every core)")
+    p.add_argument("--reps", type=COUNT, default=5, help="alternating rounds of the candidates (>= 1)")
+    add_threads_arg(p)
 
 
 def run(ns: argparse.Namespace) -> int:

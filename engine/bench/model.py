@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import ops
-from ..cli import add_model_args, policy_params
+from ..cli import BUDGET_HELP, COUNT, add_model_args, budget_arg, policy_params
 from ..decode import decode_step
 from ..generate import prefill
 from ..results import write_result
@@ -167,12 +167,13 @@ def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--contexts", type=int, nargs="+",
+    p.add_argument("--contexts", type=COUNT, nargs="+",
                    help="prompt lengths (default: 128 2048 vs transformers, 2048 8192 for a policy)")
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
-    p.add_argument("--reps", type=int, default=5, help="alternating rounds of the candidates")
+    p.add_argument("--steps", type=COUNT, default=16, help="decode steps timed per repetition (>= 1)")
+    p.add_argument("--reps", type=COUNT, default=5, help="alternating rounds of the candidates (>= 1)")
     p.add_argument("--policies", help="comma list: a policy-overhead table over policies x --budgets")
-    p.add_argument("--budgets", type=int, nargs="+", help="budgets of the --policies table (default: 256 1024)")
+    p.add_argument("--budgets", type=budget_arg, nargs="+",
+                   help=f"budgets of the --policies table, each {BUDGET_HELP} (default: 256 1024)")
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ..cli import run_cli
+from ..cli import Parser, run_cli
+from .common import check_out
 
 COMMANDS = {
     "ppl": "streaming perplexity under a KV budget",
@@ -24,19 +25,21 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m engine.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    modules = {}
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f".{name}", __package__)
-        sp = sub.add_parser(name, help=help_text, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_args(sp)
-        modules[name] = module
-    ns = p.parse_args(argv)
-    return modules[ns.command].run(ns)
+        module.add_args(sub.add_parser(name, help=help_text, description=module.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    if getattr(ns, "out", None):
+        check_out(ns.out)  # before any data or model loads, not after the first cell
+    return importlib.import_module(f".{ns.command}", __package__).run(ns)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import data, plots
-from ..cli import add_model_args
+from ..cli import COUNT, NON_NEGATIVE, Integer, add_model_args
 from .common import build_policy, load_llm, plot_path, progress
 from .ppl import resolve_budget, stream_nll, text_ids
 from ..policies import list_policies, make_policy
@@ -38,10 +38,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(n for n in list_policies() if n != "full"),
                    help="policies whose kept positions are shown (default: all but full)")
     p.set_defaults(budget=0.25)
-    p.add_argument("--tokens", type=int, default=2048, help="text length (default 2048)")
-    p.add_argument("--sink-tokens", type=int, default=4, help="the first tokens counted as sinks (default 4)")
-    p.add_argument("--top", type=int, default=8, help="tokens with the most attention per head to check (default 8)")
-    p.add_argument("--bins", type=int, default=32, help="histogram bins over the text (default 32)")
+    p.add_argument("--tokens", type=Integer(8), default=2048, help="text length, >= 8 (default 2048)")
+    p.add_argument("--sink-tokens", type=NON_NEGATIVE, default=4,
+                   help="the first tokens counted as sinks, >= 0 (default 4)")
+    p.add_argument("--top", type=COUNT, default=8,
+                   help="tokens with the most attention per head to check, >= 1 (default 8)")
+    p.add_argument("--bins", type=COUNT, default=32, help="histogram bins over the text, >= 1 (default 32)")
     p.add_argument("--out", help="results JSON; plots are written next to it")
 
 
@@ -111,8 +113,6 @@ def kept_positions(llm: Any, policy: Any, ids: torch.Tensor, bins: int) -> dict[
 
 
 def run(ns: argparse.Namespace) -> int:
-    if ns.tokens < 8:
-        raise ValueError("--tokens must be at least 8")
     names = [s.strip() for s in ns.policies.split(",") if s.strip()]
     ns.policies = ",".join(names)
     budget = resolve_budget(ns.budget, ns.tokens)

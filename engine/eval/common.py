@@ -10,11 +10,12 @@ import argparse
 import datetime as dt
 import json
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_model_args, budget_arg, policy_params
+from ..cli import BUDGET_HELP, BUDGETS, add_model_args, policy_params
 from ..policies import Policy, list_policies, make_policy, policy_class
 from ..results import run_metadata, write_json
 
@@ -23,9 +24,9 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     """Model flags plus a policy x budget grid (`--policies a,b --budgets 0.25,0.5` or one --policy/--budget)."""
     add_model_args(p)
     p.add_argument("--policies", help="comma-separated policies to sweep (default: --policy)")
-    p.add_argument("--budgets", help="comma-separated budgets to sweep: ints are tokens, fractions in (0, 1] are "
-                                     "relative (default: --budget)")
-    p.add_argument("--out", help="results JSON (a sweep resumes from it)")
+    p.add_argument("--budgets", type=BUDGETS, help=f"comma-separated budgets to sweep, each {BUDGET_HELP} "
+                                                   "(default: --budget)")
+    p.add_argument("--out", help="results JSON (a sweep resumes from it; checked writable before anything runs)")
 
 
 def grid(ns: argparse.Namespace) -> list[tuple[str, int | float | None]]:
@@ -33,7 +34,7 @@ def grid(ns: argparse.Namespace) -> list[tuple[str, int | float | None]]:
     names = [s.strip() for s in ns.policies.split(",")] if ns.policies else [ns.policy]
     for n in names:
         policy_class(n)  # a clear error for an unknown name
-    budgets = [budget_arg(b.strip()) for b in ns.budgets.split(",")] if ns.budgets else [ns.budget]
+    budgets = ns.budgets or [ns.budget]
     if any(n != "full" for n in names) and None in budgets:
         raise ValueError("a policy other than full needs a budget: --budget B or --budgets B1,B2")
     return [(n, None if n == "full" else b) for n in names for b in (budgets if n != "full" else [None])]
@@ -58,6 +59,22 @@ def build_policy(ns: argparse.Namespace, name: str, budget: int | float | None) 
         keep[key] = value
     one = argparse.Namespace(**{**keep, "policy": name, "budget": budget})
     return make_policy(name, **policy_params(one))
+
+
+def check_out(path: str | Path) -> None:
+    """Refuse an --out that cannot be written now, before the first cell rather than after it: no folder, its
+    folder exists or can be made, and a file can be created there (what write_json's rename needs)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write --out {path}: it is a folder")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write --out {path}: {path.parent} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write --out {path}: {e.strerror or e}") from None
 
 
 def load_llm(ns: argparse.Namespace):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cli import COUNT, Integer
 from ..llm import ContextError
 from ..policies import PolicyError
 from . import metrics
@@ -91,7 +92,7 @@ _TABLE = [  # task, new tokens, metric, chat template, first line only
     ("lcc", 64, "code_sim", False, False), ("repobench-p", 64, "code_sim", False, False),
 ]
 TASKS: dict[str, Task] = {name: Task(PROMPTS[name], *rest) for name, *rest in _TABLE}
-PRESETS = {"vatp": {"budgets": "0.5", "sinks": 20, "policies": "full,h2o,vatp"}}
+PRESETS = {"vatp": {"budgets": [0.5], "sinks": 20, "policies": "full,h2o,vatp"}}
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all 16 English tasks)")
     add_grid_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), help="vatp: budget 0.5 of the prompt, sinks 20, full,h2o,vatp")
-    p.add_argument("--limit", type=int, help="first N records of each task")
-    p.add_argument("--max-length", type=int, help="prompt tokens before truncation (default: the model context minus "
-                                                  "the task's new tokens and the template)")
+    p.add_argument("--limit", type=COUNT, help="first N records of each task (>= 1)")
+    p.add_argument("--max-length", type=Integer(32), help="prompt tokens before truncation, >= 32 (default: the "
+                                                          "model context minus the task's new tokens and the template)")
 
 
 def apply_preset(ns: argparse.Namespace) -> None:
@@ -182,8 +183,6 @@ def run(ns: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown LongBench task {unknown[0]!r}; the 16 English tasks: {', '.join(TASKS)}")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be at least 1")
     folder = Path(ns.data)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (LongBench's data/ with <task>.jsonl files)")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..cli import COUNT, Integer
 from ..llm import ContextError
 from . import data, plots
 from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress
@@ -32,9 +33,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text", help="a UTF-8 text file")
     src.add_argument("--dataset", help=f"a cached text: {', '.join(sorted(data.TEXTS))} (see `data fetch`)")
     add_grid_args(p)
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--batch", type=int, default=1, help="equal slices of the text run as one batch")
-    p.add_argument("--window", type=int, default=256, help="report the mean NLL per window of this many tokens")
+    p.add_argument("--tokens", type=Integer(2), default=4096, help="tokens per sequence, >= 2 (default 4096)")
+    p.add_argument("--batch", type=COUNT, default=1, help="equal slices of the text run as one batch (>= 1)")
+    p.add_argument("--window", type=COUNT, default=256,
+                   help="report the mean NLL per window of this many tokens (>= 1)")
 
 
 def text_ids(tokenizer: Any, text: str, n: int) -> list[int]:
@@ -89,9 +91,6 @@ def run_cell(llm: Any, policy: Any, ids: torch.Tensor, chunk: int | None, window
 
 
 def run(ns: argparse.Namespace) -> int:
-    for flag in ("tokens", "batch", "window"):
-        if getattr(ns, flag) < (2 if flag == "tokens" else 1):
-            raise ValueError(f"--{flag} must be at least {2 if flag == 'tokens' else 1}")
     cells = grid(ns)
     policies = [(name, budget, build_policy(ns, name, resolve_budget(budget, ns.tokens))) for name, budget in cells]
     text = data.read_text_file(ns.text) if ns.text else data.text(ns.dataset)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..cli import COUNT, FRACTION, SEED, CommaList
 from ..decode import decode_step
 from ..generate import prefill
 from ..policies import PolicyError
@@ -166,18 +167,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_grid_args(p)
     p.add_argument("--tasks", default="niah,passkey", help=f"comma-separated: {', '.join(TASKS)} (default: "
                                                           "niah,passkey)")
-    p.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="fact depths in [0, 1]")
-    p.add_argument("--samples", type=int, default=1, help="samples (seeds) per length and depth")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--lengths", type=CommaList(COUNT), default="1024,2048",
+                   help="prompt lengths in tokens, each >= 1 (default 1024,2048)")
+    p.add_argument("--depths", type=CommaList(FRACTION), default="0,0.25,0.5,0.75,1", help="fact depths in [0, 1]")
+    p.add_argument("--samples", type=COUNT, default=1, help="samples (seeds) per length and depth (>= 1)")
+    p.add_argument("--seed", type=SEED, default=0, help="first seed (>= 0)")
     p.add_argument("--haystack", help="niah filler text file (default: the cached pg-essays)")
-
-
-def _floats(text: str, name: str, cast: type = float) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma-separated list of numbers, got {text!r}") from None
 
 
 def builder_for(tasks: Sequence[str], tokenizer: Any, haystack_file: str | None) -> dict[str, Builder]:
@@ -199,9 +194,7 @@ def run(ns: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown retrieval task {unknown[0]!r}; known: {', '.join(TASKS)}")
-    lengths, depths = _floats(ns.lengths, "lengths", int), _floats(ns.depths, "depths")
-    if ns.samples < 1:
-        raise ValueError("--samples must be at least 1")
+    lengths, depths = ns.lengths, ns.depths
     cells = grid(ns)
     policies = {(n, b): build_policy(ns, n, b) for n, b in cells}
     llm = load_llm(ns)

@@ -6,8 +6,11 @@ attention and the eviction itself. A policy only turns attention statistics into
 """
 from __future__ import annotations
 
+import functools
+import math
+import types
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -49,6 +52,7 @@ class Policy:
             raise PolicyError(f"{self.name}: a fractional budget must be in (0, 1], got {self.budget}")
         if isinstance(self.budget, int) and self.budget <= 0:
             raise PolicyError(f"{self.name}: budget must be positive, got {self.budget}")
+        self.check_types()
         if self.sinks < 0 or self.recent < -1:
             raise PolicyError(f"{self.name}: sinks must be >= 0 and recent >= 0 (or -1 for budget // 2)")
         self._half_recent = self.recent == -1
@@ -58,6 +62,17 @@ class Policy:
             raise PolicyError(f"{self.name}: group_reduce must be one of {', '.join(REDUCTIONS)}, got {self.group_reduce!r}")
         if isinstance(self.budget, int):
             self.resolve_budget(0)
+
+    def check_types(self) -> None:
+        """Every parameter of the type its field declares: no bool for an int, no NaN or inf for a number (a
+        NaN compares False with every bound, so the range checks would let it through)."""
+        for name, kinds in _field_types(type(self)).items():
+            value = getattr(self, name)
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                wanted = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise PolicyError(f"{self.name}: {name} must be {wanted}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PolicyError(f"{self.name}: {name} must be finite, got {value!r}")
 
     # ---- sizing ---------------------------------------------------------------------------------
     def check_budget(self, budget: int) -> None:
@@ -99,3 +114,20 @@ class Policy:
     def options(cls) -> list[tuple[str, type, object]]:
         """(name, type, default) of every parameter: the CLI builds its flags from these."""
         return [(f.name, f.type, f.default) for f in fields(cls)]
+
+
+@functools.cache
+def _field_types(cls: type[Policy]) -> dict[str, tuple[type, ...]]:
+    """field name -> the classes its annotation allows (`int | None` -> (int, NoneType)). A field annotated
+    otherwise (list[int], a Literal, a name that does not resolve) is left to the policy's own checks."""
+    try:
+        hints = get_type_hints(cls)
+    except NameError:
+        return {}
+    out = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+        if all(isinstance(o, type) for o in options):
+            out[f.name] = options
+    return out
