@@ -5,6 +5,11 @@ and the reply to it; nothing said before is prefilled again. Commands: /stats /r
 /quit. Ctrl-C stops a reply (it stays in the conversation as far as it got); Ctrl-C again at the
 prompt, or Ctrl-D, leaves. --transcript appends every turn to a JSONL file (flushed and fsynced),
 --resume continues a conversation saved there.
+
+Text that is not valid Unicode (bytes the terminal or the command line could not decode, which Python
+hands over as lone surrogates) is refused, never replaced: --prompt or --system is an error before the
+model loads, a terminal line is refused with one line on stderr and the session goes on, and a transcript
+holding such text is an error naming its line.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import os
 import signal
@@ -26,7 +32,7 @@ from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, P
                   policy_params, run_cli)
 from .generate import SamplingParams
 from .llm import LLM, ContextError, load
-from .tokenizer import TEMPLATES, Tokenizer
+from .tokenizer import TEMPLATES, TextError, Tokenizer, check_text
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -199,12 +205,13 @@ class Transcript:
     """Append-only JSONL, one record per line, flushed and fsynced: a crash or kill loses nothing said
     before it. Records: {"event": "start", "resumed", "system", "model", "policy"}, {"role": "user",
     "content"}, {"role": "assistant", "content", "stopped", "tokens"}, {"event": "reset", "system"};
-    each with "time" (UTC, ISO 8601)."""
+    each with "time" (UTC, ISO 8601). Writing never fails on text: a lone surrogate (an undecodable byte
+    in a model's file name, say) is written as its JSON escape \\udcXX."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
         except OSError as e:
             raise ValueError(f"cannot write the transcript {path}: {e.strerror or e}") from None
 
@@ -221,25 +228,24 @@ class Transcript:
 def read_transcript(path: str | Path) -> tuple[str | None, list[Message]]:
     """(system message, answered turns) of the last conversation in a transcript. A user message
     without a reply (the process was killed, or the cache refused it) is left out; so is a last line
-    cut off mid-write."""
+    cut off mid-write. Any other line that is not a record (not UTF-8, not JSON, nested too deep, fields
+    of the wrong type, text that is not valid Unicode) is a ValueError naming the file and line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().split(b"\n")  # not splitlines: JSON leaves U+2028 and U+0085 raw
     except OSError as e:
         raise ValueError(f"cannot read the transcript {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a UTF-8 transcript") from None
     system, turns, asked = None, [], None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, raw in enumerate(lines, 1):
+        where = f"{path} line {n}"
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path} line {n}: not a transcript record")
+            rec = _record(raw, last=n == len(lines))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if rec is None:
+            continue
+        for key in ("content", "system"):  # the text a resumed conversation feeds the model
+            if isinstance(rec.get(key), str):
+                check_text(rec[key], where)
         content = rec.get("content")
         if rec.get("event") in ("start", "reset") and isinstance(rec.get("system"), (str, type(None))):
             if not (rec["event"] == "start" and rec.get("resumed")):
@@ -252,8 +258,30 @@ def read_transcript(path: str | Path) -> tuple[str | None, list[Message]]:
                 turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": content}]
             asked = None
         else:
-            raise ValueError(f"{path} line {n}: not a transcript record")
+            raise ValueError(f"{where}: not a transcript record")
     return system, turns
+
+
+def _record(raw: bytes, last: bool) -> dict[str, Any] | None:
+    """One transcript line as a dict; None for a blank line, or for the last line when it was cut off
+    mid-write (no newline yet). A ValueError says why any other line is not a record."""
+    if not raw.strip():
+        return None
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if last:
+            return None
+        if isinstance(e, UnicodeDecodeError):
+            raise ValueError(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise ValueError(f"not JSON ({e.msg})") from None
+    except RecursionError:  # json recurses once per nesting level
+        raise ValueError("not a transcript record (nested too deeply)") from None
+    except ValueError as e:  # an integer with more digits than Python converts
+        raise ValueError(f"not a transcript record ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a transcript record")
+    return rec
 
 
 # ---- the terminal -------------------------------------------------------------------------------
@@ -286,6 +314,8 @@ def repl(conv: Conversation, transcript: Transcript | None) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     # A shell that starts us in the background hands down SIGINT as ignored; in a chat Ctrl-C must work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # undecodable bytes as surrogates, for check_text to refuse,
+        sys.stdin.reconfigure(errors="surrogateescape")  # not a UnicodeDecodeError that ends the session
     second_ctrl_c = False
     while True:
         try:
@@ -301,7 +331,11 @@ def repl(conv: Conversation, transcript: Transcript | None) -> int:
             second_ctrl_c = True
             continue
         second_ctrl_c = False
-        text = line.strip()
+        try:
+            text = check_text(line.strip(), "the line")
+        except TextError as e:
+            print(f"error: {e}; it was not sent (is the terminal set to UTF-8?)", file=sys.stderr)
+            continue
         if not text:
             continue
         if text.startswith("/"):
@@ -371,9 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_prompt(prompt: str) -> str:
-    """The --prompt text; '-' reads stdin, which must be UTF-8."""
+    """The --prompt text, which must be valid Unicode; '-' reads stdin, which must be UTF-8."""
     if prompt != "-":
-        text = prompt
+        text = check_text(prompt, "--prompt")
     else:
         data = sys.stdin.buffer.read()
         try:
@@ -391,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                     seed=ns.seed)
     params = SamplingParams(**sampling)  # checks the values before the model loads
     prompt = read_prompt(ns.prompt) if ns.prompt is not None else None
+    if ns.system is not None:
+        check_text(ns.system, "--system")
     system, turns = read_transcript(ns.resume) if ns.resume else (None, [])
     system = ns.system if ns.system is not None else system
     path = ns.transcript or ns.resume

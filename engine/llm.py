@@ -21,6 +21,30 @@ class ContextError(ValueError):
     """A prompt that does not fit the model's context under the chosen policy."""
 
 
+def token_ids(ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`ids` ([T] or [B, T], a list or an integer tensor) as an int64 tensor [B, T], or ValueError saying
+    what is wrong. Every entry that takes ids goes through here: torch would silently cast float and bool
+    ids, and an id outside the embedding would surface as an index error deep inside the model."""
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged, not numbers, past int64
+        raise ValueError(f"token ids must be integers in a list or tensor [T] or [B, T] "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if t.dim() not in (1, 2):
+        raise ValueError(f"token ids must have shape [T] or [B, T], got {list(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"empty prompt: no token ids (shape {list(t.shape)})")
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"token ids must be integers, got {t.dtype} (torch would cast them silently)")
+    wide = t.to(torch.int64)  # torch compares no uint16/32/64; a uint64 past 2**63 wraps negative and is caught
+    bad = ((wide < 0) | (wide >= vocab_size)).nonzero()
+    if len(bad):
+        at = bad[0].tolist()
+        raise ValueError(f"token id {t[tuple(at)].item()} at position {at[0] if len(at) == 1 else at} is outside "
+                         f"the vocabulary (0 <= id < {vocab_size})")
+    return wide if wide.dim() == 2 else wide[None]
+
+
 def parse_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
@@ -35,7 +59,10 @@ def parse_device(name: str | torch.device) -> torch.device:
 
 class LLM:
     """A model plus tokenizer plus policy. Each call starts from an empty cache; `cache_stats()` tells
-    what the last call's cache held."""
+    what the last call's cache held. Prompts and chat messages that are not valid Unicode (lone
+    surrogates, i.e. undecodable bytes) are refused with TextError, a ValueError (never replaced); ids
+    must be integers with 0 <= id < vocab_size, shaped [T] or [B, T], else ValueError naming the first bad
+    id and its position."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
                  prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True):
@@ -77,16 +104,11 @@ class LLM:
 
     # ---- text in, text out -----------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A prompt as ids [B, T] on the model's device: text encoded (TextError if it is not valid
+        Unicode), ids checked by `token_ids` (ValueError naming the first bad one)."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
-        else:
-            ids = prompt
-        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        if t.dim() == 1:
-            t = t[None]
-        if t.numel() == 0:
-            raise ValueError("empty prompt")
-        return t
+            prompt = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+        return token_ids(prompt, self.args.vocab_size).to(self.device)
 
     def session(self, max_new_tokens: int = 4096) -> "Session":
         """A conversation kept in one cache: every turn appends to it (see Session)."""

@@ -32,6 +32,30 @@ class TokenizerError(ValueError):
     """A tokenizer file, its configuration, a template name or a chat is missing or malformed."""
 
 
+class TextError(ValueError):
+    """Text that is not valid Unicode: a lone surrogate, which is how Python hands over bytes that a
+    terminal, a command line or a file could not decode (see `check_text`)."""
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` unchanged if it is valid Unicode, else TextError naming `where` and the first bad character.
+
+    Every way text enters (prompts, chat messages, --prompt/--system, terminal lines, transcripts) comes
+    through here, so undecodable bytes are refused the same way everywhere and never guessed at: the
+    tokenizers would raise an opaque TypeError, and replacing them would send the model text nobody wrote.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        escaped = 0xDC80 <= code <= 0xDCFF  # Python's surrogateescape of an undecodable byte
+        what = f"byte {code - 0xDC00:#04x} that is not UTF-8" if escaped else f"lone surrogate U+{code:04X}"
+        raise TextError(f"{where} is not valid Unicode: {what} at character {e.start}") from None
+    return text
+
+
 # ----------------------------------------------------------------------------- backends
 
 class _SpmBackend:
@@ -128,10 +152,11 @@ class Tokenizer:
         return i
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Plain text to ids; special-token spellings in `text` stay text. BOS only when asked."""
+        """Plain text to ids; special-token spellings in `text` stay text. BOS only when asked. Text that
+        is not valid Unicode is refused (TextError, see `check_text`)."""
         if bos and self.bos_id is None:
             raise TokenizerError("this tokenizer has no BOS token")
-        return [self.bos_id] * bos + self._backend.encode(text)
+        return [self.bos_id] * bos + self._backend.encode(check_text(text, "the text"))
 
     def decode(self, ids: list[int]) -> str:
         """Ids to text, skipping control tokens."""
@@ -141,7 +166,8 @@ class Tokenizer:
         return self._backend.decode(list(ids))
 
     def apply_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """The chat as ids: template control tokens as ids, every piece of text through `encode`."""
+        """The chat as ids: template control tokens as ids, every piece of text through `encode`. A message
+        that is not valid Unicode is refused (TextError naming the message, see `check_text`)."""
         return [i for seg in self._segments(messages, add_generation_prompt)
                 for i in ([seg] if isinstance(seg, int) else self._backend.encode(seg))]
 
@@ -156,13 +182,15 @@ class Tokenizer:
 
 
 def _check_messages(messages: list[dict[str, str]], alternate: bool) -> None:
-    if not messages:
-        raise TokenizerError("a chat needs at least one message")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError(f"a chat needs at least one message, in a list (got {type(messages).__name__})")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise TokenizerError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}, got {m!r}")
+            raise TokenizerError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}, "
+                                 f"got {m!r:.100}")
         if m["role"] == "system" and i:
             raise TokenizerError(f"message {i}: a system message may only come first")
+        check_text(m["content"], f"message {i}")
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if alternate and turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
         raise TokenizerError(f"roles must alternate user/assistant starting with user, got {turns}")
