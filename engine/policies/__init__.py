@@ -37,7 +37,12 @@ def policy_class(name: str) -> type[Policy]:
 
 def make_policy(name: str, **params: object) -> Policy:
     """Build a policy by name; `None` values keep the policy's defaults."""
-    return policy_class(name)(**{k: v for k, v in params.items() if v is not None})
+    cls = policy_class(name)
+    known = {f for f, _, _ in cls.options()}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise PolicyError(f"{name}: no parameter {unknown[0]!r} (it takes: {', '.join(sorted(known))})")
+    return cls(**{k: v for k, v in params.items() if v is not None})
 
 
 for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV):

@@ -65,12 +65,11 @@ class AhaKV(Policy):
     prefill_rows: ClassVar[int | None] = 0  # no column sums from the store: S has a per-row lambda
     decode_layer_by_layer: ClassVar[bool] = True  # the ring of kept queries lives in each layer's `extra`
 
-    def __post_init__(self) -> None:
+    def check_params(self) -> None:
         if self.r < 1:
             raise PolicyError(f"ahakv: r must be >= 1, got {self.r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise PolicyError(f"ahakv: pool_kernel must be odd and >= 1, got {self.pool_kernel}")
-        super().__post_init__()
 
     def _rows(self, extra: dict[str, torch.Tensor], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ring of the last r queries (B, H, r, D) and their positions (B, r); row of position p = p % r."""

@@ -46,13 +46,12 @@ class Policy:
     decode_layer_by_layer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise PolicyError(f"{self.name}: budget must be an int (tokens) or a float in (0, 1], got {self.budget!r}")
+        self.check_types()  # first: every range check below, and the subclass's, may rely on the types
+        self.check_params()
         if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
             raise PolicyError(f"{self.name}: a fractional budget must be in (0, 1], got {self.budget}")
         if isinstance(self.budget, int) and self.budget <= 0:
             raise PolicyError(f"{self.name}: budget must be positive, got {self.budget}")
-        self.check_types()
         if self.sinks < 0 or self.recent < -1:
             raise PolicyError(f"{self.name}: sinks must be >= 0 and recent >= 0 (or -1 for budget // 2)")
         self._half_recent = self.recent == -1
@@ -73,6 +72,9 @@ class Policy:
                 raise PolicyError(f"{self.name}: {name} must be {wanted}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise PolicyError(f"{self.name}: {name} must be finite, got {value!r}")
+
+    def check_params(self) -> None:
+        """A subclass's own parameter ranges (run after the type checks, before the base's range checks)."""
 
     # ---- sizing ---------------------------------------------------------------------------------
     def check_budget(self, budget: int) -> None:

@@ -13,7 +13,8 @@ class Full(Policy):
     evicts_on_decode: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        """The budget is the model context; the store sets it, so nothing here can be wrong."""
+        """The budget is the model context, which the store sets: only the parameters' types can be wrong."""
+        self.check_types()
 
     def resolve_budget(self, prompt_len: int) -> int:
         return self.budget if isinstance(self.budget, int) else prompt_len

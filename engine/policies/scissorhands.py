@@ -23,10 +23,9 @@ class Scissorhands(Policy):
     name: ClassVar[str] = "scissorhands"
     needs_acc: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def check_params(self) -> None:
         if self.m < 2:
             raise PolicyError(f"scissorhands: window m must be >= 2 (the score decays by (m-1)/m), got {self.m}")
-        super().__post_init__()
 
     @property
     def prefill_rows(self) -> int:

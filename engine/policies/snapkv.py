@@ -36,7 +36,7 @@ class SnapKV(Policy):
     name: ClassVar[str] = "snapkv"
     evicts_on_decode: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def check_params(self) -> None:
         if self.w < 1:
             raise PolicyError(f"snapkv: window w must be >= 1, got {self.w}")
         if self.k < 1 or self.k % 2 == 0:
@@ -46,7 +46,6 @@ class SnapKV(Policy):
         if self.recent not in (0, self.w):
             raise PolicyError(f"snapkv: recent is the observation window w; set w instead (got recent={self.recent})")
         self.recent = self.w
-        super().__post_init__()
 
     @property
     def prefill_rows(self) -> int:

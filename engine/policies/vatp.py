@@ -30,15 +30,17 @@ class VATP(Policy):
     name: ClassVar[str] = "vatp"
     needs_acc: ClassVar[bool] = True  # both bases accumulate attention
 
-    def __post_init__(self) -> None:
+    def check_params(self) -> None:
         if self.base not in BASES:
             raise PolicyError(f"vatp: base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.norm not in NORMS:
             raise PolicyError(f"vatp: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        cls = BASES[self.base]
         if self.recent is None:
-            self.recent = next(f.default for f in fields(cls) if f.name == "recent")
+            self.recent = next(f.default for f in fields(BASES[self.base]) if f.name == "recent")
+
+    def __post_init__(self) -> None:
         super().__post_init__()
+        cls = BASES[self.base]
         extra = {"m": self.m} if cls is Scissorhands else {}
         self._base = cls(budget=self.budget, sinks=self.sinks, recent=self.recent, positions=self.positions,
                          group_reduce=self.group_reduce, **extra)
