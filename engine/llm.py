@@ -148,7 +148,10 @@ class LLM:
         through prefill (exact, then compressed); the rest one decode step each."""
         ids = self._ids(ids)
         B, T = ids.shape
-        n_pre = max(1, prefill_len or 1)
+        if prefill_len is not None and (isinstance(prefill_len, bool) or not isinstance(prefill_len, int)
+                                        or not 1 <= prefill_len <= T):
+            raise ValueError(f"prefill_len must be an int in [1, {T}] (the sequence's length), got {prefill_len!r}")
+        n_pre = prefill_len or 1
         self.store = store = self.new_store(n_pre, T - n_pre, batch=B)
         nll = torch.empty(B, T - 1, device=self.device)  # one column per step: memory O(B x T), not O(B x T x V)
 
@@ -186,9 +189,9 @@ class Session:
 
     def feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Append tokens (after any pending one) to the cache; returns the next-token logits [1, V]."""
-        ids = self.pending + list(ids)
-        if not ids:
+        if not self.pending and not len(ids):
             raise ValueError("nothing to feed")
+        ids = token_ids(self.pending + list(ids), self.llm.args.vocab_size)[0].tolist()
         store = self.store
         if store.policy.name == "full" and store.occupancy + len(ids) > store.capacity:
             raise ContextError(

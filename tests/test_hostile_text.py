@@ -195,6 +195,22 @@ RECORD = st.fixed_dictionaries({}, optional={"event": FIELD, "role": FIELD, "con
                                              "resumed": FIELD})
 
 
+@pytest.mark.parametrize("prefill_len", [0, 6, True, 2.5, -1])
+def test_nll_refuses_a_prefill_length_outside_the_sequence(llm: LLM, prefill_len: object) -> None:
+    with pytest.raises(ValueError, match=r"prefill_len must be an int in \[1, 5\]") as e:
+        llm.nll(torch.tensor([[1, 2, 3, 4, 5]]), prefill_len=prefill_len)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("ids, words", [([1.5], "must be integers"), ([49152], "token id 49152 at position 0"),
+                                        ([-3], "token id -3 at position 0")])
+def test_session_feed_checks_ids_like_every_other_entry(llm: LLM, ids: list, words: str) -> None:
+    session = llm.session(max_new_tokens=4)
+    with pytest.raises(ValueError, match=words):
+        session.feed(ids)
+    assert session.tokens == [] and session.feed([1, 2]).shape == (1, 49152)
+
+
 def encoded(value: object, ascii: bool) -> bytes:
     """A JSON line with \\u escapes, or written raw (surrogates as the invalid UTF-8 they encode to)."""
     return json.dumps(value, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
