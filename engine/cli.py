@@ -255,4 +255,19 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {describe(e)}", file=sys.stderr)
         _flush_stdout()
         sys.exit(2)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory (a context, batch or budget too large for this machine?): "
+              f"{str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation the machine cannot give: torch raises OutOfMemoryError on a GPU but a plain
+    RuntimeError from the CPU allocator."""
+    import torch
+
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or isinstance(e, RuntimeError) and "can't allocate memory" in str(e))

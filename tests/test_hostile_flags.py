@@ -349,6 +349,15 @@ def test_every_os_error_is_one_line(code: int, capsys) -> None:
     assert capsys.readouterr().err == f"error: /data/out.json: {os.strerror(code)}\n"
 
 
+def test_an_allocation_the_machine_cannot_give_is_one_line(capsys) -> None:
+    """A context of 10**12 tokens reaches torch's allocator: one line, exit 2, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: torch.empty(10**13) and 0)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and err.count("\n") == 1
+
+
 def test_ctrl_c_is_130_and_a_bug_keeps_its_traceback(capsys) -> None:
     def interrupted() -> int:
         raise KeyboardInterrupt
