@@ -7,13 +7,17 @@ text, including a user's "</s>" or "<|im_end|>", is always encoded as plain text
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Callable
 
 import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from .config import Range, Source, describe, gguf_source, read_json
 
 if TYPE_CHECKING:
     import gguf
@@ -142,8 +146,6 @@ class Tokenizer:
 
     def _config_id(self, config: dict[str, Any], key: str, default: int | None) -> int | None:
         token = config.get(key)
-        if isinstance(token, dict):  # HF AddedToken form {"content": ...}
-            token = token.get("content")
         if not token:
             return default
         i = self._backend.token_id(token)
@@ -299,38 +301,88 @@ def load_tokenizer(folder: str | Path, template: str | None = None) -> Tokenizer
     if spm.is_file():
         backend: _SpmBackend | _HfBackend = _backend(_SpmBackend, spm.read_bytes(), spm)
     elif hf.is_file():
-        backend = _backend(_HfBackend, hf.read_text(encoding="utf-8"), hf)
+        text = _read_text(hf)
+        _check_bpe(Source(read_json(hf, TokenizerError), str(hf), TokenizerError))
+        backend = _backend(_HfBackend, text, hf)
     else:
         raise TokenizerError(f"no tokenizer.model or tokenizer.json in {folder}")
-    config = _read_json(folder / "tokenizer_config.json")
+    config = _tokenizer_config(_json_source(folder / "tokenizer_config.json"))
     jinja = folder / "chat_template.jinja"
-    if not config.get("chat_template") and jinja.is_file():
-        config["chat_template"] = jinja.read_text(encoding="utf-8")
-    if isinstance(config.get("chat_template"), list):  # [{"name": ..., "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
-        config["chat_template"] = named.get("default") or ""
-    gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-    extra_eos = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,) if isinstance(gen_eos, int) else ()
+    if not config["chat_template"] and jinja.is_file():
+        config["chat_template"] = _read_text(jinja)
+    extra_eos = _json_source(folder / "generation_config.json").ids("eos_token_id", ())
     return Tokenizer(backend, config, template, extra_eos)
 
 
 def _backend(cls: type, data: Any, path: Path) -> _SpmBackend | _HfBackend:
     try:
         return cls(data)
-    except Exception as e:  # both libraries raise bare Exception/RuntimeError on bad files
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # bare Exception/RuntimeError on bad files; a Rust panic is a BaseException
         raise TokenizerError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
+def _read_text(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _json_source(path: Path) -> Source:
+    """A JSON file beside the tokenizer (absent: empty) for typed, checked reads."""
+    return Source(read_json(path, TokenizerError) if path.is_file() else {}, str(path), TokenizerError)
+
+
+def _tokenizer_config(src: Source) -> dict[str, Any]:
+    """The tokenizer_config.json fields we use, checked: special tokens as strings (HF's {"content": ...}
+    form unwrapped), add_bos_token a bool (absent: the backend's default), chat_template one string (from
+    a list of named templates, the one named "default")."""
+    config: dict[str, Any] = {key: _token_text(src, key) for key in ("bos_token", "eos_token")}
+    if src.data.get("add_bos_token") is not None:
+        config["add_bos_token"] = src.flag("add_bos_token", False)
+    value = src.data.get("chat_template")
+    if isinstance(value, list):
+        entries = [Source(t, src.where, TokenizerError, f"chat_template[{i}].") for i, t in enumerate(value)]
+        config["chat_template"] = {e.text("name", ""): e.text("template", "") for e in entries}.get("default", "")
+    else:
+        config["chat_template"] = src.text("chat_template", "")
+    return config
+
+
+def _check_bpe(spec: Source) -> None:
+    """tokenizer.json's BPE merges, checked before the library reads them (see `_check_merges`)."""
+    model = spec.section("model")
+    if model.data.get("type") != "BPE":
+        return
+    vocab = model.data.get("vocab")
+    if not isinstance(vocab, dict):
+        raise model.fail("vocab", "an object of token -> id", vocab)
+    _check_merges(model, "merges", model.array("merges", object, []), vocab,
+                  model.text("continuing_subword_prefix", ""))
+
+
+def _check_merges(src: Source, key: str, merges: list, vocab: Container[str], prefix: str = "") -> None:
+    """Each merge ("a b" or ["a", "b"]) two tokens of `vocab` whose join is one too: on any other merge
+    the tokenizers library panics (a Rust abort message on stderr) instead of raising."""
+    for i, m in enumerate(merges):
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+        if ok:
+            left, right = pair
+            joined = left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)
+            ok = left in vocab and right in vocab and joined in vocab
+        if not ok:
+            raise src.fail(f"{key}[{i}]", "two tokens of the vocabulary whose join is one too", m)
+
+
+def _token_text(src: Source, key: str) -> str | None:
+    value = src.data.get(key)
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise src.fail(key, 'a string or {"content": string}', value)
+    return content or None
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -338,7 +390,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def tokenizer_from_gguf(reader: "gguf.GGUFReader", template: str | None = None) -> Tokenizer:
     """The tokenizer stored in a GGUF model file's metadata."""
     name, data, config = _gguf_tokenizer(reader)
-    backend = _SpmBackend(data) if name == "tokenizer.model" else _HfBackend(data)
+    backend = _backend(_SpmBackend if name == "tokenizer.model" else _HfBackend, data, Path(reader.data.filename))
     return Tokenizer(backend, config, template)
 
 
@@ -357,34 +409,30 @@ def export_gguf_tokenizer(reader: "gguf.GGUFReader", out_dir: Path) -> None:
 
 
 def _gguf_tokenizer(reader: "gguf.GGUFReader") -> tuple[str, bytes | str, dict[str, Any]]:
-    """(file name, file content, tokenizer_config) rebuilt from GGUF metadata."""
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else default
-
-    kind = field("tokenizer.ggml.model")
-    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    if kind is None or tokens is None or types is None:
-        raise TokenizerError("the GGUF file has no tokenizer (tokenizer.ggml.model/tokens/token_type)")
-    ids = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos")}
+    """(file name, file content, tokenizer_config) rebuilt from GGUF metadata, every field's type checked."""
+    src = gguf_source(reader, TokenizerError)
+    if "tokenizer.ggml.model" not in src.data:
+        raise TokenizerError(f"{src.where}: the GGUF file has no tokenizer (no tokenizer.ggml.model)")
+    kind = src.text("tokenizer.ggml.model")
+    tokens = src.array("tokenizer.ggml.tokens", str)
+    types = src.array("tokenizer.ggml.token_type", Range(1, 6), length=len(tokens))  # sentencepiece's piece types
+    token_id = Range(0, len(tokens) - 1, optional=True)
+    ids = {k: src.number(f"tokenizer.ggml.{k}_token_id", token_id, None) for k in ("unknown", "bos", "eos")}
     # tokenizer_class tells transformers how to read the files (it guesses wrong for a bare tokenizer.model).
     config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast"}
     config.update({f"{k}_token": tokens[ids[k]] for k in ("bos", "eos") if ids[k] is not None})
-    config["add_bos_token"] = bool(field("tokenizer.ggml.add_bos_token", kind == "llama"))
-    if field("tokenizer.chat_template"):
-        config["chat_template"] = field("tokenizer.chat_template")
+    config["add_bos_token"] = src.flag("tokenizer.ggml.add_bos_token", kind == "llama")
+    if src.text("tokenizer.chat_template", ""):
+        config["chat_template"] = src.text("tokenizer.chat_template")
     if kind == "llama":
-        scores = field("tokenizer.ggml.scores")
-        if scores is None:
-            raise TokenizerError("the GGUF llama tokenizer has no tokenizer.ggml.scores")
-        proto = _spm_proto(tokens, scores, types, ids, bool(field("tokenizer.ggml.add_space_prefix", True)))
+        scores = src.array("tokenizer.ggml.scores", Range(-math.inf, math.inf, integer=False), length=len(tokens))
+        proto = _spm_proto(tokens, scores, types, ids, src.flag("tokenizer.ggml.add_space_prefix", True))
         return "tokenizer.model", proto, config
     if kind == "gpt2":
-        merges = field("tokenizer.ggml.merges")
-        if merges is None:
-            raise TokenizerError("the GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
-        return "tokenizer.json", _bpe_json(tokens, types, merges, field("tokenizer.ggml.pre", "default")), config
-    raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (supported: llama, gpt2)")
+        merges = src.array("tokenizer.ggml.merges", str)
+        _check_merges(src, "tokenizer.ggml.merges", merges, set(tokens))
+        return "tokenizer.json", _bpe_json(tokens, types, merges, src.text("tokenizer.ggml.pre", "default")), config
+    raise TokenizerError(f"{src.where}: unsupported GGUF tokenizer model {describe(kind)} (supported: llama, gpt2)")
 
 
 def _spm_proto(tokens: list[str], scores: list[float], types: list[int], ids: dict[str, int | None],

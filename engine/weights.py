@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError, ModelArgs, RopeScaling, load_config_json
+from .config import (
+    LIMITS, ROPE_LIMITS, ConfigError, ModelArgs, RopeScaling, Source, describe, gguf_source, load_config_json,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import gguf
@@ -67,6 +71,13 @@ GGUF_NAMES = {
     "layers.{i}.feed_forward.w2.weight": "blk.{i}.ffn_down.weight",
     "norm.weight": "output_norm.weight",
     "output.weight": "output.weight",
+}
+# ModelArgs field -> GGUF metadata key, for the fields read the same way (`Source.numbers`).
+GGUF_FIELDS = {
+    "dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+    "hidden_dim": "llama.feed_forward_length", "norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base", "max_seq_len": "llama.context_length",
+    "head_dim": "llama.attention.key_length", "bos_id": "tokenizer.ggml.bos_token_id",
 }
 # Buffers some checkpoints carry that are recomputed from the config (RoPE frequencies).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
@@ -153,32 +164,55 @@ def load_checkpoint(
     )
 
 
+@dataclass
+class _Tensors:
+    """A checkpoint's tensors by their names in the file: the names, each one's shape as its headers say
+    (given the shape the config implies, which says how Meta shards join; no data is read) and a reader."""
+
+    names: set[str]
+    shape: Callable[[str, tuple[int, ...]], tuple[int, ...]]
+    read: Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+def _printable(name: str) -> str:
+    """A tensor or file name from a file, for a short one-line message."""
+    return name if name.isprintable() and len(name) <= 100 else describe(name)
+
+
+def _check_layer_count(args: ModelArgs, names: dict[str, str], present: set[str], where: Path) -> None:
+    """The layers the config declares against the layers the weights hold."""
+    prefix = names["layers.{i}.attention_norm.weight"].split("{i}")[0]
+    held = {i for n in present if n.startswith(prefix) and (i := n[len(prefix):].split(".", 1)[0]).isdigit()}
+    if len(held) != args.n_layers:
+        raise WeightsError(f"{where}: the config declares {args.n_layers} layers but the weights hold {len(held)}")
+
+
+def _check_shape(where: Path, file_name: str, got: tuple[int, ...], shape: tuple[int, ...], name: str) -> None:
+    if got != shape:
+        raise WeightsError(f"{where}: {file_name} has shape {got} but the config implies {shape} for {name}")
+
+
 def _convert(
-    args: ModelArgs,
-    names: dict[str, str],
-    present: set[str],
-    read: Callable[[str, tuple[int, ...]], torch.Tensor],
-    dtype: torch.dtype,
-    interleaved_qk: bool,
-    where: Path,
+    args: ModelArgs, names: dict[str, str], tensors: _Tensors, dtype: torch.dtype, interleaved_qk: bool, where: Path,
 ) -> dict[str, torch.Tensor]:
-    """Check names, then read, check shape, un-permute and cast one tensor at a time."""
+    """Check the layer count, every name and every shape against the config before reading anything;
+    then read, un-permute and cast one tensor at a time."""
+    _check_layer_count(args, names, tensors.names, where)
     shapes = expected_shapes(args)
     src = expand_names(names, args)
-    missing = [s for s in src.values() if s not in present]
+    missing = [s for s in src.values() if s not in tensors.names]
     if missing:
         raise WeightsError(f"{where}: {len(missing)} weights missing, e.g. {', '.join(missing[:3])}")
     known = set(src.values()) | ({names["output.weight"]} if args.tie_embeddings else set())  # tied: copy ignored
-    extra = sorted(n for n in present - known if not n.endswith(_IGNORED_SUFFIXES))
+    extra = sorted(n for n in tensors.names - known if not n.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise WeightsError(f"{where}: {len(extra)} unexpected weights, e.g. {', '.join(extra[:3])}")
+        raise WeightsError(f"{where}: {len(extra)} unexpected weights, e.g. {', '.join(map(_printable, extra[:3]))}")
+    for name, shape in shapes.items():
+        _check_shape(where, src[name], tensors.shape(src[name], shape), shape, name)
     out = {}
     for name, shape in shapes.items():
-        t = read(src[name], shape)
-        if tuple(t.shape) != shape:
-            raise WeightsError(
-                f"{where}: {src[name]} has shape {tuple(t.shape)} but the config implies {shape} for {name}"
-            )
+        t = tensors.read(src[name], shape)
+        _check_shape(where, src[name], tuple(t.shape), shape, name)  # a reader's data can disagree with its header
         if interleaved_qk and name.endswith(("wq.weight", "wk.weight")):
             t = unpermute_rope(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
         out[name] = t.to(dtype).contiguous()
@@ -195,14 +229,11 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, tor
     args = load_config_json(folder / "config.json")
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = read_index(index)
         files = sorted(set(weight_map.values()))
         for f in files:
-            if not (folder / f).exists():
-                raise WeightsError(f"{folder}: shard {f} named in {index.name} is missing")
+            if not (folder / f).is_file():
+                raise WeightsError(f"{folder}: shard {_printable(f)} named in {index.name} is missing")
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     handles = {}
@@ -210,17 +241,55 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, tor
         for f in files:
             handles[f] = safe_open(folder / f, framework="pt")
     except SafetensorError as e:
-        raise WeightsError(f"{folder / f}: corrupt or truncated safetensors file ({e})") from None
+        raise WeightsError(f"{_printable(str(folder / f))}: corrupt or truncated safetensors file ({e})") from None
     if not index.exists():
         weight_map = {k: f for f, h in handles.items() for k in h.keys()}
+
+    shapes = {k: tuple(h.get_slice(k).get_shape()) for f, h in handles.items() for k in h.keys()
+              if weight_map.get(k) == f}
 
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         try:
             return handles[weight_map[name]].get_tensor(name)
         except SafetensorError as e:
-            raise WeightsError(f"{folder / weight_map[name]}: cannot read {name} ({e})") from None
+            raise WeightsError(f"{_printable(str(folder / weight_map[name]))}: cannot read {name} ({e})") from None
 
-    return args, _convert(args, HF_NAMES, set(weight_map), read, dtype, False, folder), "hf"
+    tensors = _Tensors(set(shapes), lambda name, _: shapes[name], read)
+    return args, _convert(args, HF_NAMES, tensors, dtype, False, folder), "hf"
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """A safetensors index's weight_map: an object of tensor name -> file, every file inside the folder
+    that holds the index (no absolute path, no "..", no symlink out of it)."""
+    src = Source(read_json(index, WeightsError), str(index), WeightsError)
+    weight_map = src.data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise src.fail("weight_map", "an object of tensor name -> file name", weight_map)
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise src.fail(f"weight_map[{describe(name)}]", "a file name", file)
+    for file in set(weight_map.values()):
+        why = _not_inside(index.parent, file)
+        if why:
+            raise WeightsError(f"{index}: weight_map names the file {describe(file)}, which {why}; "
+                               f"an index may only name files inside its folder")
+    return weight_map
+
+
+def _not_inside(folder: Path, file: str) -> str | None:
+    """Why `file`, named by an index in `folder`, is not a file name inside it; None if it is one."""
+    path = PurePath(file.replace("\\", "/"))  # a Windows separator counts too
+    if not file.strip() or "\0" in file:
+        return "is empty or holds a NUL byte"
+    if path.is_absolute():
+        return "is absolute"
+    if ".." in path.parts:
+        return "contains '..'"
+    try:
+        inside = (folder / file).resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return "cannot be resolved"
+    return None if inside else "resolves outside the model folder"
 
 
 def hf_config(args: ModelArgs) -> dict:
@@ -307,16 +376,31 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _merge_shards(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """Join model-parallel slices along the one axis where a slice is smaller than the full tensor.
+def _split_axis(first: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    """The axis model-parallel slices join along: the first where a slice is smaller than the full tensor.
 
     Meta splits column-parallel weights (wq wk wv w1 w3 output) on dim 0, row-parallel ones (wo w2) on
     dim 1, the embedding on dim 1 (Llama 2) or dim 0 (Llama 3), and replicates the norms; the shapes
     say which, so one rule covers every version.
     """
-    first = parts[0]
-    axes = [a for a, n in enumerate(first.shape) if a < len(shape) and n != shape[a]]
-    return first if len(parts) == 1 or not axes else torch.cat(parts, dim=axes[0])
+    return next((a for a, n in enumerate(first) if a < len(shape) and n != shape[a]), None)
+
+
+def _merged_shape(parts: list[tuple[int, ...]], shape: tuple[int, ...], name: str, folder: Path) -> tuple[int, ...]:
+    """The shape `_merge_shards` will give, from the slices' shapes; slices that cannot join are refused."""
+    first, axis = parts[0], _split_axis(parts[0], shape)
+    if len(parts) == 1 or axis is None:
+        return first
+    others = {p[:axis] + p[axis + 1:] for p in parts if len(p) == len(first)}
+    if len(others) != 1 or any(len(p) != len(first) for p in parts):
+        raise WeightsError(f"{folder}: the consolidated shards disagree on the shape of {name}: {parts}")
+    return first[:axis] + (sum(p[axis] for p in parts),) + first[axis + 1:]
+
+
+def _merge_shards(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Join model-parallel slices (see `_split_axis`)."""
+    axis = _split_axis(tuple(parts[0].shape), shape)
+    return parts[0] if len(parts) == 1 or axis is None else torch.cat(parts, dim=axis)
 
 
 def _load_meta(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
@@ -324,78 +408,60 @@ def _load_meta(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, t
     if not params.exists():
         raise WeightsError(f"{folder}: consolidated.*.pth weights but no params.json")
     shards = [_torch_load(f) for f in sorted(folder.glob("consolidated.*.pth"))]
-    try:
-        p = json.loads(params.read_text())
-        vocab = shards[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in shards[0] else 0
-        args = ModelArgs.from_meta_params(p, vocab_size=vocab)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{params}: not valid JSON ({e})") from None
-    except KeyError as e:
-        raise ConfigError(f"{params} lacks required key {e.args[0]!r}") from None
-    present = set().union(*(s.keys() for s in shards))
+    embedding = shards[0].get("tok_embeddings.weight")
+    vocab = embedding.shape[0] if embedding is not None and embedding.dim() else 0
+    args = ModelArgs.from_meta_params(read_json(params), vocab_size=vocab, where=str(params))
 
-    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return _merge_shards([s[name] for s in shards], shape)
-        except KeyError:
-            raise WeightsError(f"{folder}: {name} is missing from some consolidated shards") from None
+    def parts(name: str) -> list[torch.Tensor]:
+        if any(name not in s for s in shards):
+            raise WeightsError(f"{folder}: {name} is missing from some consolidated shards")
+        return [s[name] for s in shards]
 
-    return args, _convert(args, META_NAMES, present, read, dtype, True, folder), "meta"
+    def shape(name: str, want: tuple[int, ...]) -> tuple[int, ...]:
+        return _merged_shape([tuple(t.shape) for t in parts(name)], want, name, folder)
+
+    tensors = _Tensors(set().union(*(s.keys() for s in shards)), shape, lambda n, want: _merge_shards(parts(n), want))
+    return args, _convert(args, META_NAMES, tensors, dtype, True, folder), "meta"
 
 
 # ---- GGUF (llama.cpp): metadata + (quantized) tensors ----
 
-def _gguf_value(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def _f32(x: float) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06); one a
+    float32 cannot hold (a FLOAT64 key) stays as it is."""
     import numpy as np
 
-    return float(str(np.float32(x)))
+    return float(str(np.float32(x))) if abs(x) <= np.finfo(np.float32).max else x
 
 
 def gguf_model_args(reader: gguf.GGUFReader) -> ModelArgs:
     """ModelArgs from GGUF `llama.*` metadata; embeddings are tied when the file has no output.weight."""
-    arch = _gguf_value(reader, "general.architecture")
+    src = gguf_source(reader)
+    arch = src.data.get("general.architecture")
     if arch != "llama":
-        raise WeightsError(f"unsupported GGUF architecture {arch!r} (supported: llama)")
-
-    def get(key: str, default=None):
-        value = _gguf_value(reader, f"llama.{key}", default)
-        if value is None:
-            raise ConfigError(f"GGUF metadata lacks llama.{key}")
-        return value
-
-    n_heads = get("attention.head_count")
-    names = {t.name for t in reader.tensors}
-    vocab = _gguf_value(reader, "llama.vocab_size") or len(_gguf_value(reader, "tokenizer.ggml.tokens", []))
-    scaling = _gguf_value(reader, "llama.rope.scaling.type", "none")
+        raise WeightsError(f"{src.where}: unsupported GGUF architecture {describe(arch)} (supported: llama)")
+    kw = src.numbers(GGUF_FIELDS, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096, head_dim=0, bos_id=None)
+    if "llama.vocab_size" in src.data:
+        vocab = src.number("llama.vocab_size", LIMITS["vocab_size"])
+    else:
+        vocab = len(src.array("tokenizer.ggml.tokens", str))
+    scaling = src.text("llama.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise ConfigError(f"unsupported GGUF rope scaling {scaling!r} (none, linear)")
-    bos = _gguf_value(reader, "tokenizer.ggml.bos_token_id")
-    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
-    return ModelArgs(
-        dim=get("embedding_length"),
-        n_layers=get("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=get("attention.head_count_kv", n_heads),
-        hidden_dim=get("feed_forward_length"),
+        raise ConfigError(f"{src.where}: unsupported GGUF rope scaling {describe(scaling)} (none, linear)")
+    scaling_args = dict(
+        type=scaling,
+        factor=_f32(src.number("llama.rope.scaling.factor", ROPE_LIMITS["factor"], 1.0)),
+        original_max_position_embeddings=src.number(
+            "llama.rope.scaling.original_context_length", ROPE_LIMITS["original_max_position_embeddings"], None),
+    )
+    return src.build(
+        ModelArgs,
+        **kw | {"norm_eps": _f32(kw["norm_eps"]), "rope_theta": _f32(kw["rope_theta"])},
+        n_kv_heads=src.number("llama.attention.head_count_kv", LIMITS["n_kv_heads"], kw["n_heads"]),
         vocab_size=vocab,
-        norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        rope_scaling=RopeScaling(
-            type=scaling,
-            factor=_f32(_gguf_value(reader, "llama.rope.scaling.factor", 1.0)),
-            original_max_position_embeddings=_gguf_value(reader, "llama.rope.scaling.original_context_length"),
-        ),
-        max_seq_len=get("context_length", 4096),
-        tie_embeddings="output.weight" not in names,
-        head_dim=_gguf_value(reader, "llama.attention.key_length", 0),
-        bos_id=bos,
-        eos_ids=() if eos is None else (eos,),
+        rope_scaling=src.build(RopeScaling, **scaling_args),
+        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        eos_ids=src.ids("tokenizer.ggml.eos_token_id", ()),
     )
 
 
@@ -434,4 +500,6 @@ def load_gguf(
         t = tensors[name]
         return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))  # [out, in]; copies off the mmap
 
-    return args, _convert(args, GGUF_NAMES, set(tensors), read, parse_dtype(dtype), True, where)
+    shapes = {name: tuple(int(n) for n in reversed(t.shape.tolist())) for name, t in tensors.items()}  # ggml: [in, out]
+    found = _Tensors(set(tensors), lambda name, _: shapes[name], read)
+    return args, _convert(args, GGUF_NAMES, found, parse_dtype(dtype), True, where)
