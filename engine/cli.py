@@ -8,6 +8,7 @@ number, got 'nan'`, `error: --budget must be an integer >= 1 (tokens) or a fract
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import re
@@ -29,6 +30,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # "argument --steps: must be at least 1" -> "--steps must be at least 1", as the checks after parsing say it
         self.exit(2, "error: " + FLAG_FIRST.sub(r"\1 ", message) + "\n")
+
+
+def add_subcommands(p: argparse.ArgumentParser, commands: dict[str, str], package: str) -> dict[str, Parser]:
+    """A subcommand per module of `package` named in `commands` (name -> help): the module's docstring is
+    its description and its `add_args` its flags. Each subcommand's parser, by name."""
+    sub = p.add_subparsers(dest="command", required=True)
+    subs = {}
+    for name, help_text in commands.items():
+        module = importlib.import_module(f".{name}", package)
+        subs[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(subs[name])
+    return subs
 
 
 def _refuse(message: str) -> NoReturn:

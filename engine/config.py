@@ -202,10 +202,11 @@ class Source:
             raise self.error(f"{self.where}: {e}") from None
 
 
-def read_json(path: Path, error: type[ValueError] = ConfigError) -> Any:
-    """A JSON file's content; unreadable text, bad JSON or nesting too deep is one `error` naming the file."""
+def read_json(path: Path, error: type[ValueError] = ConfigError, text: str | None = None) -> Any:
+    """A JSON file's content (parsed from `text` when the caller has read the file already); unreadable text,
+    bad JSON or nesting too deep is one `error` naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8") if text is None else text)
     except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, ints too long, nesting too deep
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise error(f"cannot read {path}: not valid JSON ({why})") from None

@@ -191,7 +191,10 @@ class Session:
         """Append tokens (after any pending one) to the cache; returns the next-token logits [1, V]."""
         if not self.pending and not len(ids):
             raise ValueError("nothing to feed")
-        ids = token_ids(self.pending + list(ids), self.llm.args.vocab_size)[0].tolist()
+        checked = token_ids(self.pending + list(ids), self.llm.args.vocab_size)
+        if checked.shape[0] != 1:
+            raise ValueError(f"a session feeds one sequence of ids [T], got shape {list(checked.shape)}")
+        ids = checked[0].tolist()
         store = self.store
         if store.policy.name == "full" and store.occupancy + len(ids) > store.capacity:
             raise ContextError(

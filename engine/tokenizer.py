@@ -302,7 +302,7 @@ def load_tokenizer(folder: str | Path, template: str | None = None) -> Tokenizer
         backend: _SpmBackend | _HfBackend = _backend(_SpmBackend, spm.read_bytes(), spm)
     elif hf.is_file():
         text = _read_text(hf)
-        _check_bpe(Source(read_json(hf, TokenizerError), str(hf), TokenizerError))
+        _check_bpe(Source(read_json(hf, TokenizerError, text), str(hf), TokenizerError))
         backend = _backend(_HfBackend, text, hf)
     else:
         raise TokenizerError(f"no tokenizer.model or tokenizer.json in {folder}")

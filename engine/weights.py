@@ -259,8 +259,8 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, tor
 
 
 def read_index(index: Path) -> dict[str, str]:
-    """A safetensors index's weight_map: an object of tensor name -> file, every file inside the folder
-    that holds the index (no absolute path, no "..", no symlink out of it)."""
+    """A safetensors index's weight_map: an object of tensor name -> file, every file named inside the
+    folder that holds the index (no absolute path, no "..": see `_not_a_name_inside`)."""
     src = Source(read_json(index, WeightsError), str(index), WeightsError)
     weight_map = src.data.get("weight_map")
     if not isinstance(weight_map, dict):

@@ -203,7 +203,8 @@ def test_nll_refuses_a_prefill_length_outside_the_sequence(llm: LLM, prefill_len
 
 
 @pytest.mark.parametrize("ids, words", [([1.5], "must be integers"), ([49152], "token id 49152 at position 0"),
-                                        ([-3], "token id -3 at position 0")])
+                                        ([-3], "token id -3 at position 0"),
+                                        ([[1, 2], [3, 4]], r"one sequence of ids \[T\], got shape \[2, 2\]")])
 def test_session_feed_checks_ids_like_every_other_entry(llm: LLM, ids: list, words: str) -> None:
     session = llm.session(max_new_tokens=4)
     with pytest.raises(ValueError, match=words):

@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from ..cli import Parser
+from ..cli import Parser, add_subcommands
 
 COMMANDS = {
     "model": "a real model: decode and prefill vs transformers, or a policy's overhead (the default)",
@@ -26,14 +26,7 @@ COMMANDS = {
 def parsers() -> tuple[Parser, dict[str, Parser]]:
     """The top-level parser and each subcommand's."""
     p = Parser(prog="python -m engine.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    subs = {}
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f".{name}", __package__)
-        subs[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_args(subs[name])
-    return p, subs
+    return p, add_subcommands(p, COMMANDS, __package__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ..cli import Parser, run_cli
+from ..cli import Parser, add_subcommands, run_cli
 from .common import check_out
 
 COMMANDS = {
@@ -27,11 +27,7 @@ COMMANDS = {
 
 def parser() -> Parser:
     p = Parser(prog="python -m engine.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f".{name}", __package__)
-        module.add_args(sub.add_parser(name, help=help_text, description=module.__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_subcommands(p, COMMANDS, __package__)
     return p
 
 
