@@ -37,6 +37,12 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, float eps=0., "
       "bool swiglu=False) -> ()");
+  // matvec over packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h), dequantized in registers
+  m.def(
+      "qmatvec(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, "
+      "float eps=0., bool swiglu=False) -> ()");
+  // out [N, K] = the weights of packed blocks [N, row_bytes], each exactly gguf.quants.dequantize's value
+  m.def("dequantize(Tensor blocks, int qtype, Tensor(a!) out) -> ()");
 }
 
 namespace {
