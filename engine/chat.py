@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, Parser, add_model_args,
+from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, Parser, add_model_args, load_options,
                   policy_params, run_cli)
 from .generate import SamplingParams
 from .llm import LLM, ContextError, load
@@ -432,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     path = ns.transcript or ns.resume
     transcript = Transcript(path) if path else None
     try:
-        llm = load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
-                   template=ns.template, **policy_params(ns))
+        llm = load(ns.model, policy=ns.policy, template=ns.template, **load_options(ns), **policy_params(ns))
         if transcript:
             transcript.write({"event": "start", "resumed": bool(ns.resume), "system": system, "model": llm.name,
                               "policy": llm.policy.name})

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import NoReturn, get_args, get_type_hints
 
 from .policies import list_policies, policy_class
+from .quant import WEIGHT_MODES
 
 USER_ERRORS = (ValueError, OSError)  # OSError: a missing file, a read-only folder, a full disk, ...
 FLAG_FIRST = re.compile(r"^argument (\S+): (?=must )")
@@ -177,8 +178,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     _add_policy_field_args(p)
     p.add_argument("--prefill-chunk", type=COUNT, help="prefill this many prompt tokens at a time (>= 1)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="compute dtype (packed weights on the CPU: float32)")
+    p.add_argument("--weights", choices=WEIGHT_MODES,
+                   help="packed: keep a .gguf file's quantized blocks (its default; the default model too); "
+                        "dequantize: unpack them to --dtype (a folder's default; exact comparison with the "
+                        "papers' fp32/fp16 runs); q8_0 / q4_0: quantize a checkpoint at load")
     add_threads_arg(p, "CPU threads (default: every core; give each of several concurrent processes its share)")
+
+
+def load_options(ns: argparse.Namespace) -> dict[str, object]:
+    """The keyword arguments of engine.load that add_model_args' flags give (besides model and policy)."""
+    return {"device": ns.device, "dtype": ns.dtype, "weights": ns.weights, "prefill_chunk": ns.prefill_chunk}
 
 
 def _add_policy_field_args(p: argparse.ArgumentParser) -> None:

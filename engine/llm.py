@@ -14,7 +14,7 @@ from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
 from .rope import Rope
 from .tokenizer import StreamDecoder, Tokenizer
-from .weights import parse_dtype
+from .weights import WeightsError, parse_dtype
 
 
 class ContextError(ValueError):
@@ -65,8 +65,10 @@ class LLM:
     id and its position."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
-                 prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True):
+                 prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True,
+                 weights: str = "dequantize"):
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.weights = weights  # how the weights are held (engine.load's `weights`)
         self.args: ModelArgs = model.args
         self.mask, self.prefill_chunk, self.cuda_graphs = mask, prefill_chunk, cuda_graphs
         self.source, self.name = Path(source), Path(source).name  # where the weights came from
@@ -243,27 +245,34 @@ class Session:
 
 def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,
          sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
-         mask: bool = False, prefill_chunk: int | None = None, template: str | None = None,
-         cuda_graphs: bool = True, **policy_params: object) -> LLM:
+         weights: str | None = None, mask: bool = False, prefill_chunk: int | None = None,
+         template: str | None = None, cuda_graphs: bool = True, **policy_params: object) -> LLM:
     """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
-    first use), with an eviction policy given by name (plus its parameters) or as an object."""
+    first use), with an eviction policy given by name (plus its parameters) or as an object.
+
+    `weights`: "packed" keeps a .gguf file's quantized blocks and multiplies by them directly (the default
+    for a .gguf file and for the default model, which ships as one); "dequantize" unpacks them to `dtype`
+    (a folder's default); "q8_0" / "q4_0" quantize a checkpoint's matrices at load."""
     from .fetch import resolve_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
-    from .weights import load_checkpoint
+    from .weights import load_checkpoint, open_gguf
 
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if isinstance(policy, str):
         policy = make_policy(policy, budget=budget, sinks=sinks, recent=recent, **policy_params)
     elif budget is not None or sinks is not None or recent is not None or policy_params:
         raise PolicyError("pass budget/sinks/recent inside the policy object, not beside it")
-    path = resolve_model(str(model))
-    args, state, fmt = load_checkpoint(path, dtype=torch_dtype)
+    path = resolve_model(str(model), packed=weights in (None, "packed"))
+    mode = weights or ("packed" if path.is_file() else "dequantize")
+    if mode != "dequantize" and torch_device.type == "cpu" and torch_dtype != torch.float32:
+        raise WeightsError(f"--weights {mode} computes in float32 on the CPU (its kernels' activations); "
+                           f"drop --dtype {dtype}, or load with --weights dequantize")
+    args, state, fmt = load_checkpoint(path, dtype=torch_dtype, weights=mode)
     net = Transformer.from_state_dict(args, state, torch_device)
     del state
     if fmt == "gguf":
-        import gguf
-
-        tok = tokenizer_from_gguf(gguf.GGUFReader(path))
+        tok = tokenizer_from_gguf(open_gguf(path))
     else:
         tok = load_tokenizer(path, template=template)
-    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs)
+    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs,
+               weights=mode)

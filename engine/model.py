@@ -52,12 +52,9 @@ class RMSNorm(nn.Module):
 
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
     """Concatenate the weights row-wise and make each layer's weight a view into the result (no second copy)."""
-    fused = torch.cat([lin.weight for lin in linears])
-    start = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
-        start += n
+    fused, views = ops.cat_rows([lin.weight for lin in linears])
+    for lin, view in zip(linears, views):
+        lin.weight = view
     return fused
 
 
@@ -155,7 +152,7 @@ class Transformer(nn.Module):
         chunk (phase="prefill") or as one decode step (phase="decode", T = 1)."""
         if self.rope is None:
             self.rope = Rope(self.args, self.tok_embeddings.weight.device)
-        x = self.tok_embeddings(tokens)
+        x = ops.embedding(tokens, self.tok_embeddings.weight)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, self.rope, kv, phase)
         if last_only:
@@ -164,12 +161,20 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device) -> "Transformer":
-        """Build on the meta device and assign the loaded tensors: the weights are never copied twice."""
+        """Build on the meta device and assign the loaded tensors: the weights are never copied twice. A weight
+        that is not a tensor (packed quantized blocks, engine.quant) replaces its parameter as it is."""
         with torch.device("meta"):
             model = cls(args)
         if args.tie_embeddings:
             state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
-        model.load_state_dict(state, assign=True, strict=True)
+        for name, w in state.items():
+            if not isinstance(w, torch.Tensor):
+                owner, attr = name.rsplit(".", 1)
+                module = model.get_submodule(owner)
+                delattr(module, attr)  # a parameter no more: state_dict and .to() leave it alone
+                setattr(module, attr, w.to(device))
+        model.load_state_dict({k: w for k, w in state.items() if isinstance(w, torch.Tensor)}, assign=True,
+                              strict=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model = model.to(device).eval().requires_grad_(False)

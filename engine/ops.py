@@ -181,6 +181,8 @@ def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None, norm: Tensor | No
     A decode step (at most MATVEC_MAX_ROWS rows) goes through matvec, its input made in the same call;
     a prompt through F.linear's GEMM, and F.linear wherever engine._C has no matvec (CUDA).
     Written for few tensor ops: it runs ~120 times per decode step."""
+    if not isinstance(w, Tensor):  # packed quantized blocks (engine.quant.PackedWeight): its own kernels
+        return w.linear(x, add_to, norm, eps, swiglu)
     device = x.device
     if (x.numel() > MATVEC_MAX_ROWS * x.shape[-1] or x.dtype not in MATVEC_DTYPES
             or not has_kernel("matvec", device.type)):
@@ -189,6 +191,41 @@ def linear(x: Tensor, w: Tensor, add_to: Tensor | None = None, norm: Tensor | No
     out = x.new_empty((*x.shape[:-1], w.shape[0])) if add_to is None else add_to
     _impl("matvec", device, reference.matvec)(x.contiguous(), w, out, add_to is not None, norm, eps, swiglu)
     return out
+
+
+MatvecFn = Callable[[Tensor, Tensor, bool, "Tensor | None", float, bool], None]
+
+
+def bound_matvec(w: "Tensor | object") -> MatvecFn | None:
+    """`fn(x, out, accumulate, norm, eps, swiglu)`: the compiled product by `w` that `linear` would call
+    for a decode step, bound to w once (engine/decode/plan.py calls it ~120 times a step); None where
+    `linear` would not call a compiled kernel (no kernel for w's dtype or device, or the reference forced)."""
+    if not isinstance(w, Tensor):
+        return w.bound_matvec()
+    kernel = compiled_kernel("matvec", w.device) if w.dtype in MATVEC_DTYPES else None
+    if kernel is None:
+        return None
+    return lambda x, out, accumulate, norm, eps, swiglu: kernel(x, w, out, accumulate, norm, eps, swiglu)
+
+
+def embedding(tokens: Tensor, w: "Tensor | object") -> Tensor:
+    """F.embedding(tokens, w); a packed table dequantizes only the rows looked up."""
+    return F.embedding(tokens, w) if isinstance(w, Tensor) else w.embedding(tokens)
+
+
+def cat_rows(weights: Sequence["Tensor | object"]) -> tuple["Tensor | object", list["Tensor | object"]]:
+    """The weights' rows as one matrix, and each weight as a view of it (no second copy): q/k/v and
+    gate/up become one projection call. Dense weights stay parameters; packed ones stay packed."""
+    if not all(isinstance(w, Tensor) for w in weights):
+        from .quant import PackedWeight  # quant builds on these ops
+
+        return PackedWeight.cat_rows(weights)
+    fused = torch.cat(list(weights))
+    views, start = [], 0
+    for w in weights:
+        views.append(torch.nn.Parameter(fused[start : start + w.shape[0]], requires_grad=False))
+        start += w.shape[0]
+    return fused, views
 
 
 # Fake (meta) implementations: shapes are checked like the real ops, indices cannot be (no data).

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 from .bench.model import decode_runner
 from .bench.timing import sync, weight_bytes
-from .cli import COUNT, Parser, add_model_args, policy_params, run_cli
+from .cli import COUNT, Parser, add_model_args, load_options, policy_params, run_cli
 from .decode import decode_step
 from .generate import SamplingParams, prefill, sample
 from .kv import KVStore
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"cannot write the trace {ns.trace}: {e.strerror or e}") from None
     import engine
 
-    llm = engine.load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
-                      **policy_params(ns))
+    llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **policy_params(ns))
     report = profile(llm, ns.context, ns.steps, ns.trace)
     print(report.table())
     if ns.trace:

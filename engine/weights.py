@@ -7,6 +7,7 @@ held twice.
 """
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from collections.abc import Callable
@@ -20,9 +21,13 @@ from .config import (
     LIMITS, ROPE_LIMITS, ConfigError, ModelArgs, RopeScaling, Source, describe, gguf_source, load_config_json,
     read_json,
 )
+from .quant import QUANTIZE_AT_LOAD, WEIGHT_MODES, PackedWeight
 
 if TYPE_CHECKING:
     import gguf
+
+
+Weight = torch.Tensor | PackedWeight  # a state dict's value: dense, or a matrix kept as quantized blocks
 
 
 class WeightsError(ValueError):
@@ -137,28 +142,43 @@ def expand_names(names: dict[str, str], args: ModelArgs) -> dict[str, str]:
     return out
 
 
-def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of q/k from the interleaved-pair RoPE layout (Meta, GGUF) to HF's rotate_half layout."""
+def unpermute_rope(w: Weight, n_heads: int) -> Weight:
+    """Rows of q/k from the interleaved-pair RoPE layout (Meta, GGUF) to HF's rotate_half layout (packed
+    blocks too: whole rows move, each row's blocks stay as they are)."""
     n_out, dim_in = w.shape
+    if isinstance(w, PackedWeight):
+        return w.rows(unpermute_rope(torch.arange(n_out)[:, None], n_heads).view(-1))
     return w.view(n_heads, n_out // n_heads // 2, 2, dim_in).transpose(1, 2).reshape(n_out, dim_in)
 
 
 def load_checkpoint(
-    path: str | Path, dtype: str | torch.dtype = torch.float32
-) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
-    """Load a model folder (HF or Meta) or a .gguf file: (args, internal state dict, "hf" | "meta" | "gguf")."""
+    path: str | Path, dtype: str | torch.dtype = torch.float32, weights: str | None = None
+) -> tuple[ModelArgs, dict[str, Weight], str]:
+    """Load a model folder (HF or Meta) or a .gguf file: (args, internal state dict, "hf" | "meta" | "gguf").
+
+    `weights` (engine.quant.WEIGHT_MODES): "packed" keeps a GGUF file's quantized blocks (its default),
+    "dequantize" unpacks them to `dtype` (the default for a folder), "q8_0" / "q4_0" quantize every matrix
+    at load with the gguf library's quantizer. Norms and unquantized tensors are dense in `dtype` always."""
     dtype = parse_dtype(dtype)
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such model folder or file")
+    if weights is not None and weights not in WEIGHT_MODES:
+        raise WeightsError(f"unknown weights mode {weights!r} (one of: {', '.join(WEIGHT_MODES)})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: a model is a folder or a .gguf file")
-        return _load_gguf(path, dtype)
+        mode = weights or "packed"
+        args, state = load_gguf(open_gguf(path), dtype, packed=mode == "packed", quantize=QUANTIZE_AT_LOAD.get(mode))
+        return args, state, "gguf"
+    if weights == "packed":
+        raise WeightsError(f"{path}: --weights packed keeps the blocks of a .gguf file; quantize this checkpoint "
+                           "at load with --weights q8_0 or q4_0")
+    quantize = QUANTIZE_AT_LOAD.get(weights or "dequantize")
     if (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors")):
-        return _load_hf(path, dtype)
+        return _load_hf(path, dtype, quantize)
     if any(path.glob("consolidated.*.pth")):
-        return _load_meta(path, dtype)
+        return _load_meta(path, dtype, quantize)
     raise WeightsError(
         f"{path}: no weights found (expected *.safetensors with config.json, or consolidated.*.pth with params.json)"
     )
@@ -171,7 +191,7 @@ class _Tensors:
 
     names: set[str]
     shape: Callable[[str, tuple[int, ...]], tuple[int, ...]]
-    read: Callable[[str, tuple[int, ...]], torch.Tensor]
+    read: Callable[[str, tuple[int, ...]], Weight]
 
 
 def _printable(name: str) -> str:
@@ -194,9 +214,11 @@ def _check_shape(where: Path, file_name: str, got: tuple[int, ...], shape: tuple
 
 def _convert(
     args: ModelArgs, names: dict[str, str], tensors: _Tensors, dtype: torch.dtype, interleaved_qk: bool, where: Path,
-) -> dict[str, torch.Tensor]:
+    quantize: int | None = None,
+) -> dict[str, Weight]:
     """Check the layer count, every name and every shape against the config before reading anything;
-    then read, un-permute and cast one tensor at a time."""
+    then read, un-permute and cast one tensor at a time (matrices quantized to `quantize`, a ggml type,
+    if given)."""
     _check_layer_count(args, names, tensors.names, where)
     shapes = expected_shapes(args)
     src = expand_names(names, args)
@@ -215,13 +237,18 @@ def _convert(
         _check_shape(where, src[name], tuple(t.shape), shape, name)  # a reader's data can disagree with its header
         if interleaved_qk and name.endswith(("wq.weight", "wk.weight")):
             t = unpermute_rope(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
-        out[name] = t.to(dtype).contiguous()
+        if isinstance(t, PackedWeight):  # kept as the file's blocks
+            out[name] = t
+        elif quantize is not None and t.dim() == 2:
+            out[name] = PackedWeight.quantize(t, quantize, dtype, f"{where}: {src[name]}")
+        else:
+            out[name] = t.to(dtype).contiguous()
     return out
 
 
 # ---- Hugging Face: config.json + safetensors (single file or sharded with an index) ----
 
-def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+def _load_hf(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[ModelArgs, dict[str, Weight], str]:
     from safetensors import SafetensorError, safe_open
 
     if not (folder / "config.json").exists():
@@ -255,7 +282,7 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, tor
             raise WeightsError(f"{_printable(str(folder / weight_map[name]))}: cannot read {name} ({e})") from None
 
     tensors = _Tensors(set(shapes), lambda name, _: shapes[name], read)
-    return args, _convert(args, HF_NAMES, tensors, dtype, False, folder), "hf"
+    return args, _convert(args, HF_NAMES, tensors, dtype, False, folder, quantize), "hf"
 
 
 def read_index(index: Path) -> dict[str, str]:
@@ -401,7 +428,7 @@ def _merge_shards(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Te
     return parts[0] if len(parts) == 1 or axis is None else torch.cat(parts, dim=axis)
 
 
-def _load_meta(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
+def _load_meta(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[ModelArgs, dict[str, Weight], str]:
     params = folder / "params.json"
     if not params.exists():
         raise WeightsError(f"{folder}: consolidated.*.pth weights but no params.json")
@@ -419,7 +446,7 @@ def _load_meta(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, t
         return _merged_shape([tuple(t.shape) for t in parts(name)], want, name, folder)
 
     tensors = _Tensors(set().union(*(s.keys() for s in shards)), shape, lambda n, want: _merge_shards(parts(n), want))
-    return args, _convert(args, META_NAMES, tensors, dtype, True, folder), "meta"
+    return args, _convert(args, META_NAMES, tensors, dtype, True, folder, quantize), "meta"
 
 
 # ---- GGUF (llama.cpp): metadata + (quantized) tensors ----
@@ -464,23 +491,32 @@ def gguf_model_args(reader: gguf.GGUFReader) -> ModelArgs:
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """A memory-mapped GGUF reader, or a WeightsError saying why the file cannot be read."""
-    import gguf
-
+    """A memory-mapped GGUF reader, or a WeightsError saying why the file cannot be read. The last file
+    opened is kept open: parsing the metadata costs seconds (a 49K-token vocabulary is ~200K small reads),
+    and loading a model reads it twice (weights, then tokenizer)."""
+    p = Path(path)
     try:
-        return gguf.GGUFReader(path)
+        st = p.stat()
+        return _open_gguf(str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise WeightsError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, torch.Tensor], str]:
-    return *load_gguf(open_gguf(path), dtype), "gguf"
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: str, inode: int, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    """One reader per file version (path, inode, modification time and size name it)."""
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 def load_gguf(
-    reader: gguf.GGUFReader, dtype: str | torch.dtype = torch.float32
-) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Dequantize an opened GGUF file into (args, internal state dict), q/k un-permuted."""
+    reader: gguf.GGUFReader, dtype: str | torch.dtype = torch.float32, packed: bool = False,
+    quantize: int | None = None,
+) -> tuple[ModelArgs, dict[str, Weight]]:
+    """An opened GGUF file as (args, internal state dict), q/k un-permuted: quantized matrices dequantized
+    to `dtype`, or with `packed` kept as their blocks (engine.quant.PackedWeight; a type without kernels
+    is refused, never dequantized behind the caller's back), or requantized to `quantize`."""
     import gguf
 
     where = Path(reader.data.filename)
@@ -493,11 +529,15 @@ def load_gguf(
                 f"{where}: {name} has unsupported GGUF tensor type {t.tensor_type.name} "
                 f"(supported: {', '.join(GGUF_TYPES)})"
             )
+    dense_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    dtype = parse_dtype(dtype)
 
-    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def read(name: str, shape: tuple[int, ...]) -> Weight:
         t = tensors[name]
+        if packed and t.tensor_type not in dense_types:
+            return PackedWeight.from_blocks(t.data, int(t.tensor_type), shape[-1], dtype, f"{where}: {name}")
         return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))  # [out, in]; copies off the mmap
 
     shapes = {name: tuple(int(n) for n in reversed(t.shape.tolist())) for name, t in tensors.items()}  # ggml: [in, out]
     found = _Tensors(set(tensors), lambda name, _: shapes[name], read)
-    return args, _convert(args, GGUF_NAMES, found, parse_dtype(dtype), True, where)
+    return args, _convert(args, GGUF_NAMES, found, dtype, True, where, quantize)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.config import ModelArgs
+from engine.quant import PackedWeight
 from engine.fetch import DEFAULT_MODEL, GGUF_FILE, PACKAGE_MODULE, convert_gguf, resolve_model, weights_dir
 from engine.tokenizer import TokenizerError
 from engine.weights import (
@@ -233,9 +234,15 @@ def test_gguf_loads_to_hf_layout(tmp_path, qtype, rel):
     """Equal to the HF layout within the quantization error (a wrong q/k permutation gives error ~1.4)."""
     args = tiny_args()
     sd = random_state(args)
-    got_args, got, fmt = load_checkpoint(write_gguf(tmp_path / "m.gguf", args, sd, Q[qtype]))
+    path = write_gguf(tmp_path / "m.gguf", args, sd, Q[qtype])
+    got_args, got, fmt = load_checkpoint(path, weights="dequantize")
     assert fmt == "gguf" and got_args == args
     assert_same(got, sd, rel)
+    _, packed, _ = load_checkpoint(path)  # packed by default: the same weights, held as the file's blocks
+    for name, w in packed.items():
+        dense = w.dequantize() if isinstance(w, PackedWeight) else w
+        assert isinstance(w, PackedWeight) == (qtype.startswith("Q") and got[name].dim() == 2), name
+        assert torch.equal(dense, got[name]), name
 
 
 def test_gguf_without_output_is_tied(tmp_path):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import ops
-from ..cli import BUDGET_HELP, COUNT, add_model_args, budget_arg, policy_params
+from ..cli import BUDGET_HELP, COUNT, add_model_args, budget_arg, load_options, policy_params
 from ..decode import decode_step
 from ..generate import prefill
 from ..results import write_result
@@ -159,8 +159,7 @@ def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict
     for name in ns.policies.split(","):
         for budget in ns.budgets:
             params = {**policy_params(argparse.Namespace(**{**vars(ns), "policy": name})), "budget": budget}
-            llm = engine.load(ns.model, policy=name, device=ns.device, dtype=ns.dtype,
-                              prefill_chunk=ns.prefill_chunk, **params)
+            llm = engine.load(ns.model, policy=name, **load_options(ns), **params)
             grid.setdefault(name, {})[str(budget)] = bench_policy(full, llm, contexts, ns.steps, ns.reps)
     return grid
 
@@ -183,8 +182,9 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("--budgets sets the budgets of a --policies table; for one policy use --budget")
     if ns.policies and ns.budget is not None:
         raise ValueError("a --policies table takes its budgets from --budgets, not --budget")
-    full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
-    meta = {"model": full.name, "dtype": ns.dtype, "device": ns.device, "steps": ns.steps, "reps": ns.reps}
+    full = engine.load(ns.model, policy="full", **load_options(ns))
+    meta = {"model": full.name, "dtype": ns.dtype, "weights": full.weights, "device": ns.device, "steps": ns.steps,
+            "reps": ns.reps}
     if ns.policies:
         ns.budgets = ns.budgets or [256, 1024]
         contexts = ns.contexts or [2048, 8192]
@@ -196,8 +196,7 @@ def run(ns: argparse.Namespace) -> int:
         res = bench_vs_transformers(full, contexts, ns.steps, ns.reps)
         path = write_result("e2e-vs-transformers", {**meta, "policy": "full", "results": res})
     else:
-        llm = engine.load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype,
-                          prefill_chunk=ns.prefill_chunk, **policy_params(ns))
+        llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **policy_params(ns))
         contexts = ns.contexts or [2048, 8192]
         res = bench_policy(full, llm, contexts, ns.steps, ns.reps)
         path = write_result(f"policy-{ns.policy}", {**meta, "policy": ns.policy, "budget": llm.policy.budget,

@@ -61,5 +61,5 @@ def time_alternating(fns: dict[str, Callable[[], None]], reps: int = 5, warmup: 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads from the weights: every linear and norm (the embedding reads one row)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+    return sum(m.weight.nbytes for m in model.modules()
                if isinstance(m, (nn.Linear, RMSNorm)))

@@ -17,10 +17,7 @@ also sends hooked models there).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..kv import KVStore
@@ -31,50 +28,57 @@ _plans: weakref.WeakKeyDictionary[KVStore, "DecodePlan"] = weakref.WeakKeyDictio
 
 
 class DecodePlan:
-    """The decode path's kernel arguments for one model and store, bound once: weights, buffers, views."""
+    """The decode path's kernel arguments for one model and store, bound once: weights, buffers, views.
+    Each projection is a product bound to its weight (ops.bound_matvec: dense or packed, the same call)."""
 
     def __init__(self, model: Transformer, store: KVStore):
         args = model.args
         B, dtype, device = store.batch, model.tok_embeddings.weight.dtype, store.device
-        self.model, self.eps = model, args.norm_eps
-        self.layers = [(b.attention_norm.weight, b.attention.wqkv, b.attention.wo.weight, b.ffn_norm.weight,
-                        b.feed_forward.w13, b.feed_forward.w2.weight) for b in model.layers]
-        self.embedding, self.norm, self.output = model.tok_embeddings.weight, model.norm.weight, model.output.weight
+        self.model, self.eps, self.fused = model, args.norm_eps, model.layers[0].attention.wqkv
+        self.layers = [(b.attention_norm.weight, ops.bound_matvec(b.attention.wqkv), ops.bound_matvec(b.attention.wo.weight),
+                        b.ffn_norm.weight, ops.bound_matvec(b.feed_forward.w13),
+                        ops.bound_matvec(b.feed_forward.w2.weight)) for b in model.layers]
+        self.embedding, self.norm = model.tok_embeddings.weight, model.norm.weight
+        self.output = ops.bound_matvec(model.output.weight)
         # the step's buffers: the fused q/k/v row and the gate/up row of one layer, reused by every layer
-        self.qkv = torch.empty(B, self.layers[0][1].shape[0], dtype=dtype, device=device)
-        self.gate_up = torch.empty(B, self.layers[0][4].shape[0], dtype=dtype, device=device)
+        block = model.layers[0]
+        self.qkv = torch.empty(B, block.attention.wqkv.shape[0], dtype=dtype, device=device)
+        self.gate_up = torch.empty(B, block.feed_forward.w13.shape[0], dtype=dtype, device=device)
+        self.vocab = model.output.weight.shape[0]
         self.attended = store.out.view(B, -1)  # (B, H * D): what KVStore.decode returns, as wo's input
 
-    def run(self, store: KVStore, token: torch.Tensor, matvec: Callable) -> torch.Tensor:
+    def run(self, store: KVStore, token: torch.Tensor) -> torch.Tensor:
         """token [B] -> logits [B, V] (fp32), the store's step ended: modules.step's contract."""
         qkv, gate_up, attended, eps = self.qkv, self.gate_up, self.attended, self.eps
         store.begin_decode()
-        x = F.embedding(token, self.embedding)  # (B, dim), the residual stream, updated in place
+        x = ops.embedding(token, self.embedding)  # (B, dim), the residual stream, updated in place
         for layer, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
-            matvec(x, wqkv, qkv, False, attention_norm, eps, False)
+            wqkv(x, qkv, False, attention_norm, eps, False)
             store.decode(layer, qkv)  # writes the attention output into store.out (attended)
-            matvec(attended, wo, x, True, None, 0.0, False)
-            matvec(x, w13, gate_up, False, ffn_norm, eps, False)
-            matvec(gate_up, w2, x, True, None, 0.0, True)
-        logits = x.new_empty(x.shape[0], self.output.shape[0])
-        matvec(x, self.output, logits, False, self.norm, eps, False)
+            wo(attended, x, True, None, 0.0, False)
+            w13(x, gate_up, False, ffn_norm, eps, False)
+            w2(gate_up, x, True, None, 0.0, True)
+        logits = x.new_empty(x.shape[0], self.vocab)
+        self.output(x, logits, False, self.norm, eps, False)
         store.end_decode()
         return logits.float()
 
 
 def applies(model: Transformer, store: KVStore) -> bool:
-    """Whether the plan can run this model over this store: on the CPU, with the compiled matvec (not the
-    reference kernels, by request or for want of the extension), fused weights in a dtype the matvec
-    takes, and at most MATVEC_MAX_ROWS sequences."""
-    return (store.device.type == "cpu" and store.batch <= ops.MATVEC_MAX_ROWS
-            and model.layers[0].attention.wqkv is not None
-            and model.tok_embeddings.weight.dtype in ops.MATVEC_DTYPES
-            and ops.compiled_kernel("matvec", store.device) is not None)
+    """Whether the plan can run this model over this store: on the CPU, at most MATVEC_MAX_ROWS sequences,
+    fused weights, and a compiled product for every weight (not the reference kernels, by request or for
+    want of the extension; dense weights in a dtype the matvec takes, or packed blocks)."""
+    if store.device.type != "cpu" or store.batch > ops.MATVEC_MAX_ROWS:
+        return False
+    block = model.layers[0]
+    weights = (block.attention.wqkv, block.attention.wo.weight, block.feed_forward.w13,
+               block.feed_forward.w2.weight, model.output.weight)
+    return block.attention.wqkv is not None and all(ops.bound_matvec(w) is not None for w in weights)
 
 
 def step(model: Transformer, store: KVStore, token: torch.Tensor) -> torch.Tensor:
     """One decode step through the store's plan, made on first use (and again if the model is re-fused)."""
     plan = _plans.get(store)
-    if plan is None or plan.model is not model or plan.layers[0][1] is not model.layers[0].attention.wqkv:
+    if plan is None or plan.model is not model or plan.fused is not model.layers[0].attention.wqkv:
         plan = _plans[store] = DecodePlan(model, store)
-    return plan.run(store, token, ops.compiled_kernel("matvec", store.device))
+    return plan.run(store, token)

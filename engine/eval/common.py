@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..cli import BUDGET_HELP, BUDGETS, add_model_args, policy_params
+from ..cli import BUDGET_HELP, BUDGETS, add_model_args, load_options, policy_params
 from ..policies import Policy, list_policies, make_policy, policy_class
 from ..results import run_metadata, write_json
 
@@ -81,7 +81,7 @@ def load_llm(ns: argparse.Namespace):
     """The model once, with the full cache; cells swap `llm.policy`."""
     import engine
 
-    return engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
+    return engine.load(ns.model, policy="full", **load_options(ns))
 
 
 class Results:

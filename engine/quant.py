@@ -1,0 +1,224 @@
+"""Weights kept as quantized GGUF blocks: the packed-weight type `ops.linear` and `ops.embedding` dispatch on.
+
+A decode step's time is the time to read the weights once. SmolLM2-135M's Q4_1 file holds ~98 MB of
+blocks; dequantized to fp32 it is 538 MB, so every token would read 5.5x the bytes. A `PackedWeight`
+keeps the file's blocks (uint8 [N, row_bytes], one row of blocks per output row, as the file stores
+them) and multiplies by them directly: a decode step's rows go through `ops.qmatvec`, which dequantizes
+in registers; a prompt's many rows go to a GEMM over tiles of rows dequantized into a small scratch
+buffer, so the process never holds a dense copy of the whole model.
+
+A fused projection (q/k/v, gate/up) may join rows of different types (a Q4_K_M file keeps some v and
+down projections in Q6_K): a packed weight is a list of parts, each a run of rows of one type.
+
+The model file never sees a quant type: it asks `ops.linear`, `ops.embedding` and `ops.cat_rows`,
+which hand a `PackedWeight` to its own methods here.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import ops, reference
+
+# What `engine.load(weights=...)` and `--weights` accept.
+WEIGHT_MODES = ("packed", "dequantize", "q8_0", "q4_0")
+QUANTIZE_AT_LOAD = {"q8_0": 8, "q4_0": 2}  # ggml type ids (gguf.GGMLQuantizationType)
+# Rows of W dequantized at a time for a prompt's GEMM: 4096 rows of a 4096-wide model are 64 MB of fp32.
+TILE_ROWS = 4096
+
+
+class QuantError(ValueError):
+    """A weight that cannot be kept packed: its type has no kernel, or its rows are not whole blocks."""
+
+
+def type_name(qtype: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"type {qtype}"
+
+
+def check_packable(qtype: int, K: int, what: str) -> None:
+    """One line naming the type and the way out, for a weight `what` that cannot be kept packed."""
+    if qtype not in reference.QUANT_TYPES:
+        supported = ", ".join(t.name for t in reference.QUANT_TYPES.values())
+        raise QuantError(f"{what}: quant type {type_name(qtype)} is not kept packed (supported: {supported}); "
+                         "load with --weights dequantize")
+    block = reference.QUANT_TYPES[qtype].block_weights
+    if K % block:
+        raise QuantError(f"{what}: rows of {K} weights are not whole {type_name(qtype)} blocks of {block}; "
+                         "load with --weights dequantize")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of rows of one quant type: blocks uint8 [rows, row_bytes]."""
+
+    blocks: Tensor
+    qtype: int
+
+    @property
+    def rows(self) -> int:
+        return self.blocks.shape[0]
+
+
+class PackedWeight:
+    """A weight matrix [N, K] (F.linear's layout) held as quantized blocks, computing in `dtype`.
+
+    It answers `shape`, `dtype`, `device` and `nbytes` like a tensor, so code that only asks those (the
+    decode plan's buffer sizes, byte counts) needs no branch for it."""
+
+    def __init__(self, parts: Sequence[Part], K: int, dtype: torch.dtype):
+        self.parts, self.K, self.dtype = tuple(parts), K, dtype
+        self.shape = torch.Size([sum(p.rows for p in self.parts), K])
+        self.device = self.parts[0].blocks.device
+
+    @classmethod
+    def from_blocks(cls, blocks: Tensor | np.ndarray, qtype: int, K: int, dtype: torch.dtype,
+                    what: str = "weight") -> "PackedWeight":
+        check_packable(qtype, K, what)
+        data = torch.from_numpy(np.array(blocks)) if isinstance(blocks, np.ndarray) else blocks  # off the mmap
+        row_bytes = K // reference.QUANT_TYPES[qtype].block_weights * reference.QUANT_TYPES[qtype].block_bytes
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
+            raise QuantError(f"{what}: {type_name(qtype)} blocks of shape {tuple(data.shape)} ({data.dtype}) "
+                             f"do not hold rows of {K} weights ({row_bytes} bytes each)")
+        return cls([Part(data.contiguous(), qtype)], K, dtype)
+
+    @classmethod
+    def quantize(cls, w: Tensor, qtype: int, dtype: torch.dtype, what: str = "weight") -> "PackedWeight":
+        """w [N, K] quantized with the gguf library's own quantizer (its blocks, byte for byte)."""
+        import gguf
+
+        check_packable(qtype, w.shape[1], what)
+        blocks = gguf.quants.quantize(w.detach().to(torch.float32).cpu().numpy(), gguf.GGMLQuantizationType(qtype))
+        return cls.from_blocks(blocks, qtype, w.shape[1], dtype, what).to(w.device)
+
+    # ---- tensor-like ------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(p.blocks.nbytes for p in self.parts)
+
+    @property
+    def qtypes(self) -> tuple[str, ...]:
+        return tuple(type_name(p.qtype) for p in self.parts)
+
+    def __repr__(self) -> str:
+        return f"PackedWeight({list(self.shape)}, {'+'.join(self.qtypes)}, {self.nbytes} bytes, {self.dtype})"
+
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        return PackedWeight([Part(p.blocks.to(device), p.qtype) for p in self.parts], self.K, self.dtype)
+
+    def rows(self, index: Tensor) -> "PackedWeight":
+        """The rows `index` (1-D, within one part), in that order: q/k's RoPE layout is a row permutation."""
+        (part,) = self.parts
+        return PackedWeight([Part(part.blocks.index_select(0, index.to(part.blocks.device)), part.qtype)],
+                            self.K, self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense [N, K] matrix (tests and small tiles only: a whole model this way is what packing avoids)."""
+        out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
+        start = 0
+        for p in self.parts:
+            ops.dequantize(p.blocks, p.qtype, out[start : start + p.rows])
+            start += p.rows
+        return out
+
+    # ---- the ops ---------------------------------------------------------------------------------
+    def linear(self, x: Tensor, add_to: Tensor | None, norm: Tensor | None, eps: float, swiglu: bool) -> Tensor:
+        """ops.linear's contract with this weight (see there)."""
+        if x.numel() > ops.MATVEC_MAX_ROWS * x.shape[-1]:
+            return self._gemm(x, add_to, norm, eps, swiglu)
+        x = x.contiguous()
+        out = x.new_empty((*x.shape[:-1], self.shape[0])) if add_to is None else add_to
+        self._matvec(x, out, add_to is not None, norm, eps, swiglu)
+        return out
+
+    def _matvec(self, x: Tensor, out: Tensor, accumulate: bool, norm: Tensor | None, eps: float,
+                swiglu: bool) -> None:
+        """A decode step's few rows: ops.qmatvec per part, each into its columns of out."""
+        if len(self.parts) == 1:
+            ops.qmatvec(x, self.parts[0].blocks, self.parts[0].qtype, out, accumulate, norm, eps, swiglu)
+            return
+        rows = x.numel() // x.shape[-1]
+        flat, rows_x, start = out.view(rows, -1), x.view(rows, -1), 0
+        for p in self.parts:
+            piece = flat[:, start : start + p.rows]
+            if rows == 1:  # one row: its columns are contiguous, the kernel writes them in place
+                ops.qmatvec(rows_x, p.blocks, p.qtype, piece, accumulate, norm, eps, swiglu)
+            else:
+                y = x.new_empty(rows, p.rows)
+                ops.qmatvec(rows_x, p.blocks, p.qtype, y, False, norm, eps, swiglu)
+                piece.add_(y) if accumulate else piece.copy_(y)
+            start += p.rows
+
+    def bound_matvec(self) -> ops.MatvecFn | None:
+        """ops.bound_matvec for this weight: the compiled qmatvec bound to its blocks (several parts: one
+        call each)."""
+        kernel = ops.compiled_kernel("qmatvec", self.device)
+        if kernel is None:
+            return None
+        if len(self.parts) > 1:
+            return self._matvec
+        blocks, qtype = self.parts[0].blocks, self.parts[0].qtype
+        return lambda x, out, accumulate, norm, eps, swiglu: kernel(x, blocks, qtype, out, accumulate, norm, eps,
+                                                                    swiglu)
+
+    def _gemm(self, x: Tensor, add_to: Tensor | None, norm: Tensor | None, eps: float, swiglu: bool) -> Tensor:
+        """A prompt: the normalised input once, then F.linear over tiles of rows dequantized into one scratch."""
+        h = reference.matvec_input(x, norm, eps, swiglu, ops.rms_norm)
+        N, K = self.shape
+        out = h.new_empty((*h.shape[:-1], N)) if add_to is None else add_to
+        scratch = torch.empty(min(TILE_ROWS, max(p.rows for p in self.parts)), K, dtype=h.dtype, device=h.device)
+        start = 0
+        for p in self.parts:
+            for lo in range(0, p.rows, TILE_ROWS):
+                hi = min(lo + TILE_ROWS, p.rows)
+                tile = scratch[: hi - lo]
+                ops.dequantize(p.blocks[lo:hi], p.qtype, tile)
+                y = torch.nn.functional.linear(h, tile)
+                dest = out[..., start + lo : start + hi]
+                dest.add_(y) if add_to is not None else dest.copy_(y)
+            start += p.rows
+        return out
+
+    def embedding(self, tokens: Tensor) -> Tensor:
+        """F.embedding(tokens, W): only the looked-up rows are dequantized."""
+        (part,) = self.parts
+        flat = tokens.reshape(-1)
+        out = torch.empty(flat.numel(), self.K, dtype=self.dtype, device=self.device)
+        ops.dequantize(part.blocks.index_select(0, flat), part.qtype, out)
+        return out.view(*tokens.shape, self.K)
+
+    @staticmethod
+    def cat_rows(weights: Sequence["PackedWeight"]) -> tuple["PackedWeight", list["PackedWeight"]]:
+        """The rows of `weights` as one weight (runs of one type joined into one part) and each input as
+        a view of it: one projection call for q/k/v, with no second copy of the blocks."""
+        first = weights[0]
+        if any(not isinstance(w, PackedWeight) or w.K != first.K or w.dtype != first.dtype for w in weights):
+            raise QuantError("cannot fuse packed weights with dense ones or of other widths; "
+                             "load with --weights dequantize")
+        runs: list[list[Part]] = []
+        for w in weights:
+            for p in w.parts:
+                if runs and runs[-1][0].qtype == p.qtype:
+                    runs[-1].append(p)
+                else:
+                    runs.append([p])
+        fused = PackedWeight([Part(torch.cat([p.blocks for p in run]), run[0].qtype) for run in runs],
+                             first.K, first.dtype)
+        views, part, offset = [], 0, 0  # each input lies inside one fused part (its parts joined a run in order)
+        for w in weights:
+            pieces = []
+            for p in w.parts:
+                while offset >= fused.parts[part].rows:
+                    part, offset = part + 1, 0
+                pieces.append(Part(fused.parts[part].blocks[offset : offset + p.rows], p.qtype))
+                offset += p.rows
+            views.append(PackedWeight(pieces, w.K, w.dtype))
+        return fused, views
