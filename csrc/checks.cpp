@@ -1,10 +1,13 @@
 // Input validation; mirrored message for message by engine/reference.py (keep the two in step).
 #include "checks.h"
 
+#include "quant_blocks.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace engine {
@@ -276,27 +279,83 @@ void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, i
   }
 }
 
+namespace {
+
+// Whether out's bytes overlap t's (both contiguous: [data, data + nbytes)).
+bool overlaps(const at::Tensor& out, const at::Tensor& t) {
+  const char *a = static_cast<const char*>(out.const_data_ptr()), *b = static_cast<const char*>(t.const_data_ptr());
+  return out.numel() && t.numel() && a < b + t.nbytes() && b < a + out.nbytes();
+}
+
+// x, norm, eps and out of a product by an [N, K] matrix (matvec, qmatvec): x of one of x_dtypes, norm and
+// out of x's dtype.
+void check_product_args(const char* op, const at::Tensor& x, const std::vector<ScalarType>& x_dtypes, int64_t N,
+                        int64_t K, const at::Tensor& out, const std::optional<at::Tensor>& norm, double eps,
+                        bool swiglu, const Like& like) {
+  TORCH_CHECK_VALUE(!(norm && swiglu), op, ": norm and swiglu cannot be combined");
+  std::vector<int64_t> x_shape(std::max<int64_t>(x.dim(), 1), -1);
+  x_shape.back() = swiglu ? 2 * K : K;
+  check_tensor(op, "x", x, swiglu ? "[..., 2K]" : "[..., K]", x_shape, x_dtypes, like);
+  if (norm) {
+    check_tensor(op, "norm", *norm, "[K]", {K}, {x.scalar_type()}, like);
+    TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0");
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  check_tensor(op, "out", out, "[..., N]", out_shape, {x.scalar_type()}, like);
+}
+
+// ggml's type names by id (gguf.GGMLQuantizationType), for messages; engine/reference.py has the same table.
+std::string ggml_type_name(int64_t type) {
+  static const std::vector<std::pair<int64_t, const char*>> names = {
+      {0, "F32"},      {1, "F16"},     {2, "Q4_0"},    {3, "Q4_1"},     {6, "Q5_0"},   {7, "Q5_1"},
+      {8, "Q8_0"},     {9, "Q8_1"},    {10, "Q2_K"},   {11, "Q3_K"},    {12, "Q4_K"},  {13, "Q5_K"},
+      {14, "Q6_K"},    {15, "Q8_K"},   {16, "IQ2_XXS"}, {17, "IQ2_XS"}, {18, "IQ3_XXS"}, {19, "IQ1_S"},
+      {20, "IQ4_NL"},  {21, "IQ3_S"},  {22, "IQ2_S"},  {23, "IQ4_XS"},  {24, "I8"},    {25, "I16"},
+      {26, "I32"},     {27, "I64"},    {28, "F64"},    {29, "IQ1_M"},   {30, "BF16"},  {34, "TQ1_0"},
+      {35, "TQ2_0"},   {39, "MXFP4"},  {40, "NVFP4"},  {41, "Q1_0"}};
+  for (const auto& [id, name] : names) {
+    if (id == type) return name;
+  }
+  return "unknown";
+}
+
+// blocks [N, row_bytes] uint8 of a type kept packed, row_bytes a whole number of its blocks: returns K.
+int64_t check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype) {
+  const int64_t bytes = quant::block_bytes(qtype);
+  TORCH_CHECK_VALUE(bytes > 0, op, ": quant type ", qtype, " (", ggml_type_name(qtype),
+                    ") is not kept packed (supported: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K); load with --weights dequantize");
+  check_tensor(op, "blocks", blocks, "[N, row_bytes]", {-1, -1}, {ScalarType::Byte});
+  TORCH_CHECK_VALUE(blocks.size(1) % bytes == 0, op, ": a row of ", blocks.size(1), " bytes is not a whole number of ",
+                    ggml_type_name(qtype), " blocks (", bytes, " bytes each); load with --weights dequantize");
+  return blocks.size(1) / bytes * quant::block_weights(qtype);
+}
+
+}  // namespace
+
 void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                   const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
   const char* op = "matvec";
   check_tensor(op, "w", w, "[N, K]", {-1, -1}, kFloats);
-  const Like like{w, "w"};
-  TORCH_CHECK_VALUE(!(norm && swiglu), op, ": norm and swiglu cannot be combined");
-  std::vector<int64_t> x_shape(std::max<int64_t>(x.dim(), 1), -1);
-  x_shape.back() = swiglu ? 2 * w.size(1) : w.size(1);
-  check_tensor(op, "x", x, swiglu ? "[..., 2K]" : "[..., K]", x_shape, {w.scalar_type()}, like);
-  if (norm) {
-    check_tensor(op, "norm", *norm, "[K]", {w.size(1)}, {w.scalar_type()}, like);
-    TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0");
-  }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w.size(0);
-  check_tensor(op, "out", out, "[..., N]", out_shape, {w.scalar_type()}, like);
-  const auto overlaps = [&](const at::Tensor& t) {  // all three are contiguous: [data, data + nbytes)
-    const char *a = static_cast<const char*>(out.const_data_ptr()), *b = static_cast<const char*>(t.const_data_ptr());
-    return out.numel() && t.numel() && a < b + t.nbytes() && b < a + out.nbytes();
-  };
-  TORCH_CHECK_VALUE(!overlaps(x) && !overlaps(w), "matvec: out must not overlap x or w");
+  check_product_args(op, x, {w.scalar_type()}, w.size(0), w.size(1), out, norm, eps, swiglu, Like{w, "w"});
+  TORCH_CHECK_VALUE(!overlaps(out, x) && !overlaps(out, w), "matvec: out must not overlap x or w");
+}
+
+void check_qmatvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, const at::Tensor& out,
+                   const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  const char* op = "qmatvec";
+  const int64_t K = check_blocks(op, blocks, qtype);
+  // The CPU kernel takes fp32 activations only; a GPU's also fp16 and bf16.
+  const std::vector<ScalarType> x_dtypes = blocks.is_cpu() ? std::vector<ScalarType>{ScalarType::Float} : kFloats;
+  check_product_args(op, x, x_dtypes, blocks.size(0), K, out, norm, eps, swiglu, Like{blocks, "blocks"});
+  TORCH_CHECK_VALUE(!overlaps(out, x) && !overlaps(out, blocks), "qmatvec: out must not overlap x or blocks");
+}
+
+void check_dequantize(const at::Tensor& blocks, int64_t qtype, const at::Tensor& out) {
+  const char* op = "dequantize";
+  const int64_t K = check_blocks(op, blocks, qtype);
+  check_tensor(op, "out", out, "[N, K]", {blocks.size(0), K}, kFloats, Like{blocks, "blocks"});
+  TORCH_CHECK_VALUE(!overlaps(out, blocks), "dequantize: out must not overlap blocks");
 }
 
 }  // namespace engine

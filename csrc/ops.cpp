@@ -80,4 +80,9 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "compact", &compact_cpu_list);
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);
+  bind_cpu(cpu, "qmatvec", &engine::qmatvec_cpu);
+  bind_cpu(cpu, "dequantize", &engine::dequantize_cpu);
+  cpu.def("set_quant_isa", &engine::set_quant_isa,
+          "qmatvec's and dequantize's instruction set: 'auto' (AVX2 where the CPU has it) or 'portable'.");
+  cpu.def("quant_isa", &engine::quant_isa, "The instruction set qmatvec and dequantize use now.");
 }

@@ -230,32 +230,87 @@ def check_merge_indices(victim: Tensor, receiver: Tensor, C: int) -> None:
                              f"got {int(t[where])} at {list(where)}")
 
 
+def _check_product_args(op: str, x: Tensor, x_dtypes: Sequence[torch.dtype], N: int, K: int, out: Tensor,
+                        norm: Tensor | None, eps: float, swiglu: bool, like: tuple[Tensor, str]) -> None:
+    """x, norm, eps and out of a product by an [N, K] matrix (matvec, qmatvec): norm and out of x's dtype."""
+    if norm is not None and swiglu:
+        raise ValueError(f"{op}: norm and swiglu cannot be combined")
+    x_shape = [-1] * (x.dim() - 1) + [2 * K if swiglu else K]
+    _check_tensor(op, "x", x, "[..., 2K]" if swiglu else "[..., K]", x_shape, x_dtypes, like)
+    if norm is not None:
+        _check_tensor(op, "norm", norm, "[K]", [K], [x.dtype], like)
+        if not eps >= 0:
+            raise ValueError(f"{op}: eps must be >= 0")
+    _check_tensor(op, "out", out, "[..., N]", [*x.shape[:-1], N], [x.dtype], like)
+
+
 def check_matvec(x: Tensor, w: Tensor, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
                  swiglu: bool = False) -> None:
     op = "matvec"
     _check_tensor(op, "w", w, "[N, K]", [-1, -1], FLOATS)
-    like = (w, "w")
-    if norm is not None and swiglu:
-        raise ValueError(f"{op}: norm and swiglu cannot be combined")
-    K = w.shape[1]
-    x_shape = [-1] * (x.dim() - 1) + [2 * K if swiglu else K]
-    _check_tensor(op, "x", x, "[..., 2K]" if swiglu else "[..., K]", x_shape, [w.dtype], like)
-    if norm is not None:
-        _check_tensor(op, "norm", norm, "[K]", [K], [w.dtype], like)
-        if not eps >= 0:
-            raise ValueError(f"{op}: eps must be >= 0")
-    _check_tensor(op, "out", out, "[..., N]", [*x.shape[:-1], w.shape[0]], [w.dtype], like)
+    _check_product_args(op, x, [w.dtype], w.shape[0], w.shape[1], out, norm, eps, swiglu, (w, "w"))
+
+
+def _overlaps(out: Tensor, t: Tensor) -> bool:
+    """Whether out's bytes overlap t's (both contiguous: [data, data + nbytes))."""
+    a, b = out.data_ptr(), t.data_ptr()
+    return out.numel() > 0 and t.numel() > 0 and a < b + t.nbytes and b < a + out.nbytes
 
 
 def check_matvec_overlap(x: Tensor, w: Tensor, out: Tensor) -> None:
     """out is written while x and w are read (apart from check_matvec: the fake op has no memory to compare)."""
-
-    def overlaps(t: Tensor) -> bool:  # all three are contiguous: [data, data + nbytes)
-        a, b = out.data_ptr(), t.data_ptr()
-        return out.numel() > 0 and t.numel() > 0 and a < b + t.nbytes and b < a + out.nbytes
-
-    if overlaps(x) or overlaps(w):
+    if _overlaps(out, x) or _overlaps(out, w):
         raise ValueError("matvec: out must not overlap x or w")
+
+
+# The GGUF block types kept packed (csrc/quant_blocks.h): ggml type id -> (name, weights per block, bytes per block).
+QUANT_TYPES = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144),
+               14: ("Q6_K", 256, 210)}
+# ggml's type names by id (gguf.GGMLQuantizationType) for messages; csrc/checks.cpp has the same table.
+GGML_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+                   11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                   18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+                   25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+                   39: "MXFP4", 40: "NVFP4", 41: "Q1_0"}
+
+
+def _check_blocks(op: str, blocks: Tensor, qtype: int) -> int:
+    """blocks [N, row_bytes] uint8 of a type kept packed, row_bytes a whole number of its blocks: returns K."""
+    if qtype not in QUANT_TYPES:
+        supported = ", ".join(name for name, _, _ in QUANT_TYPES.values())
+        raise ValueError(f"{op}: quant type {qtype} ({GGML_TYPE_NAMES.get(qtype, 'unknown')}) is not kept packed "
+                         f"(supported: {supported}); load with --weights dequantize")
+    name, weights, nbytes = QUANT_TYPES[qtype]
+    _check_tensor(op, "blocks", blocks, "[N, row_bytes]", [-1, -1], [torch.uint8])
+    if blocks.shape[1] % nbytes:
+        raise ValueError(f"{op}: a row of {blocks.shape[1]} bytes is not a whole number of {name} blocks "
+                         f"({nbytes} bytes each); load with --weights dequantize")
+    return blocks.shape[1] // nbytes * weights
+
+
+def check_qmatvec(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
+                  swiglu: bool = False) -> None:
+    op = "qmatvec"
+    K = _check_blocks(op, blocks, qtype)
+    x_dtypes = [torch.float32] if blocks.device.type == "cpu" else FLOATS  # the CPU kernel: fp32 activations only
+    _check_product_args(op, x, x_dtypes, blocks.shape[0], K, out, norm, eps, swiglu, (blocks, "blocks"))
+
+
+def check_qmatvec_overlap(x: Tensor, blocks: Tensor, out: Tensor) -> None:
+    """out is written while x and blocks are read (apart from check_qmatvec, as for matvec)."""
+    if _overlaps(out, x) or _overlaps(out, blocks):
+        raise ValueError("qmatvec: out must not overlap x or blocks")
+
+
+def check_dequantize(blocks: Tensor, qtype: int, out: Tensor) -> None:
+    op = "dequantize"
+    K = _check_blocks(op, blocks, qtype)
+    _check_tensor(op, "out", out, "[N, K]", [blocks.shape[0], K], FLOATS, (blocks, "blocks"))
+
+
+def check_dequantize_overlap(blocks: Tensor, out: Tensor) -> None:
+    if _overlaps(out, blocks):
+        raise ValueError("dequantize: out must not overlap blocks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +567,37 @@ def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Te
     check_matvec(x, w, out, norm, eps, swiglu)
     check_matvec_overlap(x, w, out)
     y = F.linear(matvec_input(x, norm, eps, swiglu), w)
+    if accumulate:
+        out.add_(y)
+    else:
+        out.copy_(y)
+
+
+def dequantize(blocks: Tensor, qtype: int, out: Tensor) -> None:
+    """out [N, K] = the weights of GGUF blocks [N, row_bytes] of type qtype (QUANT_TYPES), each exactly the
+    float32 value gguf.quants.dequantize gives it (ggml's operations: Q4_0 d * (q - 8), Q4_1 d * q + m,
+    Q8_0 q * d, Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * (q - 32), each rounded to float32 in turn),
+    then rounded to out's dtype (bf16, fp16) as Tensor.copy_ rounds. The kernels must give the same bits."""
+    check_dequantize(blocks, qtype, out)
+    check_dequantize_overlap(blocks, out)
+    if out.numel():
+        from gguf.quants import dequantize as gguf_dequantize  # gguf's numpy code: obviously ggml's numbers
+
+        w = gguf_dequantize(blocks.cpu().numpy(), qtype)
+        out.copy_(torch.from_numpy(w).reshape(out.shape))
+
+
+def qmatvec(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
+            eps: float = 0.0, swiglu: bool = False) -> None:
+    """matvec by w = dequantize(blocks, qtype) in float32: out = F.linear(h, w) with h = matvec_input(x, norm,
+    eps, swiglu) in x's dtype, the product in float32 (summed in any order) then rounded to out's dtype; with
+    `accumulate`, out += that rounded product. On the CPU x, norm and out are float32 (the same bits in and
+    out as matvec by the dequantized fp32 w, up to summation order); a GPU also takes fp16 and bf16 x."""
+    check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu)
+    check_qmatvec_overlap(x, blocks, out)
+    w = torch.empty(blocks.shape[0], x.shape[-1] // 2 if swiglu else x.shape[-1], device=blocks.device)
+    dequantize(blocks, qtype, w)
+    y = F.linear(matvec_input(x, norm, eps, swiglu).float(), w).to(out.dtype)
     if accumulate:
         out.add_(y)
     else:

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 namespace engine {
 
@@ -43,5 +44,19 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
 // h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.
 void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,
                 const std::optional<at::Tensor>& norm, double eps, bool swiglu);
+
+// matvec_cpu with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
+// decoded in registers; x, norm and out fp32.
+void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                 const std::optional<at::Tensor>& norm, double eps, bool swiglu);
+
+// out [N, K] = the weights of packed blocks [N, row_bytes], each exactly gguf.quants.dequantize's float32.
+void dequantize_cpu(const at::Tensor& blocks, int64_t qtype, at::Tensor& out);
+
+// The instruction set of qmatvec_cpu and dequantize_cpu: "auto" (AVX2+FMA+F16C where the CPU has them)
+// or "portable" (the code every CPU runs; tests force it to check it on an AVX2 machine).
+void set_quant_isa(const std::string& isa);
+// The one in use now: "avx2" or "portable".
+std::string quant_isa();
 
 }  // namespace engine

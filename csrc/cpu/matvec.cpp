@@ -19,6 +19,7 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "matvec.h"
 #include "rms_norm.h"
 #include "vec.h"
 
@@ -29,16 +30,6 @@ namespace engine {
 namespace {
 
 constexpr int64_t kMaxRows = 8;   // rows of x per pass over w (more rows: another pass)
-// Bytes of w per chunk, the unit of work: it fits L2, so a second pass (rows 9.. of x) rereads it there.
-constexpr int64_t kChunkBytes = 1 << 18;
-// Bytes of w each thread gets at least. One core does not reach the machine's read bandwidth (on the
-// 2-core EPYC VM: 15-17 GB/s alone, 27-30 GB/s with both), so the matrices of a decode step are split,
-// but a thread joins only for a share that pays for waking it (measured with 2 threads: 0.3 MB no
-// gain, 0.6 MB 1.5x), which also keeps a many-core machine from waking all its cores for a small matrix.
-constexpr int64_t kBytesPerThread = int64_t{1} << 18;
-// Chunks per thread at least, when split: a thread the OS runs late leaves its share to the others.
-constexpr int64_t kChunksPerThread = 4;
-
 // Independent accumulators per row of x: enough chains of FMAs in flight (4 for a single row,
 // one per row from 5 rows), few enough to stay in the 16 ymm registers with the loaded vectors.
 template <int MR>
@@ -133,20 +124,8 @@ ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, 
 
 template <bool ACC, typename T>
 void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
-  const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N * row_bytes / kBytesPerThread);
-  const bool parallel = threads > 1 && !at::in_parallel_region();
-  const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
-                                       : kChunkBytes;
-  const int64_t chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);  // rows
-  const auto run = [&](int64_t n0) { matvec_slab<ACC>(x, w, out, M, N, K, n0, std::min(N, n0 + chunk)); };
-  if (!parallel) {
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
-    return;
-  }
-  // Threads claim chunks as they come free.
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) run(n0);
+  for_row_chunks(N, K * static_cast<int64_t>(sizeof(T)),
+                 [&](int64_t n0, int64_t n1) { matvec_slab<ACC>(x, w, out, M, N, K, n0, n1); });
 }
 
 // h[m] = silu(x[m, :K]) * x[m, K:], the silu and the product each rounded to T, as F.silu(a) * b.
@@ -169,9 +148,10 @@ ENGINE_MULTIVERSION void swiglu_rows(const T* x, T* h, int64_t M, int64_t K, flo
   }
 }
 
-// The rows the product reads: x, or x through the prologue into h.
+}  // namespace
+
 template <typename T>
-const T* input_rows(const T* x, int64_t M, int64_t K, const T* norm, float eps, bool swiglu, std::vector<T>& h) {
+const T* matvec_input(const T* x, int64_t M, int64_t K, const T* norm, float eps, bool swiglu, std::vector<T>& h) {
   if (!norm && !swiglu) return x;
   h.resize(M * K);
   std::vector<float> buf(2 * K);
@@ -182,8 +162,7 @@ const T* input_rows(const T* x, int64_t M, int64_t K, const T* norm, float eps, 
   }
   return h.data();
 }
-
-}  // namespace
+template const float* matvec_input(const float*, int64_t, int64_t, const float*, float, bool, std::vector<float>&);
 
 void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,
                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
@@ -192,9 +171,9 @@ void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool 
   const int64_t N = w.size(0), K = w.size(1);
   ENGINE_DISPATCH_FLOATS(w.scalar_type(), "matvec", [&] {
     std::vector<scalar_t> h;
-    const scalar_t* rows = input_rows(x.const_data_ptr<scalar_t>(), M, K,
-                                      norm ? norm->const_data_ptr<scalar_t>() : nullptr,
-                                      static_cast<float>(eps), swiglu, h);
+    const scalar_t* rows = matvec_input(x.const_data_ptr<scalar_t>(), M, K,
+                                        norm ? norm->const_data_ptr<scalar_t>() : nullptr,
+                                        static_cast<float>(eps), swiglu, h);
     const auto kernel = accumulate ? matvec_kernel<true, scalar_t> : matvec_kernel<false, scalar_t>;
     kernel(rows, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M, N, K);
   });

@@ -13,4 +13,6 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("compact", &engine::compact_cpu);
   m.impl("merge_value", &engine::merge_value_cpu);
   m.impl("matvec", &engine::matvec_cpu);
+  m.impl("qmatvec", &engine::qmatvec_cpu);
+  m.impl("dequantize", &engine::dequantize_cpu);
 }

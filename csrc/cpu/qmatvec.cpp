@@ -1,0 +1,117 @@
+// matvec and dequantize over packed GGUF blocks (csrc/quant_blocks.h): out[..., N] (+)= h[..., K] @ w[N, K]^T
+// with w the blocks' weights, decoded in registers as the blocks stream past (no dequantized row is ever
+// stored), fp32 activations and accumulation; h = x or its prologue, as in matvec.
+//
+// A 4-bit row is ~1/6 of its fp32 bytes, so the product must decode ~6x more weights per second than the
+// fp32 matvec multiplies for the read to stay the limit: per group of weights that share a scale it sums
+// q x in fp32 and applies the scale once (scale * sum(q x) + offset * sum(x), sum(x) per group made once
+// per call). The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time
+// where the CPU has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../quant_blocks.h"
+#include "kernels.h"
+#include "matvec.h"
+#include "vec.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ENGINE_QUANT_HAVE_AVX2 1
+#include <immintrin.h>
+#endif
+
+// The 8-lane helpers are all inlined, so the baseline ABI for 32-byte vectors is never used.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace engine {
+
+namespace quant_portable {
+#include "qmatvec_kernels.inc"
+}  // namespace quant_portable
+
+#if ENGINE_QUANT_HAVE_AVX2
+// Every function defined in this region, lambdas and template instances included, is compiled as if
+// marked __attribute__((target("avx2,fma,f16c"))): only called after the CPU was seen to have them.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define ENGINE_QUANT_AVX2 1
+namespace quant_avx2 {
+#include "qmatvec_kernels.inc"
+}  // namespace quant_avx2
+#undef ENGINE_QUANT_AVX2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+bool cpu_has_avx2() {
+#if ENGINE_QUANT_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> force_portable{false};
+
+bool use_avx2() { return !force_portable.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+
+}  // namespace
+
+void set_quant_isa(const std::string& isa) {
+  TORCH_CHECK_VALUE(isa == "auto" || isa == "portable", "set_quant_isa: isa must be 'auto' or 'portable', got '",
+                    isa, "'");
+  force_portable.store(isa == "portable");
+}
+
+std::string quant_isa() { return use_avx2() ? "avx2" : "portable"; }
+
+void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const int64_t N = blocks.size(0), K = blocks.size(1) / quant::block_bytes(qtype) * quant::block_weights(qtype);
+  std::vector<float> h;
+  const float* rows = matvec_input(x.const_data_ptr<float>(), M, K, norm ? norm->const_data_ptr<float>() : nullptr,
+                                   static_cast<float>(eps), swiglu, h);
+  const uint8_t* w = blocks.const_data_ptr<uint8_t>();
+  float* y = out.mutable_data_ptr<float>();
+#if ENGINE_QUANT_HAVE_AVX2
+  if (use_avx2()) return quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+#endif
+  quant_portable::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+}
+
+void dequantize_cpu(const at::Tensor& blocks, int64_t qtype, at::Tensor& out) {
+  check_dequantize(blocks, qtype, out);
+  const int64_t N = out.size(0), K = out.size(1);
+  ENGINE_DISPATCH_FLOATS(out.scalar_type(), "dequantize", [&] {
+    const uint8_t* src = blocks.const_data_ptr<uint8_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+#if ENGINE_QUANT_HAVE_AVX2
+    if (use_avx2()) return quant_avx2::dequantize(qtype, src, dst, N, K);
+#endif
+    quant_portable::dequantize(qtype, src, dst, N, K);
+  });
+}
+
+}  // namespace engine
