@@ -168,6 +168,20 @@ def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Te
     _impl("matvec", w.device, reference.matvec)(x, w, out, accumulate, norm, eps, swiglu)
 
 
+def qmatvec(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
+            eps: float = 0.0, swiglu: bool = False) -> None:
+    """matvec by the weights of packed GGUF blocks [N, row_bytes] of type qtype (reference.QUANT_TYPES),
+    decoded in registers: out [..., N] (+)= h [..., K] @ dequantize(blocks)^T, h as in `matvec`, fp32
+    accumulation (x, norm, out fp32 on the CPU). A row's result does not depend on the rows batched with it."""
+    _impl("qmatvec", blocks.device, reference.qmatvec)(x, blocks, qtype, out, accumulate, norm, eps, swiglu)
+
+
+def dequantize(blocks: Tensor, qtype: int, out: Tensor) -> None:
+    """out [N, K] = the weights of packed GGUF blocks [N, row_bytes], each gguf.quants.dequantize's float32
+    value, rounded to out's dtype."""
+    _impl("dequantize", blocks.device, reference.dequantize)(blocks, qtype, out)
+
+
 MATVEC_MAX_ROWS = 8  # rows up to which `linear` uses matvec; beyond, a GEMM reuses each block of w across rows
 # fp16 stays with F.linear: torch converts it with F16C, matvec with portable integer ops (2.5x slower).
 MATVEC_DTYPES = (torch.float32, torch.bfloat16)
@@ -270,3 +284,11 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::matvec")
     def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:
         reference.check_matvec(x, w, out, norm, eps, swiglu)
+
+    @torch.library.register_fake("engine::qmatvec")
+    def _qmatvec_fake(x, blocks, qtype, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:
+        reference.check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu)
+
+    @torch.library.register_fake("engine::dequantize")
+    def _dequantize_fake(blocks, qtype, out) -> None:
+        reference.check_dequantize(blocks, qtype, out)
