@@ -36,24 +36,21 @@ class QuantError(ValueError):
 
 
 def type_name(qtype: int) -> str:
-    import gguf
-
-    try:
-        return gguf.GGMLQuantizationType(qtype).name
-    except ValueError:
-        return f"type {qtype}"
+    return reference.GGML_TYPE_NAMES.get(qtype, f"type {qtype}")
 
 
-def check_packable(qtype: int, K: int, what: str) -> None:
-    """One line naming the type and the way out, for a weight `what` that cannot be kept packed."""
+def row_bytes(qtype: int, K: int, what: str) -> int:
+    """Bytes of a row of K weights of a type kept packed; one line naming the type and the way out, for
+    a weight `what` that cannot be kept packed."""
     if qtype not in reference.QUANT_TYPES:
-        supported = ", ".join(t.name for t in reference.QUANT_TYPES.values())
+        supported = ", ".join(name for name, _, _ in reference.QUANT_TYPES.values())
         raise QuantError(f"{what}: quant type {type_name(qtype)} is not kept packed (supported: {supported}); "
                          "load with --weights dequantize")
-    block = reference.QUANT_TYPES[qtype].block_weights
+    _, block, nbytes = reference.QUANT_TYPES[qtype]
     if K % block:
         raise QuantError(f"{what}: rows of {K} weights are not whole {type_name(qtype)} blocks of {block}; "
                          "load with --weights dequantize")
+    return K // block * nbytes
 
 
 @dataclass(frozen=True)
@@ -82,12 +79,11 @@ class PackedWeight:
     @classmethod
     def from_blocks(cls, blocks: Tensor | np.ndarray, qtype: int, K: int, dtype: torch.dtype,
                     what: str = "weight") -> "PackedWeight":
-        check_packable(qtype, K, what)
+        nbytes = row_bytes(qtype, K, what)
         data = torch.from_numpy(np.array(blocks)) if isinstance(blocks, np.ndarray) else blocks  # off the mmap
-        row_bytes = K // reference.QUANT_TYPES[qtype].block_weights * reference.QUANT_TYPES[qtype].block_bytes
-        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != nbytes:
             raise QuantError(f"{what}: {type_name(qtype)} blocks of shape {tuple(data.shape)} ({data.dtype}) "
-                             f"do not hold rows of {K} weights ({row_bytes} bytes each)")
+                             f"do not hold rows of {K} weights ({nbytes} bytes each)")
         return cls([Part(data.contiguous(), qtype)], K, dtype)
 
     @classmethod
@@ -95,7 +91,7 @@ class PackedWeight:
         """w [N, K] quantized with the gguf library's own quantizer (its blocks, byte for byte)."""
         import gguf
 
-        check_packable(qtype, w.shape[1], what)
+        row_bytes(qtype, w.shape[1], what)
         blocks = gguf.quants.quantize(w.detach().to(torch.float32).cpu().numpy(), gguf.GGMLQuantizationType(qtype))
         return cls.from_blocks(blocks, qtype, w.shape[1], dtype, what).to(w.device)
 

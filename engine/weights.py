@@ -7,7 +7,6 @@ held twice.
 """
 from __future__ import annotations
 
-import functools
 import json
 import pickle
 from collections.abc import Callable
@@ -491,23 +490,31 @@ def gguf_model_args(reader: gguf.GGUFReader) -> ModelArgs:
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """A memory-mapped GGUF reader, or a WeightsError saying why the file cannot be read. The last file
-    opened is kept open: parsing the metadata costs seconds (a 49K-token vocabulary is ~200K small reads),
-    and loading a model reads it twice (weights, then tokenizer)."""
-    p = Path(path)
+    """A memory-mapped GGUF reader, or a WeightsError saying why the file cannot be read."""
+    import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        """gguf's reader, parsing through a plain ndarray view of its memory map: each slice of a np.memmap
+        runs Python code, and a 49K-token vocabulary is ~500K slices (4x faster; `data` is the memmap after)."""
+
+        def __init__(self, path: str | Path):
+            self._parsing = True
+            super().__init__(path)
+            self._parsing = False
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain if self._parsing else self._memmap
+
+        @data.setter
+        def data(self, value: np.memmap) -> None:
+            self._memmap, self._plain = value, value.view(np.ndarray)
+
     try:
-        st = p.stat()
-        return _open_gguf(str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+        return Reader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise WeightsError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-@functools.lru_cache(maxsize=1)
-def _open_gguf(path: str, inode: int, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    """One reader per file version (path, inode, modification time and size name it)."""
-    import gguf
-
-    return gguf.GGUFReader(path)
 
 
 def load_gguf(
