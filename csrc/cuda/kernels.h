@@ -43,4 +43,13 @@ void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                       const at::Tensor& receiver, const at::Tensor& weight);
 
+// matvec with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
+// decoded in registers; x, norm and out one of fp32, bf16, fp16; sums in fp32.
+void qmatvec_cuda(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                  const std::optional<at::Tensor>& norm, double eps, bool swiglu);
+
+// out [N, K] = the weights of packed blocks [N, row_bytes], each gguf.quants.dequantize's float32 rounded
+// to out's dtype.
+void dequantize_cuda(const at::Tensor& blocks, int64_t qtype, at::Tensor& out);
+
 }  // namespace engine

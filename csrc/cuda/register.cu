@@ -12,4 +12,6 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("select_victim", &engine::select_victim_cuda);
   m.impl("compact", &engine::compact_cuda);
   m.impl("merge_value", &engine::merge_value_cuda);
+  m.impl("qmatvec", &engine::qmatvec_cuda);
+  m.impl("dequantize", &engine::dequantize_cuda);
 }
