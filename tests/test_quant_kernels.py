@@ -1,0 +1,321 @@
+"""ops.qmatvec and ops.dequantize over packed GGUF blocks: the CPU kernels (both instruction-set paths) and
+the reference against gguf's own dequantization and an fp64 product.
+
+dequantize must give gguf.quants.dequantize's float32 bits. qmatvec sums in another order than F.linear
+(per group: scale * sum(q x) + offset * sum(x)), so it is held to a bound on fp32 rounding of the terms it
+sums, which a decoding mistake exceeds by orders of magnitude. Outputs are poisoned with NaN first.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import ops
+from engine import reference as ref
+
+from .helpers import gen, on_path, poisoned, randn
+from .test_ops import _noncontig, _raise, assert_same_one_line_error
+
+QTYPES = list(ref.QUANT_TYPES)  # Q4_0, Q4_1, Q8_0, Q4_K, Q6_K
+# The half scales' byte offsets in each block: random bytes there could be inf or NaN.
+SCALE_OFFSETS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
+VARIANTS = ["compiled-auto", "compiled-portable", "reference"]  # path and, for the kernels, instruction set
+EPS = torch.finfo(torch.float32).eps
+
+
+def _name(qtype: int) -> str:
+    return ref.QUANT_TYPES[qtype][0]
+
+
+@contextlib.contextmanager
+def variant(name: str, op: str) -> Iterator[None]:
+    """The reference, or the compiled kernel on its run-time choice of ISA or forced to the portable code."""
+    path, _, isa = name.partition("-")
+    with on_path(path, op, "cpu"):
+        if path == "reference":
+            yield
+            return
+        from engine import _C
+
+        _C.cpu.set_quant_isa(isa)
+        try:
+            yield
+        finally:
+            _C.cpu.set_quant_isa("auto")
+
+
+def random_blocks(qtype: int, N: int, nblocks: int, g: np.random.Generator) -> torch.Tensor:
+    """N rows of nblocks random blocks: every code and sub-scale random, the half scales random finite."""
+    _, _, nbytes = ref.QUANT_TYPES[qtype]
+    b = g.integers(0, 256, (N, nblocks, nbytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[qtype]:
+        b[:, :, off : off + 2] = (g.standard_normal((N, nblocks)) * 0.02).astype(np.float16)[..., None].view(np.uint8)
+    return torch.from_numpy(b.reshape(N, nblocks * nbytes))
+
+
+def quantized_blocks(qtype: int, N: int, nblocks: int, g: np.random.Generator) -> torch.Tensor:
+    """gguf's quantizer on random weights (the blocks a converter writes), for the types it implements."""
+    w = g.standard_normal((N, nblocks * ref.QUANT_TYPES[qtype][1])).astype(np.float32)
+    return torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType(qtype)))
+
+
+def make_blocks(qtype: int, N: int, nblocks: int, seed: int, kind: str = "random") -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    return quantized_blocks(qtype, N, nblocks, g) if kind == "quantized" else random_blocks(qtype, N, nblocks, g)
+
+
+BLOCK_KINDS = [(q, "random") for q in QTYPES] + [(q, "quantized") for q in (2, 3, 8)]
+
+
+def gguf_weights(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype)))
+
+
+def assert_product_close(got: torch.Tensor, h: torch.Tensor, w: torch.Tensor, base: torch.Tensor | None,
+                         what: str) -> None:
+    """got = base + h @ w^T within fp32 rounding of the terms the kernel sums: each weight's share of its
+    group (scale * q and the offset) is at most 8x the group's largest |weight|, and an fp32 sum of n terms
+    is off by a few sqrt(n) ulps of their magnitudes (32 ulps allowed), plus the final rounding."""
+    truth = F.linear(h.double(), w.double()) + (0 if base is None else base.double())
+    groups = w.abs().reshape(w.shape[0], -1, 32).amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape)
+    tol = 256 * EPS * F.linear(h.double().abs(), groups.double()) + 2 * EPS * truth.abs()
+    err = (got.double() - truth).abs()
+    assert not err.isnan().any(), f"{what}: NaN in the output (an element left unwritten?)"
+    worst = (err - tol).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"{what}: error exceeds the fp32 summation bound by {worst:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype,kind", BLOCK_KINDS)
+@pytest.mark.parametrize("N,nblocks", [(1, 1), (37, 3), (300, 2), (0, 2)])
+def test_dequantize_is_gguf_bit_for_bit(var, qtype, kind, N, nblocks):
+    blocks = make_blocks(qtype, N, nblocks, seed=N + nblocks, kind=kind)
+    want = gguf_weights(blocks, qtype) if N else torch.empty(0, nblocks * ref.QUANT_TYPES[qtype][1])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = poisoned(want.shape, dtype, "cpu")
+        with variant(var, "dequantize"):
+            ops.dequantize(blocks, qtype, out)
+        expected = want.to(dtype)
+        assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           expected.view(torch.int16 if dtype != torch.float32 else torch.int32)), (_name(qtype), dtype)
+
+
+@pytest.mark.parametrize("var", VARIANTS[:2])
+def test_dequantize_keeps_the_sign_of_zero_and_extreme_scales(var):
+    """Q4_0 / Q8_0 / Q6_K weights are d * q with no added offset: a zero product keeps d's sign (-0.0), as in
+    gguf; the largest finite and subnormal half scales convert exactly."""
+    for qtype in (2, 8, 14):
+        blocks = make_blocks(qtype, 4, 2, seed=3)
+        off = SCALE_OFFSETS[qtype][0]
+        for row, d in enumerate((-0.0, -65504.0, 2.0**-24, -(2.0**-14))):
+            blocks.view(4, 2, -1)[row, :, off : off + 2] = torch.tensor([d], dtype=torch.float16).view(torch.uint8)
+        out = poisoned((4, 2 * ref.QUANT_TYPES[qtype][1]), torch.float32, "cpu")
+        with variant(var, "dequantize"):
+            ops.dequantize(blocks, qtype, out)
+        assert torch.equal(out.view(torch.int32), gguf_weights(blocks, qtype).view(torch.int32)), _name(qtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# qmatvec
+# ---------------------------------------------------------------------------------------------
+
+QMATVEC_SHAPES = [  # x's leading dims (M rows), N, blocks per row
+    ((1,), 37, 3),
+    ((3, 1), 129, 2),
+    ((5,), 17, 1),
+    ((8,), 61, 5),
+    ((11,), 300, 2),  # two passes: 8 rows of x, then 3
+    ((), 5, 1),  # x [K]
+    ((0, 2), 6, 2),
+]
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype,kind", BLOCK_KINDS)
+@pytest.mark.parametrize("lead,N,nblocks", QMATVEC_SHAPES)
+def test_qmatvec(var, qtype, kind, lead, N, nblocks):
+    blocks = make_blocks(qtype, N, nblocks, seed=N, kind=kind)
+    w = gguf_weights(blocks, qtype)
+    x = randn((*lead, w.shape[1]), torch.float32, "cpu", gen(N))
+    out = poisoned((*lead, N), torch.float32, "cpu")
+    with variant(var, "qmatvec"):
+        ops.qmatvec(x, blocks, qtype, out)
+    assert_product_close(out, x, w, None, f"{_name(qtype)} {kind}")
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("prologue", ["plain", "norm", "swiglu"])
+def test_qmatvec_prologues_and_accumulate(var, qtype, prologue):
+    """norm: the bits of ops.rms_norm then qmatvec; swiglu: silu(x[..., :K]) * x[..., K:] as F.silu's; with
+    accumulate, the bits of base + the product qmatvec writes."""
+    N, nblocks = 45, 2
+    blocks = make_blocks(qtype, N, nblocks, seed=7)
+    w = gguf_weights(blocks, qtype)
+    K = w.shape[1]
+    g = gen(8)
+    x = randn((3, 2 * K if prologue == "swiglu" else K), torch.float32, "cpu", g, scale=2.0)
+    norm = randn((K,), torch.float32, "cpu", g) if prologue == "norm" else None
+    swiglu = prologue == "swiglu"
+    base = randn((3, N), torch.float32, "cpu", g)
+    out, product = base.clone(), poisoned((3, N), torch.float32, "cpu")
+    with variant(var, "qmatvec"):
+        ops.qmatvec(x, blocks, qtype, out, True, norm, 1e-5, swiglu)
+        ops.qmatvec(x, blocks, qtype, product, False, norm, 1e-5, swiglu)
+        if prologue == "norm":
+            unfused = poisoned((3, N), torch.float32, "cpu")
+            ops.qmatvec(ops.rms_norm(x, norm, 1e-5), blocks, qtype, unfused)
+            assert torch.equal(product, unfused)
+    assert torch.equal(out, base + product)
+    h = ref.matvec_input(x, norm, 1e-5, swiglu)
+    assert_product_close(out, h, w, base, f"{_name(qtype)} {prologue}")
+
+
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_qmatvec_row_does_not_depend_on_the_batch(isa, qtype, threads):
+    """Each row of x gets the same bits alone as in any batch (M = 1..12, the pass of 8 rows and the rest),
+    split over any number of threads: a server batching requests answers each as if alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocks = make_blocks(qtype, 2003, 9 if ref.QUANT_TYPES[qtype][1] == 32 else 2, seed=11)  # > 0.5 MB: threads
+        K = blocks.shape[1] // ref.QUANT_TYPES[qtype][2] * ref.QUANT_TYPES[qtype][1]
+        x = randn((12, K), torch.float32, "cpu", gen(12))
+        norm = randn((K,), torch.float32, "cpu", gen(13))
+        with variant(f"compiled-{isa}", "qmatvec"):
+            for kw in ({}, {"norm": norm, "eps": 1e-6}):
+                alone = torch.stack([_qmatvec(x[m : m + 1], blocks, qtype, **kw)[0] for m in range(12)])
+                for lo, hi in ((0, 12), (0, 8), (3, 8), (8, 12), (2, 11)):
+                    assert torch.equal(_qmatvec(x[lo:hi], blocks, qtype, **kw), alone[lo:hi]), (lo, hi, kw.keys())
+                h = ref.matvec_input(x, kw.get("norm"), 1e-6, False)
+                assert_product_close(alone, h, gguf_weights(blocks, qtype), None, _name(qtype))
+    finally:
+        torch.set_num_threads(n)
+
+
+def _qmatvec(x: torch.Tensor, blocks: torch.Tensor, qtype: int, **kw) -> torch.Tensor:
+    out = poisoned((x.shape[0], blocks.shape[0]), torch.float32, "cpu")
+    ops.qmatvec(x, blocks, qtype, out, **kw)
+    return out
+
+
+def test_isa_switch():
+    if not ops.HAVE_EXTENSION:
+        pytest.skip("engine._C not built")
+    from engine import _C
+
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    has_avx2 = all(flag in flags for flag in ("avx2", "fma", "f16c"))
+    assert _C.cpu.quant_isa() == ("avx2" if has_avx2 else "portable")
+    _C.cpu.set_quant_isa("portable")
+    try:
+        assert _C.cpu.quant_isa() == "portable"
+    finally:
+        _C.cpu.set_quant_isa("auto")
+    with pytest.raises(ValueError, match="set_quant_isa: isa must be 'auto' or 'portable', got 'avx512'"):
+        _C.cpu.set_quant_isa("avx512")
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_opcheck(qtype):
+    blocks = make_blocks(qtype, 10, 1, seed=31)
+    K = ref.QUANT_TYPES[qtype][1]
+    g = gen(32)
+    x, out = randn((3, K), torch.float32, "cpu", g), torch.empty(3, 10)
+    torch.library.opcheck(torch.ops.engine.qmatvec, (x, blocks, qtype, out))
+    torch.library.opcheck(torch.ops.engine.qmatvec, (x, blocks, qtype, out, True))
+    torch.library.opcheck(torch.ops.engine.qmatvec, (x, blocks, qtype, out, False, randn((K,), torch.float32, "cpu", g), 1e-6))
+    x2 = randn((3, 2 * K), torch.float32, "cpu", g)
+    torch.library.opcheck(torch.ops.engine.qmatvec, (x2, blocks, qtype, out, True, None, 0.0, True))
+    torch.library.opcheck(torch.ops.engine.dequantize, (blocks, qtype, torch.empty(10, K)))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same one-line error on both paths
+# ---------------------------------------------------------------------------------------------
+
+def _qmatvec_args() -> dict:
+    return dict(x=torch.zeros(3, 64), blocks=torch.zeros(5, 40, dtype=torch.uint8), qtype=3, out=torch.zeros(3, 5))
+
+
+def _dequantize_args() -> dict:
+    return dict(blocks=torch.zeros(5, 40, dtype=torch.uint8), qtype=3, out=torch.zeros(5, 64))
+
+
+NOT_PACKED = "is not kept packed (supported: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K); load with --weights dequantize"
+BAD_INPUTS = [  # op, argument, corruption, exception, message
+    ("qmatvec", "qtype", lambda q: 6, ValueError, f"qmatvec: quant type 6 (Q5_0) {NOT_PACKED}"),
+    ("qmatvec", "qtype", lambda q: 99, ValueError, f"qmatvec: quant type 99 (unknown) {NOT_PACKED}"),
+    ("qmatvec", "qtype", lambda q: 0, ValueError, f"qmatvec: quant type 0 (F32) {NOT_PACKED}"),
+    ("qmatvec", "blocks", lambda t: t[:, :30].contiguous(), ValueError,
+     "qmatvec: a row of 30 bytes is not a whole number of Q4_1 blocks (20 bytes each); load with --weights dequantize"),
+    ("qmatvec", "blocks", lambda t: t.to(torch.int8), TypeError, "qmatvec: blocks must be uint8, got int8"),
+    ("qmatvec", "blocks", lambda t: t[None], ValueError, "qmatvec: blocks must have shape [N, row_bytes] = [?, ?], got [1, 5, 40]"),
+    ("qmatvec", "blocks", _noncontig, ValueError, "qmatvec: blocks must be contiguous [N, row_bytes], got strides [1, 5]"),
+    ("qmatvec", "x", lambda t: t.bfloat16(), TypeError, "qmatvec: x must be float32, got bfloat16"),
+    ("qmatvec", "x", lambda t: t[:, :32], ValueError, "qmatvec: x must have shape [..., K] = [?, 64], got [3, 32]"),
+    ("qmatvec", "x", _noncontig, ValueError, "qmatvec: x must be contiguous [..., K], got strides [1, 3]"),
+    ("qmatvec", "x", lambda t: torch.zeros(3, 64, device="meta"), ValueError, "qmatvec: x must be on cpu like blocks, got meta"),
+    ("qmatvec", "out", lambda t: t.double(), TypeError, "qmatvec: out must be float32, got float64"),
+    ("qmatvec", "out", lambda t: t[:2], ValueError, "qmatvec: out must have shape [..., N] = [3, 5], got [2, 5]"),
+    ("qmatvec", "out", _noncontig, ValueError, "qmatvec: out must be contiguous [..., N], got strides [1, 3]"),
+    ("qmatvec", "norm", lambda _: torch.ones(63), ValueError, "qmatvec: norm must have shape [K] = [64], got [63]"),
+    ("qmatvec", "swiglu", lambda _: True, ValueError, "qmatvec: x must have shape [..., 2K] = [?, 128], got [3, 64]"),
+    ("dequantize", "qtype", lambda q: 13, ValueError, f"dequantize: quant type 13 (Q5_K) {NOT_PACKED}"),
+    ("dequantize", "blocks", lambda t: t[:, :39].contiguous(), ValueError,
+     "dequantize: a row of 39 bytes is not a whole number of Q4_1 blocks (20 bytes each); load with --weights dequantize"),
+    ("dequantize", "blocks", lambda t: t.float(), TypeError, "dequantize: blocks must be uint8, got float32"),
+    ("dequantize", "out", lambda t: t.double(), TypeError, "dequantize: out must be float32 or bfloat16 or float16, got float64"),
+    ("dequantize", "out", lambda t: t[:, :32], ValueError, "dequantize: out must have shape [N, K] = [5, 64], got [5, 32]"),
+    ("dequantize", "out", _noncontig, ValueError, "dequantize: out must be contiguous [N, K], got strides [1, 5]"),
+]
+
+
+@pytest.mark.parametrize("op,arg,corrupt,exc,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_same_error_on_both_paths(op, arg, corrupt, exc, message):
+    errors = {}
+    for path in ("compiled", "reference"):
+        if path == "compiled" and not ops.HAVE_EXTENSION:
+            continue
+        args = _qmatvec_args() if op == "qmatvec" else _dequantize_args()
+        args[arg] = corrupt(args.get(arg))
+        errors[path] = _raise(path, op, args)
+    assert_same_one_line_error(errors, exc, message)
+
+
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+def test_valid_args_are_accepted_and_overlap_is_refused(path):
+    """The base of BAD_INPUTS is itself valid; an out that overlaps an input is refused on both paths."""
+    with on_path(path, "qmatvec", "cpu"):
+        ops.qmatvec(**_qmatvec_args())
+        ops.dequantize(**_dequantize_args())
+    x, blocks = torch.zeros(3, 64), torch.zeros(5, 40, dtype=torch.uint8)
+    overlap = dict(x=x, blocks=blocks, qtype=3, out=x.view(-1)[:15].view(3, 5))
+    assert_same_one_line_error({path: _raise(path, "qmatvec", overlap)}, ValueError,
+                               "qmatvec: out must not overlap x or blocks")
+    out = torch.zeros(5, 64)
+    inside = dict(blocks=out.view(-1).view(torch.uint8)[:200].view(5, 40), qtype=3, out=out)
+    assert_same_one_line_error({path: _raise(path, "dequantize", inside)}, ValueError,
+                               "dequantize: out must not overlap blocks")
+
+
+def test_type_names_are_ggml_names():
+    """The messages' type names (engine.reference, csrc/checks.cpp) are gguf's."""
+    for qtype, name in ref.GGML_TYPE_NAMES.items():
+        assert gguf.GGMLQuantizationType(qtype).name == name
+    for qtype, (name, weights, nbytes) in ref.QUANT_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)] == (weights, nbytes) and ref.GGML_TYPE_NAMES[qtype] == name
