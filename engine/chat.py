@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             return answer_once(llm, sampling, system, turns, prompt, transcript)
         conv = Conversation(llm, params, system)
         fed = conv.restore(turns)
-        print(f"{llm.name}: policy {llm.policy.name} (budget {conv.session.store.budget}), template "
-              f"{llm.tokenizer.template}" + (f"; resumed {len(turns) // 2} turns ({fed} tokens)" if ns.resume else "")
+        print(f"{llm.name}: policy {llm.policy.name} (budget {conv.session.store.budget}), weights {llm.weights}, "
+              f"template {llm.tokenizer.template}" + (f"; resumed {len(turns) // 2} turns ({fed} tokens)" if ns.resume else "")
               + "; /help lists commands, Ctrl-D quits")
         return repl(conv, transcript)
     finally:

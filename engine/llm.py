@@ -267,12 +267,10 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
     if mode != "dequantize" and torch_device.type == "cpu" and torch_dtype != torch.float32:
         raise WeightsError(f"--weights {mode} computes in float32 on the CPU (its kernels' activations); "
                            f"drop --dtype {dtype}, or load with --weights dequantize")
-    args, state, fmt = load_checkpoint(path, dtype=torch_dtype, weights=mode)
+    reader = open_gguf(path) if path.is_file() and path.suffix == ".gguf" else None  # weights and tokenizer
+    args, state, fmt = load_checkpoint(path, dtype=torch_dtype, weights=mode, reader=reader)
     net = Transformer.from_state_dict(args, state, torch_device)
     del state
-    if fmt == "gguf":
-        tok = tokenizer_from_gguf(open_gguf(path))
-    else:
-        tok = load_tokenizer(path, template=template)
+    tok = tokenizer_from_gguf(reader) if reader else load_tokenizer(path, template=template)
     return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs,
                weights=mode)

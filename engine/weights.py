@@ -151,13 +151,15 @@ def unpermute_rope(w: Weight, n_heads: int) -> Weight:
 
 
 def load_checkpoint(
-    path: str | Path, dtype: str | torch.dtype = torch.float32, weights: str | None = None
+    path: str | Path, dtype: str | torch.dtype = torch.float32, weights: str | None = None,
+    reader: gguf.GGUFReader | None = None,
 ) -> tuple[ModelArgs, dict[str, Weight], str]:
     """Load a model folder (HF or Meta) or a .gguf file: (args, internal state dict, "hf" | "meta" | "gguf").
 
     `weights` (engine.quant.WEIGHT_MODES): "packed" keeps a GGUF file's quantized blocks (its default),
     "dequantize" unpacks them to `dtype` (the default for a folder), "q8_0" / "q4_0" quantize every matrix
-    at load with the gguf library's quantizer. Norms and unquantized tensors are dense in `dtype` always."""
+    at load with the gguf library's quantizer. Norms and unquantized tensors are dense in `dtype` always.
+    `reader`: `path` already opened by open_gguf (its metadata parse costs seconds; the tokenizer reads it too)."""
     dtype = parse_dtype(dtype)
     path = Path(path)
     if not path.exists():
@@ -168,7 +170,8 @@ def load_checkpoint(
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: a model is a folder or a .gguf file")
         mode = weights or "packed"
-        args, state = load_gguf(open_gguf(path), dtype, packed=mode == "packed", quantize=QUANTIZE_AT_LOAD.get(mode))
+        args, state = load_gguf(reader or open_gguf(path), dtype, packed=mode == "packed",
+                                quantize=QUANTIZE_AT_LOAD.get(mode))
         return args, state, "gguf"
     if weights == "packed":
         raise WeightsError(f"{path}: --weights packed keeps the blocks of a .gguf file; quantize this checkpoint "
