@@ -102,6 +102,52 @@ def small_ops_case(Hkv: int, D: int, C: int, reps: int) -> dict[str, object]:
     return res
 
 
+# SmolLM2-135M's projections (N, K, swiglu) and the types they are benchmarked packed in. Q4_K and Q6_K need
+# K a multiple of 256 (576 is not: such files keep those tensors in another type), so they run on the down
+# projection's K = 1536.
+QMATVEC_SHAPES = [("qkv", 960, 576, False, (3, 8)), ("wo", 576, 576, False, (3, 8)),
+                  ("gate_up", 3072, 576, False, (3, 8)), ("down", 576, 1536, True, (3, 8, 12, 14)),
+                  ("head", 49152, 576, False, (8,)), ("k_quants", 3072, 1536, False, (12, 14))]
+_STREAM_BYTES = 64 << 20  # each timed call walks copies of the weights past the 32 MB L3: a read from memory
+
+
+def _random_blocks(qtype: int, N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """Random codes and sub-scales with finite half scales (the kernels' speed does not depend on the values)."""
+    _, weights, nbytes = reference.QUANT_TYPES[qtype]
+    blocks = torch.randint(0, 256, (N, K // weights, nbytes), dtype=torch.uint8, generator=g)
+    scale = (torch.randn(N, K // weights, generator=g) * 0.02).half().view(torch.uint8).view(N, K // weights, 2)
+    offset = 208 if qtype == 14 else 0  # Q6_K keeps d last; every other type's first half is d
+    blocks[:, :, offset : offset + 2] = scale
+    return blocks.view(N, -1)
+
+
+def qmatvec_case(reps: int) -> dict[str, object]:
+    """GB/s of weights read by qmatvec (blocks) and by the fp32 matvec on the same shape, M = 1 and 8 rows,
+    alternating in one run; the weights are read from memory (copies past the L3), as in a decode step."""
+    g = torch.Generator().manual_seed(0)
+    res: dict[str, object] = {}
+    for name, N, K, swiglu, qtypes in QMATVEC_SHAPES:
+        w = torch.randn(N, K, generator=g)
+        dense = [w.clone() for _ in range(max(1, _STREAM_BYTES // w.nbytes))]
+        for M in (1, 8):
+            x = torch.randn(M, 2 * K if swiglu else K, generator=g)
+            out = torch.empty(M, N)
+            fns = {"fp32": lambda: [ops.matvec(x, d, out, swiglu=swiglu) for d in dense]}
+            nbytes = {"fp32": w.nbytes * len(dense)}
+            for qtype in qtypes:
+                qname = reference.QUANT_TYPES[qtype][0]
+                b = _random_blocks(qtype, N, K, g)
+                copies = [b.clone() for _ in range(max(1, _STREAM_BYTES // b.nbytes))]
+                fns[qname] = lambda qtype=qtype, copies=copies: [
+                    ops.qmatvec(x, c, qtype, out, swiglu=swiglu) for c in copies]
+                nbytes[qname] = b.nbytes * len(copies)
+            times = time_alternating(fns, reps=reps)
+            rates = {k: nbytes[k] / min(t) / 1e9 for k, t in times.items()}  # best round: least disturbed
+            res[f"{name} [{N}, {K}] M={M}"] = {"GB_per_s": rates,
+                                               "vs_fp32": {k: r / rates["fp32"] for k, r in rates.items()}}
+    return res
+
+
 # The peak is VmHWM after a reset ("5" to clear_refs sets it to the current RSS): ru_maxrss cannot
 # be reset, and importing torch has already pushed it above what the kernel reaches.
 _RSS_SCRIPT = """
@@ -148,6 +194,9 @@ def bench_kernels(contexts: list[int], reps: int) -> dict[str, object]:
             print(f"{layout} prefill L={L}: with column sums {p['colsums_vs_sdpa']:.2f}x SDPA time, "
                   f"plain {p['plain_vs_sdpa']:.2f}x")
         results[layout] = lay
+    results["qmatvec"] = qmatvec_case(reps)
+    for case, r in results["qmatvec"].items():
+        print(f"qmatvec {case}: GB/s of weights read", ", ".join(f"{k} {v:.1f}" for k, v in r["GB_per_s"].items()))
     H, Hkv, D = LAYOUTS["smollm2"]
     results["small_ops"] = small_ops_case(Hkv, D, 2048, reps)
     for name, r in results["small_ops"].items():
