@@ -197,7 +197,8 @@ BAD = [  # (why, request body or raw bytes, status, the message says)
     ("tools", {"messages": _chat("hi"), "tools": [{"type": "function"}]}, 400, "tools is not supported"),
     ("logprobs", {"messages": _chat("hi"), "logprobs": True}, 400, "logprobs are not supported"),
     ("prompt over the limit", {"messages": _chat("word " * 2100)}, 400, "exceeds the server's limit"),
-    ("prompt + reply over the context", {"messages": _chat("hi"), "max_tokens": 9000}, 400, "exceeds the model context"),
+    ("prompt + reply over the context", {"messages": _chat("hi"), "max_tokens": 9000}, 400,
+     "exceeds the model context"),
     ("body over the limit", {"messages": _chat("x" * 70000)}, 413, "over the server's limit"),
 ]
 

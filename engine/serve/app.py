@@ -185,7 +185,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
+            return await self._error().response()(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -193,14 +193,13 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, f"request body over the server's limit of {self.limit} bytes", code="body_too_large")
+                raise self._error()
             return message
 
         await self.app(scope, counted, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await ApiError(413, f"request body over the server's limit of {self.limit} bytes",
-                       code="body_too_large").response()(scope, receive, send)
+    def _error(self) -> ApiError:
+        return ApiError(413, f"request body over the server's limit of {self.limit} bytes", code="body_too_large")
 
 
 class EventStream(StreamingResponse):
@@ -276,7 +275,8 @@ def create_app(llm: LLM, scheduler: Scheduler, settings: Settings) -> FastAPI:
         ids = prompt_ids(body, llm, chat)
         if len(ids) > settings.max_prompt_tokens:
             raise ApiError(400, f"prompt of {len(ids)} tokens exceeds the server's limit of "
-                           f"{settings.max_prompt_tokens} (--max-prompt-tokens)", param="messages" if chat else "prompt",
+                           f"{settings.max_prompt_tokens} (--max-prompt-tokens)",
+                           param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -322,7 +322,8 @@ class Reply:
 
     def __init__(self, chat: bool, model: str, events: asyncio.Queue, req: Request, http: HttpRequest,
                  deadline: float):
-        self.chat, self.model, self.events, self.req, self.http, self.deadline = chat, model, events, req, http, deadline
+        self.chat, self.model, self.events, self.req, self.http = chat, model, events, req, http
+        self.deadline = deadline
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
