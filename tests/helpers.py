@@ -21,6 +21,7 @@ from engine import ops
 from engine.config import ModelArgs
 from engine.model import Transformer
 from engine.policies import Policy, make_policy
+from engine.quant import PackedWeight
 from engine.tokenizer import load_tokenizer
 from engine.weights import expected_shapes, save_hf_folder
 
@@ -237,3 +238,25 @@ def opcheck_cases():
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
     yield "merge_value", (v.clone(), torch.rand(B, Hkv, C, generator=g), torch.tensor([[0, 1, -1]] * B),
                           torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
+
+
+def packed_twin(model: Transformer, qtypes: dict[str, int]) -> tuple[Transformer, Transformer]:
+    """(packed, dense): `model`'s matrices quantized (qtypes maps a name suffix such as "wv.weight" to a
+    type; "" is every other matrix), and a dense model holding exactly the packed weights' values."""
+    packed_state, dense_state = {}, {}
+    for name in expected_shapes(model.args):
+        w = _unfused_weight(model, name)
+        if w.dim() == 2:
+            qtype = next((q for suffix, q in qtypes.items() if suffix and name.endswith(suffix)), qtypes[""])
+            p = PackedWeight.quantize(w, qtype, torch.float32, name)
+            packed_state[name], dense_state[name] = p, p.dequantize()
+        else:
+            packed_state[name] = dense_state[name] = w.clone()
+    return (Transformer.from_state_dict(model.args, packed_state, "cpu"),
+            Transformer.from_state_dict(model.args, dense_state, "cpu"))
+
+
+def _unfused_weight(model: Transformer, name: str) -> torch.Tensor:
+    """A parameter by its state-dict name, read through the unfused modules."""
+    owner, attr = name.rsplit(".", 1)
+    return getattr(model.get_submodule(owner), attr).detach()

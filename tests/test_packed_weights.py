@@ -15,34 +15,12 @@ from engine.llm import LLM
 from engine.model import Transformer
 from engine.policies import list_policies, make_policy
 from engine.quant import PackedWeight, QuantError
-from engine.weights import WeightsError, expected_shapes, load_checkpoint, save_hf_folder
+from engine.weights import WeightsError, load_checkpoint, save_hf_folder
 
-from .helpers import random_state, small, tiny_args, tiny_model, token_ids
+from .helpers import packed_twin, random_state, small, tiny_args, tiny_model, token_ids
 
 Q = gguf.GGMLQuantizationType
 EVICTING = [n for n in list_policies() if n != "full"]
-
-
-def packed_twin(model: Transformer, qtypes: dict[str, int]) -> tuple[Transformer, Transformer]:
-    """(packed, dense): `model`'s matrices quantized (qtypes maps a name suffix such as "wv.weight" to a
-    type; "" is every other matrix), and a dense model holding exactly the packed weights' values."""
-    packed_state, dense_state = {}, {}
-    for name in expected_shapes(model.args):
-        w = _weight(model, name)
-        if w.dim() == 2:
-            qtype = next((q for suffix, q in qtypes.items() if suffix and name.endswith(suffix)), qtypes[""])
-            p = PackedWeight.quantize(w, qtype, torch.float32, name)
-            packed_state[name], dense_state[name] = p, p.dequantize()
-        else:
-            packed_state[name] = dense_state[name] = w.clone()
-    return (Transformer.from_state_dict(model.args, packed_state, "cpu"),
-            Transformer.from_state_dict(model.args, dense_state, "cpu"))
-
-
-def _weight(model: Transformer, name: str) -> torch.Tensor:
-    """A parameter by its state-dict name, read through the unfused modules."""
-    owner, attr = name.rsplit(".", 1)
-    return getattr(model.get_submodule(owner), attr).detach()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -30,10 +30,13 @@ namespace engine {
 namespace {
 
 constexpr int64_t kMaxRows = 8;   // rows of x per pass over w (more rows: another pass)
-// Independent accumulators per row of x: enough chains of FMAs in flight (4 for a single row,
-// one per row from 5 rows), few enough to stay in the 16 ymm registers with the loaded vectors.
-template <int MR>
-constexpr int kAccs = MR == 1 ? 4 : MR <= 4 ? 2 : 1;
+// Independent accumulators per row of x: enough chains of FMAs in flight for a single row. Every row
+// uses the same four, however many rows a pass has, so a row's sum order (hence its bits) does not
+// depend on what else is in the batch: a request decoded with others gets the logits it gets alone.
+constexpr int kAccs = 4;
+// Rows of x that share each load of w in registers: 2 rows x 4 accumulators + the loaded vectors fit
+// the 16 ymm registers. A pass's other rows reread the row of w from L1, where the first group left it.
+constexpr int kGroupRows = 2;
 
 // 16 consecutive elements as two fp32 vectors. bf16 splits into the even and the odd elements: a
 // shift and a mask for 16 values. x and w split alike, so a dot product just sums in another order.
@@ -69,7 +72,7 @@ ENGINE_INLINE void step16(Vec8 (&acc)[MR][A], const T* x, const T* w, int64_t K,
 template <int MR, bool ACC, typename T>
 ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                            int64_t K, int64_t N) {
-  constexpr int A = kAccs<MR>;
+  constexpr int A = kAccs;
   Vec8 acc[MR][A] = {};
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -95,11 +98,17 @@ ENGINE_INLINE void row_dot(const T* __restrict__ x, const T* __restrict__ w, T* 
   }
 }
 
-// Rows [n0, n1) of w against MR rows of x.
+// Rows [n0, n1) of w against MR rows of x, kGroupRows rows of x at a time per row of w.
 template <int MR, bool ACC, typename T>
 ENGINE_INLINE void rows_pass(const T* x, const T* w, T* out, int64_t N, int64_t K, int64_t n0,
                              int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_dot<MR, ACC>(x, w + n * K, out + n, K, N);
+  for (int64_t n = n0; n < n1; ++n) {
+    int m = 0;
+    for (; m + kGroupRows <= MR; m += kGroupRows) {
+      row_dot<kGroupRows, ACC>(x + m * K, w + n * K, out + m * N + n, K, N);
+    }
+    if constexpr (MR % kGroupRows != 0) row_dot<1, ACC>(x + m * K, w + n * K, out + m * N + n, K, N);
+  }
 }
 
 // Columns [n0, n1) of out[M, N], every row: one pass over w's rows n0..n1 per kMaxRows rows of x.

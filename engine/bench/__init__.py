@@ -1,9 +1,10 @@
-"""`python -m engine.bench {model,kernels,gpu}`: speed, measured as ratios against a peer timed in the same run.
+"""`python -m engine.bench {model,kernels,gpu,serve}`: speed, measured as ratios against a peer timed in the same run.
 
     python -m engine.bench                            # model: engine vs transformers vs the matvec floor
     python -m engine.bench --policy h2o --budget 256  # flags without a subcommand go to model
     python -m engine.bench kernels                    # each op vs its reference, attention vs SDPA
     python -m engine.bench gpu --preset smollm2-135m  # CUDA: full cache vs policies, eager vs CUDA graph
+    python -m engine.bench serve                      # the server under concurrent streams
 
 Each subcommand takes only the flags it uses (`python -m engine.bench SUBCOMMAND --help`). Results go to
 bench/results/<name>-<date>.json ($ENGINE_BENCH_DIR elsewhere).
@@ -20,6 +21,7 @@ COMMANDS = {
     "model": "a real model: decode and prefill vs transformers, or a policy's overhead (the default)",
     "kernels": "each op vs its reference, attention vs SDPA, on random inputs",
     "gpu": "CUDA decode of a random model: full cache vs policies, eager vs CUDA graph",
+    "serve": "the OpenAI-compatible server under 1, 4, 8, 16 concurrent streams: tokens/s, TTFT, inter-token latency",
 }
 
 

@@ -1,0 +1,71 @@
+"""One CPU decode step for several requests, each with its own KVStore: the weights are read once for all.
+
+A KVStore's counters (tokens seen, slots used, occupancy) are shared by its batch rows, so requests of
+different lengths, policies or budgets cannot share one store. Each request keeps its own store (batch 1,
+prefilled alone, as LLM.stream does it); a batched step stacks the requests' residual rows into one
+[R, dim] tensor, so that every projection (q/k/v, wo, gate/up, down, the output head) is one matvec over
+all R rows, while attention and eviction run per request through its own store's step protocol.
+
+It mirrors plan.DecodePlan.run call for call, with the products the plan bound (dense or packed). The
+compiled matvec and qmatvec give a row the same bits whatever the number of rows beside it
+(csrc/cpu/matvec.cpp, qmatvec_kernels.inc), so a request's logits equal those of its own plan step, bit for
+bit (tests/test_batch_decode.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import ops
+from ..kv import KVStore
+from ..model import Transformer
+from . import has_forward_hooks, plan
+
+
+def applies(model: Transformer, stores: Sequence[KVStore]) -> bool:
+    """Whether the batched step can run these stores: each one's own plan could (CPU, compiled matvec,
+    fused weights), each holds one sequence, and no forward hook wants the modules' path."""
+    return (not has_forward_hooks(model)
+            and all(s.batch == 1 and plan.applies(model, s) for s in stores))
+
+
+class BatchStep:
+    """A decode step over a fixed list of single-sequence stores, its buffers and views bound once: make
+    a new one when a request joins or leaves (at a step boundary)."""
+
+    def __init__(self, model: Transformer, stores: Sequence[KVStore]):
+        if not stores:
+            raise ValueError("a batched decode step needs at least one store")
+        first = plan.DecodePlan(model, stores[0])  # the bound weights; its buffers are one row's
+        R, dtype, device = len(stores), first.qkv.dtype, stores[0].device
+        self.model, self.stores, self.eps = model, list(stores), first.eps
+        self.layers, self.embedding, self.norm, self.output = first.layers, first.embedding, first.norm, first.output
+        self.vocab = first.vocab
+        self.qkv = torch.empty(R, first.qkv.shape[1], dtype=dtype, device=device)
+        self.gate_up = torch.empty(R, first.gate_up.shape[1], dtype=dtype, device=device)
+        self.attended = torch.empty(R, first.attended.shape[1], dtype=dtype, device=device)
+        self.qkv_rows = [self.qkv[i : i + 1] for i in range(R)]  # request i's row, as its store takes it
+        self.outs = [s.out.view(1, -1) for s in self.stores]  # where each store writes its attention output
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [R] (request i's last token at i) -> logits [R, V] (fp32), every store's step ended."""
+        qkv, gate_up, attended, eps = self.qkv, self.gate_up, self.attended, self.eps
+        rows = list(zip(self.stores, self.qkv_rows))
+        for store in self.stores:
+            store.begin_decode()
+        x = ops.embedding(tokens, self.embedding)  # (R, dim), the residual stream, updated in place
+        for layer, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
+            wqkv(x, qkv, False, attention_norm, eps, False)
+            for store, row in rows:
+                store.decode(layer, row)
+            torch.cat(self.outs, out=attended)
+            wo(attended, x, True, None, 0.0, False)
+            w13(x, gate_up, False, ffn_norm, eps, False)
+            w2(gate_up, x, True, None, 0.0, True)
+        logits = x.new_empty(x.shape[0], self.vocab)
+        self.output(x, logits, False, self.norm, eps, False)
+        for store in self.stores:
+            store.end_decode()
+        return logits.float()
