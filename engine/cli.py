@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, get_args, get_type_hints
 
+from .kv import KV_DTYPES
 from .policies import list_policies, policy_class
 
 USER_ERRORS = (ValueError, OSError)  # OSError: a missing file, a read-only folder, a full disk, ...
@@ -178,6 +179,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=COUNT, help="prefill this many prompt tokens at a time (>= 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="dtype of the cached K and V (default: --dtype)")
     add_threads_arg(p, "CPU threads (default: every core; give each of several concurrent processes its share)")
 
 

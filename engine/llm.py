@@ -9,7 +9,7 @@ import torch
 from .config import ModelArgs
 from .decode import Decoder
 from .generate import SamplingParams, StopFilter, prefill, sample
-from .kv import CacheStats, KVStore
+from .kv import CacheStats, KVStore, parse_kv_dtype
 from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
 from .rope import Rope
@@ -65,13 +65,15 @@ class LLM:
     id and its position."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
-                 prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True):
+                 prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True,
+                 kv_dtype: str | torch.dtype | None = None):
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.args: ModelArgs = model.args
         self.mask, self.prefill_chunk, self.cuda_graphs = mask, prefill_chunk, cuda_graphs
         self.source, self.name = Path(source), Path(source).name  # where the weights came from
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
+        self.kv_dtype = parse_kv_dtype(kv_dtype) or self.dtype  # of the stores' K and V
         self.store: KVStore | None = None
         if model.rope is None:
             model.rope = Rope(self.args, self.device)
@@ -93,7 +95,7 @@ class LLM:
             capacity = total if self.mask else min(self.policy.slots(budget, max_new_tokens), max(total, 1))
             budget = min(budget, capacity)
         return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
-                       self.model.rope, mask=self.mask)
+                       self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype)
 
     def decoder(self, store: KVStore) -> Decoder:
         """Decode steps over `store` (engine/decode/ chooses how each one runs)."""
@@ -244,14 +246,15 @@ class Session:
 def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,
          sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
          mask: bool = False, prefill_chunk: int | None = None, template: str | None = None,
-         cuda_graphs: bool = True, **policy_params: object) -> LLM:
+         cuda_graphs: bool = True, kv_dtype: str | None = None, **policy_params: object) -> LLM:
     """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
-    first use), with an eviction policy given by name (plus its parameters) or as an object."""
+    first use), with an eviction policy given by name (plus its parameters) or as an object. The KV cache
+    holds K and V in `kv_dtype` ("bf16", "fp16" or "fp32"; None: the model's `dtype`)."""
     from .fetch import resolve_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import load_checkpoint
 
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    torch_dtype, torch_device, torch_kv_dtype = parse_dtype(dtype), parse_device(device), parse_kv_dtype(kv_dtype)
     if isinstance(policy, str):
         policy = make_policy(policy, budget=budget, sinks=sinks, recent=recent, **policy_params)
     elif budget is not None or sinks is not None or recent is not None or policy_params:
@@ -266,4 +269,5 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
         tok = tokenizer_from_gguf(gguf.GGUFReader(path))
     else:
         tok = load_tokenizer(path, template=template)
-    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs)
+    return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs,
+               kv_dtype=torch_kv_dtype)

@@ -189,7 +189,7 @@ def attribute(events: list[FunctionEvent], steps: int, cuda: bool) -> tuple[dict
 def kv_read_bytes(store: KVStore) -> int:
     """K and V bytes the next decode step's attention reads: every slot up to the high-water mark."""
     slots = min(store.used + 1, store.capacity)
-    return store.args.kv_bytes_per_token(store.dtype) * slots * store.batch
+    return store.args.kv_bytes_per_token(store.kv_dtype) * slots * store.batch
 
 
 def profiled_run(llm, context: int, steps: int, trace: Path | None) -> tuple[list[FunctionEvent], float, int]:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     import engine
 
     llm = engine.load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
-                      **policy_params(ns))
+                      kv_dtype=ns.kv_dtype, **policy_params(ns))
     report = profile(llm, ns.context, ns.steps, ns.trace)
     print(report.table())
     if ns.trace:

@@ -104,7 +104,7 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
         e_pre, h_pre = summary(ours_pre[1:]), summary(hf_pre[1:])
         floor_step = summary([t / steps for t in floor_times])
         # the floor scaled by the K/V bytes attention also reads (mean cache over the timed steps)
-        kv = llm.args.kv_bytes_per_token(llm.dtype) * (ctx + steps / 2)
+        kv = llm.args.kv_bytes_per_token(llm.kv_dtype) * (ctx + steps / 2)
         floor_kv = floor_step["median"] * (1 + kv / weights)
         achieved = (weights + kv) / e_dec["median"]
         results[str(ctx)] = {
@@ -160,7 +160,7 @@ def bench_policy_grid(ns: argparse.Namespace, full, contexts: list[int]) -> dict
         for budget in ns.budgets:
             params = {**policy_params(argparse.Namespace(**{**vars(ns), "policy": name})), "budget": budget}
             llm = engine.load(ns.model, policy=name, device=ns.device, dtype=ns.dtype,
-                              prefill_chunk=ns.prefill_chunk, **params)
+                              prefill_chunk=ns.prefill_chunk, kv_dtype=ns.kv_dtype, **params)
             grid.setdefault(name, {})[str(budget)] = bench_policy(full, llm, contexts, ns.steps, ns.reps)
     return grid
 
@@ -183,8 +183,10 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("--budgets sets the budgets of a --policies table; for one policy use --budget")
     if ns.policies and ns.budget is not None:
         raise ValueError("a --policies table takes its budgets from --budgets, not --budget")
-    full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
-    meta = {"model": full.name, "dtype": ns.dtype, "device": ns.device, "steps": ns.steps, "reps": ns.reps}
+    full = engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
+                       kv_dtype=ns.kv_dtype)
+    meta = {"model": full.name, "dtype": ns.dtype, "kv_dtype": str(full.kv_dtype).removeprefix("torch."),
+            "device": ns.device, "steps": ns.steps, "reps": ns.reps}
     if ns.policies:
         ns.budgets = ns.budgets or [256, 1024]
         contexts = ns.contexts or [2048, 8192]
@@ -197,7 +199,7 @@ def run(ns: argparse.Namespace) -> int:
         path = write_result("e2e-vs-transformers", {**meta, "policy": "full", "results": res})
     else:
         llm = engine.load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype,
-                          prefill_chunk=ns.prefill_chunk, **policy_params(ns))
+                          prefill_chunk=ns.prefill_chunk, kv_dtype=ns.kv_dtype, **policy_params(ns))
         contexts = ns.contexts or [2048, 8192]
         res = bench_policy(full, llm, contexts, ns.steps, ns.reps)
         path = write_result(f"policy-{ns.policy}", {**meta, "policy": ns.policy, "budget": llm.policy.budget,

@@ -81,7 +81,8 @@ def load_llm(ns: argparse.Namespace):
     """The model once, with the full cache; cells swap `llm.policy`."""
     import engine
 
-    return engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk)
+    return engine.load(ns.model, policy="full", device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
+                       kv_dtype=ns.kv_dtype)
 
 
 class Results:
