@@ -183,8 +183,8 @@ class Conversation:
         share = f" ({100 * st.kv_bytes / st.full_kv_bytes:.0f}%)" if st.full_kv_bytes else ""
         lines = [f"policy {store.policy.name}, budget {st.budget} tokens per layer and KV head",
                  f"occupancy per layer (valid slots per KV head): {occ}",
-                 f"KV cache: {_mb(st.kv_bytes)} allocated vs {_mb(st.full_kv_bytes)} for a full cache of the "
-                 f"{st.tokens_seen} tokens seen{share}",
+                 f"KV cache ({str(store.kv_dtype).removeprefix('torch.')}): {_mb(st.kv_bytes)} allocated vs "
+                 f"{_mb(st.full_kv_bytes)} for a full cache of the {st.tokens_seen} tokens seen{share}",
                  f"evictions: {st.evictions} per layer and KV head, merges: {st.merges}",
                  f"conversation: {len(self.turns) // 2} turns"]
         r = self.last

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, get_args, get_type_hints
 
+from .kv import KV_DTYPES
 from .policies import list_policies, policy_class
 from .quant import WEIGHT_MODES
 
@@ -183,12 +184,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="packed: keep a .gguf file's quantized blocks (its default; the default model too); "
                         "dequantize: unpack them to --dtype (a folder's default; exact comparison with the "
                         "papers' fp32/fp16 runs); q8_0 / q4_0: quantize a checkpoint at load")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="dtype of the cached K and V (default: --dtype)")
     add_threads_arg(p, "CPU threads (default: every core; give each of several concurrent processes its share)")
 
 
 def load_options(ns: argparse.Namespace) -> dict[str, object]:
     """The keyword arguments of engine.load that add_model_args' flags give (besides model and policy)."""
-    return {"device": ns.device, "dtype": ns.dtype, "weights": ns.weights, "prefill_chunk": ns.prefill_chunk}
+    return {"device": ns.device, "dtype": ns.dtype, "weights": ns.weights, "kv_dtype": ns.kv_dtype,
+            "prefill_chunk": ns.prefill_chunk}
 
 
 def _add_policy_field_args(p: argparse.ArgumentParser) -> None:

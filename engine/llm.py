@@ -9,7 +9,7 @@ import torch
 from .config import ModelArgs
 from .decode import Decoder
 from .generate import SamplingParams, StopFilter, prefill, sample
-from .kv import CacheStats, KVStore
+from .kv import CacheStats, KVStore, parse_kv_dtype
 from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
 from .rope import Rope
@@ -66,7 +66,7 @@ class LLM:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, policy: Policy, *, mask: bool = False,
                  prefill_chunk: int | None = None, source: str | Path = "", cuda_graphs: bool = True,
-                 weights: str = "dequantize"):
+                 weights: str = "dequantize", kv_dtype: str | torch.dtype | None = None):
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.weights = weights  # how the weights are held (engine.load's `weights`)
         self.args: ModelArgs = model.args
@@ -74,6 +74,7 @@ class LLM:
         self.source, self.name = Path(source), Path(source).name  # where the weights came from
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
+        self.kv_dtype = parse_kv_dtype(kv_dtype) or self.dtype  # of the stores' K and V
         self.store: KVStore | None = None
         if model.rope is None:
             model.rope = Rope(self.args, self.device)
@@ -95,7 +96,7 @@ class LLM:
             capacity = total if self.mask else min(self.policy.slots(budget, max_new_tokens), max(total, 1))
             budget = min(budget, capacity)
         return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
-                       self.model.rope, mask=self.mask)
+                       self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype)
 
     def decoder(self, store: KVStore) -> Decoder:
         """Decode steps over `store` (engine/decode/ chooses how each one runs)."""
@@ -246,18 +247,20 @@ class Session:
 def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "full", *, budget: int | float | None = None,
          sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
          weights: str | None = None, mask: bool = False, prefill_chunk: int | None = None,
-         template: str | None = None, cuda_graphs: bool = True, **policy_params: object) -> LLM:
+         template: str | None = None, cuda_graphs: bool = True, kv_dtype: str | None = None,
+         **policy_params: object) -> LLM:
     """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
     first use), with an eviction policy given by name (plus its parameters) or as an object.
 
     `weights`: "packed" keeps a .gguf file's quantized blocks and multiplies by them directly (the default
     for a .gguf file and for the default model, which ships as one); "dequantize" unpacks them to `dtype`
-    (a folder's default); "q8_0" / "q4_0" quantize a checkpoint's matrices at load."""
+    (a folder's default); "q8_0" / "q4_0" quantize a checkpoint's matrices at load. The KV cache holds K and
+    V in `kv_dtype` ("bf16", "fp16" or "fp32"; None: the model's `dtype`)."""
     from .fetch import resolve_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import load_checkpoint, open_gguf
 
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    torch_dtype, torch_device, torch_kv_dtype = parse_dtype(dtype), parse_device(device), parse_kv_dtype(kv_dtype)
     if isinstance(policy, str):
         policy = make_policy(policy, budget=budget, sinks=sinks, recent=recent, **policy_params)
     elif budget is not None or sinks is not None or recent is not None or policy_params:
@@ -273,4 +276,4 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
     del state
     tok = tokenizer_from_gguf(reader) if reader else load_tokenizer(path, template=template)
     return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs,
-               weights=mode)
+               weights=mode, kv_dtype=torch_kv_dtype)

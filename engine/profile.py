@@ -189,7 +189,7 @@ def attribute(events: list[FunctionEvent], steps: int, cuda: bool) -> tuple[dict
 def kv_read_bytes(store: KVStore) -> int:
     """K and V bytes the next decode step's attention reads: every slot up to the high-water mark."""
     slots = min(store.used + 1, store.capacity)
-    return store.args.kv_bytes_per_token(store.dtype) * slots * store.batch
+    return store.args.kv_bytes_per_token(store.kv_dtype) * slots * store.batch
 
 
 def profiled_run(llm, context: int, steps: int, trace: Path | None) -> tuple[list[FunctionEvent], float, int]:

@@ -30,8 +30,8 @@ def _module_step(model, store, token):
     return logits
 
 
-def _stores(model, policy, prompt, steps):
-    llm = LLM(model, None, policy)
+def _stores(model, policy, prompt, steps, kv_dtype=None):
+    llm = LLM(model, None, policy, kv_dtype=kv_dtype)
     stores = [llm.new_store(prompt.shape[1], steps + 1, batch=prompt.shape[0]) for _ in range(2)]
     return [prefill(model, s, prompt) for s in stores], stores
 
@@ -67,6 +67,29 @@ def test_plan_in_bfloat16_equals_module_path():
         token = module_logits.argmax(-1)
         plan_logits, module_logits = decode_step(model, plan_store, token), _module_step(model, module_store, token)
         assert plan_logits.dtype == torch.float32 and torch.equal(plan_logits, module_logits)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, "bf16"), (torch.float32, "fp16"), (torch.bfloat16, "fp32"),
+                                    (torch.bfloat16, "fp16")], ids=lambda d: f"{str(d[0])[6:]}-kv-{d[1]}")
+@pytest.mark.parametrize("positions", ["original", "cache"])
+@pytest.mark.parametrize("name", ["h2o", "weightedkv", "ahakv"])
+def test_plan_with_another_kv_dtype_equals_module_path(name, positions, dtypes):
+    """A cache in another dtype than the model keeps the plan (it binds store.out, still the model's dtype)
+    and its steps equal the module path's bit for bit, cache included (merges and queries kept in it)."""
+    model_dtype, kv_dtype = dtypes
+    model = copy.deepcopy(tiny_model(n_layers=2)).to(model_dtype)  # a copy: tiny_model is cached
+    model.fuse()
+    (plan_logits, module_logits), (plan_store, module_store) = _stores(
+        model, small(name, 10, positions=positions), token_ids(13), 14, kv_dtype)
+    assert plan_store.all.k.dtype == getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[kv_dtype])
+    assert Decoder(model, plan_store).path() == "plan" and plan_store.out.dtype == model_dtype
+    assert torch.equal(plan_logits, module_logits)
+    for _ in range(14):
+        token = module_logits.argmax(-1)
+        plan_logits, module_logits = decode_step(model, plan_store, token), _module_step(model, module_store, token)
+        assert torch.equal(plan_logits, module_logits)
+    for a, b in zip(plan_store.layers, module_store.layers):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.pos, b.pos)
 
 
 def test_plan_stands_aside():

@@ -104,7 +104,7 @@ def bench_vs_transformers(llm, contexts: list[int], steps: int, reps: int) -> di
         e_pre, h_pre = summary(ours_pre[1:]), summary(hf_pre[1:])
         floor_step = summary([t / steps for t in floor_times])
         # the floor scaled by the K/V bytes attention also reads (mean cache over the timed steps)
-        kv = llm.args.kv_bytes_per_token(llm.dtype) * (ctx + steps / 2)
+        kv = llm.args.kv_bytes_per_token(llm.kv_dtype) * (ctx + steps / 2)
         floor_kv = floor_step["median"] * (1 + kv / weights)
         achieved = (weights + kv) / e_dec["median"]
         results[str(ctx)] = {
@@ -183,7 +183,8 @@ def run(ns: argparse.Namespace) -> int:
     if ns.policies and ns.budget is not None:
         raise ValueError("a --policies table takes its budgets from --budgets, not --budget")
     full = engine.load(ns.model, policy="full", **load_options(ns))
-    meta = {"model": full.name, "dtype": ns.dtype, "weights": full.weights, "device": ns.device, "steps": ns.steps,
+    meta = {"model": full.name, "dtype": ns.dtype, "weights": full.weights,
+            "kv_dtype": str(full.kv_dtype).removeprefix("torch."), "device": ns.device, "steps": ns.steps,
             "reps": ns.reps}
     if ns.policies:
         ns.budgets = ns.budgets or [256, 1024]

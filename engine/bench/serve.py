@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from ..cli import COUNT, CommaList, add_model_args, policy_params
+from ..cli import COUNT, CommaList, add_model_args, load_options, policy_params
 from ..results import write_result
 
 PROMPTS = ["Once upon a time", "The history of the Roman Empire", "In a small village by the sea",
@@ -100,8 +100,7 @@ def run(ns: argparse.Namespace) -> int:
     from ..serve.app import Settings, create_app, serving
     from ..serve.scheduler import Scheduler
 
-    llm = load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
-               **policy_params(ns))
+    llm = load(ns.model, policy=ns.policy, **load_options(ns), **policy_params(ns))
     scheduler = Scheduler(llm, max_batch=max(ns.streams), max_queue=max(ns.streams)).start()
     rows = []
     try:

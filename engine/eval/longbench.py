@@ -191,7 +191,7 @@ def run(ns: argparse.Namespace) -> int:
     policies = {(n, b): build_policy(ns, n, b) for n, b in cells}
     llm = load_llm(ns)
     meta = {"eval": "longbench", "model": str(llm.source), "data": str(folder.resolve()), "preset": ns.preset,
-            "sinks": ns.sinks, "max_length": ns.max_length, "dtype": ns.dtype, "weights": llm.weights, "device": ns.device}
+            "sinks": ns.sinks, "max_length": ns.max_length, "dtype": ns.dtype, "weights": llm.weights, "kv_dtype": ns.kv_dtype, "device": ns.device}
     results = Results(ns.out, meta, ("task", "policy", "budget", "index"))
     todo = [(t, r, n, b) for (n, b) in cells for t in tasks for r in records[t]
             if not results.done(task=t, policy=n, budget=b, index=r.index)]

@@ -99,7 +99,7 @@ def run(ns: argparse.Namespace) -> int:
     ids = torch.tensor(flat, device=llm.device).view(ns.batch, ns.tokens)
     meta = {"eval": "ppl", "model": str(llm.source), "text": ns.text or ns.dataset,
             "ids_sha256": hashlib.sha256(str(flat).encode()).hexdigest(), "tokens": ns.tokens, "batch": ns.batch,
-            "window": ns.window, "prefill_chunk": ns.prefill_chunk, "dtype": ns.dtype, "weights": llm.weights, "device": ns.device}
+            "window": ns.window, "prefill_chunk": ns.prefill_chunk, "dtype": ns.dtype, "weights": llm.weights, "kv_dtype": ns.kv_dtype, "device": ns.device}
     results = Results(ns.out, meta, ("policy", "budget"))
     todo = [c for c in policies if not results.done(policy=c[0], budget=c[1])]
     for name, budget, policy in progress(todo, len(todo), "ppl cells"):

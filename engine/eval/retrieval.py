@@ -205,7 +205,7 @@ def run(ns: argparse.Namespace) -> int:
     samples = [builders[t].make(t, n, d, s) for t in tasks for n in lengths for d in depths
                for s in range(ns.seed, ns.seed + ns.samples)]
     meta = {"eval": "retrieval", "model": str(llm.source), "haystack": ns.haystack or "pg-essays",
-            "dtype": ns.dtype, "weights": llm.weights, "device": ns.device}
+            "dtype": ns.dtype, "weights": llm.weights, "kv_dtype": ns.kv_dtype, "device": ns.device}
     results = Results(ns.out, meta, ("task", "policy", "budget", "length", "depth", "seed"))
     todo = [(s, n, b) for (n, b) in cells for s in samples
             if not results.done(task=s.task, policy=n, budget=b, length=s.length, depth=s.depth, seed=s.seed)]

@@ -4,6 +4,6 @@ store.py holds the buffers, counters, device clock, decode attention and evictio
 a decode step records together); prefill.py a prompt chunk's attention, scoring and compaction. What a
 policy sees of them (LayerState, DecodeView, PrefillView) is the policy API's: engine/policies/views.py.
 """
-from .store import CacheStats, KVStore
+from .store import KV_DTYPES, CacheStats, KVStore, parse_kv_dtype
 
-__all__ = ["CacheStats", "KVStore"]
+__all__ = ["KV_DTYPES", "CacheStats", "KVStore", "parse_kv_dtype"]

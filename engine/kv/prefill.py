@@ -29,7 +29,9 @@ class Store(Protocol):
 
     policy: Policy
     rope: Rope
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: the chunk's q/k/v and the attention output
+    kv_dtype: torch.dtype  # of the stored K and V
+    query_dtype: torch.dtype  # attention's compute dtype: the model's, or fp32 where the cache differs
     scale: float  # 1 / sqrt(head_dim)
     mask: bool  # keep every entry, mask the evicted ones (the papers' protocol)
     cache_positions: bool  # keys rotated at their rank in the cache, not their original position
@@ -45,8 +47,8 @@ class Entries:
     """Every entry of cache + chunk (N = used + T), cache first, and the chunk's queries."""
 
     layer: LayerState  # k as stored (pre-RoPE with positions="cache"), v, pos, rank, state (chunk rows zero)
-    keys: torch.Tensor  # (B, Hkv, N, D) the keys as attention sees them (rotated)
-    q: torch.Tensor  # (B, H, T, D) the queries, rotated
+    keys: torch.Tensor  # (B, Hkv, N, D) the keys as attention sees them (rotated), cache or query dtype
+    q: torch.Tensor  # (B, H, T, D) the queries, rotated, in the store's query dtype
     qpos: torch.Tensor  # (B, T) int32 original positions of the queries
 
 
@@ -60,6 +62,7 @@ def prefill_layer(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor
     rows = T if policy.prefill_rows is None else min(policy.prefill_rows, T)
     wants_colsum = policy.prefill_rows != 0 and (over_budget or policy.needs_acc or policy.observes_prefill)
     out, colsum = attend(e, rows, store.scale, policy.group_reduce if wants_colsum else None)
+    out = out.to(store.dtype)  # wo's input
     pos = e.layer.pos
     rows_seen = (T - torch.searchsorted(e.qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                  ).reshape(pos.shape).float() * (pos >= 0)
@@ -74,36 +77,42 @@ def prefill_layer(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor
 
 
 def gather(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Entries:
-    """The stored entries of one layer followed by the chunk's, keys rotated at the policy's positions."""
+    """The stored entries of one layer followed by the chunk's, keys rotated at the policy's positions.
+    The chunk's keys and values are rounded to the cache dtype as they will be stored, and rotated in the
+    query dtype as decode attention rotates them: attention over the chunk sees what later steps will."""
     B, H, T, _ = q.shape
     Hkv, dev, t, old = k.shape[1], q.device, store.t, slice(0, store.used)
-    rope, dtype = store.rope, store.dtype
+    rope, dtype, qdtype = store.rope, store.kv_dtype, store.query_dtype
+    q, k = q.to(qdtype), k.to(qdtype)
     pos_new = torch.arange(t, t + T, dtype=torch.int32, device=dev).expand(B, Hkv, T)
     qpos = torch.arange(t, t + T, dtype=torch.int32, device=dev).expand(B, T).contiguous()
     if store.cache_positions:  # rotated at their rank among the kept entries
         rank_new = torch.arange(store.occupancy, store.occupancy + T, device=dev).expand(B, Hkv, T)
         rank = torch.cat([st.rank[:, :, old], rank_new], dim=2)
         stored = torch.cat([st.k[:, :, old], k.to(dtype)], dim=2)
-        keys, q_at = rope.rotate(stored, rank), rank_new
+        keys, q_at = rope.rotate(stored.to(qdtype), rank), rank_new
     else:  # rotated once, at their original positions, and stored so
         rank = None
         stored = keys = torch.cat([st.k[:, :, old], rope.rotate(k, pos_new).to(dtype)], dim=2)
         q_at = pos_new
     state = {name: torch.cat([s[:, :, old], torch.zeros(B, Hkv, T, device=dev)], dim=2)
              for name, s in st.state.items()}
+    v = v.to(dtype)
     if "vnorm" in state:
         nv = torch.empty(B, Hkv, T, device=dev)
-        ops.value_norm(v.to(dtype).contiguous(), NORM_KIND[store.policy.value_norm], nv)
+        ops.value_norm(v.contiguous(), NORM_KIND[store.policy.value_norm], nv)
         state["vnorm"][:, :, store.used :] = nv
-    layer = LayerState(k=stored, v=torch.cat([st.v[:, :, old], v.to(dtype)], dim=2),
+    layer = LayerState(k=stored, v=torch.cat([st.v[:, :, old], v], dim=2),
                        pos=torch.cat([st.pos[:, :, old], pos_new], dim=2), state=state, rank=rank, extra=st.extra)
     return Entries(layer=layer, keys=keys, q=rope.rotate(q, q_at[:, :1].expand(B, H, T)), qpos=qpos)
 
 
 def attend(e: Entries, rows: int, scale: float, reduce: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of the chunk over every entry -> (B, H, T, D), and with `reduce` the (B, Hkv, N)
-    column sums over the last `rows` query rows, group-reduced that way (the kernel fuses "mean")."""
-    q, keys, vals, pos = e.q, e.keys, e.layer.v, e.layer.pos
+    column sums over the last `rows` query rows, group-reduced that way (the kernel fuses "mean"). Keys and
+    values are read in the queries' dtype (exact where the cache is narrower: fp32 queries)."""
+    q, pos = e.q, e.layer.pos
+    keys, vals = e.keys.to(q.dtype), e.layer.v.to(q.dtype)
     B, H, T, D = q.shape
     Hkv, n = keys.shape[1], keys.shape[2]
     fused = reduce == "mean"

@@ -39,6 +39,17 @@ from ..rope import Rope
 from .prefill import NORM_KIND, prefill_layer
 
 NO_LIMIT = torch.iinfo(torch.int32).max  # select_victim's upper position bound when the store masks `recent` itself
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # names of kv_dtype
+
+
+def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A K/V cache dtype by name (None: the model's dtype), or ValueError naming the allowed names."""
+    if name is None or name in KV_DTYPES.values():
+        return name
+    dtype = KV_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"unknown kv_dtype {name!r}; use one of {', '.join(KV_DTYPES)} (or None: the model's dtype)")
+    return dtype
 
 
 @dataclass
@@ -74,28 +85,38 @@ class KVStore:
         device: torch.device,
         rope: Rope,
         mask: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ):
+        """`dtype` is the model's: what prefill and decode take in and give back. K and V are held in
+        `kv_dtype` (default: the same). Attention reads them with queries in `query_dtype`: the model's
+        where the two agree (today's kernels, bit for bit), else fp32, so a 16-bit cache costs the
+        queries nothing and a cache wider than the model is read at its precision."""
         self.args, self.policy, self.budget, self.capacity, self.mask = args, policy, budget, capacity, mask
         self.rope, self.dtype, self.device, self.batch = rope, dtype, device, batch
+        self.kv_dtype = kv_dtype or dtype
+        self.query_dtype = dtype if self.kv_dtype == dtype else torch.float32
         self.cache_positions = policy.positions == "cache"
         B, Hkv, C, D, L, H = batch, args.n_kv_heads, capacity, args.head_dim, args.n_layers, args.n_heads
         names = set(policy.state_names) | ({"acc"} if policy.needs_acc else set())
         names |= {"vnorm"} if policy.value_norm else set()
         self.all = LayerState(  # every layer at once: layer l is batch rows [l B, (l + 1) B)
-            k=torch.zeros(L * B, Hkv, C, D, dtype=dtype, device=device),
-            v=torch.zeros(L * B, Hkv, C, D, dtype=dtype, device=device),
+            k=torch.zeros(L * B, Hkv, C, D, dtype=self.kv_dtype, device=device),
+            v=torch.zeros(L * B, Hkv, C, D, dtype=self.kv_dtype, device=device),
             pos=torch.full((L * B, Hkv, C), -1, dtype=torch.int32, device=device),
             state={n: torch.zeros(L * B, Hkv, C, device=device) for n in sorted(names)},
             rank=torch.zeros(L * B, Hkv, C, dtype=torch.int32, device=device) if self.cache_positions else None,
             free=torch.zeros(L * B, Hkv, dtype=torch.long, device=device),
         )
         self.layers = [self.all.rows(l * B, (l + 1) * B) for l in range(L)]
-        self.out = torch.empty(B, H, D, dtype=dtype, device=device)
+        self.out = torch.empty(B, H, D, dtype=dtype, device=device)  # wo's input: the model's dtype
+        # what decode attention writes (in the query dtype), copied into `out` where the two differ
+        self.attn_out = self.out if self.query_dtype == dtype else torch.empty_like(self.out, dtype=self.query_dtype)
         # the kernels fuse the group mean into `acc`; another reduction needs the raw row (B, H, C)
         self.fused_acc = policy.needs_acc and policy.group_reduce == "mean"
         raw = policy.needs_probs or (policy.needs_acc and not self.fused_acc)
         self.probs = torch.empty(L * B, H, C, device=device) if raw else None  # this step's rows, every layer
-        self.queries = torch.empty(L * B, H, D, dtype=dtype, device=device)  # this step's rotated queries, every layer
+        # this step's rotated queries, every layer
+        self.queries = torch.empty(L * B, H, D, dtype=self.query_dtype, device=device)
         self.slot = torch.zeros(L * B, Hkv, dtype=torch.long, device=device)  # where this step's token lands
         self.step_rows = [StepRows(q=self.queries[l * B : (l + 1) * B], slot=self.slot[l * B : (l + 1) * B],
                                    probs=None if self.probs is None else self.probs[l * B : (l + 1) * B])
@@ -141,7 +162,7 @@ class KVStore:
         self.sync_clock()
 
     def stats(self) -> CacheStats:
-        per_token = self.args.kv_bytes_per_token(self.dtype) * self.batch
+        per_token = self.args.kv_bytes_per_token(self.kv_dtype) * self.batch
         return CacheStats(
             occupancy=self.occupancy, capacity=self.capacity, budget=self.budget,
             kv_bytes=per_token * self.capacity, full_kv_bytes=per_token * self.t, tokens_seen=self.t,
@@ -210,11 +231,13 @@ class KVStore:
         -> its attention output (B, H, D). The model passes its fused buffer as is: no per-head views."""
         st, rows, B = self.layers[layer], self.step_rows[layer], qkv.shape[0]
         qr = rows.q
+        qkv = qkv.to(self.query_dtype)  # a no-op unless a 16-bit model reads a cache of another dtype
         # at original positions the new key sits at t == the query's position: rotated like the query
         ops.rope_append(qkv, self.query_cos, self.query_sin, rows.slot, not self.cache_positions, qr, st.k, st.v)
         if self.policy.value_norm:
             Hkv, D = st.k.shape[1], st.k.shape[3]
-            v = qkv[:, qkv.shape[1] - Hkv * D :].reshape(B, Hkv, 1, D).contiguous()
+            # the value as stored (rounded to the cache dtype), as a prompt chunk's norms are taken
+            v = qkv[:, qkv.shape[1] - Hkv * D :].reshape(B, Hkv, 1, D).to(self.kv_dtype).contiguous()
             nv = torch.empty(B, Hkv, 1, device=qkv.device)
             ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, rows.slot[..., None], nv)
@@ -222,7 +245,7 @@ class KVStore:
         length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
         probs = rows.probs
         ops.decode_attention(
-            qr, st.k, st.v, st.pos, length, self.scale, self.out,
+            qr, st.k, st.v, st.pos, length, self.scale, self.attn_out,
             st.state["acc"] if self.fused_acc else None, probs,
             rope=(rope.cos, rope.sin, st.rank) if rope else None,
         )
@@ -230,6 +253,8 @@ class KVStore:
             st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
             self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope))
+        if self.attn_out is not self.out:
+            self.out.copy_(self.attn_out)
         return self.out
 
     def end_decode(self) -> None:

@@ -48,7 +48,8 @@ def recent_scores(q: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch
         return column_scores(qs, k, qpos, pos, R, 1.0, group_reduce)
     S = torch.empty(B, Hkv, k.shape[2], device=q.device)
     out, lse = torch.empty_like(qs), torch.empty(B, H, R, device=q.device)
-    ops.prefill_attention(qs, k.contiguous(), v.contiguous(), qpos.int().contiguous(), pos.contiguous(),
+    # k may be rotated in the query dtype over a cache of another (positions="cache", kv_dtype): v alike
+    ops.prefill_attention(qs, k.contiguous(), v.to(k.dtype).contiguous(), qpos.int().contiguous(), pos.contiguous(),
                           1.0, out, lse, S, R, 1.0)
     return S
 

@@ -43,9 +43,9 @@ class DecodeView:
     @functools.cached_property
     def k(self) -> torch.Tensor:
         """(B, Hkv, C, D) the keys as attention used them (rotated). With positions="cache" attention
-        rotates them on the fly, so they are materialised only for a policy that reads them."""
+        rotates them on the fly (in the query's dtype), so they are materialised only for a policy that reads them."""
         st = self.layer
-        return st.k if self.rope is None else self.rope.rotate(st.k, st.rank)
+        return st.k if self.rope is None else self.rope.rotate(st.k.to(self.q.dtype), st.rank)
 
 
 @dataclass

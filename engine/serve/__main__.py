@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import COUNT, Integer, Parser, Real, add_model_args, policy_params, run_cli
+from ..cli import COUNT, Integer, Parser, Real, add_model_args, load_options, policy_params, run_cli
 from ..tokenizer import TEMPLATES
 
 API_KEY_ENV = "ENGINE_API_KEY"
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from .scheduler import Scheduler
 
     params = policy_params(ns)
-    llm = load(ns.model, policy=ns.policy, device=ns.device, dtype=ns.dtype, prefill_chunk=ns.prefill_chunk,
-               template=ns.template, **params)
+    llm = load(ns.model, policy=ns.policy, template=ns.template, **load_options(ns), **params)
     settings = Settings(model_names=(llm.name, ns.model), policy=ns.policy,
                         policy_defaults={k: v for k, v in params.items() if v is not None},
                         max_tokens=ns.max_tokens, max_prompt_tokens=ns.max_prompt_tokens or llm.args.max_seq_len,
