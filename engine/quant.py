@@ -15,6 +15,7 @@ which hand a `PackedWeight` to its own methods here.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,15 @@ def row_bytes(qtype: int, K: int, what: str) -> int:
     return K // block * nbytes
 
 
+def _mapped(blocks: np.ndarray) -> Tensor:
+    """The blocks as a tensor sharing the array's memory, no copy: a GGUF file's blocks stay in its memory
+    map (pages the kernel shares with the page cache, read once). torch warns that the map is read-only;
+    nothing writes to weights."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(blocks)
+
+
 @dataclass(frozen=True)
 class Part:
     """A run of rows of one quant type: blocks uint8 [rows, row_bytes]."""
@@ -80,7 +90,7 @@ class PackedWeight:
     def from_blocks(cls, blocks: Tensor | np.ndarray, qtype: int, K: int, dtype: torch.dtype,
                     what: str = "weight") -> "PackedWeight":
         nbytes = row_bytes(qtype, K, what)
-        data = torch.from_numpy(np.array(blocks)) if isinstance(blocks, np.ndarray) else blocks  # off the mmap
+        data = _mapped(blocks) if isinstance(blocks, np.ndarray) else blocks
         if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != nbytes:
             raise QuantError(f"{what}: {type_name(qtype)} blocks of shape {tuple(data.shape)} ({data.dtype}) "
                              f"do not hold rows of {K} weights ({nbytes} bytes each)")
