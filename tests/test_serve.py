@@ -20,7 +20,8 @@ pytest.importorskip("fastapi", reason="the extra `serve`")
 pytest.importorskip("uvicorn", reason="the extra `serve`")
 import openai  # noqa: E402
 
-from engine.policies import DecodeView, Policy, PrefillView, make_policy, register  # noqa: E402
+from engine import policies  # noqa: E402
+from engine.policies import DecodeView, Policy, PrefillView, make_policy  # noqa: E402
 from engine.serve.app import Settings, create_app  # noqa: E402
 from engine.serve.app import serving as app_serving  # noqa: E402
 from engine.serve.scheduler import Scheduler, with_policy  # noqa: E402
@@ -29,7 +30,6 @@ KEY = "test-key"
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Say hello in Spanish."]
 
 
-@register
 @dataclasses.dataclass
 class Tilt(Policy):
     """A custom policy with a parameter of its own: evict by key norm, scaled by `lean` (its sign decides)."""
@@ -49,6 +49,14 @@ def serving(llm, scheduler: Scheduler, **settings: object) -> Iterator[str]:
     """The app over `scheduler`, served on a free loopback port; yields its base URL."""
     with app_serving(create_app(llm, scheduler, Settings(model_names=(llm.name,), api_key=KEY, **settings))) as url:
         yield url
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tilt_registered() -> Iterator[None]:
+    """Tilt is a policy by name for this module's tests only (every command's flags list the registered ones)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(policies._REGISTRY, Tilt.name, Tilt)
+        yield
 
 
 @pytest.fixture(scope="module")
