@@ -129,3 +129,14 @@ def test_gpu_bench_fills_the_cache_as_after_the_context(name) -> None:
         decode_step(model, store, torch.tensor([3]))
     assert store.t == ctx + steps and store.occupancy == (kept + steps if name == "full" else budget)
     assert store.stats().evictions == (0 if name == "full" else steps)
+
+
+def test_serve_peer_needs_a_gguf_file(tiny_model_dir: Path, capsys) -> None:
+    """A folder model has no file for llama.cpp's server to load: the peer is skipped in one line, before any
+    server starts."""
+    from engine.bench.serve import peer_gguf
+
+    assert peer_gguf(str(tiny_model_dir), "llama.cpp") is None
+    out = capsys.readouterr()
+    assert out.out == f"llama.cpp peer skipped: it needs a .gguf file and --model {tiny_model_dir} is a folder\n"
+    assert out.err == ""
