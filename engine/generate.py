@@ -11,6 +11,7 @@ from .kv import KVStore
 from .model import Transformer
 
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
+TOP_P_FIRST = 256  # the likeliest tokens top-p looks among first (they usually hold far more than top_p)
 
 
 @dataclass
@@ -21,11 +22,18 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # token ids never sampled (their logits go to -inf first): the EOS ids give a reply of exactly
+    # max_new_tokens, as a benchmark needs; ids past the vocabulary are refused where it is known (Session)
+    suppress: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse here what sampling would turn into NaN probabilities or a torch error mid-reply."""
         _check_int("max_new_tokens", self.max_new_tokens, 0)
         _check_int("top_k", self.top_k, 0)
+        if not isinstance(self.suppress, (tuple, list)):
+            raise ValueError(f"suppress must be token ids, got {self.suppress!r}")
+        for i in self.suppress:
+            _check_int("suppress", i, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
         _check_real("temperature", self.temperature)
@@ -69,9 +77,23 @@ def prefill(model: Transformer, store: KVStore, ids: torch.Tensor, chunk: int | 
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] -> [B]. Sampling by an exponential race (argmax of p / Exp(1)): no host sync."""
+    """[B, V] -> [B]: the argmax when greedy, else an exponential race (argmax of p / Exp(1)) among the
+    tokens that top-k and top-p keep."""
+    if params.suppress:
+        logits = logits.index_fill(-1, torch.tensor(params.suppress, device=logits.device), -float("inf"))
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    probs, ids = candidates(logits, params)
+    # Exp(1) as -log(U), U at least float32's smallest normal, so no draw is infinite (a sole candidate's would
+    # zero every ratio and pick index 0); torch's exponential_ takes ~10x longer over a whole vocabulary
+    race = torch.rand(probs.shape, generator=generator, device=probs.device).clamp_min_(FLOAT32_TINY).log_().neg_()
+    pick = (probs / race).argmax(dim=-1)
+    return pick if ids is None else ids.gather(-1, pick[:, None])[:, 0]
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What sampling draws from: the probabilities after temperature and top-k over the vocabulary [B, V]
+    and no ids; with top-p, those of the K likeliest tokens [B, K] (0 where top-p drops one) and their ids."""
     # The best token at 0 before scaling, the temperature at least float32's smallest normal: a tiny one sends
     # the rest to -inf (greedy, as it should be), never to inf - inf or 0 / 0 (NaN probabilities, token 0).
     logits = logits.float()
@@ -79,14 +101,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -float("inf"))
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return (probs, None) if params.top_p == 1.0 else nucleus(probs, params.top_p)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p without sorting the vocabulary (that sort alone cost more than the rest of sampling ten times
+    over): the likeliest tokens, in order, up to and including the one whose mass crosses top_p. It looks
+    among the TOP_P_FIRST likeliest and widens while a row's candidates hold less than top_p (one host read
+    per look: whether they do); every token past them is dropped, since the mass before it is at least theirs.
+    Returns the K candidates' probabilities (0 where dropped) and ids [B, K]."""
+    V = probs.shape[-1]
+    k = min(TOP_P_FIRST, V)
+    while True:
+        top, ids = probs.topk(k, dim=-1)  # likeliest first
+        cum = top.cumsum(-1)
+        if k == V or bool((cum[:, -1] >= top_p).all()):
+            return top.masked_fill(cum - top >= top_p, 0.0), ids
+        k = min(4 * k, V)
 
 
 class StopFilter:

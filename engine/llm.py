@@ -118,10 +118,11 @@ class LLM:
         return Session(self, max_new_tokens)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()
-               ) -> Iterator[str]:
-        """Yield text pieces as they are decoded (never a split multi-byte character)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               suppress: Sequence[int] = ()) -> Iterator[str]:
+        """Yield text pieces as they are decoded (never a split multi-byte character). Ids in `suppress`
+        are never sampled (the EOS ids: a reply of exactly max_new_tokens)."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), tuple(suppress))
         ids = self._ids(prompt)
         if ids.shape[0] != 1:
             raise ValueError("stream/generate take one prompt; use logits/nll for batches")
@@ -214,15 +215,20 @@ class Session:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.llm.device).manual_seed(params.seed)
+        vocab = self.llm.args.vocab_size
+        if any(i >= vocab for i in params.suppress) or len(set(params.suppress)) == vocab:
+            raise ValueError(f"suppress must leave some of the vocabulary's ids 0 <= id < {vocab} to sample, "
+                             f"got {len(params.suppress)} ids up to {max(params.suppress)}")
         logits = self.feed(ids)
         eos = set(self.llm.tokenizer.eos_ids)
         for i in range(params.max_new_tokens):
-            tid = int(sample(logits, params, generator)[0])
+            token = sample(logits, params, generator)  # [1], fed back as it is: no new tensor per step
+            tid = token.item()
             self.pending = [tid]
             yield tid
             if tid in eos or i + 1 == params.max_new_tokens:
                 return
-            logits = self.step(torch.tensor([tid], device=self.llm.device))
+            logits = self.step(token)
             self.tokens.append(tid)
             self.pending = []
 

@@ -163,3 +163,80 @@ def test_import_pulls_no_optional_dependency():
     code = "import sys, engine; print(sorted(m for m in ('transformers', 'matplotlib', 'pexpect') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_suppressed_ids_are_never_sampled(smollm):
+    """suppress=EOS ids: greedy goes on where it would have ended, for exactly max_new_tokens tokens (what
+    a benchmark needs), the same tokens up to that point."""
+    prompt = smollm.tokenizer.apply_chat([{"role": "user", "content": "What is the capital of France?"}])
+    short = smollm.generate(prompt, max_new_tokens=64)
+    fed_short = smollm.store.t - len(prompt)
+    long = smollm.generate(prompt, max_new_tokens=64, suppress=smollm.tokenizer.eos_ids)
+    assert fed_short < 63 and smollm.store.t - len(prompt) == 63  # the last token is sampled, never fed
+    assert long.startswith(short) and len(long) > len(short)
+
+
+def test_suppress_is_checked():
+    from engine.generate import SamplingParams, sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    assert sample(logits, SamplingParams(suppress=(1,)), None).tolist() == [2]
+    assert sample(logits, SamplingParams(suppress=(1, 2), temperature=1.0, top_k=1), None).tolist() == [3]
+    assert logits[0, 1] == 3.0  # the caller's logits are left as they were
+    for bad in [(-1,), (1.5,), (True,), 3]:
+        with pytest.raises(ValueError, match="suppress"):
+            SamplingParams(suppress=bad)
+
+
+def test_suppress_past_the_vocabulary_is_refused(smollm):
+    with pytest.raises(ValueError, match="suppress"):
+        smollm.generate("Hi", max_new_tokens=2, suppress=[smollm.args.vocab_size])
+    with pytest.raises(ValueError, match="suppress"):
+        smollm.generate("Hi", max_new_tokens=2, suppress=range(smollm.args.vocab_size))
+
+
+def mass_before(logits: torch.Tensor) -> torch.Tensor:
+    """Each token's top-p test statistic, by the definition, in float64: a sort of the whole vocabulary and
+    the mass of the tokens before it."""
+    sorted_logits, order = logits.double().sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    return before.scatter(-1, order, before)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 0, 0.5), (3.0, 0, 0.99), (0.7, 50, 0.9),
+                                                     (1.0, 0, 1e-6), (1.5, 5000, 0.95)])
+def test_top_p_keeps_what_a_sort_of_the_vocabulary_keeps(temperature, top_k, top_p):
+    """nucleus looks among the likeliest tokens first and widens where they hold too little (the flat rows at
+    temperature 3 need the whole vocabulary): the tokens the definition keeps, row by row, bar a token whose
+    mass before it is top_p within float32 rounding (float32 sums in another order land either side)."""
+    from engine.generate import SamplingParams, candidates
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 49152, generator=g) * torch.tensor([[1.0], [2.0], [4.0], [8.0], [0.5], [16.0]])
+    probs, ids = candidates(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if top_k:
+        scaled = scaled.masked_fill(scaled < scaled.topk(top_k, dim=-1).values[:, -1:], -float("inf"))
+    before = mass_before(scaled)
+    want = (before < top_p) & (scaled > -float("inf"))
+    got = torch.zeros_like(want).scatter(-1, ids, probs > 0)
+    assert bool(((got == want) | ((before - top_p).abs() < 1e-5)).all())
+    assert int((got != want).sum()) <= 6 and int(want.sum(-1).min()) >= 1
+
+
+@pytest.mark.parametrize("top_k,top_p,kept", [(0, 1.0, [0, 1, 2, 3, 5]), (3, 1.0, [0, 1, 2]), (0, 0.9, [0, 1, 2, 3])])
+def test_sampling_draws_each_kept_token_at_its_probability(top_k, top_p, kept):
+    """20000 draws from 6 tokens, token 4 suppressed: each kept token's share within 4 standard deviations of
+    its probability among the kept, the others never drawn (top-p 0.9: 0.94 of the mass is left, and the mass
+    before token 5 is 0.90/0.94 >= 0.9)."""
+    from engine.generate import SamplingParams, sample
+
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.double)
+    logits = p.log().float()[None].expand(20000, 6).contiguous()
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, suppress=(4,))
+    got = torch.bincount(sample(logits, params, torch.Generator().manual_seed(0)), minlength=6).double() / 20000
+    want = torch.zeros(6, dtype=torch.double)
+    want[kept] = p[kept] / p[kept].sum()
+    sd = (want * (1 - want) / 20000).sqrt()
+    assert bool((got[want == 0] == 0).all()) and bool(((got - want).abs() <= 4 * sd).all()), (got, want)
