@@ -140,3 +140,44 @@ def test_serve_peer_needs_a_gguf_file(tiny_model_dir: Path, capsys) -> None:
     out = capsys.readouterr()
     assert out.out == f"llama.cpp peer skipped: it needs a .gguf file and --model {tiny_model_dir} is a folder\n"
     assert out.err == ""
+
+
+def test_llama_cpp_without_the_package_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # import llama_cpp now fails
+    with pytest.raises(SystemExit, match=r"^engine.bench llama.cpp: llama_cpp is not installed"):
+        bench_main(["llama.cpp", "--tokens", "2"])
+
+
+def test_llama_cpp_flags() -> None:
+    """`llama.cpp` names the llamacpp subcommand; --weights/--kv-dtype reach engine.load only when given."""
+    from engine.bench import parse_args
+    from engine.bench.llamacpp import load_kwargs
+
+    ns = parse_args(["llama.cpp"])
+    assert (ns.command, ns.contexts, ns.tokens, ns.threads, ns.budget) == ("llamacpp", [128, 2048, 8192], 32, 2, 256)
+    assert load_kwargs(ns) == {}
+    ns = parse_args(["llama.cpp", "--weights", "packed", "--kv-dtype", "q8_0", "--contexts", "64", "--reps", "1"])
+    assert load_kwargs(ns) == {"weights": "packed", "kv_dtype": "q8_0"} and ns.contexts == [64]
+
+
+def test_llama_cpp_prompt_is_real_text_cut_to_length() -> None:
+    from engine.bench.llamacpp import FALLBACK_TEXT, prompt_ids
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text[:50]]
+
+    assert prompt_ids(encode, 120, FALLBACK_TEXT) == (encode(FALLBACK_TEXT) * 3)[:120]
+
+
+@pytest.mark.slow
+def test_llama_cpp_bench_runs(results_dir: Path) -> None:
+    """Both engines end to end on the default GGUF, a few tokens: every cell has its times and ratios."""
+    pytest.importorskip("llama_cpp")
+    assert bench_main(["llama.cpp", "--contexts", "40", "300", "--tokens", "3", "--reps", "1", "--budget", "64"]) == 0
+    doc = only_result(results_dir, "llama-cpp")
+    assert doc["contexts"] == [40, 300] and set(doc["results"]) == {"40", "300", "prefill_512"}
+    assert set(doc["results"]["300"]) >= {"ours", "llama.cpp", "ours_h2o", "h2o_vs_llama_cpp_full"}
+    for row in (doc["results"]["40"], doc["results"]["300"]):
+        o, t = row["ours"], row["llama.cpp"]
+        assert row["decode_speed_vs_llama_cpp"] == pytest.approx(o["tok_s"] / t["tok_s"])
+    assert all(v > 0 for k, v in doc["peak_rss_bytes"].items())
