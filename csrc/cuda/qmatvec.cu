@@ -77,6 +77,14 @@ constexpr float kMagic = 8388608.f;  // 2^23
 // exactly gguf.quants.dequantize's float32 arithmetic.
 // ---------------------------------------------------------------------------------------------
 
+// Group c (8 weights) of a 32-weight Q4_0/Q4_1 block's 16 bytes of nibbles: weights j < 16 are the low
+// nibbles of qs[j], j >= 16 the high nibbles of qs[j - 16].
+__device__ __forceinline__ void nibble_group(const uint32_t (&qs)[4], int c, uint32_t (&b)[2]) {
+  const int shift = 4 * (c >> 1);
+  b[0] = (qs[2 * (c & 1)] >> shift) & 0x0F0F0F0Fu;
+  b[1] = (qs[2 * (c & 1) + 1] >> shift) & 0x0F0F0F0Fu;
+}
+
 template <int64_t Q>
 struct Format;
 
@@ -97,11 +105,8 @@ struct Format<quant::kQ4_0> {  // w = d * (nibble - 8)
     load_words(blk + 2, u.qs);
     return u;
   }
-  // Weights j < 16 are the low nibbles of qs[j], j >= 16 the high nibbles of qs[j - 16].
   __device__ static void group(const Unit& u, int c, uint32_t (&b)[2], float& d, float& mn) {
-    const int shift = 4 * (c >> 1);
-    b[0] = (u.qs[2 * (c & 1)] >> shift) & 0x0F0F0F0Fu;
-    b[1] = (u.qs[2 * (c & 1) + 1] >> shift) & 0x0F0F0F0Fu;
+    nibble_group(u.qs, c, b);
     d = u.d;
     mn = 0.f;
   }
@@ -126,9 +131,7 @@ struct Format<quant::kQ4_1> {  // w = d * nibble + m
     return u;
   }
   __device__ static void group(const Unit& u, int c, uint32_t (&b)[2], float& d, float& mn) {
-    const int shift = 4 * (c >> 1);
-    b[0] = (u.qs[2 * (c & 1)] >> shift) & 0x0F0F0F0Fu;
-    b[1] = (u.qs[2 * (c & 1) + 1] >> shift) & 0x0F0F0F0Fu;
+    nibble_group(u.qs, c, b);
     d = u.d;
     mn = u.m;
   }
