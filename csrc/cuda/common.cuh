@@ -45,18 +45,22 @@ inline c10::cuda::CUDAGuard on_device(const char* op, const at::Tensor& t) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// SMs of the current device: a plain attribute query (never a synchronisation), cached per device.
-inline int multiprocessor_count() {
+// An attribute of the current device: a plain query (never a synchronisation), cached per device.
+template <cudaDeviceAttr Attr>
+inline int device_attribute() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices] = {};
   const int device = c10::cuda::current_device();
   int n = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, Attr, device));
     if (device < kMaxDevices) cached[device].store(n, std::memory_order_relaxed);
   }
   return n;
 }
+
+// SMs of the current device.
+inline int multiprocessor_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {

@@ -463,18 +463,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) qmatvec_kernel(const Q
   }
 }
 
-// Device facts read once per device: attribute queries, never a synchronisation.
-int max_shared_bytes() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  const int device = c10::cuda::current_device();
-  int n = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (device < kMaxDevices) cached[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
+// Dynamic shared memory a block may opt into on the current device.
+int max_shared_bytes() { return cuda::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 // Lets `kernel` use `bytes` of dynamic shared memory (past the 48 KB default) and launches it.
 template <typename Kernel, typename... Args>
