@@ -18,9 +18,13 @@ import torch
 
 import engine
 from engine.config import ModelArgs
-from engine.weights import expected_shapes, save_hf_folder
+from engine.dist import Shard, ShardError
+from engine.quant import PackedWeight
+from engine.weights import WeightsError, expected_shapes, load_checkpoint, save_hf_folder
 
 from .dist_worker import policy_runs, prompt_logits
+from .helpers import random_state, tiny_args
+from .test_weights import META_PARAMS, Q, write_gguf, write_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 20  # ENGINE_DIST_TIMEOUT of the ranks started here
@@ -97,6 +101,59 @@ def compare(one: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]]) 
                 err = float((got[key] - want).abs().max() / want.abs().max())
                 assert err <= REL, f"{key} on rank {r}: relative error {err:.2e}"
     return flips
+
+
+def dense(w: torch.Tensor | PackedWeight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, PackedWeight) else w
+
+
+def assert_shards_are_slices(path: Path, n: int, **load: object) -> None:
+    """Every rank's weights are exactly its rows or columns of the whole model's (q/k un-permuted per head)."""
+    args, whole, _ = load_checkpoint(path, **load)
+    for r in range(n):
+        shard = Shard(r, n)
+        got_args, part, _ = load_checkpoint(path, shard=shard, **load)
+        assert got_args == args and part.keys() == whole.keys()
+        for name, w in whole.items():
+            cut, want = shard.cut(name, args), dense(w)
+            if cut is not None:
+                want = want[cut.start : cut.stop] if cut.axis == 0 else want[:, cut.start : cut.stop]
+            assert isinstance(part[name], PackedWeight) == isinstance(w, PackedWeight), name
+            assert torch.equal(dense(part[name]), want), f"{name} on rank {r} of {n}"
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta-2-files", "gguf-f32", "gguf-q4_0-packed", "gguf-q8_0-dequantized"])
+def test_each_rank_reads_exactly_its_slices(tmp_path, fmt):
+    args = ModelArgs.from_meta_params(META_PARAMS, vocab_size=128) if fmt.startswith("meta") else tiny_args(
+        hidden_dim=128)  # 64 hidden units per rank: whole Q4_0/Q8_0 blocks of w2's rows
+    sd = random_state(args)
+    if fmt == "hf":
+        path = save_hf_folder(args, sd, tmp_path / "m")
+    elif fmt.startswith("meta"):
+        write_meta(tmp_path, args, sd, 2)
+        path = tmp_path
+    else:
+        qtype = {"gguf-f32": Q.F32, "gguf-q4_0-packed": Q.Q4_0, "gguf-q8_0-dequantized": Q.Q8_0}[fmt]
+        path = write_gguf(tmp_path / "m.gguf", args, sd, qtype)
+    assert_shards_are_slices(path, 2, **({"weights": "dequantize"} if fmt.endswith(("dequantized", "f32")) else {}))
+
+
+def test_packed_rows_split_inside_a_block_are_refused_or_dequantized(tmp_path):
+    """w2's 96 hidden units over 2 ranks: 48 columns each, not whole Q4_0 blocks of 32."""
+    args = tiny_args()
+    path = write_gguf(tmp_path / "m.gguf", args, random_state(args), Q.Q4_0)
+    with pytest.raises(WeightsError, match=r"ffn_down.weight: its Q4_0 blocks of 32 weights do not split into this "
+                                           r"rank's columns \[0, 48\); use another number of ranks or load with "
+                                           r"--weights dequantize"):
+        load_checkpoint(path, shard=Shard(0, 2))
+    assert_shards_are_slices(path, 2, weights="dequantize")
+
+
+def test_heads_not_divisible_is_one_clear_error():
+    with pytest.raises(ShardError, match=r"^cannot split the model over 2 tensor-parallel ranks: n_heads 9, "
+                                         r"n_kv_heads 3 not divisible by 2 \(whole heads per rank; sizes that "
+                                         r"divide: 1, 3\)$"):
+        Shard(0, 2).local_args(ModelArgs(dim=576, n_heads=9, n_kv_heads=3, hidden_dim=1536))
 
 
 def test_small_model_two_ranks_same_logits_and_slots_for_every_policy(tiny8, tmp_path):
