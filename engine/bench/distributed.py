@@ -64,6 +64,14 @@ def worker(ns: argparse.Namespace) -> dict[str, dict[str, float]]:
     out = {name: {"step_ms": 1e3 * statistics.median(s["step"]),
                   "collective_ms": 1e3 * statistics.median(s["collective"] or [0.0]),
                   "collectives_per_step": statistics.median(s["calls"] or [0.0])} for name, s in stats.items()}
+    if tp is not None:  # the floor: one residual row's all-gather with no compute between (latency, not waiting)
+        row = torch.zeros(1, llm.args.dim)
+        for _ in range(20):
+            tp.gather(row)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            tp.gather(row)
+        out["bare all_gather of one residual row"] = {"ms": 1e3 * (time.perf_counter() - t0) / 200}
     return out if rank() == 0 else {}
 
 

@@ -39,13 +39,13 @@ def launched() -> bool:
 
 def init_from_env(device: str | torch.device | None = None) -> bool:
     """Join the process group torchrun describes (once; later calls do nothing). gloo on the CPU, NCCL
-    when `device` (default: $ENGINE_DEVICE, else cpu) is a GPU, each rank on GPU LOCAL_RANK.
+    when `device` (default: cpu) is a GPU, each rank on GPU LOCAL_RANK.
     Returns whether this process is one of several."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if not launched():
         return False
-    device = torch.device(device or os.environ.get("ENGINE_DEVICE", "cpu"))
+    device = torch.device(device or "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -44,10 +44,10 @@ class Workers:
         return [c for c in seen[:: self.tp_size] if c is not None]
 
 
-def workers(tp_size: int = 1) -> Workers:
-    """The workers of the process group torchrun started (joined here): data-parallel by default, each
-    worker `tp_size` ranks splitting the model between them. One process: a single worker."""
-    if not init_from_env():
+def workers(tp_size: int = 1, device: str | None = None) -> Workers:
+    """The workers of the process group torchrun started (joined here, NCCL if `device` is a GPU): data-parallel
+    by default, each worker `tp_size` ranks splitting the model between them. One process: a single worker."""
+    if not init_from_env(device):
         if tp_size != 1:
             raise ValueError(f"--tp {tp_size} needs {tp_size} or a multiple of ranks, started by torchrun")
         return Workers()

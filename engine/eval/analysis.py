@@ -119,7 +119,7 @@ def run(ns: argparse.Namespace) -> int:
     budget = resolve_budget(ns.budget, ns.tokens)
     policies = {name: build_policy(ns, name, budget) for name in names}
     text = data.read_text_file(ns.text) if ns.text else data.text(ns.dataset)
-    team = workers()  # under torchrun the policies are spread over the ranks, each loading the model whole
+    team = workers(1, ns.device)  # under torchrun the policies are spread over the ranks, each loading the model whole
     llm = load_llm(ns, team)
     if ns.tokens > llm.args.max_seq_len:
         raise ValueError(f"--tokens {ns.tokens} exceeds the model context ({llm.args.max_seq_len})")

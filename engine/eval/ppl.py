@@ -95,7 +95,7 @@ def run(ns: argparse.Namespace) -> int:
     cells = grid(ns)
     policies = [(name, budget, build_policy(ns, name, resolve_budget(budget, ns.tokens))) for name, budget in cells]
     text = data.read_text_file(ns.text) if ns.text else data.text(ns.dataset)
-    team = workers(ns.tp)
+    team = workers(ns.tp, ns.device)
     llm = load_llm(ns, team)
     flat = text_ids(llm.tokenizer, text, ns.tokens * ns.batch)
     ids = torch.tensor(flat, device=llm.device).view(ns.batch, ns.tokens)

@@ -198,7 +198,7 @@ def run(ns: argparse.Namespace) -> int:
     lengths, depths = ns.lengths, ns.depths
     cells = grid(ns)
     policies = {(n, b): build_policy(ns, n, b) for n, b in cells}
-    team = workers(ns.tp)
+    team = workers(ns.tp, ns.device)
     llm = load_llm(ns, team)
     too_long = [n for n in lengths if n > llm.args.max_seq_len]
     if too_long:
