@@ -168,11 +168,14 @@ def test_small_model_two_ranks_same_logits_and_slots_for_every_policy(tiny8, tmp
 
 
 def test_default_model_three_ranks(default_model_dir, tmp_path):
-    """The real model (9 heads, 3 KV heads) at 3 ranks: a prompt's logits, and every policy after a prompt
-    compressed to the budget and 4 decode steps that each evict, in both position modes."""
-    procs = start(3, ["-m", "tests.dist_worker", "policies", str(default_model_dir), str(tmp_path), "4"])
+    """The real model (9 heads, 3 KV heads) at 3 ranks: a prompt's logits, and after a prompt compressed to
+    the budget and 4 decode steps that each evict, in both position modes: the layer-wide policy (TOVA), a
+    per-head accumulator (H2O), a value merge (WeightedKV) and a prefill-only one (SnapKV). (Every policy
+    runs 200 steps on the small model above: 3 ranks on 2 cores make the real model's steps slow.)"""
+    names = "tova,h2o,weightedkv,snapkv"
+    procs = start(3, ["-m", "tests.dist_worker", "policies", str(default_model_dir), str(tmp_path), "4", names])
     llm = engine.load(default_model_dir, policy="full", weights="dequantize")
-    one = policy_runs(llm, 4) | {"prompt_logits": prompt_logits(llm)}
+    one = policy_runs(llm, 4, names.split(",")) | {"prompt_logits": prompt_logits(llm)}
     for rc, _, err in finish(procs):
         assert rc == 0, err
     assert compare(one, [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]) == 0
@@ -228,3 +231,11 @@ def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny8, tmp_path):
     assert time.monotonic() - t0 < TIMEOUT_S + 30
     assert rc == 2 and "error: rank 0:" in err and "failed" in err, err
     assert "Traceback" not in err
+
+
+def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):
+    """Without torchrun nothing of engine.dist runs: no process group, no TensorParallel in the model or store."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    llm = engine.load(tiny8, policy="tova", budget=16)
+    assert llm.model.tp is None and llm.model.vocab_cut is None
+    assert llm.new_store(8, 8).tp is None and not torch.distributed.is_initialized()
