@@ -191,21 +191,23 @@ def test_greedy_chat_under_torchrun_equals_one_process(tiny8):
 
 
 def test_sharded_eval_sweep_writes_the_cells_of_one_process(tiny8, tmp_path):
+    """2 ranks, first half a sweep, then the whole sweep resumed from it: the cells of one process."""
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
                     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity. " * 2)
-    args = ["-m", "engine.eval", "ppl", "--text", str(text), "--tokens", "40", "--model", str(tiny8),
-            "--policies", "full,h2o,tova,snapkv", "--budgets", "12,20", "--w", "4"]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], cwd=ROOT,
+    args = ["-m", "engine.eval", "ppl", "--text", str(text), "--tokens", "40", "--model", str(tiny8), "--w", "4"]
+    grid = ["--policies", "full,h2o,tova,snapkv", "--budgets", "12,20"]
+    one = subprocess.run([sys.executable, *args, *grid, "--out", str(tmp_path / "one.json")], cwd=ROOT,
                          capture_output=True, text=True, env=env(), timeout=120)
     assert one.returncode == 0, one.stderr
-    for rc, _, err in finish(start(2, [*args, "--out", str(tmp_path / "two.json")])):
-        assert rc == 0, err
+    for sweep in (["--policies", "h2o,tova", "--budgets", "12"], grid):
+        for rc, _, err in finish(start(2, [*args, *sweep, "--out", str(tmp_path / "two.json")])):
+            assert rc == 0, err
 
     def cells(name: str) -> list[dict]:
         timing = ("seconds", "tokens_per_s")
-        return [{k: v for k, v in c.items() if k not in timing}
-                for c in json.loads((tmp_path / name).read_text())["cells"]]
+        got = [{k: v for k, v in c.items() if k not in timing} for c in json.loads((tmp_path / name).read_text())["cells"]]
+        return sorted(got, key=lambda c: (c["policy"], c["budget"] or 0))
 
     assert len(cells("one.json")) == 7 and cells("two.json") == cells("one.json")
 

@@ -8,9 +8,9 @@
 """
 from __future__ import annotations
 
-from .launch import DistError, init_from_env, is_distributed, rank, speaks, world_size
+from .launch import DistError, from_rank_zero, init_from_env, is_distributed, rank, speaks, world_size
 from .shard import Shard, ShardError
 from .tensor_parallel import TensorParallel
 
-__all__ = ["DistError", "Shard", "ShardError", "TensorParallel", "init_from_env", "is_distributed", "rank",
-           "speaks", "world_size"]
+__all__ = ["DistError", "Shard", "ShardError", "TensorParallel", "from_rank_zero", "init_from_env",
+           "is_distributed", "rank", "speaks", "world_size"]

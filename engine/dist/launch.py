@@ -7,8 +7,12 @@ import datetime as dt
 import os
 import sys
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 TIMEOUT_ENV = "ENGINE_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 600.0  # long enough for ranks that load a large model at different speeds
@@ -78,6 +82,18 @@ def speaks(error: BaseException) -> bool:
     group is joined, torchrun's RANK says which rank this is."""
     this = rank() if is_distributed() else int(os.environ.get("RANK", "0") or 0)
     return this == 0 or isinstance(error, DistError)
+
+
+def from_rank_zero(value: T) -> T:
+    """Rank 0's `value` on every rank (itself in one process): what only rank 0 could read."""
+    if not is_distributed():
+        return value
+    box = [value]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as e:
+        raise DistError(f"rank {rank()}: receiving rank 0's state failed ({first_line(e)}); a rank died") from None
+    return box[0]
 
 
 def finish() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..cli import BUDGET_HELP, BUDGETS, COUNT, add_model_args, load_options, policy_params
-from ..dist import rank
+from ..dist import from_rank_zero, rank
 from ..dist.sweep import Workers, workers
 from ..policies import Policy, list_policies, make_policy, policy_class
 from ..results import run_metadata, write_json
@@ -116,9 +116,13 @@ class Results:
         self.key_fields = key_fields
         self.meta = {**meta, "policies_available": list_policies()}
         self.cells: list[dict[str, Any]] = []
-        if self.path and self.path.is_file():
+        if self.path and self.path.is_file() and rank() == 0:
             self._resume(meta)
-        self.meta.setdefault("started", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        # under torchrun every rank resumes from rank 0's file (the others' nodes may not see it): the same cells
+        # done, the same cells left to share out
+        self.meta["started"], self.cells = from_rank_zero((self.meta.get("started"), self.cells))
+        if self.meta["started"] is None:
+            self.meta["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.meta.update(run_metadata())
 
     def _resume(self, meta: dict[str, Any]) -> None:
