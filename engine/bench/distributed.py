@@ -34,10 +34,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def worker(ns: argparse.Namespace) -> dict[str, dict[str, float]]:
     """This run's step times per output-head layout (median ms, collectives' ms and count per step)."""
-    import engine
-    from engine.dist import TensorParallel, init_from_env, rank
-    from engine.generate import prefill
-    from engine.decode import Decoder
+    from ..decode import Decoder
+    from ..dist import TensorParallel, init_from_env, rank
+    from ..generate import prefill
+    from ..llm import load
 
     layouts = {"one process": False}
     if init_from_env(ns.device):
@@ -45,7 +45,7 @@ def worker(ns: argparse.Namespace) -> dict[str, dict[str, float]]:
     runs = {}
     ids = torch.randint(100, 1000, (1, ns.context), generator=torch.Generator().manual_seed(0))
     for name, tp in layouts.items():
-        llm = engine.load(ns.model, policy="full", tensor_parallel=tp, **load_options(ns))
+        llm = load(ns.model, policy="full", tensor_parallel=tp, **load_options(ns))
         store = llm.new_store(ns.context, ns.steps * 8 + 8)
         token = prefill(llm.model, store, ids).argmax(-1)
         runs[name] = (Decoder(llm.model, store).step, token, llm.model.tp)
