@@ -30,6 +30,7 @@ from typing import Any
 
 from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, Parser, add_model_args, load_options,
                   policy_params, run_cli)
+from .dist.launch import launched
 from .generate import SamplingParams
 from .llm import LLM, ContextError, load
 from .tokenizer import TEMPLATES, TextError, Tokenizer, check_text
@@ -424,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                     seed=ns.seed)
     params = SamplingParams(**sampling)  # checks the values before the model loads
+    if ns.prompt is None and launched():
+        raise ValueError("started among several ranks (torchrun), engine.chat answers one --prompt: the "
+                         "interactive session reads the terminal on one rank only")
     prompt = read_prompt(ns.prompt) if ns.prompt is not None else None
     if ns.system is not None:
         check_text(ns.system, "--system")

@@ -268,10 +268,14 @@ def _flush_stdout() -> None:
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI main: user errors and OS errors (a full disk, a read-only folder, ...) become one line on
     stderr and exit code 2, Ctrl-C exits 130, a reader that closed stdout (`| head`) ends it quietly. Any
-    other exception is a bug and keeps its traceback."""
+    other exception is a bug and keeps its traceback. Started by torchrun among several ranks, a user error
+    is said by rank 0 alone (every rank found it), a failed collective by each rank that saw it."""
+    from .dist import launch
+
     try:
         code = main()
         sys.stdout.flush()  # a full disk behind stdout is an error here, not a warning at exit
+        launch.finish()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
@@ -279,7 +283,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
         _flush_stdout()
         sys.exit(1)
     except USER_ERRORS as e:
-        print(f"error: {describe(e)}", file=sys.stderr)
+        if launch.speaks(e):
+            print(f"error: {describe(e)}", file=sys.stderr)
         _flush_stdout()
         sys.exit(2)
     except Exception as e:

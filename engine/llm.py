@@ -8,6 +8,7 @@ import torch
 
 from .config import ModelArgs
 from .decode import Decoder
+from .dist import TensorParallel, init_from_env
 from .generate import SamplingParams, StopFilter, prefill, sample
 from .kv import CacheStats, KVStore, parse_kv_dtype
 from .model import Transformer
@@ -96,7 +97,7 @@ class LLM:
             capacity = total if self.mask else min(self.policy.slots(budget, max_new_tokens), max(total, 1))
             budget = min(budget, capacity)
         return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
-                       self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype)
+                       self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype, tp=self.model.tp)
 
     def decoder(self, store: KVStore) -> Decoder:
         """Decode steps over `store` (engine/decode/ chooses how each one runs)."""
@@ -222,7 +223,7 @@ class Session:
         logits = self.feed(ids)
         eos = set(self.llm.tokenizer.eos_ids)
         for i in range(params.max_new_tokens):
-            token = sample(logits, params, generator)  # [1], fed back as it is: no new tensor per step
+            token = self._sample(logits, params, generator)  # [1], fed back as it is: no new tensor per step
             tid = token.item()
             self.pending = [tid]
             yield tid
@@ -231,6 +232,16 @@ class Session:
             logits = self.step(token)
             self.tokens.append(tid)
             self.pending = []
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        """The next token [B]. Under tensor parallelism the group's first rank samples and sends it to the others:
+        every rank must feed the same token, whatever its generator."""
+        tp = self.llm.model.tp
+        if tp is None:
+            return sample(logits, params, generator)
+        if tp.rank == 0:
+            return tp.broadcast(sample(logits, params, generator))
+        return tp.broadcast(torch.empty(logits.shape[0], dtype=torch.long, device=logits.device))
 
     def stream(self, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Feed `ids` and yield the reply as text pieces, honouring stop strings."""
@@ -254,14 +265,18 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
          sinks: int | None = None, recent: int | None = None, device: str = "cpu", dtype: str = "float32",
          weights: str | None = None, mask: bool = False, prefill_chunk: int | None = None,
          template: str | None = None, cuda_graphs: bool = True, kv_dtype: str | None = None,
-         **policy_params: object) -> LLM:
+         tensor_parallel: bool | TensorParallel = True, **policy_params: object) -> LLM:
     """Load a model folder, a .gguf file or a short name from weights/ (the default model is fetched on
     first use), with an eviction policy given by name (plus its parameters) or as an object.
 
     `weights`: "packed" keeps a .gguf file's quantized blocks and multiplies by them directly (the default
     for a .gguf file and for the default model, which ships as one); "dequantize" unpacks them to `dtype`
     (a folder's default); "q8_0" / "q4_0" quantize a checkpoint's matrices at load. The KV cache holds K and
-    V in `kv_dtype` ("bf16", "fp16" or "fp32"; None: the model's `dtype`)."""
+    V in `kv_dtype` ("bf16", "fp16" or "fp32"; None: the model's `dtype`).
+
+    `tensor_parallel`: in a process group of several ranks (started by torchrun; joined here if not yet),
+    True splits the model over all of them, each rank reading only its part of the weights (engine.dist);
+    a TensorParallel splits it over that group; False loads it whole on every rank."""
     from .fetch import resolve_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import load_checkpoint, open_gguf
@@ -276,10 +291,23 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
     if mode != "dequantize" and torch_device.type == "cpu" and torch_dtype != torch.float32:
         raise WeightsError(f"--weights {mode} computes in float32 on the CPU (its kernels' activations); "
                            f"drop --dtype {dtype}, or load with --weights dequantize")
+    tp = tensor_parallel_group(tensor_parallel, torch_device)
     reader = open_gguf(path) if path.is_file() and path.suffix == ".gguf" else None  # weights and tokenizer
-    args, state, fmt = load_checkpoint(path, dtype=torch_dtype, weights=mode, reader=reader)
-    net = Transformer.from_state_dict(args, state, torch_device)
+    args, state, fmt = load_checkpoint(path, dtype=torch_dtype, weights=mode, reader=reader,
+                                       shard=tp.shard if tp else None)
+    if tp is not None:
+        tp.check_same("the model and how it is loaded", (path.name, args.to_dict(), mode, str(torch_dtype)))
+    net = Transformer.from_state_dict(args, state, torch_device, tp)
     del state
     tok = tokenizer_from_gguf(reader) if reader else load_tokenizer(path, template=template)
     return LLM(net, tok, policy, mask=mask, prefill_chunk=prefill_chunk, source=path, cuda_graphs=cuda_graphs,
                weights=mode, kv_dtype=torch_kv_dtype)
+
+
+def tensor_parallel_group(spec: bool | TensorParallel, device: torch.device) -> TensorParallel | None:
+    """load's `tensor_parallel` as the group to split over, or None: one process, or not asked to split."""
+    if isinstance(spec, TensorParallel):
+        return spec if spec.size > 1 else None
+    if not isinstance(spec, bool):
+        raise ValueError(f"tensor_parallel must be True, False or an engine.dist.TensorParallel, got {spec!r}")
+    return TensorParallel() if spec and init_from_env(device) else None

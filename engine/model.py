@@ -3,6 +3,10 @@
 Every projection goes through `ops.linear`: a decode step's few rows stream the weights through the
 native matvec, a prompt's many rows go to the GEMM of F.linear.
 
+Under tensor parallelism (engine/dist) each rank holds its heads and hidden units (`args` are the
+shard's) and the output projections wo and w2 add their partial products summed over the ranks
+(`add_projection`); with one process `tp` is None and nothing else changes.
+
 Attention over a KV cache is delegated to the cache (`KVCache` below; engine.kv.KVStore is the one the
 engine uses), which owns RoPE for cached keys because the eviction policy decides at which positions
 they are rotated. The caller says which phase the tokens are in: a prompt chunk (any length, attended
@@ -10,7 +14,7 @@ exactly, then compressed) or a decode step (one token per sequence).
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,9 @@ from torch import nn
 from . import ops
 from .config import ModelArgs
 from .rope import Rope
+
+if TYPE_CHECKING:
+    from .dist import TensorParallel
 
 Phase = Literal["prefill", "decode"]
 
@@ -50,6 +57,15 @@ class RMSNorm(nn.Module):
         return ops.linear(x, w, norm=self.weight, eps=self.eps)
 
 
+def add_projection(h: torch.Tensor, w: torch.Tensor, x: torch.Tensor, tp: TensorParallel | None,
+                   swiglu: bool = False) -> torch.Tensor:
+    """x += F.linear(h, w) in place, x returned. Under tensor parallelism w holds this rank's input columns:
+    the ranks' partial products are summed into x (one collective; TensorParallel.add_reduced)."""
+    if tp is None:
+        return ops.linear(h, w, add_to=x, swiglu=swiglu)
+    return tp.add_reduced(ops.linear(h, w, swiglu=swiglu), x)
+
+
 def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
     """Concatenate the weights row-wise and make each layer's weight a view into the result (no second copy)."""
     fused, views = ops.cat_rows([lin.weight for lin in linears])
@@ -59,8 +75,9 @@ def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.wq = nn.Linear(args.dim, q, bias=False)
@@ -84,7 +101,7 @@ class Attention(nn.Module):
             qkv = torch.cat([norm.project(x, lin.weight) for lin in (self.wq, self.wk, self.wv)], dim=-1)
         if kv is not None and phase == "decode":  # one token: the cache takes the fused row as is
             y = kv.decode(layer, qkv.view(B, -1))  # (B, H, D)
-            return ops.linear(y.view(B, 1, H * D), self.wo.weight, add_to=x)
+            return add_projection(y.view(B, 1, H * D), self.wo.weight, x, self.tp)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
@@ -96,12 +113,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
         else:
             y = kv.prefill(layer, q, k, v)  # (B, H, T, D)
-        return ops.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, add_to=x)
+        return add_projection(y.transpose(1, 2).reshape(B, T, H * D), self.wo.weight, x, self.tp)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
@@ -116,16 +134,16 @@ class FeedForward(nn.Module):
             gate_up = norm.project(x, self.w13)
         else:
             gate_up = torch.cat([norm.project(x, lin.weight) for lin in (self.w1, self.w3)], dim=-1)
-        return ops.linear(gate_up, self.w2.weight, add_to=x, swiglu=True)  # the SwiGLU is w2's prologue
+        return add_projection(gate_up, self.w2.weight, x, self.tp, swiglu=True)  # the SwiGLU is w2's prologue
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, tp)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, tp)
 
     def forward(self, x: torch.Tensor, layer: int, rope: Rope, kv: KVCache | None, phase: Phase) -> torch.Tensor:
         """x is the residual stream, updated in place: each sublayer normalises it in its first projection
@@ -136,13 +154,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
+        """`args`: the whole model's; with `tp`, the modules (and `self.args`) are this rank's shard."""
         super().__init__()
-        self.args = args
+        self.tp = tp
+        self.args = args = tp.shard.local_args(args) if tp else args
+        self.vocab_cut = tp.shard.vocab_cut(args) if tp else None  # this rank's rows of a vocabulary-split head
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, tp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        vocab_rows = args.vocab_size if self.vocab_cut is None else self.vocab_cut.stop - self.vocab_cut.start
+        self.output = nn.Linear(args.dim, vocab_rows, bias=False)
         self.rope: Rope | None = None
 
     def forward(self, tokens: torch.Tensor, kv: KVCache | None = None, phase: Phase = "prefill",
@@ -157,16 +179,19 @@ class Transformer(nn.Module):
             x = layer(x, i, self.rope, kv, phase)
         if last_only:
             x = x[:, -1:].contiguous()
-        return self.norm.project(x, self.output.weight).float()
+        logits = self.norm.project(x, self.output.weight)
+        return (logits if self.vocab_cut is None else self.tp.gather_vocab(logits)).float()
 
     @classmethod
-    def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device) -> "Transformer":
+    def from_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device,
+                        tp: TensorParallel | None = None) -> "Transformer":
         """Build on the meta device and assign the loaded tensors: the weights are never copied twice. A weight
-        that is not a tensor (packed quantized blocks, engine.quant) replaces its parameter as it is."""
+        that is not a tensor (packed quantized blocks, engine.quant) replaces its parameter as it is. With
+        `tp`, `state` holds this rank's parts (engine.weights.load_checkpoint's `shard`)."""
         with torch.device("meta"):
-            model = cls(args)
+            model = cls(args, tp)
         if args.tie_embeddings:
-            state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
+            state = dict(state, **{"output.weight": ops.row_range(state["tok_embeddings.weight"], model.vocab_cut)})
         for name, w in state.items():
             if not isinstance(w, torch.Tensor):
                 owner, attr = name.rsplit(".", 1)
@@ -176,7 +201,7 @@ class Transformer(nn.Module):
         model.load_state_dict({k: w for k, w in state.items() if isinstance(w, torch.Tensor)}, assign=True,
                               strict=True)
         if args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
+            model.output.weight = ops.row_range(model.tok_embeddings.weight, model.vocab_cut)
         model = model.to(device).eval().requires_grad_(False)
         model.fuse()
         return model

@@ -227,6 +227,16 @@ def embedding(tokens: Tensor, w: "Tensor | object") -> Tensor:
     return F.embedding(tokens, w) if isinstance(w, Tensor) else w.embedding(tokens)
 
 
+def row_range(w: "Tensor | object", cut: "object | None") -> "Tensor | object":
+    """Rows [cut.start, cut.stop) of a weight as a view (no copy; a parameter stays one), all of it when `cut`
+    is None: a tensor-parallel rank's vocabulary rows of a tied output head."""
+    if cut is None:
+        return w
+    if not isinstance(w, Tensor):
+        return w.row_range(cut.start, cut.stop)
+    return torch.nn.Parameter(w[cut.start : cut.stop], requires_grad=False)
+
+
 def cat_rows(weights: Sequence["Tensor | object"]) -> tuple["Tensor | object", list["Tensor | object"]]:
     """The weights' rows as one matrix, and each weight as a view of it (no second copy): q/k/v and
     gate/up become one projection call. Dense weights stay parameters; packed ones stay packed."""

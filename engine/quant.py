@@ -126,6 +126,11 @@ class PackedWeight:
         return PackedWeight([Part(part.blocks.index_select(0, index.to(part.blocks.device)), part.qtype)],
                             self.K, self.dtype)
 
+    def row_range(self, start: int, stop: int) -> "PackedWeight":
+        """Rows [start, stop) (within one part) as a view of the same blocks."""
+        (part,) = self.parts
+        return PackedWeight([Part(part.blocks[start:stop], part.qtype)], self.K, self.dtype)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense [N, K] matrix (tests and small tiles only: a whole model this way is what packing avoids)."""
         out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)

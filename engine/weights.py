@@ -24,6 +24,9 @@ from .quant import QUANTIZE_AT_LOAD, WEIGHT_MODES, PackedWeight
 
 if TYPE_CHECKING:
     import gguf
+    import numpy as np
+
+    from .dist.shard import Cut, Shard
 
 
 Weight = torch.Tensor | PackedWeight  # a state dict's value: dense, or a matrix kept as quantized blocks
@@ -152,9 +155,11 @@ def unpermute_rope(w: Weight, n_heads: int) -> Weight:
 
 def load_checkpoint(
     path: str | Path, dtype: str | torch.dtype = torch.float32, weights: str | None = None,
-    reader: gguf.GGUFReader | None = None,
+    reader: gguf.GGUFReader | None = None, shard: Shard | None = None,
 ) -> tuple[ModelArgs, dict[str, Weight], str]:
     """Load a model folder (HF or Meta) or a .gguf file: (args, internal state dict, "hf" | "meta" | "gguf").
+    With `shard` (engine.dist): only that tensor-parallel rank's part of each weight is read, slice by slice
+    from the mapped file (args stay the whole model's).
 
     `weights` (engine.quant.WEIGHT_MODES): "packed" keeps a GGUF file's quantized blocks (its default),
     "dequantize" unpacks them to `dtype` (the default for a folder), "q8_0" / "q4_0" quantize every matrix
@@ -171,16 +176,16 @@ def load_checkpoint(
             raise WeightsError(f"{path}: a model is a folder or a .gguf file")
         mode = weights or "packed"
         args, state = load_gguf(reader or open_gguf(path), dtype, packed=mode == "packed",
-                                quantize=QUANTIZE_AT_LOAD.get(mode))
+                                quantize=QUANTIZE_AT_LOAD.get(mode), shard=shard)
         return args, state, "gguf"
     if weights == "packed":
         raise WeightsError(f"{path}: --weights packed keeps the blocks of a .gguf file; quantize this checkpoint "
                            "at load with --weights q8_0 or q4_0")
     quantize = QUANTIZE_AT_LOAD.get(weights or "dequantize")
     if (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors")):
-        return _load_hf(path, dtype, quantize)
+        return _load_hf(path, dtype, quantize, shard)
     if any(path.glob("consolidated.*.pth")):
-        return _load_meta(path, dtype, quantize)
+        return _load_meta(path, dtype, quantize, shard)
     raise WeightsError(
         f"{path}: no weights found (expected *.safetensors with config.json, or consolidated.*.pth with params.json)"
     )
@@ -193,7 +198,7 @@ class _Tensors:
 
     names: set[str]
     shape: Callable[[str, tuple[int, ...]], tuple[int, ...]]
-    read: Callable[[str, tuple[int, ...]], Weight]
+    read: Callable[[str, tuple[int, ...], "Cut | None"], Weight]  # the whole tensor, or the part a shard holds
 
 
 def _printable(name: str) -> str:
@@ -216,11 +221,11 @@ def _check_shape(where: Path, file_name: str, got: tuple[int, ...], shape: tuple
 
 def _convert(
     args: ModelArgs, names: dict[str, str], tensors: _Tensors, dtype: torch.dtype, interleaved_qk: bool, where: Path,
-    quantize: int | None = None,
+    quantize: int | None = None, shard: Shard | None = None,
 ) -> dict[str, Weight]:
     """Check the layer count, every name and every shape against the config before reading anything;
     then read, un-permute and cast one tensor at a time (matrices quantized to `quantize`, a ggml type,
-    if given)."""
+    if given); with `shard`, only its part of each (whole heads: un-permuted with its head count)."""
     _check_layer_count(args, names, tensors.names, where)
     shapes = expected_shapes(args)
     src = expand_names(names, args)
@@ -233,12 +238,17 @@ def _convert(
         raise WeightsError(f"{where}: {len(extra)} unexpected weights, e.g. {', '.join(map(_printable, extra[:3]))}")
     for name, shape in shapes.items():
         _check_shape(where, src[name], tensors.shape(src[name], shape), shape, name)
+    if shard is not None:
+        shard.check(args)
+    heads = shard.local_args(args) if shard else args
     out = {}
     for name, shape in shapes.items():
-        t = tensors.read(src[name], shape)
-        _check_shape(where, src[name], tuple(t.shape), shape, name)  # a reader's data can disagree with its header
+        cut = shard.cut(name, args) if shard else None
+        t = tensors.read(src[name], shape, cut)
+        # a reader's data can disagree with its header
+        _check_shape(where, src[name], tuple(t.shape), shard.shape(name, args, shape) if shard else shape, name)
         if interleaved_qk and name.endswith(("wq.weight", "wk.weight")):
-            t = unpermute_rope(t, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
+            t = unpermute_rope(t, heads.n_heads if name.endswith("wq.weight") else heads.n_kv_heads)
         if isinstance(t, PackedWeight):  # kept as the file's blocks
             out[name] = t
         elif quantize is not None and t.dim() == 2:
@@ -250,7 +260,8 @@ def _convert(
 
 # ---- Hugging Face: config.json + safetensors (single file or sharded with an index) ----
 
-def _load_hf(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[ModelArgs, dict[str, Weight], str]:
+def _load_hf(folder: Path, dtype: torch.dtype, quantize: int | None, shard: Shard | None
+             ) -> tuple[ModelArgs, dict[str, Weight], str]:
     from safetensors import SafetensorError, safe_open
 
     if not (folder / "config.json").exists():
@@ -277,14 +288,17 @@ def _load_hf(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[Mo
     shapes = {k: tuple(h.get_slice(k).get_shape()) for f, h in handles.items() for k in h.keys()
               if weight_map.get(k) == f}
 
-    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def read(name: str, shape: tuple[int, ...], cut: Cut | None) -> torch.Tensor:
         try:
-            return handles[weight_map[name]].get_tensor(name)
+            if cut is None:
+                return handles[weight_map[name]].get_tensor(name)
+            part = handles[weight_map[name]].get_slice(name)  # only the shard's bytes are read
+            return part[cut.start : cut.stop] if cut.axis == 0 else part[:, cut.start : cut.stop]
         except SafetensorError as e:
             raise WeightsError(f"{_printable(str(folder / weight_map[name]))}: cannot read {name} ({e})") from None
 
     tensors = _Tensors(set(shapes), lambda name, _: shapes[name], read)
-    return args, _convert(args, HF_NAMES, tensors, dtype, False, folder, quantize), "hf"
+    return args, _convert(args, HF_NAMES, tensors, dtype, False, folder, quantize, shard), "hf"
 
 
 def read_index(index: Path) -> dict[str, str]:
@@ -430,7 +444,8 @@ def _merge_shards(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Te
     return parts[0] if len(parts) == 1 or axis is None else torch.cat(parts, dim=axis)
 
 
-def _load_meta(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[ModelArgs, dict[str, Weight], str]:
+def _load_meta(folder: Path, dtype: torch.dtype, quantize: int | None, shard: Shard | None
+               ) -> tuple[ModelArgs, dict[str, Weight], str]:
     params = folder / "params.json"
     if not params.exists():
         raise WeightsError(f"{folder}: consolidated.*.pth weights but no params.json")
@@ -447,8 +462,19 @@ def _load_meta(folder: Path, dtype: torch.dtype, quantize: int | None) -> tuple[
     def shape(name: str, want: tuple[int, ...]) -> tuple[int, ...]:
         return _merged_shape([tuple(t.shape) for t in parts(name)], want, name, folder)
 
-    tensors = _Tensors(set().union(*(s.keys() for s in shards)), shape, lambda n, want: _merge_shards(parts(n), want))
-    return args, _convert(args, META_NAMES, tensors, dtype, True, folder, quantize), "meta"
+    def read(name: str, want: tuple[int, ...], cut: Cut | None) -> torch.Tensor:
+        # memory-mapped: a slice of one file's tensor is read alone (files split on another axis are joined first)
+        return _slice(_merge_shards(parts(name), want), cut)
+
+    tensors = _Tensors(set().union(*(s.keys() for s in shards)), shape, read)
+    return args, _convert(args, META_NAMES, tensors, dtype, True, folder, quantize, shard), "meta"
+
+
+def _slice(t: torch.Tensor | np.ndarray, cut: Cut | None) -> torch.Tensor | np.ndarray:
+    """A shard's rows or columns of a dense tensor or array (a view: nothing is read until it is copied)."""
+    if cut is None:
+        return t
+    return t[cut.start : cut.stop] if cut.axis == 0 else t[:, cut.start : cut.stop]
 
 
 # ---- GGUF (llama.cpp): metadata + (quantized) tensors ----
@@ -522,7 +548,7 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
 
 def load_gguf(
     reader: gguf.GGUFReader, dtype: str | torch.dtype = torch.float32, packed: bool = False,
-    quantize: int | None = None,
+    quantize: int | None = None, shard: Shard | None = None,
 ) -> tuple[ModelArgs, dict[str, Weight]]:
     """An opened GGUF file as (args, internal state dict), q/k un-permuted: quantized matrices dequantized
     to `dtype`, or with `packed` kept as their blocks (engine.quant.PackedWeight; a type without kernels
@@ -542,12 +568,45 @@ def load_gguf(
     dense_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     dtype = parse_dtype(dtype)
 
-    def read(name: str, shape: tuple[int, ...]) -> Weight:
-        t = tensors[name]
-        if packed and t.tensor_type not in dense_types:
-            return PackedWeight.from_blocks(t.data, int(t.tensor_type), shape[-1], dtype, f"{where}: {name}")
-        return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))  # [out, in]; copies off the mmap
+    def read(name: str, shape: tuple[int, ...], cut: Cut | None) -> Weight:
+        t, what = tensors[name], f"{where}: {name}"
+        if t.tensor_type in dense_types:
+            return torch.tensor(gguf.quants.dequantize(_slice(t.data, cut), t.tensor_type))
+        if not packed and cut is not None and not on_block_boundaries(int(t.tensor_type), cut):
+            whole = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))  # this tensor, then its columns
+            return _slice(whole, cut).clone()
+        blocks, K = packed_part(t.data, int(t.tensor_type), shape[-1], cut, what)
+        if packed:
+            return PackedWeight.from_blocks(blocks, int(t.tensor_type), K, dtype, what)
+        return torch.tensor(gguf.quants.dequantize(blocks, t.tensor_type))  # [out, in]; copies off the mmap
 
     shapes = {name: tuple(int(n) for n in reversed(t.shape.tolist())) for name, t in tensors.items()}  # ggml: [in, out]
     found = _Tensors(set(tensors), lambda name, _: shapes[name], read)
-    return args, _convert(args, GGUF_NAMES, found, dtype, True, where, quantize)
+    return args, _convert(args, GGUF_NAMES, found, dtype, True, where, quantize, shard)
+
+
+def on_block_boundaries(qtype: int, cut: Cut) -> bool:
+    """Whether a row-parallel cut falls between the quantized blocks of a row (a column cut always does)."""
+    import gguf
+
+    per_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0]
+    return cut.axis == 0 or (cut.start % per_block == 0 and cut.stop % per_block == 0)
+
+
+def packed_part(blocks: np.ndarray, qtype: int, K: int, cut: Cut | None, what: str) -> tuple[np.ndarray, int]:
+    """A shard's part of a matrix kept as quantized blocks ([out rows, row bytes], a view of the mapped file)
+    and its row width: a column-parallel cut takes whole rows, a row-parallel one the bytes of whole blocks
+    (a cut inside a block is refused: the caller dequantizes instead, or the user is told how)."""
+    import gguf
+
+    if cut is None:
+        return blocks, K
+    if cut.axis == 0:
+        return blocks[cut.start : cut.stop], K
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    if not on_block_boundaries(qtype, cut):
+        raise WeightsError(f"{what}: its {gguf.GGMLQuantizationType(qtype).name} blocks of {per_block} weights do "
+                           f"not split into this rank's columns [{cut.start}, {cut.stop}); use another number of "
+                           f"ranks or load with --weights dequantize")
+    lo, hi = cut.start // per_block * block_bytes, cut.stop // per_block * block_bytes
+    return blocks[:, lo:hi], cut.stop - cut.start

@@ -6,6 +6,7 @@
     python -m engine.bench gpu --preset smollm2-135m  # CUDA: full cache vs policies, eager vs CUDA graph
     python -m engine.bench serve                      # the server under concurrent streams
     python -m engine.bench llama.cpp                  # streamed generation vs llama.cpp on the same GGUF
+    python -m engine.bench distributed                # tensor-parallel decode at 1, 2, 3 ranks (torchrun)
 
 Each subcommand takes only the flags it uses (`python -m engine.bench SUBCOMMAND --help`). Results go to
 bench/results/<name>-<date>.json ($ENGINE_BENCH_DIR elsewhere).
@@ -24,6 +25,7 @@ COMMANDS = {
     "gpu": "CUDA decode of a random model: full cache vs policies, eager vs CUDA graph",
     "serve": "the OpenAI-compatible server under 1, 4, 8, 16 concurrent streams: tokens/s, TTFT, inter-token latency",
     "llamacpp": "streamed generation vs llama.cpp on one GGUF (also as `llama.cpp`)",
+    "distributed": "tensor-parallel CPU decode at 1, 2, 3 ranks under torchrun: step time, time in collectives",
 }
 ALIASES = {"llama.cpp": "llamacpp"}  # a subcommand's name that cannot be its module's
 

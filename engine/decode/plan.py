@@ -13,6 +13,10 @@ It mirrors the decode branches of Attention.forward and FeedForward.forward, cal
 checks that both give the same logits, bit for bit, every step, for every policy. The module path
 (modules.py) stays the definition and runs whenever the plan cannot (`applies`; engine/decode/__init__.py
 also sends hooked models there).
+
+Under tensor parallelism (model.tp) wo and w2 write their partial products into a scratch row that the
+group's deterministic sum adds into the residual (model.add_projection's split, the same collective), and
+a vocabulary-split head's logits are gathered; with one process neither runs.
 """
 from __future__ import annotations
 
@@ -46,20 +50,30 @@ class DecodePlan:
         self.gate_up = torch.empty(B, block.feed_forward.w13.shape[0], dtype=dtype, device=device)
         self.vocab = model.output.weight.shape[0]
         self.attended = store.out.view(B, -1)  # (B, H * D): what KVStore.decode returns, as wo's input
+        self.tp, self.gathers_vocab = model.tp, model.vocab_cut is not None
+        self.partial = None if model.tp is None else torch.empty(B, args.dim, dtype=dtype, device=device)
 
     def run(self, store: KVStore, token: torch.Tensor) -> torch.Tensor:
         """token [B] -> logits [B, V] (fp32), the store's step ended: modules.step's contract."""
-        qkv, gate_up, attended, eps = self.qkv, self.gate_up, self.attended, self.eps
+        qkv, gate_up, attended, eps, tp = self.qkv, self.gate_up, self.attended, self.eps, self.tp
         store.begin_decode()
         x = ops.embedding(token, self.embedding)  # (B, dim), the residual stream, updated in place
+        # wo and w2 add into x, or under tensor parallelism write this rank's share for the group's sum
+        out, accumulate = (x, True) if tp is None else (self.partial, False)
         for layer, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
             wqkv(x, qkv, False, attention_norm, eps, False)
             store.decode(layer, qkv)  # writes the attention output into store.out (attended)
-            wo(attended, x, True, None, 0.0, False)
+            wo(attended, out, accumulate, None, 0.0, False)
+            if tp is not None:
+                tp.add_reduced(out, x)
             w13(x, gate_up, False, ffn_norm, eps, False)
-            w2(gate_up, x, True, None, 0.0, True)
+            w2(gate_up, out, accumulate, None, 0.0, True)
+            if tp is not None:
+                tp.add_reduced(out, x)
         logits = x.new_empty(x.shape[0], self.vocab)
         self.output(x, logits, False, self.norm, eps, False)
+        if self.gathers_vocab:
+            logits = tp.gather_vocab(logits)
         store.end_decode()
         return logits.float()
 

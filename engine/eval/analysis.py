@@ -22,7 +22,8 @@ import torch
 
 from . import data, plots
 from ..cli import COUNT, NON_NEGATIVE, Integer, add_model_args
-from .common import build_policy, load_llm, plot_path, progress
+from ..dist import rank
+from .common import build_policy, load_llm, plot_path, run_cells, workers
 from .ppl import resolve_budget, stream_nll, text_ids
 from ..policies import list_policies, make_policy
 from ..results import run_metadata, write_json
@@ -118,13 +119,16 @@ def run(ns: argparse.Namespace) -> int:
     budget = resolve_budget(ns.budget, ns.tokens)
     policies = {name: build_policy(ns, name, budget) for name in names}
     text = data.read_text_file(ns.text) if ns.text else data.text(ns.dataset)
-    llm = load_llm(ns)
+    team = workers(1, ns.device)  # under torchrun the policies are spread over the ranks, each loading the model whole
+    llm = load_llm(ns, team)
     if ns.tokens > llm.args.max_seq_len:
         raise ValueError(f"--tokens {ns.tokens} exceeds the model context ({llm.args.max_seq_len})")
     ids = torch.tensor([text_ids(llm.tokenizer, text, ns.tokens)], device=llm.device)
     stats, raw = value_attention(llm, ids, ns.sink_tokens, ns.top)
-    kept = {name: kept_positions(llm, policy, ids, ns.bins)
-            for name, policy in progress(list(policies.items()), len(policies), "kept positions")}
+    kept = dict(zip(policies, run_cells(list(policies.values()), lambda p: kept_positions(llm, p, ids, ns.bins),
+                                        team, "kept positions")))
+    if rank() != 0:  # rank 0 writes, reports and plots
+        return 0
     doc = {"meta": {"eval": "analysis", "model": str(llm.source), "text": ns.text or ns.dataset, "tokens": ns.tokens,
                     "sink_tokens": ns.sink_tokens, "top": ns.top, "budget": ns.budget, "budget_tokens": budget,
                     **run_metadata()},

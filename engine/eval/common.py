@@ -11,11 +11,13 @@ import datetime as dt
 import json
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ..cli import BUDGET_HELP, BUDGETS, add_model_args, load_options, policy_params
+from ..cli import BUDGET_HELP, BUDGETS, COUNT, add_model_args, load_options, policy_params
+from ..dist import from_rank_zero, rank
+from ..dist.sweep import Workers, workers
 from ..policies import Policy, list_policies, make_policy, policy_class
 from ..results import run_metadata, write_json
 
@@ -27,6 +29,9 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=BUDGETS, help=f"comma-separated budgets to sweep, each {BUDGET_HELP} "
                                                    "(default: --budget)")
     p.add_argument("--out", help="results JSON (a sweep resumes from it; checked writable before anything runs)")
+    p.add_argument("--tp", type=COUNT, default=1,
+                   help="under torchrun: ranks per tensor-parallel group splitting the model (default 1: each "
+                        "rank loads it whole and the sweep's cells are spread over the ranks)")
 
 
 def grid(ns: argparse.Namespace) -> list[tuple[str, int | float | None]]:
@@ -77,11 +82,29 @@ def check_out(path: str | Path) -> None:
         raise ValueError(f"cannot write --out {path}: {e.strerror or e}") from None
 
 
-def load_llm(ns: argparse.Namespace):
-    """The model once, with the full cache; cells swap `llm.policy`."""
+def load_llm(ns: argparse.Namespace, team: Workers):
+    """The model once, with the full cache; cells swap `llm.policy`. Under torchrun, whole on every rank
+    or split over this worker's tensor-parallel group (`team`)."""
     import engine
 
-    return engine.load(ns.model, policy="full", **load_options(ns))
+    return engine.load(ns.model, policy="full", tensor_parallel=team.tp or False, **load_options(ns))
+
+
+Item = TypeVar("Item")
+
+
+def run_cells(items: Sequence[Item], compute: Callable[[Item], dict[str, Any]], team: Workers,
+              desc: str) -> Iterator[dict[str, Any]]:
+    """compute(item) for every item, yielded in item order on every rank. Under torchrun each worker of
+    `team` computes its share and each round's cells reach every rank (engine.dist.sweep)."""
+    if team.count == 1:
+        for item in progress(items, len(items), desc):
+            yield compute(item)
+        return
+    mine = set(team.share(len(items)))
+    for start in progress(range(0, len(items), team.count), -(-len(items) // team.count), f"{desc} (rounds)"):
+        at = start + team.index
+        yield from team.exchange(compute(items[at]) if at in mine else None)
 
 
 class Results:
@@ -93,9 +116,13 @@ class Results:
         self.key_fields = key_fields
         self.meta = {**meta, "policies_available": list_policies()}
         self.cells: list[dict[str, Any]] = []
-        if self.path and self.path.is_file():
+        if self.path and self.path.is_file() and rank() == 0:
             self._resume(meta)
-        self.meta.setdefault("started", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        # under torchrun every rank resumes from rank 0's file (the others' nodes may not see it): the same cells
+        # done, the same cells left to share out
+        self.meta["started"], self.cells = from_rank_zero((self.meta.get("started"), self.cells))
+        if self.meta["started"] is None:
+            self.meta["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.meta.update(run_metadata())
 
     def _resume(self, meta: dict[str, Any]) -> None:
@@ -123,12 +150,15 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        if self.path is not None:
+        if self.path is not None and rank() == 0:  # under torchrun every rank holds the cells, rank 0 writes
             write_json(self.path, {"meta": self.meta, "cells": self.cells})
 
 
 def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
-    """tqdm when installed (the `progress` extra), else one line per item on stderr."""
+    """tqdm when installed (the `progress` extra), else one line per item on stderr (rank 0's only)."""
+    if rank() != 0:
+        yield from items
+        return
     try:
         from tqdm import tqdm
     except ImportError:

@@ -19,7 +19,8 @@ from ..cli import COUNT, Integer
 from ..llm import ContextError
 from ..policies import PolicyError
 from . import metrics
-from .common import Results, add_grid_args, build_policy, grid, load_llm, progress, task_table
+from ..dist import rank
+from .common import Results, add_grid_args, build_policy, grid, load_llm, run_cells, task_table, workers
 
 _ANSWER_ONLY = "Only give me the answer and do not output any other words."
 _PASSAGES = (f"Answer the question based on the given passages. {_ANSWER_ONLY}\n\nThe following are given "
@@ -189,13 +190,16 @@ def run(ns: argparse.Namespace) -> int:
     records = {t: load_task(folder, t, ns.limit) for t in tasks}
     cells = grid(ns)
     policies = {(n, b): build_policy(ns, n, b) for n, b in cells}
-    llm = load_llm(ns)
+    team = workers(ns.tp, ns.device)
+    llm = load_llm(ns, team)
     meta = {"eval": "longbench", "model": str(llm.source), "data": str(folder.resolve()), "preset": ns.preset,
             "sinks": ns.sinks, "max_length": ns.max_length, "dtype": ns.dtype, "weights": llm.weights, "kv_dtype": ns.kv_dtype, "device": ns.device}
     results = Results(ns.out, meta, ("task", "policy", "budget", "index"))
     todo = [(t, r, n, b) for (n, b) in cells for t in tasks for r in records[t]
             if not results.done(task=t, policy=n, budget=b, index=r.index)]
-    for task_name, rec, name, budget in progress(todo, len(todo), "longbench samples"):
+
+    def compute(item: tuple[str, Any, str, int | float | None]) -> dict[str, Any]:
+        task_name, rec, name, budget = item
         task = TASKS[task_name]
         ids, cut = prompt_ids(llm.tokenizer, task, rec, llm.args.max_seq_len, ns.max_length)
         llm.policy = policies[(name, budget)]
@@ -204,13 +208,17 @@ def run(ns: argparse.Namespace) -> int:
         try:
             reply = llm.generate(ids, max_new_tokens=task.max_new_tokens, temperature=0.0)
         except (PolicyError, ContextError) as e:  # e.g. a prompt too short for sinks + recent: kept out of the score
-            results.add(cell | {"skipped": str(e)})
-            continue
-        results.add(cell | {"budget_tokens": llm.cache_stats().budget, "reply": reply,
-                            "score": metrics.score(task.metric, answer_text(task, reply), rec.answers, rec.classes)})
+            return cell | {"skipped": str(e)}
+        return cell | {"budget_tokens": llm.cache_stats().budget, "reply": reply,
+                       "score": metrics.score(task.metric, answer_text(task, reply), rec.answers, rec.classes)}
+
+    for cell in run_cells(todo, compute, team, "longbench samples"):
+        results.add(cell)
     summary = summarize(results.cells)
     results.meta["summary"] = summary
     results.save()
+    if rank() != 0:  # rank 0 reports
+        return 0
     print(task_table(summary, "score", 22, 2))
     if ns.out:
         print(f"results: {ns.out}")

@@ -23,7 +23,8 @@ import torch
 from ..cli import COUNT, Integer
 from ..llm import ContextError
 from . import data, plots
-from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress
+from ..dist import rank
+from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, run_cells, workers
 
 PREFILL_ONLY_CHUNK = 32
 
@@ -94,7 +95,8 @@ def run(ns: argparse.Namespace) -> int:
     cells = grid(ns)
     policies = [(name, budget, build_policy(ns, name, resolve_budget(budget, ns.tokens))) for name, budget in cells]
     text = data.read_text_file(ns.text) if ns.text else data.text(ns.dataset)
-    llm = load_llm(ns)
+    team = workers(ns.tp, ns.device)
+    llm = load_llm(ns, team)
     flat = text_ids(llm.tokenizer, text, ns.tokens * ns.batch)
     ids = torch.tensor(flat, device=llm.device).view(ns.batch, ns.tokens)
     meta = {"eval": "ppl", "model": str(llm.source), "text": ns.text or ns.dataset,
@@ -102,13 +104,20 @@ def run(ns: argparse.Namespace) -> int:
             "window": ns.window, "prefill_chunk": ns.prefill_chunk, "dtype": ns.dtype, "weights": llm.weights, "kv_dtype": ns.kv_dtype, "device": ns.device}
     results = Results(ns.out, meta, ("policy", "budget"))
     todo = [c for c in policies if not results.done(policy=c[0], budget=c[1])]
-    for name, budget, policy in progress(todo, len(todo), "ppl cells"):
+
+    def compute(item: tuple[str, int | float | None, Any]) -> dict[str, Any]:
+        name, budget, policy = item
         cell: dict[str, Any] = {"policy": name, "budget": budget, "budget_tokens": resolve_budget(budget, ns.tokens)}
         try:
             cell |= run_cell(llm, policy, ids, ns.prefill_chunk, ns.window)
         except ContextError as e:  # the full cache past the model context: recorded, the sweep goes on
             cell["skipped"] = str(e)
+        return cell
+
+    for cell in run_cells(todo, compute, team, "ppl cells"):
         results.add(cell)
+    if rank() != 0:  # rank 0 reports and plots
+        return 0
     print(table(results.cells))
     for path in plot(results.cells, ns.out, ns.tokens, ns.window):
         print(f"plot: {path}")

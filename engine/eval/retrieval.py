@@ -27,7 +27,8 @@ from ..decode import decode_step
 from ..generate import prefill
 from ..policies import PolicyError
 from . import data, metrics, plots
-from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, progress, task_table
+from ..dist import rank
+from .common import Results, add_grid_args, build_policy, grid, load_llm, plot_path, run_cells, task_table, workers
 
 Messages = list[dict[str, str]]
 
@@ -197,7 +198,8 @@ def run(ns: argparse.Namespace) -> int:
     lengths, depths = ns.lengths, ns.depths
     cells = grid(ns)
     policies = {(n, b): build_policy(ns, n, b) for n, b in cells}
-    llm = load_llm(ns)
+    team = workers(ns.tp, ns.device)
+    llm = load_llm(ns, team)
     too_long = [n for n in lengths if n > llm.args.max_seq_len]
     if too_long:
         raise ValueError(f"prompt length {too_long[0]} exceeds the model context ({llm.args.max_seq_len})")
@@ -209,7 +211,9 @@ def run(ns: argparse.Namespace) -> int:
     results = Results(ns.out, meta, ("task", "policy", "budget", "length", "depth", "seed"))
     todo = [(s, n, b) for (n, b) in cells for s in samples
             if not results.done(task=s.task, policy=n, budget=b, length=s.length, depth=s.depth, seed=s.seed)]
-    for sample, name, budget in progress(todo, len(todo), "retrieval samples"):
+
+    def compute(item: tuple[Sample, str, int | float | None]) -> dict[str, Any]:
+        sample, name, budget = item
         llm.policy = policies[(name, budget)]
         cell = {"task": sample.task, "policy": name, "budget": budget, "length": sample.length, "depth": sample.depth,
                 "seed": sample.seed, "prompt_tokens": len(llm.tokenizer.apply_chat(sample.messages)),
@@ -217,16 +221,20 @@ def run(ns: argparse.Namespace) -> int:
         try:
             reply = llm.chat(sample.messages, max_new_tokens=MAX_NEW_TOKENS[sample.task], temperature=0.0)
         except PolicyError as e:  # a budget too small for the policy's sinks + recent at this length
-            results.add(cell | {"skipped": str(e)})
-            continue
+            return cell | {"skipped": str(e)}
         budget_tokens = llm.cache_stats().budget
-        results.add(cell | {"budget_tokens": budget_tokens, "reply": reply,
-                            "score": metrics.score("contains", reply, sample.answers),
-                            "answer_nll": answer_nll(llm, llm.tokenizer.apply_chat(sample.messages), sample.answers[0])})
+        return cell | {"budget_tokens": budget_tokens, "reply": reply,
+                       "score": metrics.score("contains", reply, sample.answers),
+                       "answer_nll": answer_nll(llm, llm.tokenizer.apply_chat(sample.messages), sample.answers[0])}
+
+    for cell in run_cells(todo, compute, team, "retrieval samples"):
+        results.add(cell)
     summary = summarize(results.cells)
     results.meta["summary"] = summary
     results.meta["summary_answer_nll"] = summarize(results.cells, "answer_nll")
     results.save()
+    if rank() != 0:  # rank 0 reports and plots
+        return 0
     print(task_table(summary, "accuracy", 10, 3))
     print(task_table(results.meta["summary_answer_nll"], "answer NLL", 10, 3))
     for path in plot(results.cells, ns.out):

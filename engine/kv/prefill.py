@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..policies.base import Policy
-from ..policies.reduce import column_scores
+from ..policies.reduce import column_scores, mean_over_heads
 from ..policies.views import LayerState, PrefillView
 from ..rope import Rope
+
+if TYPE_CHECKING:
+    from ..dist import TensorParallel
 
 NORM_KIND = {"l1": 1, "l2": 2, "linf": 0}  # ops.value_norm's code for each Policy.value_norm
 
@@ -40,6 +43,7 @@ class Store(Protocol):
     t: int  # tokens seen: the chunk's first position
     used: int  # slots written so far
     occupancy: int  # valid entries per (layer, KV head)
+    tp: TensorParallel | None  # the tensor-parallel group holding the other heads (None: all are here)
 
 
 @dataclass
@@ -67,10 +71,10 @@ def prefill_layer(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor
     rows_seen = (T - torch.searchsorted(e.qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                  ).reshape(pos.shape).float() * (pos >= 0)
     view = PrefillView(layer=e.layer, q=e.q, k=e.keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen,
-                       budget=store.budget)
+                       budget=store.budget, tp=store.tp)
     keep = None
     if over_budget:
-        keep = keep_indices(policy, policy.prefill_scores(view), pos, store.t + T, store.budget)
+        keep = keep_indices(policy, policy.prefill_scores(view), pos, store.t + T, store.budget, store.tp)
     elif colsum is not None or policy.observes_prefill:
         policy.prefill_scores(view)  # accumulate state even when nothing is evicted yet
     return out, compact(st, e.layer, keep, store.mask, store.capacity)
@@ -134,12 +138,13 @@ def attend(e: Entries, rows: int, scale: float, reduce: str | None) -> tuple[tor
     return out, colsum
 
 
-def keep_indices(policy: Policy, score: torch.Tensor, pos: torch.Tensor, end: int, budget: int) -> torch.Tensor:
+def keep_indices(policy: Policy, score: torch.Tensor, pos: torch.Tensor, end: int, budget: int,
+                 tp: TensorParallel | None = None) -> torch.Tensor:
     """(B, Hkv, budget) entries to keep: protected first, then the highest scores, ties to later positions."""
     protected = (pos >= 0) & ((pos < policy.sinks) | (pos >= end - policy.recent))
     key = score.float()
-    if policy.layer_wide:  # one decision for the layer: every KV head ranks by the mean over heads
-        key = key.mean(1, keepdim=True).expand_as(pos)
+    if policy.layer_wide:  # one decision for the layer: every KV head ranks by the mean over heads (all ranks')
+        key = mean_over_heads(key, tp).expand_as(pos)
     key = key.masked_fill(pos < 0, -math.inf).masked_fill(protected, math.inf)
     by_pos = torch.argsort(pos, dim=2, descending=True, stable=True)
     order = torch.argsort(key.gather(2, by_pos), dim=2, descending=True, stable=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from ..policies.reduce import reduce_group
 from ..policies.views import DecodeView, LayerState
 from ..rope import Rope
 from .prefill import NORM_KIND, prefill_layer
+
+if TYPE_CHECKING:
+    from ..dist import TensorParallel
 
 NO_LIMIT = torch.iinfo(torch.int32).max  # select_victim's upper position bound when the store masks `recent` itself
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # names of kv_dtype
@@ -86,11 +90,14 @@ class KVStore:
         rope: Rope,
         mask: bool = False,
         kv_dtype: torch.dtype | None = None,
+        tp: TensorParallel | None = None,
     ):
         """`dtype` is the model's: what prefill and decode take in and give back. K and V are held in
         `kv_dtype` (default: the same). Attention reads them with queries in `query_dtype`: the model's
         where the two agree (today's kernels, bit for bit), else fp32, so a 16-bit cache costs the
-        queries nothing and a cache wider than the model is read at its precision."""
+        queries nothing and a cache wider than the model is read at its precision. `tp`: the tensor-parallel
+        group holding the other heads (engine.dist; args are then this rank's shard), for layer-wide policies."""
+        self.tp = tp
         self.args, self.policy, self.budget, self.capacity, self.mask = args, policy, budget, capacity, mask
         self.rope, self.dtype, self.device, self.batch = rope, dtype, device, batch
         self.kv_dtype = kv_dtype or dtype
@@ -252,7 +259,7 @@ class KVStore:
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
-            self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope))
+            self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope, tp=self.tp))
         if self.attn_out is not self.out:
             self.out.copy_(self.attn_out)
         return self.out
@@ -268,7 +275,7 @@ class KVStore:
         if not self.policy.decode_layer_by_layer:
             rope = self.rope if self.cache_positions else None
             self._policy_step(DecodeView(layer=self.all, step_pos=self.t, q=self.queries, probs=self.probs,
-                                         rope=rope))
+                                         rope=rope, tp=self.tp))
         grows_used = self.used < self.capacity
         moves_qpos = not (self.cache_positions and self.evicts_now)
         self.clock.add_(self._advance[2 * grows_used + moves_qpos])

@@ -7,9 +7,14 @@ column sums.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..reference import attention_probs
+
+if TYPE_CHECKING:
+    from ..dist import TensorParallel
 
 REDUCTIONS = ("mean", "max", "sum")
 _CHUNK_ELEMENTS = 1 << 22  # probabilities held at once by `column_scores`
@@ -19,6 +24,12 @@ def reduce_group(x: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
     """(B, H, ...) -> (B, Hkv, ...): mean, max or sum over the query heads that share a KV head."""
     g = x.reshape(x.shape[0], n_kv_heads, x.shape[1] // n_kv_heads, *x.shape[2:])
     return g.amax(2) if how == "max" else g.sum(2) if how == "sum" else g.mean(2)
+
+
+def mean_over_heads(x: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
+    """(B, h, ...) -> (B, 1, ...): the mean over dim 1, over every rank's heads where a tensor-parallel
+    group splits them (a layer-wide decision must be the same on every rank, and the one-process one)."""
+    return x.mean(1, keepdim=True) if tp is None else tp.mean_heads(x)
 
 
 def column_scores(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, rows: int,

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from .base import DecodeView, Policy, PrefillView
-from .reduce import reduce_group
+from .reduce import mean_over_heads, reduce_group
 
 
 @dataclass
@@ -32,5 +32,5 @@ class TOVA(Policy):
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         """(B, 1, C): the store picks one victim per layer from it."""
         if self.group_reduce == "mean":
-            return view.probs.mean(1, keepdim=True)  # = the mean of the group means
-        return reduce_group(view.probs, view.layer.pos.shape[1], self.group_reduce).mean(1, keepdim=True)
+            return mean_over_heads(view.probs, view.tp)  # = the mean of the group means
+        return mean_over_heads(reduce_group(view.probs, view.layer.pos.shape[1], self.group_reduce), view.tp)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..rope import Rope
+
+if TYPE_CHECKING:
+    from ..dist import TensorParallel
 
 
 @dataclass
@@ -39,6 +43,7 @@ class DecodeView:
     q: torch.Tensor  # (B, H, D) the query as attention used it (rotated)
     probs: torch.Tensor | None  # (B, H, C) this step's softmax row, when the policy asks for it
     rope: Rope | None = None  # positions="cache": the tables attention rotated the stored keys with
+    tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
 
     @functools.cached_property
     def k(self) -> torch.Tensor:
@@ -59,3 +64,4 @@ class PrefillView:
     n_rows: int  # how many query rows those column sums cover
     rows_seen: torch.Tensor  # (B, Hkv, N) fp32, number of chunk rows that could see each entry
     budget: int = 0  # entries the store keeps after this chunk (0: the store did not say)
+    tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)

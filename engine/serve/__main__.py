@@ -14,6 +14,7 @@ import argparse
 import os
 
 from ..cli import COUNT, Integer, Parser, Real, add_model_args, load_options, policy_params, run_cli
+from ..dist.launch import launched
 from ..tokenizer import TEMPLATES
 
 API_KEY_ENV = "ENGINE_API_KEY"
@@ -40,6 +41,8 @@ def parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    if launched():
+        raise ValueError("engine.serve runs as one process; tensor parallelism (torchrun) serves no requests yet")
     try:
         import uvicorn
 
