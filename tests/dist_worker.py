@@ -16,7 +16,7 @@ from engine.cli import run_cli
 from engine.decode import Decoder
 from engine.dist import rank
 from engine.generate import prefill
-from engine.policies import list_policies, make_policy
+from engine.policies import list_policies, make_policy, policy_class
 
 SMALL = {"streaming": dict(sinks=2), "scissorhands": dict(m=8, recent=2), "snapkv": dict(w=4, k=3),
          "vatp": dict(sinks=2), "ahakv": dict(r=4, recent=4), "weightedkv": dict(sinks=2, recent=4)}
@@ -28,12 +28,17 @@ def feed(n: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
 
 
+def engine_policies() -> list[str]:
+    """The policies engine itself registers (not one a test registered in this process)."""
+    return [n for n in list_policies() if policy_class(n).__module__.startswith("engine.")]
+
+
 def policy_runs(llm: engine.LLM, steps: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Per policy and position mode: this rank's slot positions after a prompt and `steps` decode steps
     ("pos/NAME/MODE", [L, Hkv, C]) and the last step's logits ("logits/NAME/MODE")."""
     ids = feed(PROMPT + steps, llm.args.vocab_size)
     out = {}
-    for name in names or list_policies():
+    for name in names or engine_policies():
         for positions in ("original", "cache"):
             extra = {} if name == "full" else dict(budget=BUDGET, **SMALL.get(name, {}))
             llm.policy = make_policy(name, positions=positions, **extra)

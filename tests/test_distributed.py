@@ -195,8 +195,8 @@ def test_sharded_eval_sweep_writes_the_cells_of_one_process(tiny8, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
                     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity. " * 2)
-    args = ["-m", "engine.eval", "ppl", "--text", str(text), "--tokens", "40", "--model", str(tiny8), "--w", "4"]
-    grid = ["--policies", "full,h2o,tova,snapkv", "--budgets", "12,20"]
+    args = ["-m", "engine.eval", "ppl", "--text", str(text), "--tokens", "40", "--model", str(tiny8)]
+    grid = ["--policies", "full,h2o,tova,snapkv", "--budgets", "12,20", "--w", "4"]
     one = subprocess.run([sys.executable, *args, *grid, "--out", str(tmp_path / "one.json")], cwd=ROOT,
                          capture_output=True, text=True, env=env(), timeout=120)
     assert one.returncode == 0, one.stderr
