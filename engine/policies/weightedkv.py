@@ -41,6 +41,7 @@ class WeightedKV(Policy):
     state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
     needs_acc: ClassVar[bool] = True
     merges_values: ClassVar[bool] = True
+    reads_kv: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.receiver not in RECEIVERS:
@@ -53,7 +54,11 @@ class WeightedKV(Policy):
         return state["acc"] / state["cnt"].clamp(min=1.0)
 
     def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv) slot that takes each victim's value, -1 if there is none."""
+        """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
+        rcv = self._receivers(k, pos, victim.clamp(min=0))
+        return torch.where(victim >= 0, rcv, -1)
+
+    def _receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
         C = pos.shape[2]
         cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
         if self.receiver == "nearest_key":
@@ -77,7 +82,8 @@ class WeightedKV(Policy):
         w_r = w.gather(2, r)
         first = (rcv[..., None] >= 0) & (w_r == 0)
         w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
-        ops.merge_value(v, w, victim, rcv, abar.gather(2, victim[..., None])[..., 0].contiguous())
+        weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
+        ops.merge_value(v, w, victim, rcv, weight)
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
         st, pos = view.layer.state, view.layer.pos
