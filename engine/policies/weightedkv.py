@@ -27,31 +27,74 @@ import torch.nn.functional as F
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
+from .views import LayerState
 
 RECEIVERS = ("next", "prev", "nearest_key")
 
 
 @dataclass
-class WeightedKV(Policy):
+class AverageAttentionMerge(Policy):
+    """The victim is the slot with the least average attention; its value is merged into kept ones by
+    `merge` (WeightedKV's or CaM's), at decode and, one dropped entry at a time, when a prompt is compressed."""
+
     sinks: int = 4
     recent: int = 32
-    receiver: str = "next"
 
-    name: ClassVar[str] = "weightedkv"
-    state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
+    state_names: ClassVar[tuple[str, ...]] = ("cnt",)
     needs_acc: ClassVar[bool] = True
     merges_values: ClassVar[bool] = True
     reads_kv: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if self.receiver not in RECEIVERS:
-            raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
-        super().__post_init__()
 
     @staticmethod
     def average(state: dict[str, torch.Tensor]) -> torch.Tensor:
         """abar = acc / cnt (0 where nothing saw the slot)."""
         return state["acc"] / state["cnt"].clamp(min=1.0)
+
+    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+        """Merge the value of slot victim[b, g] (-1: none) into kept slots of layer.v, in place. `pos`: the
+        entries still present (a prompt chunk's merges drop them one at a time)."""
+        raise NotImplementedError
+
+    def prefill_scores(self, view: PrefillView) -> torch.Tensor:
+        st, pos = view.layer.state, view.layer.pos
+        st["acc"] += view.colsum
+        st["cnt"] += view.rows_seen
+        abar = self.average(st)
+        drops = int((pos[0, 0] >= 0).sum()) - view.budget
+        if drops <= 0:
+            return abar
+        if view.budget < 1:
+            raise RuntimeError("internal: weightedkv needs PrefillView.budget from the store")
+        alive = pos.clone()
+        hi = int(pos.max()) + 1 - self.recent
+        victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
+        for _ in range(drops):
+            ops.select_victim(abar, alive, self.sinks, hi, victim)
+            self.merge(view.layer, abar, alive, victim)
+            alive.scatter_(2, victim[..., None], -1)
+        return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
+
+    def decode_update(self, view: DecodeView) -> None:
+        view.layer.state["cnt"] += view.layer.pos >= 0
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        return self.average(view.layer.state)
+
+    def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
+        self.merge(view.layer, self.average(view.layer.state), view.layer.pos, victim)
+
+
+@dataclass
+class WeightedKV(AverageAttentionMerge):
+    receiver: str = "next"
+
+    name: ClassVar[str] = "weightedkv"
+    state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
+
+    def __post_init__(self) -> None:
+        if self.receiver not in RECEIVERS:
+            raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
+        super().__post_init__()
 
     def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
         """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
@@ -74,9 +117,9 @@ class WeightedKV(Policy):
             return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
         return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
 
-    def merge(self, v: torch.Tensor, w: torch.Tensor, abar: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor) -> None:
+    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
         """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
+        v, w, k = layer.v, layer.state["w"], layer.k
         rcv = self.receivers(k, pos, victim)
         r = rcv.clamp(min=0)[..., None]
         w_r = w.gather(2, r)
@@ -85,31 +128,3 @@ class WeightedKV(Policy):
         weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
         ops.merge_value(v, w, victim, rcv, weight)
 
-    def prefill_scores(self, view: PrefillView) -> torch.Tensor:
-        st, pos = view.layer.state, view.layer.pos
-        st["acc"] += view.colsum
-        st["cnt"] += view.rows_seen
-        abar = self.average(st)
-        drops = int((pos[0, 0] >= 0).sum()) - view.budget
-        if drops <= 0:
-            return abar
-        if view.budget < 1:
-            raise RuntimeError("internal: weightedkv needs PrefillView.budget from the store")
-        alive = pos.clone()
-        hi = int(pos.max()) + 1 - self.recent
-        victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
-        for _ in range(drops):
-            ops.select_victim(abar, alive, self.sinks, hi, victim)
-            self.merge(view.layer.v, st["w"], abar, view.layer.k, alive, victim)
-            alive.scatter_(2, victim[..., None], -1)
-        return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
-
-    def decode_update(self, view: DecodeView) -> None:
-        view.layer.state["cnt"] += view.layer.pos >= 0
-
-    def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        return self.average(view.layer.state)
-
-    def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        st = view.layer
-        self.merge(st.v, st.state["w"], self.average(st.state), st.k, st.pos, victim)
