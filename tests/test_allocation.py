@@ -26,12 +26,6 @@ SCORING = ["h2o", "vatp", "snapkv", "tova", "ahakv", "weightedkv", "scissorhands
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
-def policy(name: str, budget: int, **kw):
-    if name == "cam":  # the SMALL parameters of weightedkv, whose scoring it shares
-        return make_policy("cam", budget=budget, sinks=2, recent=4, merge_window=4, **kw)
-    return small(name, budget, **kw)
-
-
 def kept(store: KVStore) -> list[list[list[int]]]:
     """Per layer and KV head (batch row 0), the sorted positions kept."""
     return [[sorted(p for p in layer.pos[0, g].tolist() if p >= 0) for g in range(layer.pos.shape[1])]
@@ -45,8 +39,8 @@ def test_pool_with_equal_shares_is_the_uniform_store_bit_for_bit(name):
     """pyramid_beta=1 gives every layer the mean budget: the pooled layout (slot lists, pool rows, the
     kernel's slot_index) must then reproduce today's store exactly, logits and kept tokens."""
     model, prompt = tiny_model(), token_ids(40, seed=2)
-    want, ids, uniform = run(model, policy(name, 16), prompt, 40)
-    got, _, pooled = run(model, policy(name, 16, allocation="pyramid", pyramid_beta=1.0), prompt, 40, ids=ids)
+    want, ids, uniform = run(model, small(name, 16), prompt, 40)
+    got, _, pooled = run(model, small(name, 16, allocation="pyramid", pyramid_beta=1.0), prompt, 40, ids=ids)
     assert type(uniform) is KVStore and type(pooled) is AllocatedKVStore and pooled.pooled
     assert torch.equal(got, want)
     assert kept(pooled) == kept(uniform)
@@ -57,8 +51,8 @@ def test_pool_with_equal_shares_is_the_uniform_store_bit_for_bit(name):
 def test_drop_equals_mask(name, allocation):
     """The pool keeps exactly what the papers' masked simulation keeps, with the same logits (GQA 4:2)."""
     model, prompt = tiny_model(), token_ids(40, seed=2)
-    drop, ids, store = run(model, policy(name, 16, allocation=allocation), prompt, 48)
-    mask, _, oracle = run(model, policy(name, 16, allocation=allocation), prompt, 48, mask=True, ids=ids)
+    drop, ids, store = run(model, small(name, 16, allocation=allocation), prompt, 48)
+    mask, _, oracle = run(model, small(name, 16, allocation=allocation), prompt, 48, mask=True, ids=ids)
     assert store.pooled and not oracle.pooled
     assert (drop - mask).abs().max() <= 1e-4 * drop.abs().max()
     assert kept(store) == kept(oracle)
@@ -68,7 +62,7 @@ def test_drop_equals_mask(name, allocation):
 
 def test_adaptive_allocation_moves_slots_between_heads():
     model, prompt = tiny_model(), token_ids(40, seed=2)
-    store = run(model, policy("h2o", 16, allocation="adaptive"), prompt, 48)[2]
+    store = run(model, small("h2o", 16, allocation="adaptive"), prompt, 48)[2]
     shares = [len(h) for layer in kept(store) for h in layer]
     assert len(set(shares)) > 1 and sum(shares) == 16 * len(shares)
 
@@ -79,7 +73,7 @@ def test_drop_equals_mask_chunked_prompt_and_second_turn():
     model, ids = tiny_model(n_kv_heads=4), token_ids(70, seed=5)
     logits, stores = [], []
     for mask in (False, True):
-        store = LLM(model, None, policy("h2o", 12, allocation="adaptive"), mask=mask).new_store(30, 40)
+        store = LLM(model, None, small("h2o", 12, allocation="adaptive"), mask=mask).new_store(30, 40)
         out = [prefill(model, store, ids[:, :30], 7)]
         out += [decode_step(model, store, ids[:, t]) for t in range(30, 40)]
         out.append(prefill(model, store, ids[:, 40:55], 5))
@@ -99,8 +93,8 @@ def test_pool_holds_the_budget_and_heads_keep_their_floor(name, allocation):
     the layer evicts; each valid slot has its own pool row inside its layer's range; the pool's K/V bytes
     are the uniform store's at the same total budget (plus one scratch row)."""
     model, ids = tiny_model(n_layers=3, n_kv_heads=4, n_heads=8), token_ids(90, seed=7)
-    store = LLM(model, None, policy(name, 16, allocation=allocation)).new_store(20, 70)
-    uniform = LLM(model, None, policy(name, 16)).new_store(20, 70)
+    store = LLM(model, None, small(name, 16, allocation=allocation)).new_store(20, 70)
+    uniform = LLM(model, None, small(name, 16)).new_store(20, 70)
     assert store.pool_k.numel() == uniform.all.k.numel() + store.pool_k.shape[2] * store.batch
     assert sum(store.layer_budgets) == 16 * len(store.layer_budgets)
     prefill(model, store, ids[:, :20])
@@ -241,7 +235,7 @@ def test_decode_attention_rejects_rows_outside_the_pool(path):
 ])
 def test_bad_allocation_parameters_raise_one_clear_line(params, match):
     with pytest.raises(PolicyError, match=match) as e:
-        make_policy("h2o", **{"budget": 16, **params})
+        make_small("h2o", **{"budget": 16, **params})
     assert "\n" not in str(e.value)
 
 
