@@ -183,9 +183,11 @@ void check_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   const char* op = "rope_append";
   const char* cache = "[B, H_kv, C, D]";
   check_tensor(op, "k_cache", k_cache, cache, {-1, -1, -1, -1}, kFloats);
-  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const int64_t B = k_cache.size(0), C = k_cache.size(2), D = k_cache.size(3);
+  // a cache of one head with H_kv slot columns is a pool the KV heads share (slot: each head's row)
+  const int64_t Hkv = k_cache.size(1) == 1 && slot.dim() == 2 ? slot.size(1) : k_cache.size(1);
   const Like like_k{k_cache, "k_cache"};
-  check_tensor(op, "v_cache", v_cache, cache, {B, Hkv, C, D}, {k_cache.scalar_type()}, like_k);
+  check_tensor(op, "v_cache", v_cache, cache, {B, k_cache.size(1), C, D}, {k_cache.scalar_type()}, like_k);
   check_tensor(op, "q_out", q_out, "[B, H, D]", {B, -1, D}, query_dtypes(k_cache), like_k);
   const int64_t H = q_out.size(1);
   check_heads(op, H, Hkv, D);

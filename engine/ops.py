@@ -132,7 +132,7 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
                 k_cache: Tensor, v_cache: Tensor) -> None:
     """A decode step's prologue: q_out [B, H, D] = the query heads of qkv [B, (H + 2 H_kv) D] rotated by
     (cos, sin) [D]; key head g (rotated too if rotate_key) and value head g into slot slot[b, g] of
-    k_cache / v_cache [B, H_kv, C, D]. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
+    k_cache / v_cache [B, H_kv, C, D], or into row slot[b, g] of a pool [B, 1, C, D] the KV heads share. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
     _impl("rope_append", k_cache.device, reference.rope_append)(qkv, cos, sin, slot, rotate_key, q_out,
                                                                 k_cache, v_cache)
 

@@ -146,9 +146,11 @@ def check_rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, q_out
                       v_cache: Tensor) -> None:
     op, cache = "rope_append", "[B, H_kv, C, D]"
     _check_tensor(op, "k_cache", k_cache, cache, [-1] * 4, FLOATS)
-    B, Hkv, C, D = k_cache.shape
+    B, Hc, C, D = k_cache.shape
+    # a cache of one head with H_kv slot columns is a pool the KV heads share (slot: each head's row)
+    Hkv = slot.shape[1] if Hc == 1 and isinstance(slot, Tensor) and slot.dim() == 2 else Hc
     like = (k_cache, "k_cache")
-    _check_tensor(op, "v_cache", v_cache, cache, [B, Hkv, C, D], [k_cache.dtype], like)
+    _check_tensor(op, "v_cache", v_cache, cache, [B, Hc, C, D], [k_cache.dtype], like)
     _check_tensor(op, "q_out", q_out, "[B, H, D]", [B, -1, D], _query_dtypes(k_cache), like)
     H = q_out.shape[1]
     _check_heads(op, H, Hkv, D)
@@ -486,15 +488,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, 
 def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key: bool, q_out: Tensor,
                 k_cache: Tensor, v_cache: Tensor) -> None:
     """q_out = the H query heads of qkv rotated by (cos, sin); the key head g (rotated too if rotate_key)
-    and the value head g go into slot slot[b, g] of k_cache / v_cache. Rotation in fp32."""
+    and the value head g go into slot slot[b, g] of k_cache / v_cache [B, H_kv, C, D], or into row
+    slot[b, g] of a pool [B, 1, C, D] that the KV heads share. Rotation in fp32."""
     check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
-    B, Hkv, C, D = k_cache.shape
+    B, Hkv, (C, D) = slot.shape[0], slot.shape[1], k_cache.shape[2:]
     check_slot_indices("rope_append", slot, C)
     H = q_out.shape[1]
     q, k, v = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
     q_out.copy_(rotate_half_dense(q, cos, sin, torch.float32))
     if rotate_key:
         k = rotate_half_dense(k, cos, sin, torch.float32)
+    if k_cache.shape[1] != Hkv:  # a pool: head g's rows anywhere in it
+        index = slot[..., None].expand(-1, -1, D)
+        k_cache[:, 0].scatter_(1, index, k.to(k_cache.dtype))
+        v_cache[:, 0].scatter_(1, index, v.to(v_cache.dtype))
+        return
     index = slot[..., None, None].expand(-1, -1, 1, D)
     k_cache.scatter_(2, index, k[:, :, None].to(k_cache.dtype))
     v_cache.scatter_(2, index, v[:, :, None].to(v_cache.dtype))

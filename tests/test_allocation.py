@@ -235,7 +235,7 @@ def test_decode_attention_rejects_rows_outside_the_pool(path):
 ])
 def test_bad_allocation_parameters_raise_one_clear_line(params, match):
     with pytest.raises(PolicyError, match=match) as e:
-        make_small("h2o", **{"budget": 16, **params})
+        make_policy("h2o", **{"budget": 16, **params})
     assert "\n" not in str(e.value)
 
 
@@ -256,3 +256,32 @@ def test_cam_merges_into_the_next_tokens_in_proportion_to_attention():
         assert torch.equal(layer.v, want)
         cam.merge(layer, abar, pos, torch.tensor([[-1]]))  # no victim: nothing changes
         assert torch.equal(layer.v, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(1, 9, 3, 64, 40), (3, 8, 2, 18, 7)], ids=lambda c: "-".join(map(str, c)))
+def test_rope_append_into_a_shared_pool(device, path, kv_dtype, case):
+    """k_cache [B, 1, R, D]: head g's key and value go to pool row slot[b, g], bit for bit what a per-head
+    cache gets; every other row untouched."""
+    B, H, Hkv, D, R = case
+    g = gen(sum(case))
+    qkv = randn((B, (H + 2 * Hkv) * D), torch.float32, device, g, scale=3.0)
+    cos, sin = (t[5] for t in rope_tables(7, D, device, g))
+    slot = torch.stack([torch.randperm(R, generator=g)[:Hkv] for _ in range(B)]).to(device)
+    pool_k, pool_v = (randn((B, 1, R, D), kv_dtype, device, g) for _ in range(2))
+    k0, v0 = pool_k.clone(), pool_v.clone()
+    q_out = poisoned((B, H, D), torch.float32, device)
+    with on_path(path, "rope_append", device):
+        ops.rope_append(qkv, cos, sin, slot, True, q_out, pool_k, pool_v)
+    want_q = poisoned((B, H, D), torch.float32, device)
+    want_k, want_v = (torch.zeros(B, Hkv, 1, D, dtype=kv_dtype, device=device) for _ in range(2))
+    with ops.use_reference(True):
+        ops.rope_append(qkv, cos, sin, torch.zeros_like(slot), True, want_q, want_k, want_v)
+    assert torch.equal(q_out, want_q)
+    rows = torch.arange(B, device=device)[:, None], slot
+    assert torch.equal(pool_k[:, 0][rows], want_k[:, :, 0]) and torch.equal(pool_v[:, 0][rows], want_v[:, :, 0])
+    other = torch.ones(B, R, dtype=torch.bool, device=device)
+    other[rows] = False
+    assert torch.equal(pool_k[:, 0][other], k0[:, 0][other]) and torch.equal(pool_v[:, 0][other], v0[:, 0][other])

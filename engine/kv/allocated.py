@@ -53,6 +53,8 @@ class AllocatedKVStore(KVStore):
             slots = min(Hkv * budget - (Hkv - 1) * self.floor + spare, Hkv * (budget + spare))
         else:
             slots = max(self.layer_budgets) + spare
+        # the slots a head of layer l can hold: each head fills its first empty slot, so it uses no other
+        self.layer_slots = [slots if self.adaptive or mask else b + spare for b in self.layer_budgets]
         self.pooled = not mask
         self.scratch = sum(self.pool_rows)  # the pool row every empty slot points at
         super().__init__(args, policy, budget, slots, batch, dtype, device, rope, mask, kv_dtype)
@@ -62,10 +64,6 @@ class AllocatedKVStore(KVStore):
         self.row0 = torch.tensor([0, *self.pool_rows], device=device).cumsum(0)[layer_of_row][:, None]
         if self.pooled:
             a.index = torch.full((L * B, Hkv, slots), self.scratch, dtype=torch.int32, device=device)
-            D = args.head_dim
-            self.stage_k = torch.zeros(B, Hkv, 1, D, dtype=self.kv_dtype, device=device)  # the step's K, V
-            self.stage_v = torch.zeros_like(self.stage_k)
-            self.stage_slot = torch.zeros(B, Hkv, dtype=torch.long, device=device)
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
@@ -202,19 +200,16 @@ class AllocatedKVStore(KVStore):
         if not self.pooled:
             super()._append_token(layer, qkv)
             return
-        B, rows = qkv.shape[0], self.step_rows[layer]
-        ops.rope_append(qkv, self.query_cos, self.query_sin, self.stage_slot, True, rows.q, self.stage_k,
-                        self.stage_v)
-        row = self.layers[layer].free[..., None].expand(-1, -1, self.stage_k.shape[3])  # (B, Hkv, D)
-        self.pool_k.scatter_(1, row, self.stage_k[:, :, 0])
-        self.pool_v.scatter_(1, row, self.stage_v[:, :, 0])
+        ops.rope_append(qkv, self.query_cos, self.query_sin, self.layers[layer].free, True, self.step_rows[layer].q,
+                        self.pool_k[:, None], self.pool_v[:, None])  # each head's token into its free row
 
-    def _attend(self, st: LayerState, q: torch.Tensor, length: int, probs: torch.Tensor | None, rope: Rope | None
+    def _attend(self, layer: int, q: torch.Tensor, length: int, probs: torch.Tensor | None, rope: Rope | None
                 ) -> None:
         if not self.pooled:
-            super()._attend(st, q, length, probs, rope)
+            super()._attend(layer, q, length, probs, rope)
             return
-        ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, self.capacity, self.scale, self.attn_out,
+        st = self.layers[layer]
+        ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, self.layer_slots[layer], self.scale, self.attn_out,
                              st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index)
 
     def finish_decode(self) -> None:
@@ -251,12 +246,17 @@ class AllocatedKVStore(KVStore):
         pos = st.pos
         evictable = (pos >= p.sinks) & (pos <= self.clock[0] - p.recent if p.recent else pos < NO_LIMIT)
         over = (pos >= 0).sum((1, 2)) > pos.shape[1] * st.quota[:, 0, 0]
-        if self.adaptive:
-            score = allocation.normalised(score, pos >= 0)
+        if self.adaptive:  # one token leaves per token that came (Hkv), each from any head
+            valid = pos >= 0
+            head, slot, taken = allocation.adaptive_victims(allocation.normalised(score, valid), evictable & valid,
+                                                            valid.sum(2), self.floor, over, pos.shape[1])
             freed = self.freed[self._rows_of(st)]
-            for i in range(pos.shape[1]):  # one token leaves per token that came, each from any head
-                victim = allocation.adaptive_victim(score, evictable & (st.pos >= 0), (st.pos >= 0).sum(2),
-                                                    self.floor, over)
+            if not p.merges_values:
+                freed.copy_(self._remove_all(st, head, slot, taken))
+                return
+            for i in range(head.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
+                victim = torch.full_like(st.free, -1).scatter_(1, head[:, i : i + 1],
+                                                               torch.where(taken[:, i : i + 1], slot[:, i : i + 1], -1))
                 freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
             return
         victim = torch.empty_like(st.free)
@@ -286,6 +286,22 @@ class AllocatedKVStore(KVStore):
         row = st.index.gather(2, idx)
         st.index.scatter_(2, idx, torch.where(gone[..., None], self.scratch, row))
         return torch.where(gone, row[..., 0].long(), -1)
+
+    def _remove_all(self, st: LayerState, head: torch.Tensor, slot: torch.Tensor, taken: torch.Tensor
+                    ) -> torch.Tensor:
+        """Evict slot slot[b, i] of head head[b, i] where taken[b, i], all at once (no policy post-processing).
+        Returns the pool rows freed (B, n) int64, -1 where nothing was (or no pool)."""
+        B, Hkv, C = st.pos.shape
+        flat = head * C + slot  # (B, n) into (B, Hkv C)
+        gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=self.device).scatter_(1, flat, taken).view(B, Hkv, C)
+        st.pos.masked_fill_(gone, -1)
+        for s in st.state.values():
+            s.masked_fill_(gone, 0.0)
+        if not self.pooled:
+            return torch.full_like(slot, -1)
+        row = st.index.view(B, -1).gather(1, flat)
+        st.index.masked_fill_(gone, self.scratch)
+        return torch.where(taken, row.long(), -1)
 
     def _rows_of(self, st: LayerState) -> slice:
         """Which rows of the all-layer state st holds (all of them, or one layer's)."""

@@ -93,16 +93,17 @@ def uniform_keep(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Hkv, n, dtype=torch.bool, device=keep_idx.device).scatter_(2, keep_idx, True)
 
 
-def adaptive_victim(score: torch.Tensor, evictable: torch.Tensor, counts: torch.Tensor, floor: int,
-                    over: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv) int64: the one entry a layer evicts now under adaptive allocation, in the head that holds
-    it (-1 in every other head, and in every head of a layer that is not over budget). `score` (B, Hkv, C)
-    is already normalised; `evictable` excludes empty and protected entries; a head at `floor` (counts
-    (B, Hkv)) gives nothing."""
+def adaptive_victims(score: torch.Tensor, evictable: torch.Tensor, counts: torch.Tensor, floor: int,
+                     over: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n entries a layer evicts now under adaptive allocation: the n lowest (normalised) scores among
+    the evictable entries of all its heads, no head giving more than it holds above `floor`. The same as
+    taking the layer's lowest n times over, in one pass: they are among each head's n lowest. score,
+    evictable (B, Hkv, C); counts (B, Hkv); over (B,): whether the layer evicts at all. Returns the heads
+    and slots (B, n) int64, lowest score first, and which of them are taken (B, n) bool (ties: unspecified)."""
     B, Hkv, C = score.shape
-    ok = evictable & (counts > floor)[..., None]
-    flat = score.masked_fill(~ok, math.inf).reshape(B, Hkv * C).argmin(1)
-    take = ok.reshape(B, -1).any(1) & over
-    head = flat // C
-    victim = torch.full((B, Hkv), -1, dtype=torch.long, device=score.device)
-    return victim.scatter_(1, head[:, None], torch.where(take, flat % C, -1)[:, None])
+    k = min(n, C)
+    low, slot = score.masked_fill(~evictable, math.inf).topk(k, dim=2, largest=False)  # (B, Hkv, k)
+    room = counts - floor  # how many each head can give
+    low = low.masked_fill(torch.arange(k, device=score.device) >= room[..., None], math.inf)
+    best, flat = low.reshape(B, Hkv * k).topk(min(n, Hkv * k), dim=1, largest=False)
+    return flat // k, slot.reshape(B, -1).gather(1, flat), best.isfinite() & over[:, None]

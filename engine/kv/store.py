@@ -248,7 +248,7 @@ class KVStore:
         rope = self.rope if self.cache_positions else None
         length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
         probs = rows.probs
-        self._attend(st, qr, length, probs, rope)
+        self._attend(layer, qr, length, probs, rope)
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(probs, st.pos.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
@@ -263,9 +263,10 @@ class KVStore:
         # at original positions the new key sits at t == the query's position: rotated like the query
         ops.rope_append(qkv, self.query_cos, self.query_sin, rows.slot, not self.cache_positions, rows.q, st.k, st.v)
 
-    def _attend(self, st: LayerState, q: torch.Tensor, length: int, probs: torch.Tensor | None,
+    def _attend(self, layer: int, q: torch.Tensor, length: int, probs: torch.Tensor | None,
                 rope: Rope | None) -> None:
         """Decode attention of one layer over its slots into attn_out (and acc, probs)."""
+        st = self.layers[layer]
         ops.decode_attention(
             q, st.k, st.v, st.pos, length, self.scale, self.attn_out,
             st.state["acc"] if self.fused_acc else None, probs,
