@@ -65,6 +65,9 @@ class AllocatedKVStore(KVStore):
         if self.pooled:
             a.index = torch.full((L * B, Hkv, slots), self.scratch, dtype=torch.int32, device=device)
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
+        self.head_offsets = torch.arange(Hkv, device=device)
+        if self.pooled:  # the pool as rope_append's one-head cache [B, 1, R, D]
+            self.pool_heads = (self.pool_k[:, None], self.pool_v[:, None])
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
 
@@ -86,8 +89,7 @@ class AllocatedKVStore(KVStore):
         layer that evicts once evicts every step after, so its unused rows are always the top ones)."""
         if not self.pooled:
             return
-        fill = self.row0 + self.counts().sum(1, keepdim=True)
-        fresh = fill + torch.arange(self.all.pos.shape[1], device=self.device)
+        fresh = self.row0 + self.counts().sum(1, keepdim=True) + self.head_offsets
         self.all.free.copy_(torch.where(self.freed >= 0, self.freed, fresh))
         self.freed.fill_(-1)
 
@@ -191,7 +193,7 @@ class AllocatedKVStore(KVStore):
             return
         self.prepare_decode()
         a, slot = self.all, self.slot
-        slot.copy_((a.pos < 0).int().argmax(2))  # each head's first empty slot
+        slot.copy_(a.pos.argmin(2))  # each head's first empty slot (-1: the least position, first one wins)
         a.pos.scatter_(2, slot[..., None], self.clock[0].int().expand_as(slot)[..., None])
         a.index.scatter_(2, slot[..., None], a.free.int()[..., None])
         self.query_cos, self.query_sin = self.rope.at(self.clock[2:])
@@ -201,7 +203,7 @@ class AllocatedKVStore(KVStore):
             super()._append_token(layer, qkv)
             return
         ops.rope_append(qkv, self.query_cos, self.query_sin, self.layers[layer].free, True, self.step_rows[layer].q,
-                        self.pool_k[:, None], self.pool_v[:, None])  # each head's token into its free row
+                        *self.pool_heads)  # each head's token into its free row
 
     def _attend(self, layer: int, q: torch.Tensor, length: int, probs: torch.Tensor | None, rope: Rope | None
                 ) -> None:
@@ -243,31 +245,38 @@ class AllocatedKVStore(KVStore):
         view = DecodeView(layer=self._policy_layer(st), step_pos=view.step_pos, q=view.q, probs=view.probs,
                           rope=view.rope)
         score = p.decode_scores(view)
-        pos = st.pos
-        evictable = (pos >= p.sinks) & (pos <= self.clock[0] - p.recent if p.recent else pos < NO_LIMIT)
-        over = (pos >= 0).sum((1, 2)) > pos.shape[1] * st.quota[:, 0, 0]
+        pos, Hkv = st.pos, st.pos.shape[1]
+        valid = pos >= 0
+        evictable = pos >= p.sinks  # valid too: sinks >= 0
+        if p.recent:
+            evictable &= pos <= self.clock[0] - p.recent
+        counts = valid.sum(2)
+        over = counts.sum(1) > Hkv * st.quota[:, 0, 0]
+        freed = self.freed[self._rows_of(st)]
         if self.adaptive:  # one token leaves per token that came (Hkv), each from any head
-            valid = pos >= 0
-            head, slot, taken = allocation.adaptive_victims(allocation.normalised(score, valid), evictable & valid,
-                                                            valid.sum(2), self.floor, over, pos.shape[1])
-            freed = self.freed[self._rows_of(st)]
+            entry, taken = allocation.adaptive_victims(score, valid, evictable, counts, self.floor, over, Hkv)
             if not p.merges_values:
-                freed.copy_(self._remove_all(st, head, slot, taken))
+                freed.copy_(self._remove_all(st, entry, taken))
                 return
-            for i in range(head.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
-                victim = torch.full_like(st.free, -1).scatter_(1, head[:, i : i + 1],
-                                                               torch.where(taken[:, i : i + 1], slot[:, i : i + 1], -1))
+            C = pos.shape[2]
+            for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
+                head, slot = entry[:, i : i + 1] // C, entry[:, i : i + 1] % C
+                victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
                 freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
             return
         victim = torch.empty_like(st.free)
-        masked = pos.masked_fill(~evictable, -1)
+        masked = torch.where(evictable, pos, -1)
         if p.layer_wide:
             one = torch.empty_like(victim[:, :1])
             ops.select_victim(score.contiguous(), masked[:, :1].contiguous(), 0, NO_LIMIT, one)
             victim.copy_(one.expand_as(victim))
         else:
             ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
-        self.freed[self._rows_of(st)] = self._remove(view, torch.where(over[:, None], victim, -1))
+        if p.merges_values:
+            freed.copy_(self._remove(view, torch.where(over[:, None], victim, -1)))
+        else:  # slot victim of every head, in each layer over its budget
+            flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
+            freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
 
     def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
         """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing, then the slot
@@ -287,18 +296,16 @@ class AllocatedKVStore(KVStore):
         st.index.scatter_(2, idx, torch.where(gone[..., None], self.scratch, row))
         return torch.where(gone, row[..., 0].long(), -1)
 
-    def _remove_all(self, st: LayerState, head: torch.Tensor, slot: torch.Tensor, taken: torch.Tensor
-                    ) -> torch.Tensor:
-        """Evict slot slot[b, i] of head head[b, i] where taken[b, i], all at once (no policy post-processing).
-        Returns the pool rows freed (B, n) int64, -1 where nothing was (or no pool)."""
+    def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+        """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
+        (no policy post-processing). Returns the pool rows freed (B, n) int64, -1 where nothing was (or no pool)."""
         B, Hkv, C = st.pos.shape
-        flat = head * C + slot  # (B, n) into (B, Hkv C)
         gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=self.device).scatter_(1, flat, taken).view(B, Hkv, C)
         st.pos.masked_fill_(gone, -1)
         for s in st.state.values():
             s.masked_fill_(gone, 0.0)
         if not self.pooled:
-            return torch.full_like(slot, -1)
+            return torch.full_like(flat, -1)
         row = st.index.view(B, -1).gather(1, flat)
         st.index.masked_fill_(gone, self.scratch)
         return torch.where(taken, row.long(), -1)

@@ -60,11 +60,16 @@ def min_share(policy: Policy, budget: int) -> int:
     return protected + (budget - protected) // 5
 
 
+def head_totals(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, 1): what each head's scores are divided by, their sum on the valid entries (1 where that
+    sum is not positive: the head keeps its raw scores)."""
+    total = score.float().masked_fill(~valid, 0.0).sum(2, keepdim=True)
+    return torch.where(total > 0, total, 1.0)
+
+
 def normalised(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each head's scores over its sum on the valid entries (B, Hkv, N): shares of the head's total."""
-    score = score.float().masked_fill(~valid, 0.0)
-    total = score.sum(2, keepdim=True)
-    return torch.where(total > 0, score / total.clamp(min=torch.finfo(score.dtype).tiny), score)
+    return score.float().masked_fill(~valid, 0.0) / head_totals(score, valid)
 
 
 def adaptive_keep(score: torch.Tensor, pos: torch.Tensor, protected: torch.Tensor, keep_total: int,
@@ -93,17 +98,20 @@ def uniform_keep(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Hkv, n, dtype=torch.bool, device=keep_idx.device).scatter_(2, keep_idx, True)
 
 
-def adaptive_victims(score: torch.Tensor, evictable: torch.Tensor, counts: torch.Tensor, floor: int,
-                     over: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n entries a layer evicts now under adaptive allocation: the n lowest (normalised) scores among
+def adaptive_victims(score: torch.Tensor, valid: torch.Tensor, evictable: torch.Tensor, counts: torch.Tensor,
+                     floor: int, over: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n entries a layer evicts now under adaptive allocation: the n lowest normalised scores among
     the evictable entries of all its heads, no head giving more than it holds above `floor`. The same as
-    taking the layer's lowest n times over, in one pass: they are among each head's n lowest. score,
-    evictable (B, Hkv, C); counts (B, Hkv); over (B,): whether the layer evicts at all. Returns the heads
-    and slots (B, n) int64, lowest score first, and which of them are taken (B, n) bool (ties: unspecified)."""
+    taking the layer's lowest n times over, in one pass: they are among each head's n lowest, and a head's
+    order does not depend on its normalisation, so only those n are normalised. score, valid, evictable
+    (B, Hkv, C); counts (B, Hkv); over (B,): whether the layer evicts at all. Returns the flat entries
+    (head C + slot) and whether each is taken, (B, n), lowest score first (ties: unspecified)."""
     B, Hkv, C = score.shape
     k = min(n, C)
-    low, slot = score.masked_fill(~evictable, math.inf).topk(k, dim=2, largest=False)  # (B, Hkv, k)
+    low, slot = score.float().masked_fill(~evictable, math.inf).topk(k, dim=2, largest=False)  # (B, Hkv, k)
+    low = low / head_totals(score, valid)
     room = counts - floor  # how many each head can give
     low = low.masked_fill(torch.arange(k, device=score.device) >= room[..., None], math.inf)
     best, flat = low.reshape(B, Hkv * k).topk(min(n, Hkv * k), dim=1, largest=False)
-    return flat // k, slot.reshape(B, -1).gather(1, flat), best.isfinite() & over[:, None]
+    entry = flat // k * C + slot.reshape(B, -1).gather(1, flat)
+    return entry, best.isfinite() & over[:, None]
