@@ -67,6 +67,17 @@ def test_adaptive_allocation_moves_slots_between_heads():
     assert len(set(shares)) > 1 and sum(shares) == 16 * len(shares)
 
 
+@pytest.mark.parametrize("allocation", ["adaptive", "pyramid"])
+@pytest.mark.parametrize("name", ["h2o", "weightedkv"])
+def test_batch_rows_are_independent(name, allocation):
+    """Two prompts in one batch get the answers each gets alone (each batch row has its own pool)."""
+    model, ids = tiny_model(), token_ids(50, seed=13, batch=2)
+    both = run(model, small(name, 12, allocation=allocation), ids[:, :30], 20, ids=ids[:, 30:])[0]
+    for b in range(2):
+        alone = run(model, small(name, 12, allocation=allocation), ids[b : b + 1, :30], 20, ids=ids[b : b + 1, 30:])[0]
+        assert (alone[0] - both[b]).abs().max() <= 1e-4 * alone.abs().max()
+
+
 def test_drop_equals_mask_chunked_prompt_and_second_turn():
     """Prompt chunks compressed under adaptive allocation (top-k over the layer's heads), replies, then a
     second prompt into the same cache."""
