@@ -64,10 +64,9 @@ class AllocatedKVStore(KVStore):
         self.row0 = torch.tensor([0, *self.pool_rows], device=device).cumsum(0)[layer_of_row][:, None]
         if self.pooled:
             a.index = torch.full((L * B, Hkv, slots), self.scratch, dtype=torch.int32, device=device)
+            self.pool_heads = (self.pool_k[:, None], self.pool_v[:, None])  # as rope_append's one-head cache
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
         self.head_offsets = torch.arange(Hkv, device=device)
-        if self.pooled:  # the pool as rope_append's one-head cache [B, 1, R, D]
-            self.pool_heads = (self.pool_k[:, None], self.pool_v[:, None])
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
 
