@@ -114,13 +114,24 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& probs_out,
                             const std::optional<at::Tensor>& rope_cos,
                             const std::optional<at::Tensor>& rope_sin,
-                            const std::optional<at::Tensor>& rope_rank) {
+                            const std::optional<at::Tensor>& rope_rank,
+                            const std::optional<at::Tensor>& slot_index) {
   const char* op = "decode_attention";
-  const char* cache = "[B, H_kv, C, D]";
-  check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
-  const int64_t B = k.size(0), Hkv = k.size(1), C = k.size(2), D = k.size(3);
   const Like like_k{k, "k"};
-  check_tensor(op, "v", v, cache, {B, Hkv, C, D}, {k.scalar_type()}, like_k);
+  int64_t B, Hkv, C, D;
+  if (slot_index) {  // a pool of rows shared by the KV heads; each head's slots name their rows
+    const char* pool = "[B, R, D]";
+    check_tensor(op, "k", k, pool, {-1, -1, -1}, kFloats);
+    B = k.size(0), D = k.size(2);
+    check_tensor(op, "v", v, pool, {B, k.size(1), D}, {k.scalar_type()}, like_k);
+    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {B, -1, -1}, {ScalarType::Int}, like_k);
+    Hkv = slot_index->size(1), C = slot_index->size(2);
+  } else {
+    const char* cache = "[B, H_kv, C, D]";
+    check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
+    B = k.size(0), Hkv = k.size(1), C = k.size(2), D = k.size(3);
+    check_tensor(op, "v", v, cache, {B, Hkv, C, D}, {k.scalar_type()}, like_k);
+  }
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like_k);
   check_tensor(op, "q", q, "[B, H, D]", {B, -1, D}, query_dtypes(k), like_k);
   const int64_t H = q.size(1);
@@ -154,15 +165,29 @@ void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t len
   }
 }
 
+void check_pool_rows(const at::Tensor& slot_index, int64_t length, int64_t R) {
+  const int64_t rows = slot_index.size(0) * slot_index.size(1), C = slot_index.size(2);
+  const int32_t* x = slot_index.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t s = 0; s < length; ++s) {
+      TORCH_CHECK_INDEX(x[i * C + s] >= 0 && x[i * C + s] < R, "decode_attention: slot_index must hold pool rows ",
+                        "in [0, R) = [0, ", R, ") on slots < length, got ", x[i * C + s], " at [",
+                        i / slot_index.size(1), ", ", i % slot_index.size(1), ", ", s, "]");
+    }
+  }
+}
+
 void check_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& slot, const at::Tensor& q_out, const at::Tensor& k_cache,
                        const at::Tensor& v_cache) {
   const char* op = "rope_append";
   const char* cache = "[B, H_kv, C, D]";
   check_tensor(op, "k_cache", k_cache, cache, {-1, -1, -1, -1}, kFloats);
-  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const int64_t B = k_cache.size(0), C = k_cache.size(2), D = k_cache.size(3);
+  // a cache of one head with H_kv slot columns is a pool the KV heads share (slot: each head's row)
+  const int64_t Hkv = k_cache.size(1) == 1 && slot.dim() == 2 ? slot.size(1) : k_cache.size(1);
   const Like like_k{k_cache, "k_cache"};
-  check_tensor(op, "v_cache", v_cache, cache, {B, Hkv, C, D}, {k_cache.scalar_type()}, like_k);
+  check_tensor(op, "v_cache", v_cache, cache, {B, k_cache.size(1), C, D}, {k_cache.scalar_type()}, like_k);
   check_tensor(op, "q_out", q_out, "[B, H, D]", {B, -1, D}, query_dtypes(k_cache), like_k);
   const int64_t H = q_out.size(1);
   check_heads(op, H, Hkv, D);

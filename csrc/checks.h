@@ -23,7 +23,11 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& probs_out,
                             const std::optional<at::Tensor>& rope_cos,
                             const std::optional<at::Tensor>& rope_sin,
-                            const std::optional<at::Tensor>& rope_rank);
+                            const std::optional<at::Tensor>& rope_rank,
+                            const std::optional<at::Tensor>& slot_index);
+// slot_index must hold rows of the [B, R, D] pool on every slot < length (empty slots included: the
+// kernels may read an empty slot's row before masking it).
+void check_pool_rows(const at::Tensor& slot_index, int64_t length, int64_t R);
 // rope_rank must hold rows of the [P, D] tables on every valid slot (s < length, pos >= 0).
 void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t length, int64_t P);
 

@@ -10,7 +10,7 @@ from .config import ModelArgs
 from .decode import Decoder
 from .dist import TensorParallel, init_from_env
 from .generate import SamplingParams, StopFilter, prefill, sample
-from .kv import CacheStats, KVStore, parse_kv_dtype
+from .kv import CacheStats, KVStore, make_store, parse_kv_dtype
 from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
 from .rope import Rope
@@ -96,8 +96,8 @@ class LLM:
             budget = self.policy.resolve_budget(prompt_len)
             capacity = total if self.mask else min(self.policy.slots(budget, max_new_tokens), max(total, 1))
             budget = min(budget, capacity)
-        return KVStore(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
-                       self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype, tp=self.model.tp)
+        return make_store(self.args, self.policy, budget, max(capacity, 1), batch, self.dtype, self.device,
+                          self.model.rope, mask=self.mask, kv_dtype=self.kv_dtype, tp=self.model.tp)
 
     def decoder(self, store: KVStore) -> Decoder:
         """Decode steps over `store` (engine/decode/ chooses how each one runs)."""

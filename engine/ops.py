@@ -107,13 +107,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
                      score_acc: Tensor | None = None, probs_out: Tensor | None = None,
-                     rope: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+                     rope: tuple[Tensor, Tensor, Tensor] | None = None, slot_index: Tensor | None = None) -> None:
     """One query per sequence over cache slots s < length with pos >= 0 (GQA). Writes out [B, H, D];
     adds each valid slot's group-mean probability into score_acc [B, Hkv, C]; writes every slot's
     probability (0 if masked) into probs_out [B, H, C]. rope = (cos [P, D], sin [P, D], rank
-    [B, Hkv, C] int32): keys stored before RoPE, each rotated on the fly by its slot's table row."""
+    [B, Hkv, C] int32): keys stored before RoPE, each rotated on the fly by its slot's table row.
+    slot_index [B, Hkv, C] int32: k and v are a pool [B, R, D] shared by the KV heads, and slot s of
+    head g is pool row slot_index[b, g, s] (in [0, R) on every slot < length, empty ones too)."""
     _impl("decode_attention", k.device, reference.decode_attention)(
-        q, k, v, pos, length, scale, out, score_acc, probs_out, *(rope or (None, None, None)))
+        q, k, v, pos, length, scale, out, score_acc, probs_out, *(rope or (None, None, None)), slot_index)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float, out: Tensor,
@@ -130,7 +132,7 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
                 k_cache: Tensor, v_cache: Tensor) -> None:
     """A decode step's prologue: q_out [B, H, D] = the query heads of qkv [B, (H + 2 H_kv) D] rotated by
     (cos, sin) [D]; key head g (rotated too if rotate_key) and value head g into slot slot[b, g] of
-    k_cache / v_cache [B, H_kv, C, D]. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
+    k_cache / v_cache [B, H_kv, C, D], or into row slot[b, g] of a pool [B, 1, C, D] the KV heads share. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
     _impl("rope_append", k_cache.device, reference.rope_append)(qkv, cos, sin, slot, rotate_key, q_out,
                                                                 k_cache, v_cache)
 
@@ -262,9 +264,9 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("engine::decode_attention")
     def _decode_attention_fake(q, k, v, pos, length, scale, out, score_acc, probs_out, rope_cos=None,
-                               rope_sin=None, rope_rank=None) -> None:
+                               rope_sin=None, rope_rank=None, slot_index=None) -> None:
         reference.check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin,
-                                         rope_rank)
+                                         rope_rank, slot_index)
 
     @torch.library.register_fake("engine::prefill_attention")
     def _prefill_attention_fake(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows,

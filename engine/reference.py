@@ -81,12 +81,19 @@ def check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
 
 def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, out: Tensor,
                            score_acc: Tensor | None, probs_out: Tensor | None, rope_cos: Tensor | None = None,
-                           rope_sin: Tensor | None = None, rope_rank: Tensor | None = None) -> None:
-    op, cache = "decode_attention", "[B, H_kv, C, D]"
-    _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
-    B, Hkv, C, D = k.shape
-    like = (k, "k")
-    _check_tensor(op, "v", v, cache, [B, Hkv, C, D], [k.dtype], like)
+                           rope_sin: Tensor | None = None, rope_rank: Tensor | None = None,
+                           slot_index: Tensor | None = None) -> None:
+    op, like = "decode_attention", (k, "k")
+    if slot_index is not None:  # a pool of rows shared by the KV heads; each head's slots name their rows
+        _check_tensor(op, "k", k, "[B, R, D]", [-1] * 3, FLOATS)
+        B, R, D = k.shape
+        _check_tensor(op, "v", v, "[B, R, D]", [B, R, D], [k.dtype], like)
+        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [B, -1, -1], [torch.int32], like)
+        Hkv, C = slot_index.shape[1:]
+    else:
+        _check_tensor(op, "k", k, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+        B, Hkv, C, D = k.shape
+        _check_tensor(op, "v", v, "[B, H_kv, C, D]", [B, Hkv, C, D], [k.dtype], like)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "q", q, "[B, H, D]", [B, -1, D], _query_dtypes(k), like)
     H = q.shape[1]
@@ -118,13 +125,32 @@ def check_rope_ranks(rank: Tensor, pos: Tensor, length: int, P: int) -> None:
                          f"slots, got {int(rank[where])} at {list(where)}")
 
 
+def check_pool_rows(slot_index: Tensor, length: int, R: int) -> None:
+    """slot_index must hold rows of the [B, R, D] pool on every slot < length (empty ones too: the kernels
+    may read an empty slot's row before masking it)."""
+    head = slot_index[:, :, :length]
+    where = _first((head < 0) | (head >= R))
+    if where is not None:
+        raise IndexError(f"decode_attention: slot_index must hold pool rows in [0, R) = [0, {R}) on slots < "
+                         f"length, got {int(head[where])} at {list(where)}")
+
+
+def pool_rows(pool: Tensor, slot_index: Tensor) -> Tensor:
+    """[B, H_kv, C, D]: the rows of pool [B, R, D] that slot_index [B, H_kv, C] names, per KV head."""
+    B, Hkv, C = slot_index.shape
+    return pool.gather(1, slot_index.reshape(B, Hkv * C, 1).long().expand(-1, -1, pool.shape[2])
+                       ).view(B, Hkv, C, -1)
+
+
 def check_rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, q_out: Tensor, k_cache: Tensor,
                       v_cache: Tensor) -> None:
     op, cache = "rope_append", "[B, H_kv, C, D]"
     _check_tensor(op, "k_cache", k_cache, cache, [-1] * 4, FLOATS)
-    B, Hkv, C, D = k_cache.shape
+    B, Hc, C, D = k_cache.shape
+    # a cache of one head with H_kv slot columns is a pool the KV heads share (slot: each head's row)
+    Hkv = slot.shape[1] if Hc == 1 and isinstance(slot, Tensor) and slot.dim() == 2 else Hc
     like = (k_cache, "k_cache")
-    _check_tensor(op, "v_cache", v_cache, cache, [B, Hkv, C, D], [k_cache.dtype], like)
+    _check_tensor(op, "v_cache", v_cache, cache, [B, Hc, C, D], [k_cache.dtype], like)
     _check_tensor(op, "q_out", q_out, "[B, H, D]", [B, -1, D], _query_dtypes(k_cache), like)
     H = q_out.shape[1]
     _check_heads(op, H, Hkv, D)
@@ -436,11 +462,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
                      score_acc: Tensor | None = None, probs_out: Tensor | None = None,
                      rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-                     rope_rank: Tensor | None = None) -> None:
+                     rope_rank: Tensor | None = None, slot_index: Tensor | None = None) -> None:
     """out = softmax(scale q.k) @ v over slots s < length with pos >= 0; score_acc += the group-mean
     probability of each valid slot; probs_out = every slot's probability (0 if masked). With the rope
-    tables, key s is first rotated by row rope_rank[s] of (rope_cos, rope_sin)."""
-    check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank)
+    tables, key s is first rotated by row rope_rank[s] of (rope_cos, rope_sin). With slot_index, k and v
+    are a pool [B, R, D] and slot s of KV head g is row slot_index[b, g, s] of it."""
+    check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
+                           slot_index)
+    if slot_index is not None:
+        check_pool_rows(slot_index, length, k.shape[1])
+        k, v = pool_rows(k, slot_index), pool_rows(v, slot_index)
     rope = None
     if rope_rank is not None:
         check_rope_ranks(rope_rank, pos, length, rope_cos.shape[0])
@@ -451,21 +482,27 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, 
         probs_out.copy_(probs)
     if score_acc is not None:
         valid = _decode_kpos(pos, length) >= 0
-        score_acc.copy_(torch.where(valid, score_acc + _group_mean(probs, k.shape[1]), score_acc))
+        score_acc.copy_(torch.where(valid, score_acc + _group_mean(probs, pos.shape[1]), score_acc))
 
 
 def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key: bool, q_out: Tensor,
                 k_cache: Tensor, v_cache: Tensor) -> None:
     """q_out = the H query heads of qkv rotated by (cos, sin); the key head g (rotated too if rotate_key)
-    and the value head g go into slot slot[b, g] of k_cache / v_cache. Rotation in fp32."""
+    and the value head g go into slot slot[b, g] of k_cache / v_cache [B, H_kv, C, D], or into row
+    slot[b, g] of a pool [B, 1, C, D] that the KV heads share. Rotation in fp32."""
     check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
-    B, Hkv, C, D = k_cache.shape
+    B, Hkv, (C, D) = slot.shape[0], slot.shape[1], k_cache.shape[2:]
     check_slot_indices("rope_append", slot, C)
     H = q_out.shape[1]
     q, k, v = qkv.view(B, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
     q_out.copy_(rotate_half_dense(q, cos, sin, torch.float32))
     if rotate_key:
         k = rotate_half_dense(k, cos, sin, torch.float32)
+    if k_cache.shape[1] != Hkv:  # a pool: head g's rows anywhere in it
+        index = slot[..., None].expand(-1, -1, D)
+        k_cache[:, 0].scatter_(1, index, k.to(k_cache.dtype))
+        v_cache[:, 0].scatter_(1, index, v.to(v_cache.dtype))
+        return
     index = slot[..., None, None].expand(-1, -1, 1, D)
     k_cache.scatter_(2, index, k[:, :, None].to(k_cache.dtype))
     v_cache.scatter_(2, index, v[:, :, None].to(v_cache.dtype))

@@ -126,7 +126,7 @@ class _Sim:
         return {s: sum(a) / len(a) for s, a in seen.items()}
 
     def score(self, g: int) -> dict[int, float]:
-        name = "abar" if self.p.name == "weightedkv" else self.p.name
+        name = "abar" if self.p.name in ("weightedkv", "cam") else self.p.name
         return getattr(self, name)(g)
 
     # ---- eviction -----------------------------------------------------------------------------
@@ -153,10 +153,22 @@ class _Sim:
         self.w[g][m] = total
         self.merged[g].setdefault(m, []).extend([j, *self.merged[g].pop(j, [])])
 
+    def cam_merge(self, g: int, j: int, abar: dict[int, float]) -> None:
+        """CaM: v_j / m, times min(1, abar_j / the receivers' mean abar), onto each of the m next values."""
+        receivers = sorted(s for s in self.kept[g] if s > j and s >= self.p.sinks)[: self.p.merge_window]
+        if not receivers:
+            return
+        mean = sum(abar[r] for r in receivers) / len(receivers)
+        p = (1.0 if abar[j] > 0 else 0.0) if mean == 0 else min(1.0, abar[j] / mean)
+        for r in receivers:
+            self.val[g][r] = self.val[g][r] + p * self.val[g][j] / self.p.merge_window
+
     def evict_one(self, g: int, score: dict[int, float], end: int) -> None:
         j = min(self.eligible(g, end), key=lambda s: (score[s], s))
         if self.p.name == "weightedkv":
             self.merge(g, j, score)
+        elif self.p.name == "cam":
+            self.cam_merge(g, j, score)
         self.kept[g].remove(j)
 
     # ---- the protocol -------------------------------------------------------------------------
@@ -176,7 +188,7 @@ class _Sim:
             self.keep_top([score] * self.Hkv, L)
         elif self.p.name == "snapkv":
             self.keep_top([self.snapkv(g, L) for g in range(self.Hkv)], L)
-        elif self.p.name == "weightedkv":
+        elif self.p.name in ("weightedkv", "cam"):
             for g in range(self.Hkv):
                 abar = self.abar(g)
                 while len(self.kept[g]) > self.budget:

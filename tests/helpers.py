@@ -56,6 +56,7 @@ SMALL = {  # parameters that leave room to evict under a 12-16 token budget
     "vatp": dict(sinks=2),
     "ahakv": dict(r=4, recent=4),
     "weightedkv": dict(sinks=2, recent=4),
+    "cam": dict(sinks=2, recent=4, merge_window=4),
 }
 
 

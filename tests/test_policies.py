@@ -286,7 +286,7 @@ DENSE_CASES = [
     ("vatp", {"norm": "l1"}, "original"), ("vatp", {"norm": "l2"}, "cache"), ("vatp", {"norm": "linf"}, "original"),
     ("vatp", {"base": "scissorhands", "m": 5, "recent": 3}, "original"), ("ahakv", {}, "original"), ("ahakv", {"r": 6}, "cache"),
     ("weightedkv", {"receiver": "next"}, "original"), ("weightedkv", {"receiver": "prev"}, "original"),
-    ("weightedkv", {"receiver": "nearest_key"}, "cache"),
+    ("weightedkv", {"receiver": "nearest_key"}, "cache"), ("cam", {}, "original"), ("cam", {"merge_window": 1}, "cache"),
     *[(name, {**REDUCE_KW.get(name, {}), "group_reduce": how}, "original") for name in SCORING for how in ("max", "sum")],
     ("vatp", {"base": "scissorhands", "m": 5, "recent": 3, "group_reduce": "max"}, "original"),
     ("ahakv", {"group_reduce": "max"}, "cache"), ("tova", {"group_reduce": "max"}, "cache"),
@@ -467,7 +467,7 @@ def test_state_resets_between_prompts(name):
 # ---- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: make_policy("lru", budget=8), r"unknown policy 'lru'; valid: ahakv, full, h2o, .*weightedkv"),
+    (lambda: make_policy("lru", budget=8), r"unknown policy 'lru'; valid: ahakv, cam, full, h2o, .*weightedkv"),
     (lambda: make_policy("weightedkv", budget=36), r"weightedkv: budget 36 must exceed sinks \+ recent = 4 \+ 32"),
     (lambda: make_policy("tova", budget=0), r"tova: budget must be positive, got 0"),
     (lambda: make_policy("scissorhands", budget=-3), r"budget must be positive, got -3"),

@@ -10,6 +10,9 @@
 // piece's max and sum to the head's, normalises the probabilities in place, adds them to
 // score_acc and writes the output rows.
 //
+// With slot_index (a per-layer pool shared by the KV heads: k, v [B, R, D]), slot s of KV head bg is
+// pool row slot_index[bg, s]: the same passes, each row read through its index.
+//
 // With rope tables (positions="cache": keys stored before RoPE), each block of 8 key rows is rotated
 // by its slots' ranks into fp32 scratch before the dot products, so K is still read once.
 //
@@ -46,6 +49,8 @@ struct DecodeParams {
   const float* cos;    // [P, D] or null (no rotation)
   const float* sin;    // [P, D]
   const int32_t* rank;  // [B, Hkv, C]: the table row of each slot's key
+  const int32_t* index;  // [B, Hkv, C]: the pool row of each slot, or null (k, v [B, Hkv, C, D])
+  int64_t R;             // pool rows per batch row (with index)
 };
 
 // The flat range [0, total) of (KV head, slot) pairs, head-major, cut into nt near-equal ranges.
@@ -104,17 +109,40 @@ struct Decode {
   }
 };
 
+// The key or value rows of KV head bg: its own [C, D] block, or the pool rows its slots name.
+template <typename T>
+struct HeadRows {
+  const T* base;         // the head's block, or the batch row's pool
+  const int32_t* index;  // the head's [C] pool rows, or null
+  int64_t D;
+
+  HeadRows(const DecodeParams& p, const T* data, int64_t bg)
+      : base(p.index ? data + bg / p.Hkv * p.R * p.D : data + bg * p.C * p.D),
+        index(p.index ? p.index + bg * p.C : nullptr),
+        D(p.D) {}
+
+  const T* operator()(int64_t s) const { return base + (index ? index[s] : s) * D; }
+};
+
 // Rows ahead of the one being read that are requested from memory. The hardware prefetcher alone
 // left both passes waiting on memory (a block's rows are read interleaved, 8 streams D elements
 // apart); asking 64 rows ahead took the 2-thread pass at 2048 slots from ~14 to ~21 GB/s.
 constexpr int64_t kPrefetchRows = 64;
 
-// Requests the cache lines of rows [r, min(r + 8, end)) of a [*, D] buffer.
+// Requests the cache lines of slots [r, min(r + 8, end)) of a head's rows.
 template <typename T>
-ENGINE_INLINE void prefetch_rows(const T* base, int64_t r, int64_t end, int64_t D) {
-  const char* lo = reinterpret_cast<const char*>(base + r * D);
-  const char* hi = reinterpret_cast<const char*>(base + std::min(r + 8, end) * D);
-  for (const char* a = lo; a < hi; a += 64) __builtin_prefetch(a);
+ENGINE_INLINE void prefetch_rows(const HeadRows<T>& rows, int64_t r, int64_t end) {
+  if (!rows.index) {  // contiguous: one sweep
+    const char* lo = reinterpret_cast<const char*>(rows(r));
+    const char* hi = reinterpret_cast<const char*>(rows(0) + std::min(r + 8, end) * rows.D);
+    for (const char* a = lo; a < hi; a += 64) __builtin_prefetch(a);
+    return;
+  }
+  for (int64_t s = r; s < std::min(r + 8, end); ++s) {
+    const char* lo = reinterpret_cast<const char*>(rows(s));
+    const char* hi = reinterpret_cast<const char*>(rows(s) + rows.D);
+    for (const char* a = lo; a < hi; a += 64) __builtin_prefetch(a);
+  }
 }
 
 // Lanes j < n: pos[j] >= 0; lanes from n on: false.
@@ -126,6 +154,13 @@ ENGINE_INLINE Int8 valid8(const int32_t* pos, int64_t n) {
     for (int64_t j = 0; j < n; ++j) x[j] = pos[j];
   }
   return x >= 0;
+}
+
+// Whether any lane of a valid8 mask is set.
+ENGINE_INLINE bool any8(Int8 x) {
+  int32_t a = 0;
+  for (int j = 0; j < 8; ++j) a |= x[j];
+  return a != 0;
 }
 
 // Lane j = q[0..D) . rows[j][0..D): a vector of partial sums per row, reduced together at the end.
@@ -246,8 +281,7 @@ template <typename kv_t, typename q_t>
 ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
                                       Partial part, float* qbuf) {
   const int64_t G = c.p.G, C = c.p.C, D = c.p.D;
-  const kv_t* kb = c.k + bg * C * D;
-  const kv_t* vb = c.v + bg * C * D;
+  const HeadRows<kv_t> kb(c.p, c.k, bg), vb(c.p, c.v, bg);
   const int32_t* pos = c.p.pos + bg * C;
   const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
   float* rows = c.head_rows(bg);
@@ -256,10 +290,14 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
 
   for (int64_t s = s0; s < s1; s += 8) {
     const int64_t n = std::min<int64_t>(8, s1 - s);
-    prefetch_rows(kb, s + kPrefetchRows, s1, D);
+    prefetch_rows(kb, s + kPrefetchRows, s1);
     const kv_t* kr[8];
-    for (int64_t j = 0; j < 8; ++j) kr[j] = kb + (s + std::min(j, n - 1)) * D;  // spare lanes repeat a row
+    for (int64_t j = 0; j < 8; ++j) kr[j] = kb(s + std::min(j, n - 1));  // spare lanes repeat a row
     const Int8 valid = valid8(pos + s, n);
+    if (!any8(valid)) {  // 8 empty slots (a pool's unused tail): no rows to read
+      for (int64_t h = 0; h < G; ++h) store_partial(rows + h * c.stride + s, splat8(kNegInf), n);
+      continue;
+    }
     if (rank) {
       const float* kf[8];
       int64_t row[8];
@@ -289,8 +327,8 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
       idx[nv] = b0 + j;
       nv += pos[b0 + j] >= 0;
     }
-    for (int64_t j = 0; j < nv; ++j) vr[j] = vb + idx[j] * D;
-    for (int64_t r = 0; r < kRows; r += 8) prefetch_rows(vb, b0 + kRows + r, s1, D);
+    for (int64_t j = 0; j < nv; ++j) vr[j] = vb(idx[j]);
+    for (int64_t r = 0; r < kRows; r += 8) prefetch_rows(vb, b0 + kRows + r, s1);
     for (int64_t h = 0; h < G; ++h) {
       float* row = rows + h * c.stride;
       if (part.m[h] == kNegInf) {  // nothing valid in the piece: all zero
@@ -407,14 +445,17 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& probs_out,
                           const std::optional<at::Tensor>& rope_cos,
                           const std::optional<at::Tensor>& rope_sin,
-                          const std::optional<at::Tensor>& rope_rank) {
-  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank);
+                          const std::optional<at::Tensor>& rope_rank,
+                          const std::optional<at::Tensor>& slot_index) {
+  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
+                         slot_index);
   if (rope_rank) check_rope_ranks(*rope_rank, pos, length, rope_cos->size(0));
+  if (slot_index) check_pool_rows(*slot_index, length, k.size(1));
   const DecodeParams p{k.size(0),
-                       k.size(1),
-                       q.size(1) / k.size(1),
-                       k.size(2),
-                       k.size(3),
+                       pos.size(1),
+                       q.size(1) / pos.size(1),
+                       pos.size(2),
+                       k.size(-1),
                        length,
                        static_cast<float>(scale),
                        pos.const_data_ptr<int32_t>(),
@@ -422,7 +463,9 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                        probs_out ? probs_out->mutable_data_ptr<float>() : nullptr,
                        rope_cos ? rope_cos->const_data_ptr<float>() : nullptr,
                        rope_sin ? rope_sin->const_data_ptr<float>() : nullptr,
-                       rope_rank ? rope_rank->const_data_ptr<int32_t>() : nullptr};
+                       rope_rank ? rope_rank->const_data_ptr<int32_t>() : nullptr,
+                       slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr,
+                       slot_index ? k.size(1) : 0};
   ENGINE_DISPATCH_FLOATS(k.scalar_type(), "decode_attention", [&] {
     if (q.scalar_type() == at::kFloat) {
       decode<scalar_t, float>(p, q.const_data_ptr<float>(), k.const_data_ptr<scalar_t>(),

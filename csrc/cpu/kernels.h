@@ -16,7 +16,8 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& probs_out,
                           const std::optional<at::Tensor>& rope_cos,
                           const std::optional<at::Tensor>& rope_sin,
-                          const std::optional<at::Tensor>& rope_rank);
+                          const std::optional<at::Tensor>& rope_rank,
+                          const std::optional<at::Tensor>& slot_index);
 
 // RoPE on the query (and the key if rotate_key), the key and value rows into cache slot `slot`.
 void rope_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,

@@ -32,12 +32,13 @@ void copy_row(const S* src, T* dst, int64_t D) {
 
 template <typename q_t, typename kv_t>
 void append(const q_t* qkv, const float* cos, const float* sin, const int64_t* slot, bool rotate_key,
-            q_t* q_out, kv_t* k_cache, kv_t* v_cache, int64_t B, int64_t H, int64_t Hkv, int64_t C, int64_t D) {
+            q_t* q_out, kv_t* k_cache, kv_t* v_cache, int64_t B, int64_t H, int64_t Hkv, int64_t Hc, int64_t C,
+            int64_t D) {
   for (int64_t b = 0; b < B; ++b) {
     const q_t* row = qkv + b * (H + 2 * Hkv) * D;
     for (int64_t h = 0; h < H; ++h) rotate(row + h * D, cos, sin, q_out + (b * H + h) * D, D);
     for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t at = ((b * Hkv + g) * C + slot[b * Hkv + g]) * D;
+      const int64_t at = ((b * Hc + (Hc == 1 ? 0 : g)) * C + slot[b * Hkv + g]) * D;  // Hc 1: a shared pool
       const q_t* k = row + (H + g) * D;
       if (rotate_key) {
         rotate(k, cos, sin, k_cache + at, D);
@@ -55,7 +56,7 @@ void rope_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Ten
                      const at::Tensor& slot, bool rotate_key, at::Tensor& q_out, at::Tensor& k_cache,
                      at::Tensor& v_cache) {
   check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache);
-  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const int64_t B = k_cache.size(0), Hkv = slot.size(1), C = k_cache.size(2), D = k_cache.size(3);
   check_slot_indices("rope_append", slot, C);
   const int64_t H = q_out.size(1);
   ENGINE_DISPATCH_FLOATS(k_cache.scalar_type(), "rope_append", [&] {
@@ -64,7 +65,7 @@ void rope_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Ten
       append<scalar_t, kv_t>(qkv.const_data_ptr<scalar_t>(), cos.const_data_ptr<float>(),
                              sin.const_data_ptr<float>(), slot.const_data_ptr<int64_t>(), rotate_key,
                              q_out.mutable_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<kv_t>(),
-                             v_cache.mutable_data_ptr<kv_t>(), B, H, Hkv, C, D);
+                             v_cache.mutable_data_ptr<kv_t>(), B, H, Hkv, k_cache.size(1), C, D);
     });
   });
 }

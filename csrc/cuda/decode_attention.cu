@@ -14,6 +14,9 @@
 // q . rot(k) = sum_d k[d] (q[d] cos[d] +- q[d'] sin[d']) with d' = d -+ D/2 (rotate_half layout), so
 // a lane needs only the key dims it already holds, plus the query at their partners (in registers).
 //
+// With slot_index (a per-layer pool shared by the KV heads: k, v [B, R, D]), slot s of KV head bg
+// reads pool row slot_index[bg, s]; nothing else changes.
+//
 // Everything launches on the current stream; the workspace comes from the caching allocator; the
 // split count depends on shapes only: the op can be captured in a CUDA graph.
 #include <ATen/ops/empty.h>
@@ -59,7 +62,17 @@ struct DecodeParams {
   const float* sin;    // [P, D]
   const int32_t* rank;  // [B, Hkv, C]: the table row of each slot's key
   int64_t rope_rows;   // P
+  const int32_t* index;  // [B, Hkv, C]: the pool row of each slot, or null (k, v [B, Hkv, C, D])
+  int64_t R;             // pool rows per batch row (with index)
 };
+
+// The first element of slot s's key or value row of KV head bg = b * Hkv + g.
+__device__ __forceinline__ int64_t row_offset(const DecodeParams& p, int64_t bg, int64_t b, int64_t s) {
+  if (p.index == nullptr) return (bg * p.C + s) * p.D;
+  const int32_t r = p.index[bg * p.C + s];
+  CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < p.R, "decode_attention: slot_index must hold pool rows in [0, R)");
+  return (b * p.R + r) * p.D;
+}
 
 // VEC: elements per load (16 bytes, or 1 when a row is not a whole number of aligned 16-byte
 // vectors). A lane holds at most kDimsPerLane dims of a row: NVPT vectors at lr, lr + tpr, ...
@@ -134,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) dot[h] = 0.f;
       if (ok) {
-        const kv_t* kr = k + (bg * C + s) * D;
+        const kv_t* kr = k + row_offset(p, bg, b, s);
         int64_t trow = 0;  // the slot's row of the rope tables
         if (p.rank) {
           const int32_t r = p.rank[bg * C + s];
@@ -222,7 +235,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int j = grp; j < tile; j += ngrp) {
       if (!valid[buf][j]) continue;  // an empty slot's value row may hold anything, even NaN
-      const kv_t* vr = v + (bg * C + t0 + j) * D;
+      const kv_t* vr = v + row_offset(p, bg, b, t0 + j);
       float pj[HEADS];
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) pj[h] = h < gb ? sc[buf][h * tile + j] : 0.f;
@@ -399,10 +412,12 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& probs_out,
                            const std::optional<at::Tensor>& rope_cos,
                            const std::optional<at::Tensor>& rope_sin,
-                           const std::optional<at::Tensor>& rope_rank) {
-  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank);
+                           const std::optional<at::Tensor>& rope_rank,
+                           const std::optional<at::Tensor>& slot_index) {
+  check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
+                         slot_index);
   const auto guard = cuda::on_device("decode_attention", k);
-  const int64_t B = k.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv, C = k.size(2), D = k.size(3);
+  const int64_t B = k.size(0), H = q.size(1), Hkv = pos.size(1), G = H / Hkv, C = pos.size(2), D = k.size(-1);
   if (B == 0) return;
 
   DecodeParams p{};
@@ -419,6 +434,10 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
     p.sin = rope_sin->const_data_ptr<float>();
     p.rank = rope_rank->const_data_ptr<int32_t>();
     p.rope_rows = rope_cos->size(0);
+  }
+  if (slot_index) {
+    p.index = slot_index->const_data_ptr<int32_t>();
+    p.R = k.size(1);
   }
   // Balanced head blocks of at most kMaxHeads heads each, none empty.
   p.heads_per_block = cuda::ceil_div<int64_t>(G, cuda::ceil_div<int64_t>(G, kMaxHeads));

@@ -19,7 +19,8 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& probs_out,
                            const std::optional<at::Tensor>& rope_cos,
                            const std::optional<at::Tensor>& rope_sin,
-                           const std::optional<at::Tensor>& rope_rank);
+                           const std::optional<at::Tensor>& rope_rank,
+                          const std::optional<at::Tensor>& slot_index);
 
 // RoPE on the query (and the key if rotate_key), the key and value rows into cache slot `slot`.
 void rope_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
     rope_append_kernel(const q_t* __restrict__ qkv, const float* __restrict__ cos, const float* __restrict__ sin,
                        const int64_t* __restrict__ slot, bool rotate_key, q_t* __restrict__ q_out,
                        kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache, int64_t B, int H, int Hkv,
-                       int64_t C, int D) {
+                       int Hc, int64_t C, int D) {
   const int half = D / 2, rows = H + 2 * Hkv;
   const int64_t n = B * rows * half;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads)
     const int g = is_key ? r - H : r - H - Hkv;
     const int64_t s = slot[b * Hkv + g];
     CUDA_KERNEL_ASSERT_MSG(s >= 0 && s < C, "rope_append: slot must hold slot indices in [0, C)");
-    kv_t* dst = (is_key ? k_cache : v_cache) + ((b * Hkv + g) * C + s) * D;
+    kv_t* dst = (is_key ? k_cache : v_cache) + ((b * Hc + (Hc == 1 ? 0 : g)) * C + s) * D;  // Hc 1: a shared pool
     if (is_key && rotate_key) rotate_pair(x1, x2, cos, sin, d, half, y1, y2);
     dst[d] = static_cast<kv_t>(y1);
     dst[half + d] = static_cast<kv_t>(y2);
@@ -59,7 +59,8 @@ void rope_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache);
   const auto guard = cuda::on_device("rope_append", k_cache);
   const int64_t B = k_cache.size(0), C = k_cache.size(2);
-  const int Hkv = static_cast<int>(k_cache.size(1)), D = static_cast<int>(k_cache.size(3));
+  const int Hkv = static_cast<int>(slot.size(1)), Hc = static_cast<int>(k_cache.size(1));
+  const int D = static_cast<int>(k_cache.size(3));
   const int H = static_cast<int>(q_out.size(1));
   const int64_t threads = B * (H + 2 * Hkv) * (D / 2);
   if (threads == 0) return;
@@ -69,7 +70,7 @@ void rope_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
       rope_append_kernel<scalar_t, kv_t><<<cuda::grid_for(threads, kThreads), kThreads, 0, cuda::current_stream()>>>(
           qkv.const_data_ptr<scalar_t>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
           slot.const_data_ptr<int64_t>(), rotate_key, q_out.mutable_data_ptr<scalar_t>(),
-          k_cache.mutable_data_ptr<kv_t>(), v_cache.mutable_data_ptr<kv_t>(), B, H, Hkv, C, D);
+          k_cache.mutable_data_ptr<kv_t>(), v_cache.mutable_data_ptr<kv_t>(), B, H, Hkv, Hc, C, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

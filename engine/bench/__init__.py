@@ -2,6 +2,7 @@
 
     python -m engine.bench                            # model: engine vs transformers vs the matvec floor
     python -m engine.bench --policy h2o --budget 256  # flags without a subcommand go to model
+    python -m engine.bench allocation --policy h2o --budget 256  # uniform vs adaptive vs pyramid allocation
     python -m engine.bench kernels                    # each op vs its reference, attention vs SDPA
     python -m engine.bench gpu --preset smollm2-135m  # CUDA: full cache vs policies, eager vs CUDA graph
     python -m engine.bench serve                      # the server under concurrent streams
@@ -21,6 +22,7 @@ from ..cli import Parser, add_subcommands
 
 COMMANDS = {
     "model": "a real model: decode and prefill vs transformers, or a policy's overhead (the default)",
+    "allocation": "one policy under uniform, adaptive and pyramid allocation: decode step time ratios, KV bytes per layer",
     "kernels": "each op vs its reference, attention vs SDPA, on random inputs",
     "gpu": "CUDA decode of a random model: full cache vs policies, eager vs CUDA graph",
     "serve": "the OpenAI-compatible server under 1, 4, 8, 16 concurrent streams: tokens/s, TTFT, inter-token latency",

@@ -60,9 +60,21 @@ def prefill_layer(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor
                   ) -> tuple[torch.Tensor, int]:
     """q (B, H, T, D), k/v (B, Hkv, T, D) before RoPE -> the attention output (B, H, T, D) and the number of
     slots in use once the kept entries are compacted into `st`."""
+    T = q.shape[2]
+    out, e, score = score_chunk(store, st, q, k, v, store.budget, store.occupancy + T > store.budget)
+    keep = None if score is None else keep_indices(store.policy, score, e.layer.pos, store.t + T, store.budget,
+                                                     store.tp)
+    return out, compact(st, e.layer, keep, store.mask, store.capacity)
+
+
+def score_chunk(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int,
+                over: bool) -> tuple[torch.Tensor, Entries, torch.Tensor | None]:
+    """Attention of a chunk over cache + chunk -> the output (B, H, T, D), every entry, and when the entries
+    exceed the budget (`over`: the caller's count) the policy's scores of them, with `budget` tokens per KV
+    head to keep (None: nothing to drop; the policy's state is still updated where it asks)."""
     policy, T = store.policy, q.shape[2]
     e = gather(store, st, q, k, v)
-    over_budget = store.occupancy + T > store.budget and e.keys.shape[2] > 0
+    over_budget = over and e.keys.shape[2] > 0
     rows = T if policy.prefill_rows is None else min(policy.prefill_rows, T)
     wants_colsum = policy.prefill_rows != 0 and (over_budget or policy.needs_acc or policy.observes_prefill)
     out, colsum = attend(e, rows, store.scale, policy.group_reduce if wants_colsum else None)
@@ -71,13 +83,12 @@ def prefill_layer(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor
     rows_seen = (T - torch.searchsorted(e.qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                  ).reshape(pos.shape).float() * (pos >= 0)
     view = PrefillView(layer=e.layer, q=e.q, k=e.keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen,
-                       budget=store.budget, tp=store.tp)
-    keep = None
+                       budget=budget, tp=store.tp)
     if over_budget:
-        keep = keep_indices(policy, policy.prefill_scores(view), pos, store.t + T, store.budget, store.tp)
-    elif colsum is not None or policy.observes_prefill:
+        return out, e, policy.prefill_scores(view)
+    if colsum is not None or policy.observes_prefill:
         policy.prefill_scores(view)  # accumulate state even when nothing is evicted yet
-    return out, compact(st, e.layer, keep, store.mask, store.capacity)
+    return out, e, None
 
 
 def gather(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Entries:

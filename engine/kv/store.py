@@ -106,9 +106,9 @@ class KVStore:
         B, Hkv, C, D, L, H = batch, args.n_kv_heads, capacity, args.head_dim, args.n_layers, args.n_heads
         names = set(policy.state_names) | ({"acc"} if policy.needs_acc else set())
         names |= {"vnorm"} if policy.value_norm else set()
+        k, v = self._kv_buffers(L * B, Hkv, C, D)
         self.all = LayerState(  # every layer at once: layer l is batch rows [l B, (l + 1) B)
-            k=torch.zeros(L * B, Hkv, C, D, dtype=self.kv_dtype, device=device),
-            v=torch.zeros(L * B, Hkv, C, D, dtype=self.kv_dtype, device=device),
+            k=k, v=v,
             pos=torch.full((L * B, Hkv, C), -1, dtype=torch.int32, device=device),
             state={n: torch.zeros(L * B, Hkv, C, device=device) for n in sorted(names)},
             rank=torch.zeros(L * B, Hkv, C, dtype=torch.int32, device=device) if self.cache_positions else None,
@@ -140,6 +140,11 @@ class KVStore:
         self._pending = 0  # slots in use after the chunk being prefilled
         # the RoPE row of this decode step's query, looked up on the device by begin_decode
         self.query_cos = self.query_sin = torch.empty(0, device=device)
+
+    def _kv_buffers(self, rows: int, Hkv: int, C: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V buffers, a [C, D] block of slots per (row, KV head)."""
+        return (torch.zeros(rows, Hkv, C, D, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(rows, Hkv, C, D, dtype=self.kv_dtype, device=self.device))
 
     # ---- host-side bookkeeping ----------------------------------------------------------------
     def reset(self) -> None:
@@ -239,10 +244,9 @@ class KVStore:
         st, rows, B = self.layers[layer], self.step_rows[layer], qkv.shape[0]
         qr = rows.q
         qkv = qkv.to(self.query_dtype)  # a no-op unless a 16-bit model reads a cache of another dtype
-        # at original positions the new key sits at t == the query's position: rotated like the query
-        ops.rope_append(qkv, self.query_cos, self.query_sin, rows.slot, not self.cache_positions, qr, st.k, st.v)
+        self._append_token(layer, qkv)
         if self.policy.value_norm:
-            Hkv, D = st.k.shape[1], st.k.shape[3]
+            Hkv, D = st.pos.shape[1], self.args.head_dim
             # the value as stored (rounded to the cache dtype), as a prompt chunk's norms are taken
             v = qkv[:, qkv.shape[1] - Hkv * D :].reshape(B, Hkv, 1, D).to(self.kv_dtype).contiguous()
             nv = torch.empty(B, Hkv, 1, device=qkv.device)
@@ -251,18 +255,30 @@ class KVStore:
         rope = self.rope if self.cache_positions else None
         length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
         probs = rows.probs
-        ops.decode_attention(
-            qr, st.k, st.v, st.pos, length, self.scale, self.attn_out,
-            st.state["acc"] if self.fused_acc else None, probs,
-            rope=(rope.cos, rope.sin, st.rank) if rope else None,
-        )
+        self._attend(layer, qr, length, probs, rope)
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
-            st.state["acc"] += reduce_group(probs, st.k.shape[1], self.policy.group_reduce)
+            st.state["acc"] += reduce_group(probs, st.pos.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
             self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope, tp=self.tp))
         if self.attn_out is not self.out:
             self.out.copy_(self.attn_out)
         return self.out
+
+    def _append_token(self, layer: int, qkv: torch.Tensor) -> None:
+        """The step's query rotated into its row of `queries`, its key and value into its slots."""
+        st, rows = self.layers[layer], self.step_rows[layer]
+        # at original positions the new key sits at t == the query's position: rotated like the query
+        ops.rope_append(qkv, self.query_cos, self.query_sin, rows.slot, not self.cache_positions, rows.q, st.k, st.v)
+
+    def _attend(self, layer: int, q: torch.Tensor, length: int, probs: torch.Tensor | None,
+                rope: Rope | None) -> None:
+        """Decode attention of one layer over its slots into attn_out (and acc, probs)."""
+        st = self.layers[layer]
+        ops.decode_attention(
+            q, st.k, st.v, st.pos, length, self.scale, self.attn_out,
+            st.state["acc"] if self.fused_acc else None, probs,
+            rope=(rope.cos, rope.sin, st.rank) if rope else None,
+        )
 
     def end_decode(self) -> None:
         """Once every layer has decoded: the device side, then the host counters."""

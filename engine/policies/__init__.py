@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .base import Policy, PolicyError
 from .ahakv import AhaKV
+from .cam import CaM
 from .full import Full
 from .h2o import H2O
 from .scissorhands import Scissorhands
@@ -45,8 +46,8 @@ def make_policy(name: str, **params: object) -> Policy:
     return cls(**{k: v for k, v in params.items() if v is not None})
 
 
-for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV):
+for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV, CaM):
     register(_cls)
 
-__all__ = ["AhaKV", "DecodeView", "Full", "H2O", "LayerState", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
+__all__ = ["AhaKV", "CaM", "DecodeView", "Full", "H2O", "LayerState", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
            "Streaming", "TOVA", "VATP", "WeightedKV", "list_policies", "make_policy", "policy_class", "register"]

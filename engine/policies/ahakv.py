@@ -65,6 +65,7 @@ class AhaKV(Policy):
     observes_prefill: ClassVar[bool] = True  # the prompt's last queries are kept even without compression
     prefill_rows: ClassVar[int | None] = 0  # no column sums from the store: S has a per-row lambda
     decode_layer_by_layer: ClassVar[bool] = True  # the ring of kept queries lives in each layer's `extra`
+    reads_kv: ClassVar[bool] = True
 
     def check_params(self) -> None:
         if self.r < 1:

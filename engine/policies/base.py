@@ -15,6 +15,8 @@ from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 import torch
 
 from .reduce import REDUCTIONS
+
+ALLOCATIONS = ("uniform", "adaptive", "pyramid")
 from .views import DecodeView, PrefillView  # what a policy sees: the arguments of the hooks below
 
 
@@ -31,6 +33,10 @@ class Policy:
     recent: int = 0
     positions: str = "original"
     group_reduce: str = "mean"  # how the G query heads of a KV head combine: mean | max | sum
+    # where the budget goes (engine/kv/allocation.py defines each rule): uniform | adaptive | pyramid
+    allocation: str = "uniform"
+    min_share: int = -1  # adaptive: fewest tokens a KV head keeps; -1: sinks + recent + a fifth of the rest
+    pyramid_beta: float = 20.0  # pyramid: the top layer keeps 1/beta of the mean evictable budget
 
     name: ClassVar[str] = ""
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot fp32 tensors the policy keeps
@@ -40,6 +46,7 @@ class Policy:
     evicts_on_decode: ClassVar[bool] = True
     layer_wide: ClassVar[bool] = False  # one eviction decision for all KV heads of a layer (TOVA), not per head
     merges_values: ClassVar[bool] = False  # every eviction merges the victim's value (WeightedKV)
+    reads_kv: ClassVar[bool] = False  # decode scoring or after_evict reads the slots' keys or values
     observes_prefill: ClassVar[bool] = False  # prefill_scores runs on every chunk, not only when it compresses
     # decode_update/decode_scores are called for each layer in turn (a policy with per-layer `extra` state),
     # not once per step for all layers stacked
@@ -57,6 +64,14 @@ class Policy:
         self._half_recent = self.recent == -1
         if self.positions not in ("original", "cache"):
             raise PolicyError(f"{self.name}: positions must be 'original' or 'cache', got {self.positions!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise PolicyError(f"{self.name}: allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation != "uniform" and self.positions != "original":
+            raise PolicyError(f"{self.name}: allocation {self.allocation!r} needs positions='original' (with 'cache' "
+                              "the query's rank would differ between layers and heads)")
+        if self.min_share < -1 or self.pyramid_beta < 1.0:
+            raise PolicyError(f"{self.name}: min_share must be >= 0 (or -1: the default) and pyramid_beta >= 1, "
+                              f"got {self.min_share} and {self.pyramid_beta}")
         if self.group_reduce not in REDUCTIONS:
             raise PolicyError(f"{self.name}: group_reduce must be one of {', '.join(REDUCTIONS)}, got {self.group_reduce!r}")
         if isinstance(self.budget, int):
@@ -84,6 +99,8 @@ class Policy:
             raise PolicyError(
                 f"{self.name}: budget {budget} must exceed sinks + recent = {self.sinks} + {self.recent}"
             )
+        if self.min_share > budget:
+            raise PolicyError(f"{self.name}: min_share {self.min_share} must not exceed the budget {budget}")
 
     def resolve_budget(self, prompt_len: int) -> int:
         """Tokens kept per (layer, KV head); a float budget is a fraction of the prompt."""
@@ -110,7 +127,8 @@ class Policy:
         raise NotImplementedError
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        """Called with the victim slots (B, Hkv) before they are freed."""
+        """Called with the victim slots (B, Hkv) before they are freed (-1: the head evicts nothing now,
+        under adaptive or pyramid allocation)."""
 
     @classmethod
     def options(cls) -> list[tuple[str, type, object]]:

@@ -30,7 +30,10 @@ class TOVA(Policy):
         return view.colsum
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        """(B, 1, C): the store picks one victim per layer from it."""
+        """(B, 1, C): the store picks one victim per layer from it. Under adaptive allocation (B, Hkv, C):
+        each KV head's own group, since the heads then keep different tokens."""
+        if self.allocation == "adaptive":
+            return reduce_group(view.probs, view.layer.pos.shape[1], self.group_reduce)
         if self.group_reduce == "mean":
             return mean_over_heads(view.probs, view.tp)  # = the mean of the group means
         return mean_over_heads(reduce_group(view.probs, view.layer.pos.shape[1], self.group_reduce), view.tp)

@@ -24,13 +24,18 @@ class LayerState:
     rank: torch.Tensor | None = None  # (B, Hkv, C) int32 rank among valid slots (positions="cache")
     free: torch.Tensor | None = None  # (B, Hkv) int64 slot freed by the last eviction
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-private non-slot tensors
+    # adaptive / pyramid allocation (engine/kv/allocated.py): the tokens a KV head of this row's layer keeps
+    # on average (B, 1, 1) int64, and with a pooled layout each slot's pool row (B, Hkv, C) int32 (k and v
+    # then hold the slots' rows gathered per head, a copy made for a policy that reads them)
+    quota: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
     def rows(self, lo: int, hi: int) -> "LayerState":
         """Views of batch rows [lo, hi) of every per-slot buffer (one layer of the all-layer state)."""
         view = lambda t: None if t is None else t[lo:hi]
-        return LayerState(k=self.k[lo:hi], v=self.v[lo:hi], pos=self.pos[lo:hi],
+        return LayerState(k=view(self.k), v=view(self.v), pos=self.pos[lo:hi],
                           state={n: s[lo:hi] for n, s in self.state.items()}, rank=view(self.rank),
-                          free=view(self.free))
+                          free=view(self.free), quota=view(self.quota), index=view(self.index))
 
 
 @dataclass

@@ -27,57 +27,33 @@ import torch.nn.functional as F
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
+from .views import LayerState
 
 RECEIVERS = ("next", "prev", "nearest_key")
 
 
 @dataclass
-class WeightedKV(Policy):
+class AverageAttentionMerge(Policy):
+    """The victim is the slot with the least average attention; its value is merged into kept ones by
+    `merge` (WeightedKV's or CaM's), at decode and, one dropped entry at a time, when a prompt is compressed."""
+
     sinks: int = 4
     recent: int = 32
-    receiver: str = "next"
 
-    name: ClassVar[str] = "weightedkv"
-    state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
+    state_names: ClassVar[tuple[str, ...]] = ("cnt",)
     needs_acc: ClassVar[bool] = True
     merges_values: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if self.receiver not in RECEIVERS:
-            raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
-        super().__post_init__()
+    reads_kv: ClassVar[bool] = True
 
     @staticmethod
     def average(state: dict[str, torch.Tensor]) -> torch.Tensor:
         """abar = acc / cnt (0 where nothing saw the slot)."""
         return state["acc"] / state["cnt"].clamp(min=1.0)
 
-    def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv) slot that takes each victim's value, -1 if there is none."""
-        C = pos.shape[2]
-        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
-        if self.receiver == "nearest_key":
-            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))
-            cos = F.cosine_similarity(k.float(), kj.float(), dim=-1).masked_fill(~cand, -math.inf)
-            return torch.where(cand.any(2), cos.argmax(2), -1)
-        pj = pos.gather(2, victim[..., None])
-        big = torch.iinfo(pos.dtype).max
-        nxt = torch.where(cand & (pos > pj), pos, big).min(2)
-        prv = torch.where(cand & (pos < pj), pos, -1).max(2)
-        has_nxt, has_prv = nxt.values < big, prv.values >= 0
-        if self.receiver == "next":
-            return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
-        return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
-
-    def merge(self, v: torch.Tensor, w: torch.Tensor, abar: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor) -> None:
-        """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
-        rcv = self.receivers(k, pos, victim)
-        r = rcv.clamp(min=0)[..., None]
-        w_r = w.gather(2, r)
-        first = (rcv[..., None] >= 0) & (w_r == 0)
-        w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
-        ops.merge_value(v, w, victim, rcv, abar.gather(2, victim[..., None])[..., 0].contiguous())
+    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+        """Merge the value of slot victim[b, g] (-1: none) into kept slots of layer.v, in place. `pos`: the
+        entries still present (a prompt chunk's merges drop them one at a time)."""
+        raise NotImplementedError
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
         st, pos = view.layer.state, view.layer.pos
@@ -94,7 +70,7 @@ class WeightedKV(Policy):
         victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
         for _ in range(drops):
             ops.select_victim(abar, alive, self.sinks, hi, victim)
-            self.merge(view.layer.v, st["w"], abar, view.layer.k, alive, victim)
+            self.merge(view.layer, abar, alive, victim)
             alive.scatter_(2, victim[..., None], -1)
         return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
 
@@ -105,5 +81,50 @@ class WeightedKV(Policy):
         return self.average(view.layer.state)
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        st = view.layer
-        self.merge(st.v, st.state["w"], self.average(st.state), st.k, st.pos, victim)
+        self.merge(view.layer, self.average(view.layer.state), view.layer.pos, victim)
+
+
+@dataclass
+class WeightedKV(AverageAttentionMerge):
+    receiver: str = "next"
+
+    name: ClassVar[str] = "weightedkv"
+    state_names: ClassVar[tuple[str, ...]] = ("cnt", "w")
+
+    def __post_init__(self) -> None:
+        if self.receiver not in RECEIVERS:
+            raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
+        super().__post_init__()
+
+    def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
+        rcv = self._receivers(k, pos, victim.clamp(min=0))
+        return torch.where(victim >= 0, rcv, -1)
+
+    def _receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+        C = pos.shape[2]
+        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
+        if self.receiver == "nearest_key":
+            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))
+            cos = F.cosine_similarity(k.float(), kj.float(), dim=-1).masked_fill(~cand, -math.inf)
+            return torch.where(cand.any(2), cos.argmax(2), -1)
+        pj = pos.gather(2, victim[..., None])
+        big = torch.iinfo(pos.dtype).max
+        nxt = torch.where(cand & (pos > pj), pos, big).min(2)
+        prv = torch.where(cand & (pos < pj), pos, -1).max(2)
+        has_nxt, has_prv = nxt.values < big, prv.values >= 0
+        if self.receiver == "next":
+            return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
+        return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
+
+    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+        """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
+        v, w, k = layer.v, layer.state["w"], layer.k
+        rcv = self.receivers(k, pos, victim)
+        r = rcv.clamp(min=0)[..., None]
+        w_r = w.gather(2, r)
+        first = (rcv[..., None] >= 0) & (w_r == 0)
+        w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
+        weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
+        ops.merge_value(v, w, victim, rcv, weight)
+

@@ -1,0 +1,340 @@
+"""AllocatedKVStore: the KV store under adaptive or pyramid allocation (engine/kv/allocation.py), where
+KV heads and layers keep different numbers of tokens, in memory that holds exactly the budget.
+
+The pool. Layer l owns P_l = Hkv (b_l + spare) rows of one K and one V buffer [B, sum_l P_l + 1, D]
+(`spare`: the incoming tokens' rows, as the uniform store's spare slot; the last row is a scratch row
+that empty slots point at). Each KV head has a list of C slots (`index`, [L B, Hkv, C] int32: the pool
+row of each slot); its per-slot metadata (pos, policy state) keeps the uniform store's [L B, Hkv, C]
+layout, so every scoring policy runs unchanged. C is the most a head can hold: Hkv b_l - (Hkv - 1)
+floor + spare under adaptive allocation (every other head keeps its floor), b_l + spare under pyramid.
+The K/V bytes are those of the uniform store at the same total budget; the lists cost 4 bytes a slot.
+
+A decode step: each head's token goes into its first empty slot and a free pool row (`free`, [L B, Hkv]:
+the rows the last step's evictions freed, or the next unused rows while a layer fills); decode attention
+reads each head's slots through `index` (ops.decode_attention's slot_index); the eviction runs on the
+device for every layer, applied where the layer is over its budget (no host value decides it), and its
+freed rows become the next step's `free`. Static shapes throughout: a step can be captured in a CUDA graph.
+
+`mask=True` keeps the uniform store's dense layout with a slot for every token and only masks evicted
+ones (the papers' protocol): the same selection over the same metadata, the test oracle of the pool.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import ops
+from ..config import ModelArgs
+from ..policies.base import Policy, PolicyError
+from ..policies.views import DecodeView, LayerState
+from ..rope import Rope
+from . import allocation
+from .prefill import compact, keep_indices, score_chunk
+from .store import NO_LIMIT, CacheStats, KVStore
+
+if TYPE_CHECKING:
+    from ..dist import TensorParallel
+
+
+class AllocatedKVStore(KVStore):
+    def __init__(self, args: ModelArgs, policy: Policy, budget: int, capacity: int, batch: int, dtype: torch.dtype,
+                 device: torch.device, rope: Rope, mask: bool = False, kv_dtype: torch.dtype | None = None,
+                 tp: TensorParallel | None = None):
+        """As KVStore; `budget` is the mean tokens per (layer, KV head), `capacity` the uniform store's
+        slots per (layer, KV head) (the whole sequence with `mask`)."""
+        L, Hkv = args.n_layers, args.n_kv_heads
+        self.adaptive = policy.allocation == "adaptive"
+        protected = policy.sinks + policy.recent
+        self.layer_budgets = (allocation.pyramid_budgets(budget, protected, L, policy.pyramid_beta)
+                              if policy.allocation == "pyramid" else [budget] * L)
+        self.floor = min(allocation.min_share(policy, budget), budget) if self.adaptive else 0
+        spare = max(1, capacity - budget)
+        self.pool_rows = [Hkv * (b + spare) for b in self.layer_budgets]  # P_l
+        if mask:
+            slots = capacity
+        elif self.adaptive:
+            slots = min(Hkv * budget - (Hkv - 1) * self.floor + spare, Hkv * (budget + spare))
+        else:
+            slots = max(self.layer_budgets) + spare
+        # the slots a head of layer l can hold: each head fills its first empty slot, so it uses no other
+        self.layer_slots = [slots if self.adaptive or mask else b + spare for b in self.layer_budgets]
+        self.pooled = not mask
+        self.scratch = sum(self.pool_rows)  # the pool row every empty slot points at
+        super().__init__(args, policy, budget, slots, batch, dtype, device, rope, mask, kv_dtype, tp)
+        B, a = batch, self.all
+        layer_of_row = torch.arange(L, device=device).repeat_interleave(B)
+        a.quota = torch.tensor(self.layer_budgets, device=device)[layer_of_row].view(L * B, 1, 1)
+        self.row0 = torch.tensor([0, *self.pool_rows], device=device).cumsum(0)[layer_of_row][:, None]
+        if self.pooled:
+            a.index = torch.full((L * B, Hkv, slots), self.scratch, dtype=torch.int32, device=device)
+            self.pool_heads = (self.pool_k[:, None], self.pool_v[:, None])  # as rope_append's one-head cache
+        self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
+        self.head_offsets = torch.arange(Hkv, device=device)
+        self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
+        self._next_rows()
+
+    def _kv_buffers(self, rows: int, Hkv: int, C: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.pooled:
+            return super()._kv_buffers(rows, Hkv, C, D)
+        shape = (self.batch, self.scratch + 1, D)
+        self.pool_k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.pool_v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        return None, None
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def counts(self) -> torch.Tensor:
+        """(L B, Hkv) valid tokens per (layer row, KV head)."""
+        return (self.all.pos >= 0).sum(2)
+
+    def _next_rows(self) -> None:
+        """`free` for the next step: the rows evictions freed, else the next unused rows of the layer (a
+        layer that evicts once evicts every step after, so its unused rows are always the top ones)."""
+        if not self.pooled:
+            return
+        fresh = self.row0 + self.counts().sum(1, keepdim=True) + self.head_offsets
+        self.all.free.copy_(torch.where(self.freed >= 0, self.freed, fresh))
+        self.freed.fill_(-1)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.pooled:
+            self.all.index.fill_(self.scratch)
+            self._next_rows()
+
+    def fill(self, positions: torch.Tensor, t: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        raise NotImplementedError("fill: a store with adaptive or pyramid allocation is filled by prefill")
+
+    def stats(self) -> CacheStats:
+        """Occupancy: the mean valid tokens per (layer, KV head); capacity: pool rows per (layer, KV head)."""
+        per_token = self.args.kv_bytes_per_token(self.kv_dtype) * self.batch
+        L, Hkv = self.args.n_layers, self.args.n_kv_heads
+        slots = sum(self.pool_rows) if self.pooled else L * Hkv * self.capacity
+        occupancy = round(int(self.counts().sum()) / (L * Hkv * self.batch))
+        return CacheStats(occupancy=occupancy, capacity=slots // (L * Hkv), budget=self.budget,
+                          kv_bytes=per_token * slots // (L * Hkv), full_kv_bytes=per_token * self.t,
+                          tokens_seen=self.t, evictions=self.t - occupancy,
+                          merges=self.t - occupancy if self.policy.merges_values else 0)
+
+    @property
+    def qpos(self) -> int:
+        return self.t  # positions="original" only
+
+    @property
+    def evicts_now(self) -> bool:
+        """Whether some layer may be over its budget after the coming step (the device decides which)."""
+        return self.policy.evicts_on_decode and self.t + 1 > min(self.layer_budgets)
+
+    # ---- prefill -------------------------------------------------------------------------------
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        st, T, B = self.layers[layer], q.shape[2], q.shape[0]
+        b_l, Hkv = self.layer_budgets[layer], st.pos.shape[1]
+        if self.pooled:
+            self.used = self.capacity if self.t else 0  # every list slot may hold a token once any does
+        total = int((st.pos >= 0).sum()) // B
+        view = self._gathered(st) if self.pooled else st
+        out, e, score = score_chunk(self, view, q, k, v, b_l, total + Hkv * T > Hkv * b_l)
+        keep = None
+        if score is not None:
+            pos = e.layer.pos
+            if self.adaptive:
+                end, p = self.t + T, self.policy
+                protected = (pos >= 0) & ((pos < p.sinks) | (pos >= end - p.recent))
+                keep = allocation.adaptive_keep(score, pos, protected, Hkv * b_l, self.floor)
+            else:
+                keep = allocation.uniform_keep(keep_indices(self.policy, score, pos, self.t + T, b_l, self.tp), pos.shape[2])
+        if not self.pooled:
+            if keep is not None:  # mask what goes, keep every entry
+                e.layer.pos = e.layer.pos.masked_fill(~keep, -1)
+                e.layer.state = {n: s.masked_fill(~keep, 0.0) for n, s in e.layer.state.items()}
+            self._pending = compact(st, e.layer, None, True, self.capacity)
+        else:
+            self._compact_pool(layer, e.layer, (e.layer.pos >= 0) if keep is None else keep)
+        return out
+
+    def _compact_pool(self, layer: int, merged: LayerState, keep: torch.Tensor) -> None:
+        """Each head's kept entries, in position order, into its first slots and into consecutive pool rows
+        of the layer (head after head); the rest of the lists emptied."""
+        st, C = self.layers[layer], self.capacity
+        n = keep.sum(2)  # (B, Hkv)
+        if int(n.max()) > C:
+            raise RuntimeError(f"internal: a head keeps {int(n.max())} entries in {C} slots")
+        big = torch.iinfo(torch.int32).max
+        order = merged.pos.masked_fill(~keep, big).argsort(dim=2, stable=True)[:, :, :C]
+        width = order.shape[2]
+        slot = torch.arange(width, device=self.device)
+        used = slot < n[..., None]  # (B, Hkv, width)
+        first_row = self.row0[layer * st.pos.shape[0]] + n.cumsum(1) - n  # (B, Hkv)
+        rows = (first_row[..., None] + slot).masked_fill(~used, self.scratch)
+        st.pos.fill_(-1)
+        st.pos[:, :, :width] = merged.pos.gather(2, order).masked_fill(~used, -1)
+        for name, s in st.state.items():
+            s.zero_()
+            s[:, :, :width] = merged.state[name].gather(2, order).masked_fill(~used, 0.0)
+        st.index.fill_(self.scratch)
+        st.index[:, :, :width] = rows.int()
+        b, g, j = used.nonzero(as_tuple=True)
+        src = order[b, g, j]
+        self.pool_k[b, rows[b, g, j]] = merged.k[b, g, src]
+        self.pool_v[b, rows[b, g, j]] = merged.v[b, g, src]
+
+    def end_prefill(self, n: int) -> None:
+        self.used = self.capacity if self.pooled else self._pending
+        self.t += n
+        self.occupancy = min(self.t, self.budget)
+        self._next_rows()
+        self.sync_clock()
+
+    # ---- decode --------------------------------------------------------------------------------
+    def prepare_decode(self) -> tuple[bool, bool]:
+        self.rope.ensure(max(self.qpos, self.capacity) + 1)
+        return (not self.pooled and self.used < self.capacity), self.evicts_now
+
+    def begin_decode(self) -> None:
+        if not self.pooled:  # the dense layout of mask mode: the next slot, as the uniform store does
+            super().begin_decode()
+            return
+        self.prepare_decode()
+        a, slot = self.all, self.slot
+        slot.copy_(a.pos.argmin(2))  # each head's first empty slot (-1: the least position, first one wins)
+        a.pos.scatter_(2, slot[..., None], self.clock[0].int().expand_as(slot)[..., None])
+        a.index.scatter_(2, slot[..., None], a.free.int()[..., None])
+        self.query_cos, self.query_sin = self.rope.at(self.clock[2:])
+
+    def _append_token(self, layer: int, qkv: torch.Tensor) -> None:
+        if not self.pooled:
+            super()._append_token(layer, qkv)
+            return
+        ops.rope_append(qkv, self.query_cos, self.query_sin, self.layers[layer].free, True, self.step_rows[layer].q,
+                        *self.pool_heads)  # each head's token into its free row
+
+    def _attend(self, layer: int, q: torch.Tensor, length: int, probs: torch.Tensor | None, rope: Rope | None
+                ) -> None:
+        if not self.pooled:
+            super()._attend(layer, q, length, probs, rope)
+            return
+        st = self.layers[layer]
+        ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, self.layer_slots[layer], self.scale, self.attn_out,
+                             st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index)
+
+    def finish_decode(self) -> None:
+        super().finish_decode()
+        self._next_rows()
+
+    def advance_decode(self) -> None:
+        self.t += 1
+        self.occupancy = min(self.t, self.budget)
+        if not self.pooled:
+            self.used = min(self.used + 1, self.capacity)
+
+    # ---- eviction ------------------------------------------------------------------------------
+    def _policy_layer(self, st: LayerState) -> LayerState:
+        """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them."""
+        return self._gathered(st) if self.pooled and self.policy.reads_kv else st
+
+    def _gathered(self, st: LayerState) -> LayerState:
+        """st with k and v (rows, Hkv, C, D): copies of its slots' pool rows (rows stack layers, B each)."""
+        where = self._pool_index(st, st.index.long())
+        return LayerState(k=self.pool_k[where], v=self.pool_v[where], pos=st.pos, state=st.state, rank=st.rank,
+                          free=st.free, extra=st.extra, quota=st.quota, index=st.index)
+
+    def _pool_index(self, st: LayerState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advanced index into the [B, R, D] pool of pool rows `rows` (n, Hkv, C), n rows of st."""
+        batch_row = torch.arange(st.pos.shape[0], device=self.device) % self.batch
+        return batch_row[:, None, None], rows
+
+    def _evict(self, view: DecodeView) -> None:
+        st, p = view.layer, self.policy
+        view = DecodeView(layer=self._policy_layer(st), step_pos=view.step_pos, q=view.q, probs=view.probs,
+                          rope=view.rope, tp=view.tp)
+        score = p.decode_scores(view)
+        pos, Hkv = st.pos, st.pos.shape[1]
+        valid = pos >= 0
+        evictable = pos >= p.sinks  # valid too: sinks >= 0
+        if p.recent:
+            evictable &= pos <= self.clock[0] - p.recent
+        counts = valid.sum(2)
+        over = counts.sum(1) > Hkv * st.quota[:, 0, 0]
+        freed = self.freed[self._rows_of(st)]
+        if self.adaptive:  # one token leaves per token that came (Hkv), each from any head
+            entry, taken = allocation.adaptive_victims(score, valid, evictable, counts, self.floor, over, Hkv)
+            if not p.merges_values:
+                freed.copy_(self._remove_all(st, entry, taken))
+                return
+            C = pos.shape[2]
+            for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
+                head, slot = entry[:, i : i + 1] // C, entry[:, i : i + 1] % C
+                victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
+                freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
+            return
+        victim = torch.empty_like(st.free)
+        masked = torch.where(evictable, pos, -1)
+        if p.layer_wide:
+            one = torch.empty_like(victim[:, :1])
+            ops.select_victim(score.contiguous(), masked[:, :1].contiguous(), 0, NO_LIMIT, one)
+            victim.copy_(one.expand_as(victim))
+        else:
+            ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
+        if p.merges_values:
+            freed.copy_(self._remove(view, torch.where(over[:, None], victim, -1)))
+        else:  # slot victim of every head, in each layer over its budget
+            flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
+            freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
+
+    def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
+        """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing, then the slot
+        emptied. Returns the pool rows freed (B, Hkv) int64, -1 where nothing was (or no pool)."""
+        st = view.layer
+        self.policy.after_evict(view, victim)
+        if self.pooled and self.policy.merges_values:  # the merged values, gathered, back into the pool
+            self._write_back_values(st)
+        gone = victim >= 0
+        idx = victim.clamp(min=0)[..., None]
+        st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
+        for s in st.state.values():
+            s.scatter_(2, idx, torch.where(gone[..., None], 0.0, s.gather(2, idx)))
+        if not self.pooled:
+            return torch.full_like(victim, -1)
+        row = st.index.gather(2, idx)
+        st.index.scatter_(2, idx, torch.where(gone[..., None], self.scratch, row))
+        return torch.where(gone, row[..., 0].long(), -1)
+
+    def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+        """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
+        (no policy post-processing). Returns the pool rows freed (B, n) int64, -1 where nothing was (or no pool)."""
+        B, Hkv, C = st.pos.shape
+        gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=self.device).scatter_(1, flat, taken).view(B, Hkv, C)
+        st.pos.masked_fill_(gone, -1)
+        for s in st.state.values():
+            s.masked_fill_(gone, 0.0)
+        if not self.pooled:
+            return torch.full_like(flat, -1)
+        row = st.index.view(B, -1).gather(1, flat)
+        st.index.masked_fill_(gone, self.scratch)
+        return torch.where(taken, row.long(), -1)
+
+    def _rows_of(self, st: LayerState) -> slice:
+        """Which rows of the all-layer state st holds (all of them, or one layer's)."""
+        size = st.pos.shape[0]
+        first = (st.pos.data_ptr() - self.all.pos.data_ptr()) // (st.pos.stride(0) * st.pos.element_size())
+        return slice(first, first + size)
+
+    def _write_back_values(self, st: LayerState) -> None:
+        """Copy the gathered value rows a merge policy changed back to their pool rows (valid slots only;
+        the others go to the scratch row)."""
+        rows = st.index.long().masked_fill(st.pos < 0, self.scratch)
+        self.pool_v[self._pool_index(st, rows)] = st.v
+
+
+def make_store(args: ModelArgs, policy: Policy, budget: int, capacity: int, batch: int, dtype: torch.dtype,
+               device: torch.device, rope: Rope, mask: bool = False, kv_dtype: torch.dtype | None = None,
+               tp: TensorParallel | None = None) -> KVStore:
+    """The store for `policy`: today's KVStore under uniform allocation, else AllocatedKVStore. Adaptive
+    allocation ranks the scores of every head of a layer against each other, which under tensor parallelism
+    would need the other ranks' heads in every step: refused there (uniform and pyramid shares are per head)."""
+    if tp is not None and policy.allocation == "adaptive":
+        raise PolicyError(f"{policy.name}: allocation 'adaptive' compares all KV heads of a layer and is not "
+                          "supported under tensor parallelism; use 'uniform' or 'pyramid'")
+    cls = KVStore if policy.allocation == "uniform" or policy.name == "full" else AllocatedKVStore
+    return cls(args, policy, budget, capacity, batch, dtype, device, rope, mask=mask, kv_dtype=kv_dtype, tp=tp)
