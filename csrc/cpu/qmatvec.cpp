@@ -85,9 +85,13 @@ void set_quant_isa(const std::string& isa) {
 
 std::string quant_isa() { return use_avx2() ? "avx2" : "portable"; }
 
-void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
-                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
-  check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu);
+namespace {
+
+// qmatvec_cpu's and qmatvec_q8_cpu's body: the checks, the prologue, then the product on this CPU's kernels.
+template <bool kQ8Activations>
+void packed_product(const char* op, const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out,
+                    bool accumulate, const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu, op);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const int64_t N = blocks.size(0), K = blocks.size(1) / quant::block_bytes(qtype) * quant::block_weights(qtype);
   std::vector<float> h;
@@ -96,9 +100,25 @@ void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, a
   const uint8_t* w = blocks.const_data_ptr<uint8_t>();
   float* y = out.mutable_data_ptr<float>();
 #if ENGINE_QUANT_HAVE_AVX2
-  if (use_avx2()) return quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  if (use_avx2()) {
+    return kQ8Activations ? quant_avx2::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate)
+                          : quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  }
 #endif
-  quant_portable::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  kQ8Activations ? quant_portable::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate)
+                 : quant_portable::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+}
+
+}  // namespace
+
+void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  packed_product<false>("qmatvec", x, blocks, qtype, out, accumulate, norm, eps, swiglu);
+}
+
+void qmatvec_q8_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                    const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  packed_product<true>("qmatvec_q8", x, blocks, qtype, out, accumulate, norm, eps, swiglu);
 }
 
 void dequantize_cpu(const at::Tensor& blocks, int64_t qtype, at::Tensor& out) {
