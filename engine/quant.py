@@ -5,7 +5,9 @@ blocks; dequantized to fp32 it is 538 MB, so every token would read 5.5x the byt
 keeps the file's blocks (uint8 [N, row_bytes], one row of blocks per output row, as the file stores
 them) and multiplies by them directly: a decode step's rows go through `ops.qmatvec`, which dequantizes
 in registers; a prompt's many rows go to a GEMM over tiles of rows dequantized into a small scratch
-buffer, so the process never holds a dense copy of the whole model.
+buffer, so the process never holds a dense copy of the whole model. With `q8_activations` (--weights
+packed-q8act) the decode products go through `ops.qmatvec_q8` instead, llama.cpp's arithmetic (8-bit
+activations, integer dot products): ~1.7x faster products on Q4 blocks, ~2x for a batched step's 8 rows.
 
 A fused projection (q/k/v, gate/up) may join rows of different types (a Q4_K_M file keeps some v and
 down projections in Q6_K): a packed weight is a list of parts, each a run of rows of one type.

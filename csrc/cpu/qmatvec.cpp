@@ -5,8 +5,15 @@
 // A 4-bit row is ~1/6 of its fp32 bytes, so the product must decode ~6x more weights per second than the
 // fp32 matvec multiplies for the read to stay the limit: per group of weights that share a scale it sums
 // q x in fp32 and applies the scale once (scale * sum(q x) + offset * sum(x), sum(x) per group made once
-// per call). The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time
-// where the CPU has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
+// per call). That still costs ~20 vector instructions per 32 weights: the product is compute-bound.
+//
+// qmatvec_q8 makes it as llama.cpp does instead: h quantized to int8 per block of 32 (one fp32 scale), integer
+// dot products with the codes, the scales applied once per block; on AVX2 8 weight rows sit in the 8 lanes so
+// a block's codes are decoded once for every row of x (a batched decode step's rows share them). Faster, but
+// not the dequantized model's numbers any more: an explicit option (--weights packed-q8act).
+//
+// The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time where the CPU
+// has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
