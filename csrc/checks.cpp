@@ -367,13 +367,12 @@ void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ou
 }
 
 void check_qmatvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, const at::Tensor& out,
-                   const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
-  const char* op = "qmatvec";
+                   const std::optional<at::Tensor>& norm, double eps, bool swiglu, const char* op) {
   const int64_t K = check_blocks(op, blocks, qtype);
   // The CPU kernel takes fp32 activations only; a GPU's also fp16 and bf16.
   const std::vector<ScalarType> x_dtypes = blocks.is_cpu() ? std::vector<ScalarType>{ScalarType::Float} : kFloats;
   check_product_args(op, x, x_dtypes, blocks.size(0), K, out, norm, eps, swiglu, Like{blocks, "blocks"});
-  TORCH_CHECK_VALUE(!overlaps(out, x) && !overlaps(out, blocks), "qmatvec: out must not overlap x or blocks");
+  TORCH_CHECK_VALUE(!overlaps(out, x) && !overlaps(out, blocks), op, ": out must not overlap x or blocks");
 }
 
 void check_dequantize(const at::Tensor& blocks, int64_t qtype, const at::Tensor& out) {

@@ -59,9 +59,10 @@ void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ou
                   const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 
 // blocks [N, row_bytes] uint8 of a type in csrc/quant_blocks.h, row_bytes a whole number of blocks;
-// x and out as in check_matvec with K = row_bytes / block_bytes * block_weights (x, norm, out: one dtype).
+// x and out as in check_matvec with K = row_bytes / block_bytes * block_weights (x, norm, out: one dtype);
+// op names the op in messages (qmatvec, qmatvec_q8).
 void check_qmatvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, const at::Tensor& out,
-                   const std::optional<at::Tensor>& norm, double eps, bool swiglu);
+                   const std::optional<at::Tensor>& norm, double eps, bool swiglu, const char* op = "qmatvec");
 // out [N, K] floating, blocks as in check_qmatvec.
 void check_dequantize(const at::Tensor& blocks, int64_t qtype, const at::Tensor& out);
 

@@ -41,6 +41,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "qmatvec(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, "
       "float eps=0., bool swiglu=False) -> ()");
+  // qmatvec with h quantized to int8 per block of 32 (llama.cpp's arithmetic; CPU only): engine/reference.py
+  m.def(
+      "qmatvec_q8(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, "
+      "float eps=0., bool swiglu=False) -> ()");
   // out [N, K] = the weights of packed blocks [N, row_bytes], each exactly gguf.quants.dequantize's value
   m.def("dequantize(Tensor blocks, int qtype, Tensor(a!) out) -> ()");
 }
@@ -81,6 +85,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);
   bind_cpu(cpu, "qmatvec", &engine::qmatvec_cpu);
+  bind_cpu(cpu, "qmatvec_q8", &engine::qmatvec_q8_cpu);
   bind_cpu(cpu, "dequantize", &engine::dequantize_cpu);
   cpu.def("set_quant_isa", &engine::set_quant_isa,
           "qmatvec's and dequantize's instruction set: 'auto' (AVX2 where the CPU has it) or 'portable'.");

@@ -182,6 +182,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype (packed weights on the CPU: float32)")
     p.add_argument("--weights", choices=WEIGHT_MODES,
                    help="packed: keep a .gguf file's quantized blocks (its default; the default model too); "
+                        "packed-q8act: the same, decode products with 8-bit activations as llama.cpp makes them "
+                        "(faster, not exact); "
                         "dequantize: unpack them to --dtype (a folder's default; exact comparison with the "
                         "papers' fp32/fp16 runs); q8_0 / q4_0: quantize a checkpoint at load")
     p.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="dtype of the cached K and V (default: --dtype)")

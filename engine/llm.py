@@ -13,6 +13,7 @@ from .generate import SamplingParams, StopFilter, prefill, sample
 from .kv import CacheStats, KVStore, make_store, parse_kv_dtype
 from .model import Transformer
 from .policies import Policy, PolicyError, make_policy
+from .quant import PACKED_MODES
 from .rope import Rope
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import WeightsError, parse_dtype
@@ -270,7 +271,9 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
     first use), with an eviction policy given by name (plus its parameters) or as an object.
 
     `weights`: "packed" keeps a .gguf file's quantized blocks and multiplies by them directly (the default
-    for a .gguf file and for the default model, which ships as one); "dequantize" unpacks them to `dtype`
+    for a .gguf file and for the default model, which ships as one; "packed-q8act" makes a decode step's
+    products as llama.cpp does, activations quantized to 8 bits, ~1.7x faster on Q4 blocks and no longer
+    the dequantized model's numbers); "dequantize" unpacks them to `dtype`
     (a folder's default); "q8_0" / "q4_0" quantize a checkpoint's matrices at load. The KV cache holds K and
     V in `kv_dtype` ("bf16", "fp16" or "fp32"; None: the model's `dtype`).
 
@@ -286,7 +289,7 @@ def load(model: str | Path = "smollm2-135m-instruct", policy: str | Policy = "fu
         policy = make_policy(policy, budget=budget, sinks=sinks, recent=recent, **policy_params)
     elif budget is not None or sinks is not None or recent is not None or policy_params:
         raise PolicyError("pass budget/sinks/recent inside the policy object, not beside it")
-    path = resolve_model(str(model), packed=weights in (None, "packed"))
+    path = resolve_model(str(model), packed=weights in (None, *PACKED_MODES))
     mode = weights or ("packed" if path.is_file() else "dequantize")
     if mode != "dequantize" and torch_device.type == "cpu" and torch_dtype != torch.float32:
         raise WeightsError(f"--weights {mode} computes in float32 on the CPU (its kernels' activations); "

@@ -315,17 +315,16 @@ def _check_blocks(op: str, blocks: Tensor, qtype: int) -> int:
 
 
 def check_qmatvec(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, norm: Tensor | None = None, eps: float = 0.0,
-                  swiglu: bool = False) -> None:
-    op = "qmatvec"
+                  swiglu: bool = False, op: str = "qmatvec") -> None:
     K = _check_blocks(op, blocks, qtype)
     x_dtypes = [torch.float32] if blocks.device.type == "cpu" else FLOATS  # the CPU kernel: fp32 activations only
     _check_product_args(op, x, x_dtypes, blocks.shape[0], K, out, norm, eps, swiglu, (blocks, "blocks"))
 
 
-def check_qmatvec_overlap(x: Tensor, blocks: Tensor, out: Tensor) -> None:
+def check_qmatvec_overlap(x: Tensor, blocks: Tensor, out: Tensor, op: str = "qmatvec") -> None:
     """out is written while x and blocks are read (apart from check_qmatvec, as for matvec)."""
     if _overlaps(out, x) or _overlaps(out, blocks):
-        raise ValueError("qmatvec: out must not overlap x or blocks")
+        raise ValueError(f"{op}: out must not overlap x or blocks")
 
 
 def check_dequantize(blocks: Tensor, qtype: int, out: Tensor) -> None:
@@ -635,6 +634,42 @@ def qmatvec(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, accumulate: bool
     w = torch.empty(blocks.shape[0], x.shape[-1] // 2 if swiglu else x.shape[-1], device=blocks.device)
     dequantize(blocks, qtype, w)
     y = F.linear(matvec_input(x, norm, eps, swiglu).float(), w).to(out.dtype)
+    if accumulate:
+        out.add_(y)
+    else:
+        out.copy_(y)
+
+
+# The weight types whose products qmatvec_q8 makes with activations quantized to 8 bits (the K-quants' keep fp32).
+Q8_ACTIVATION_TYPES = (2, 3, 8)
+
+
+def quantize_q8(h: Tensor) -> Tensor:
+    """h [..., K] (K a multiple of 32) as llama.cpp's Q8_0 activations see it, dequantized: each block of 32
+    values becomes d * round(h / d) with d = max|h| / 127 (h * (1 / d) in float32, rounded to nearest, ties to
+    even; all 0 where d is 0; NaN where the block holds an inf or NaN)."""
+    blocks = h.float().reshape(*h.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    d = torch.where(blocks.isfinite().all(-1, keepdim=True), d, torch.nan)
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    codes = (blocks * inv).round()
+    return (d.double() * codes.double()).reshape(h.shape)
+
+
+def qmatvec_q8(x: Tensor, blocks: Tensor, qtype: int, out: Tensor, accumulate: bool = False,
+               norm: Tensor | None = None, eps: float = 0.0, swiglu: bool = False) -> None:
+    """qmatvec with the activations as llama.cpp computes them for Q4_0, Q4_1 and Q8_0 weights: out =
+    F.linear(quantize_q8(h), dequantize(blocks)) (in float64 here; the kernel sums each block's integer dot
+    product exactly and scales it once), rounded to float32; (+)= as in qmatvec. Other types: qmatvec."""
+    op = "qmatvec_q8"
+    check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu, op)
+    check_qmatvec_overlap(x, blocks, out, op)
+    if qtype not in Q8_ACTIVATION_TYPES:
+        qmatvec(x, blocks, qtype, out, accumulate, norm, eps, swiglu)
+        return
+    w = torch.empty(blocks.shape[0], x.shape[-1] // 2 if swiglu else x.shape[-1], device=blocks.device)
+    dequantize(blocks, qtype, w)
+    y = F.linear(quantize_q8(matvec_input(x, norm, eps, swiglu)), w.double()).to(out.dtype)
     if accumulate:
         out.add_(y)
     else:

@@ -20,7 +20,7 @@ from .config import (
     LIMITS, ROPE_LIMITS, ConfigError, ModelArgs, RopeScaling, Source, describe, gguf_source, load_config_json,
     read_json,
 )
-from .quant import QUANTIZE_AT_LOAD, WEIGHT_MODES, PackedWeight
+from .quant import PACKED_MODES, QUANTIZE_AT_LOAD, WEIGHT_MODES, PackedWeight
 
 if TYPE_CHECKING:
     import gguf
@@ -161,7 +161,8 @@ def load_checkpoint(
     With `shard` (engine.dist): only that tensor-parallel rank's part of each weight is read, slice by slice
     from the mapped file (args stay the whole model's).
 
-    `weights` (engine.quant.WEIGHT_MODES): "packed" keeps a GGUF file's quantized blocks (its default),
+    `weights` (engine.quant.WEIGHT_MODES): "packed" keeps a GGUF file's quantized blocks (its default;
+    "packed-q8act" too, its decode products with 8-bit activations as llama.cpp makes them),
     "dequantize" unpacks them to `dtype` (the default for a folder), "q8_0" / "q4_0" quantize every matrix
     at load with the gguf library's quantizer. Norms and unquantized tensors are dense in `dtype` always.
     `reader`: `path` already opened by open_gguf (its metadata parse costs seconds; the tokenizer reads it too)."""
@@ -175,11 +176,13 @@ def load_checkpoint(
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: a model is a folder or a .gguf file")
         mode = weights or "packed"
-        args, state = load_gguf(reader or open_gguf(path), dtype, packed=mode == "packed",
+        args, state = load_gguf(reader or open_gguf(path), dtype, packed=mode in PACKED_MODES,
                                 quantize=QUANTIZE_AT_LOAD.get(mode), shard=shard)
+        if mode == "packed-q8act":
+            state = {k: w.with_q8_activations() if isinstance(w, PackedWeight) else w for k, w in state.items()}
         return args, state, "gguf"
-    if weights == "packed":
-        raise WeightsError(f"{path}: --weights packed keeps the blocks of a .gguf file; quantize this checkpoint "
+    if weights in PACKED_MODES:
+        raise WeightsError(f"{path}: --weights {weights} keeps the blocks of a .gguf file; quantize this checkpoint "
                            "at load with --weights q8_0 or q4_0")
     quantize = QUANTIZE_AT_LOAD.get(weights or "dequantize")
     if (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors")):

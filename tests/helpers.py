@@ -241,16 +241,18 @@ def opcheck_cases():
                           torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
 
 
-def packed_twin(model: Transformer, qtypes: dict[str, int]) -> tuple[Transformer, Transformer]:
+def packed_twin(model: Transformer, qtypes: dict[str, int],
+                q8_activations: bool = False) -> tuple[Transformer, Transformer]:
     """(packed, dense): `model`'s matrices quantized (qtypes maps a name suffix such as "wv.weight" to a
-    type; "" is every other matrix), and a dense model holding exactly the packed weights' values."""
+    type; "" is every other matrix), and a dense model holding exactly the packed weights' values. With
+    q8_activations the packed model's decode products quantize their activations (--weights packed-q8act)."""
     packed_state, dense_state = {}, {}
     for name in expected_shapes(model.args):
         w = _unfused_weight(model, name)
         if w.dim() == 2:
             qtype = next((q for suffix, q in qtypes.items() if suffix and name.endswith(suffix)), qtypes[""])
             p = PackedWeight.quantize(w, qtype, torch.float32, name)
-            packed_state[name], dense_state[name] = p, p.dequantize()
+            packed_state[name], dense_state[name] = p.with_q8_activations() if q8_activations else p, p.dequantize()
         else:
             packed_state[name] = dense_state[name] = w.clone()
     return (Transformer.from_state_dict(model.args, packed_state, "cpu"),

@@ -53,14 +53,16 @@ def _prefilled(model, name, budget, length, seed, steps):
     return store, prefill(model, store, token_ids(length, seed=seed))
 
 
-@pytest.mark.parametrize("weights", ["dense", "packed"])
+@pytest.mark.parametrize("weights", ["dense", "packed", "packed-q8act"])
 def test_batched_step_equals_each_requests_own_step(weights):
     """Nine requests of different policies, budgets and lengths decode together past their budgets, joining
     and leaving at step boundaries: each one's logits every step, and its store at the end, equal those of
-    the same request decoded alone (on packed weights too: q/k/v and gate/up of two types)."""
+    the same request decoded alone (on packed weights too: q/k/v and gate/up of two types; and with 8-bit
+    activations, whose kernel computes 8 weight rows and up to 8 requests at a time)."""
     model, steps = tiny_model(n_layers=3), 24
-    if weights == "packed":
-        model, _ = packed_twin(model, {"": Q.Q4_1, "wv.weight": Q.Q8_0, "w1.weight": Q.Q4_0})
+    if weights != "dense":
+        model, _ = packed_twin(model, {"": Q.Q4_1, "wv.weight": Q.Q8_0, "w1.weight": Q.Q4_0},
+                               q8_activations=weights == "packed-q8act")
     alone, together, tokens = [], [], []
     for seed, (name, budget, length) in enumerate(REQUESTS):
         a, logits = _prefilled(model, name, budget, length, seed, steps)

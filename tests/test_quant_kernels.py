@@ -1,9 +1,11 @@
-"""ops.qmatvec and ops.dequantize over packed GGUF blocks: the CPU kernels (both instruction-set paths) and
-the reference against gguf's own dequantization and an fp64 product.
+"""ops.qmatvec, ops.qmatvec_q8 and ops.dequantize over packed GGUF blocks: the CPU kernels (both instruction-set
+paths) and the reference against gguf's own dequantization and an fp64 product.
 
 dequantize must give gguf.quants.dequantize's float32 bits. qmatvec sums in another order than F.linear
 (per group: scale * sum(q x) + offset * sum(x)), so it is held to a bound on fp32 rounding of the terms it
-sums, which a decoding mistake exceeds by orders of magnitude. Outputs are poisoned with NaN first.
+sums, which a decoding mistake exceeds by orders of magnitude. qmatvec_q8 is held to the same bound around
+the product with the activations as llama.cpp quantizes them (reference.quantize_q8), and must differ from the
+exact product by more than it. Outputs are poisoned with NaN first.
 """
 from __future__ import annotations
 
@@ -245,6 +247,130 @@ def test_opcheck(qtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# qmatvec_q8: activations quantized to 8 bits per block of 32 (Q4_0, Q4_1, Q8_0; K-quants as qmatvec)
+# ---------------------------------------------------------------------------------------------
+
+Q8_SHAPES = [(1, 1, 1), (1, 37, 3), (2, 8, 2), (3, 9, 18), (5, 17, 1), (8, 61, 5), (9, 300, 2), (16, 7, 4),
+             (17, 64, 3), (33, 15, 2)]  # M, N, blocks per row: N around the AVX2 kernel's 8 rows, M around 8
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype,kind", BLOCK_KINDS)
+@pytest.mark.parametrize("M,N,nblocks", Q8_SHAPES)
+def test_qmatvec_q8(var, qtype, kind, M, N, nblocks):
+    if ref.QUANT_TYPES[qtype][1] == 256 and nblocks > 3:
+        nblocks = 2  # K-quants: 512 weights suffice (their product is qmatvec's)
+    blocks = make_blocks(qtype, N, nblocks, seed=N + M, kind=kind)
+    w = gguf_weights(blocks, qtype)
+    x = randn((M, w.shape[1]), torch.float32, "cpu", gen(N + M), scale=3.0)
+    out = poisoned((M, N), torch.float32, "cpu")
+    with variant(var, "qmatvec_q8"):
+        ops.qmatvec_q8(x, blocks, qtype, out)
+    exact = qtype not in ref.Q8_ACTIVATION_TYPES
+    assert_product_close(out, x if exact else ref.quantize_q8(x), w, None, f"{_name(qtype)} {kind}")
+    if not exact and M * N >= 8 and var != "reference":  # the activations were quantized: not the exact product
+        with pytest.raises(AssertionError, match="exceeds the fp32 summation bound"):
+            assert_product_close(out, x, w, None, "exact")
+
+
+def test_quantize_q8_is_llama_cpps():
+    """d = max|x| / 127 per block of 32, codes x * (1 / d) rounded to nearest (ties to even), all 0 where d
+    is 0; a block with an inf or NaN gives NaN."""
+    x = torch.zeros(4, 32)
+    x[0, :3] = torch.tensor([127.0, -63.5, 0.5])  # d = 1: ties go to the even code (-64, 0)
+    x[1] = torch.linspace(-2, 3, 32)
+    x[3, 5] = float("inf")
+    q = ref.quantize_q8(x)
+    assert q[0, :3].tolist() == [127.0, -64.0, 0.0] and torch.equal(q[2], torch.zeros(32, dtype=torch.float64))
+    d = 3 / 127
+    assert torch.equal(q[1], (torch.round(x[1] * (1 / torch.tensor(d, dtype=torch.float32))).double()
+                              * torch.tensor(d, dtype=torch.float32).double()))
+    assert q[3].isnan().all() and not q[:3].isnan().any()
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+def test_qmatvec_q8_zero_and_nonfinite_rows(var, qtype):
+    """A zero row gives zeros; an inf or NaN in a row makes that row's outputs NaN, the other rows untouched."""
+    blocks = make_blocks(qtype, 11, 3, seed=5, kind="quantized")
+    x = randn((4, 96), torch.float32, "cpu", gen(5))
+    x[1] = 0
+    x[2, 40] = float("inf")
+    x[3, 7] = float("nan")
+    out = poisoned((4, 11), torch.float32, "cpu")
+    with variant(var, "qmatvec_q8"):
+        ops.qmatvec_q8(x, blocks, qtype, out)
+    assert torch.equal(out[1], torch.zeros(11)) and out[2:].isnan().all() and not out[0].isnan().any()
+
+
+@pytest.mark.parametrize("var", VARIANTS)
+@pytest.mark.parametrize("qtype", [2, 3, 8, 12])
+@pytest.mark.parametrize("prologue", ["plain", "norm", "swiglu"])
+def test_qmatvec_q8_prologues_and_accumulate(var, qtype, prologue):
+    """As for qmatvec: the prologue's rows are what is quantized; with accumulate, base + the product."""
+    N, nblocks = 45, 2 if ref.QUANT_TYPES[qtype][1] == 256 else 9
+    blocks = make_blocks(qtype, N, nblocks, seed=9)
+    w = gguf_weights(blocks, qtype)
+    K = w.shape[1]
+    g = gen(10)
+    x = randn((3, 2 * K if prologue == "swiglu" else K), torch.float32, "cpu", g, scale=2.0)
+    norm = randn((K,), torch.float32, "cpu", g) if prologue == "norm" else None
+    swiglu = prologue == "swiglu"
+    base = randn((3, N), torch.float32, "cpu", g)
+    out, product = base.clone(), poisoned((3, N), torch.float32, "cpu")
+    with variant(var, "qmatvec_q8"):
+        ops.qmatvec_q8(x, blocks, qtype, out, True, norm, 1e-5, swiglu)
+        ops.qmatvec_q8(x, blocks, qtype, product, False, norm, 1e-5, swiglu)
+        if prologue == "norm":
+            unfused = poisoned((3, N), torch.float32, "cpu")
+            ops.qmatvec_q8(ops.rms_norm(x, norm, 1e-5), blocks, qtype, unfused)
+            assert torch.equal(product, unfused)
+    assert torch.equal(out, base + product)
+    h = ref.matvec_input(x, norm, 1e-5, swiglu)
+    assert_product_close(out, h if qtype == 12 else ref.quantize_q8(h), w, base, f"{_name(qtype)} {prologue}")
+
+
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_qmatvec_q8_row_does_not_depend_on_the_batch(isa, qtype, threads):
+    """Each row of x gets the same bits alone as in any batch of 1..33 rows, over any number of threads, with
+    any number of weight rows beside its own (the AVX2 kernel computes 8 weight rows at a time)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocks = make_blocks(qtype, 2003, 9, seed=13)  # > 0.5 MB of blocks: split over the threads
+        x = randn((33, 288), torch.float32, "cpu", gen(14))
+        with variant(f"compiled-{isa}", "qmatvec_q8"):
+            alone = torch.stack([_product(ops.qmatvec_q8, x[m : m + 1], blocks, qtype)[0] for m in range(33)])
+            for lo, hi in ((0, 33), (0, 8), (3, 11), (8, 12), (1, 33), (5, 21)):
+                assert torch.equal(_product(ops.qmatvec_q8, x[lo:hi], blocks, qtype), alone[lo:hi]), (lo, hi)
+            for lo, hi in ((5, 6), (3, 19), (1000, 2003)):  # fewer weight rows: the same bits for those
+                assert torch.equal(_product(ops.qmatvec_q8, x[:9], blocks[lo:hi], qtype), alone[:9, lo:hi]), (lo, hi)
+        assert_product_close(alone, ref.quantize_q8(x), gguf_weights(blocks, qtype), None, _name(qtype))
+    finally:
+        torch.set_num_threads(n)
+
+
+def _product(op, x: torch.Tensor, blocks: torch.Tensor, qtype: int, **kw) -> torch.Tensor:
+    out = poisoned((x.shape[0], blocks.shape[0]), torch.float32, "cpu")
+    op(x, blocks, qtype, out, **kw)
+    return out
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+def test_opcheck_q8(qtype):
+    blocks = make_blocks(qtype, 10, 2, seed=33)
+    g = gen(34)
+    x, out = randn((3, 64), torch.float32, "cpu", g), torch.empty(3, 10)
+    torch.library.opcheck(torch.ops.engine.qmatvec_q8, (x, blocks, qtype, out))
+    torch.library.opcheck(torch.ops.engine.qmatvec_q8, (x, blocks, qtype, out, True, randn((64,), torch.float32, "cpu", g), 1e-6))
+    torch.library.opcheck(torch.ops.engine.qmatvec_q8, (randn((3, 128), torch.float32, "cpu", g), blocks, qtype, out,
+                                                        True, None, 0.0, True))
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input: the same one-line error on both paths
 # ---------------------------------------------------------------------------------------------
 
@@ -275,6 +401,10 @@ BAD_INPUTS = [  # op, argument, corruption, exception, message
     ("qmatvec", "out", _noncontig, ValueError, "qmatvec: out must be contiguous [..., N], got strides [1, 3]"),
     ("qmatvec", "norm", lambda _: torch.ones(63), ValueError, "qmatvec: norm must have shape [K] = [64], got [63]"),
     ("qmatvec", "swiglu", lambda _: True, ValueError, "qmatvec: x must have shape [..., 2K] = [?, 128], got [3, 64]"),
+    ("qmatvec_q8", "qtype", lambda q: 6, ValueError, f"qmatvec_q8: quant type 6 (Q5_0) {NOT_PACKED}"),
+    ("qmatvec_q8", "x", lambda t: t.bfloat16(), TypeError, "qmatvec_q8: x must be float32, got bfloat16"),
+    ("qmatvec_q8", "out", lambda t: t[:2], ValueError, "qmatvec_q8: out must have shape [..., N] = [3, 5], got [2, 5]"),
+    ("qmatvec_q8", "norm", lambda _: torch.ones(63), ValueError, "qmatvec_q8: norm must have shape [K] = [64], got [63]"),
     ("dequantize", "qtype", lambda q: 13, ValueError, f"dequantize: quant type 13 (Q5_K) {NOT_PACKED}"),
     ("dequantize", "blocks", lambda t: t[:, :39].contiguous(), ValueError,
      "dequantize: a row of 39 bytes is not a whole number of Q4_1 blocks (20 bytes each); load with --weights dequantize"),
@@ -291,7 +421,7 @@ def test_bad_input_same_error_on_both_paths(op, arg, corrupt, exc, message):
     for path in ("compiled", "reference"):
         if path == "compiled" and not ops.HAVE_EXTENSION:
             continue
-        args = _qmatvec_args() if op == "qmatvec" else _dequantize_args()
+        args = _qmatvec_args() if op.startswith("qmatvec") else _dequantize_args()
         args[arg] = corrupt(args.get(arg))
         errors[path] = _raise(path, op, args)
     assert_same_one_line_error(errors, exc, message)
@@ -305,8 +435,9 @@ def test_valid_args_are_accepted_and_overlap_is_refused(path):
         ops.dequantize(**_dequantize_args())
     x, blocks = torch.zeros(3, 64), torch.zeros(5, 40, dtype=torch.uint8)
     overlap = dict(x=x, blocks=blocks, qtype=3, out=x.view(-1)[:15].view(3, 5))
-    assert_same_one_line_error({path: _raise(path, "qmatvec", overlap)}, ValueError,
-                               "qmatvec: out must not overlap x or blocks")
+    for op in ("qmatvec", "qmatvec_q8"):
+        assert_same_one_line_error({path: _raise(path, op, overlap)}, ValueError,
+                                   f"{op}: out must not overlap x or blocks")
     out = torch.zeros(5, 64)
     inside = dict(blocks=out.view(-1).view(torch.uint8)[:200].view(5, 40), qtype=3, out=out)
     assert_same_one_line_error({path: _raise(path, "dequantize", inside)}, ValueError,

@@ -51,6 +51,11 @@ void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool 
 void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
                  const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 
+// qmatvec_cpu with each block of 32 values of h quantized to int8 first (one fp32 scale per block) and integer
+// dot products with the weights' codes, as llama.cpp computes it: Q4_0, Q4_1, Q8_0 (other types: qmatvec_cpu).
+void qmatvec_q8_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                    const std::optional<at::Tensor>& norm, double eps, bool swiglu);
+
 // out [N, K] = the weights of packed blocks [N, row_bytes], each exactly gguf.quants.dequantize's float32.
 void dequantize_cpu(const at::Tensor& blocks, int64_t qtype, at::Tensor& out);
 

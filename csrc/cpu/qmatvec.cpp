@@ -5,8 +5,15 @@
 // A 4-bit row is ~1/6 of its fp32 bytes, so the product must decode ~6x more weights per second than the
 // fp32 matvec multiplies for the read to stay the limit: per group of weights that share a scale it sums
 // q x in fp32 and applies the scale once (scale * sum(q x) + offset * sum(x), sum(x) per group made once
-// per call). The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time
-// where the CPU has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
+// per call). That still costs ~20 vector instructions per 32 weights: the product is compute-bound.
+//
+// qmatvec_q8 makes it as llama.cpp does instead: h quantized to int8 per block of 32 (one fp32 scale), integer
+// dot products with the codes, the scales applied once per block; on AVX2 8 weight rows sit in the 8 lanes so
+// a block's codes are decoded once for every row of x (a batched decode step's rows share them). Faster, but
+// not the dequantized model's numbers any more: an explicit option (--weights packed-q8act).
+//
+// The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time where the CPU
+// has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
@@ -85,9 +92,13 @@ void set_quant_isa(const std::string& isa) {
 
 std::string quant_isa() { return use_avx2() ? "avx2" : "portable"; }
 
-void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
-                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
-  check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu);
+namespace {
+
+// qmatvec_cpu's and qmatvec_q8_cpu's body: the checks, the prologue, then the product on this CPU's kernels.
+template <bool kQ8Activations>
+void packed_product(const char* op, const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out,
+                    bool accumulate, const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  check_qmatvec(x, blocks, qtype, out, norm, eps, swiglu, op);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const int64_t N = blocks.size(0), K = blocks.size(1) / quant::block_bytes(qtype) * quant::block_weights(qtype);
   std::vector<float> h;
@@ -96,9 +107,25 @@ void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, a
   const uint8_t* w = blocks.const_data_ptr<uint8_t>();
   float* y = out.mutable_data_ptr<float>();
 #if ENGINE_QUANT_HAVE_AVX2
-  if (use_avx2()) return quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  if (use_avx2()) {
+    return kQ8Activations ? quant_avx2::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate)
+                          : quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  }
 #endif
-  quant_portable::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+  kQ8Activations ? quant_portable::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate)
+                 : quant_portable::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
+}
+
+}  // namespace
+
+void qmatvec_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                 const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  packed_product<false>("qmatvec", x, blocks, qtype, out, accumulate, norm, eps, swiglu);
+}
+
+void qmatvec_q8_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,
+                    const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
+  packed_product<true>("qmatvec_q8", x, blocks, qtype, out, accumulate, norm, eps, swiglu);
 }
 
 void dequantize_cpu(const at::Tensor& blocks, int64_t qtype, at::Tensor& out) {

@@ -14,5 +14,6 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("merge_value", &engine::merge_value_cpu);
   m.impl("matvec", &engine::matvec_cpu);
   m.impl("qmatvec", &engine::qmatvec_cpu);
+  m.impl("qmatvec_q8", &engine::qmatvec_q8_cpu);
   m.impl("dequantize", &engine::dequantize_cpu);
 }
