@@ -17,9 +17,8 @@ from engine.decode import Decoder
 from engine.dist import rank
 from engine.generate import prefill
 from engine.policies import list_policies, make_policy, policy_class
+from tests.helpers import SMALL  # the parameters that leave room to evict under BUDGET, as in test_policies
 
-SMALL = {"streaming": dict(sinks=2), "scissorhands": dict(m=8, recent=2), "snapkv": dict(w=4, k=3),
-         "vatp": dict(sinks=2), "ahakv": dict(r=4, recent=4), "weightedkv": dict(sinks=2, recent=4)}
 BUDGET, PROMPT = 16, 24
 
 
