@@ -161,25 +161,35 @@ def test_qmatvec(var, qtype, kind, lead, N, nblocks):
 def test_qmatvec_prologues_and_accumulate(var, qtype, prologue):
     """norm: the bits of ops.rms_norm then qmatvec; swiglu: silu(x[..., :K]) * x[..., K:] as F.silu's; with
     accumulate, the bits of base + the product qmatvec writes."""
-    N, nblocks = 45, 2
-    blocks = make_blocks(qtype, N, nblocks, seed=7)
+    check_prologues_and_accumulate("qmatvec", var, qtype, prologue, nblocks=2, seed=7)
+
+
+def check_prologues_and_accumulate(op: str, var: str, qtype: int, prologue: str, nblocks: int, seed: int) -> None:
+    """`op` (qmatvec or qmatvec_q8) with a prologue: fused norm == ops.rms_norm then the product, bit for bit;
+    accumulate == base + the product, bit for bit; the result close to the reference of the prologue's rows
+    (quantized to int8 first for qmatvec_q8 on the types it quantizes activations for)."""
+    kernel = getattr(ops, op)
+    N = 45
+    blocks = make_blocks(qtype, N, nblocks, seed=seed)
     w = gguf_weights(blocks, qtype)
     K = w.shape[1]
-    g = gen(8)
+    g = gen(seed + 1)
     x = randn((3, 2 * K if prologue == "swiglu" else K), torch.float32, "cpu", g, scale=2.0)
     norm = randn((K,), torch.float32, "cpu", g) if prologue == "norm" else None
     swiglu = prologue == "swiglu"
     base = randn((3, N), torch.float32, "cpu", g)
     out, product = base.clone(), poisoned((3, N), torch.float32, "cpu")
-    with variant(var, "qmatvec"):
-        ops.qmatvec(x, blocks, qtype, out, True, norm, 1e-5, swiglu)
-        ops.qmatvec(x, blocks, qtype, product, False, norm, 1e-5, swiglu)
+    with variant(var, op):
+        kernel(x, blocks, qtype, out, True, norm, 1e-5, swiglu)
+        kernel(x, blocks, qtype, product, False, norm, 1e-5, swiglu)
         if prologue == "norm":
             unfused = poisoned((3, N), torch.float32, "cpu")
-            ops.qmatvec(ops.rms_norm(x, norm, 1e-5), blocks, qtype, unfused)
+            kernel(ops.rms_norm(x, norm, 1e-5), blocks, qtype, unfused)
             assert torch.equal(product, unfused)
     assert torch.equal(out, base + product)
     h = ref.matvec_input(x, norm, 1e-5, swiglu)
+    if op == "qmatvec_q8" and qtype in ref.Q8_ACTIVATION_TYPES:
+        h = ref.quantize_q8(h)
     assert_product_close(out, h, w, base, f"{_name(qtype)} {prologue}")
 
 
@@ -308,26 +318,8 @@ def test_qmatvec_q8_zero_and_nonfinite_rows(var, qtype):
 @pytest.mark.parametrize("prologue", ["plain", "norm", "swiglu"])
 def test_qmatvec_q8_prologues_and_accumulate(var, qtype, prologue):
     """As for qmatvec: the prologue's rows are what is quantized; with accumulate, base + the product."""
-    N, nblocks = 45, 2 if ref.QUANT_TYPES[qtype][1] == 256 else 9
-    blocks = make_blocks(qtype, N, nblocks, seed=9)
-    w = gguf_weights(blocks, qtype)
-    K = w.shape[1]
-    g = gen(10)
-    x = randn((3, 2 * K if prologue == "swiglu" else K), torch.float32, "cpu", g, scale=2.0)
-    norm = randn((K,), torch.float32, "cpu", g) if prologue == "norm" else None
-    swiglu = prologue == "swiglu"
-    base = randn((3, N), torch.float32, "cpu", g)
-    out, product = base.clone(), poisoned((3, N), torch.float32, "cpu")
-    with variant(var, "qmatvec_q8"):
-        ops.qmatvec_q8(x, blocks, qtype, out, True, norm, 1e-5, swiglu)
-        ops.qmatvec_q8(x, blocks, qtype, product, False, norm, 1e-5, swiglu)
-        if prologue == "norm":
-            unfused = poisoned((3, N), torch.float32, "cpu")
-            ops.qmatvec_q8(ops.rms_norm(x, norm, 1e-5), blocks, qtype, unfused)
-            assert torch.equal(product, unfused)
-    assert torch.equal(out, base + product)
-    h = ref.matvec_input(x, norm, 1e-5, swiglu)
-    assert_product_close(out, h if qtype == 12 else ref.quantize_q8(h), w, base, f"{_name(qtype)} {prologue}")
+    nblocks = 2 if ref.QUANT_TYPES[qtype][1] == 256 else 9
+    check_prologues_and_accumulate("qmatvec_q8", var, qtype, prologue, nblocks=nblocks, seed=9)
 
 
 @pytest.mark.parametrize("isa", ["auto", "portable"])
