@@ -12,7 +12,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .dist.shard import Cut, Shard
 
 
+Sliceable = TypeVar("Sliceable")  # a tensor, an array or a safetensors slice: anything cut with [a:b] / [:, a:b]
 Weight = torch.Tensor | PackedWeight  # a state dict's value: dense, or a matrix kept as quantized blocks
 
 
@@ -295,8 +296,7 @@ def _load_hf(folder: Path, dtype: torch.dtype, quantize: int | None, shard: Shar
         try:
             if cut is None:
                 return handles[weight_map[name]].get_tensor(name)
-            part = handles[weight_map[name]].get_slice(name)  # only the shard's bytes are read
-            return part[cut.start : cut.stop] if cut.axis == 0 else part[:, cut.start : cut.stop]
+            return _slice(handles[weight_map[name]].get_slice(name), cut)  # only the shard's bytes are read
         except SafetensorError as e:
             raise WeightsError(f"{_printable(str(folder / weight_map[name]))}: cannot read {name} ({e})") from None
 
@@ -473,8 +473,9 @@ def _load_meta(folder: Path, dtype: torch.dtype, quantize: int | None, shard: Sh
     return args, _convert(args, META_NAMES, tensors, dtype, True, folder, quantize, shard), "meta"
 
 
-def _slice(t: torch.Tensor | np.ndarray, cut: Cut | None) -> torch.Tensor | np.ndarray:
-    """A shard's rows or columns of a dense tensor or array (a view: nothing is read until it is copied)."""
+def _slice(t: Sliceable, cut: Cut | None) -> Sliceable:
+    """A shard's rows or columns of a dense tensor, an array (views: nothing is read until copied) or a
+    safetensors slice (which reads only those bytes)."""
     if cut is None:
         return t
     return t[cut.start : cut.stop] if cut.axis == 0 else t[:, cut.start : cut.stop]
