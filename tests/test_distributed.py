@@ -241,3 +241,45 @@ def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):
     llm = engine.load(tiny8, policy="tova", budget=16)
     assert llm.model.tp is None and llm.model.vocab_cut is None
     assert llm.new_store(8, 8).tp is None and not torch.distributed.is_initialized()
+
+
+def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
+    """A bad collective timeout, --tp in one process, the interactive chat and the server among several ranks:
+    each a ValueError naming what to do (run_cli prints it as one line), before any model loads."""
+    from engine.chat import main as chat_main
+    from engine.dist.launch import timeout_s
+    from engine.dist.sweep import workers
+    from engine.serve.__main__ import main as serve_main
+
+    monkeypatch.setenv("ENGINE_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="ENGINE_DIST_TIMEOUT must be a number of seconds > 0, got 'soon'"):
+        timeout_s()
+    monkeypatch.delenv("ENGINE_DIST_TIMEOUT")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="--tp 2 needs 2 or a multiple of ranks, started by torchrun"):
+        workers(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="engine.chat answers one --prompt"):
+        chat_main([])
+    with pytest.raises(ValueError, match="engine.serve runs as one process"):
+        serve_main([])
+
+
+def test_adaptive_allocation_is_refused_under_tensor_parallelism(tiny8):
+    """Adaptive allocation ranks every KV head of a layer against the others: under tensor parallelism (a
+    real gloo group, of one rank here) the store refuses it with one line; pyramid is per head and runs."""
+    from engine.dist import TensorParallel
+    from engine.policies import PolicyError, make_policy
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        llm = engine.load(tiny8, policy="h2o", budget=16)
+        llm.model.tp = TensorParallel()
+        llm.policy = make_policy("h2o", budget=16, allocation="adaptive")
+        with pytest.raises(PolicyError, match="allocation 'adaptive' compares all KV heads of a layer and is not "
+                                              "supported under tensor parallelism"):
+            llm.new_store(8, 8)
+        llm.policy = make_policy("h2o", budget=16, allocation="pyramid")
+        assert llm.new_store(8, 8).tp is llm.model.tp
+    finally:
+        torch.distributed.destroy_process_group()
