@@ -26,14 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cli import (COUNT, FRACTION_OPEN, NON_NEGATIVE, NON_NEGATIVE_REAL, SEED, Parser, add_model_args, load_options,
                   policy_params, run_cli)
-from .dist.launch import launched
+from .dist.launch import first_rank, from_rank_zero, patient_group
 from .generate import SamplingParams
 from .llm import LLM, ContextError, load
 from .tokenizer import TEMPLATES, TextError, Tokenizer, check_text
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -184,7 +187,9 @@ class Conversation:
         share = f" ({100 * st.kv_bytes / st.full_kv_bytes:.0f}%)" if st.full_kv_bytes else ""
         lines = [f"policy {store.policy.name}, budget {st.budget} tokens per layer and KV head",
                  f"occupancy per layer (valid slots per KV head): {occ}",
-                 f"KV cache ({str(store.kv_dtype).removeprefix('torch.')}): {_mb(st.kv_bytes)} allocated vs "
+                 f"KV cache ({str(store.kv_dtype).removeprefix('torch.')})"
+                 + (f" on each of the {store.tp.size} tensor-parallel ranks" if store.tp else "")
+                 + f": {_mb(st.kv_bytes)} allocated vs "
                  f"{_mb(st.full_kv_bytes)} for a full cache of the {st.tokens_seen} tokens seen{share}",
                  f"evictions: {st.evictions} per layer and KV head, merges: {st.merges}",
                  f"conversation: {len(self.turns) // 2} turns"]
@@ -309,53 +314,79 @@ def _echo(piece: str) -> None:
     sys.stdout.flush()
 
 
-def repl(conv: Conversation, transcript: Transcript | None) -> int:
-    """The interactive session; returns the exit code (0 on /quit, Ctrl-D or a second Ctrl-C)."""
+class Terminal:
+    """Rank 0's (the only process's) input: the lines typed, checked, blank ones skipped. It ends at Ctrl-D,
+    or at a second Ctrl-C in a row; `armed` says the next Ctrl-C at the prompt leaves (the last one stopped
+    a reply)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def lines(self) -> Iterator[str]:
+        while True:
+            try:
+                line = input(PROMPT)
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                if self.armed:
+                    print()
+                    return
+                print("\n(Ctrl-C again or Ctrl-D to quit)")
+                self.armed = True
+                continue
+            self.armed = False
+            try:
+                text = check_text(line.strip(), "the line")
+            except TextError as e:
+                print(f"error: {e}; it was not sent (is the terminal set to UTF-8?)", file=sys.stderr)
+                continue
+            if text:
+                yield text
+
+
+def shared_lines(own: Iterator[str], group: ProcessGroup | None) -> Iterator[str]:
+    """Rank 0's lines on every rank: rank 0 reads `own` and sends each line (then its end) to the others,
+    which run the same turns and ignore `own`. The wait for a line is on a patient group, so a person may
+    think for longer than the collective timeout; rank 0 dying ends the others' wait at once (DistError)."""
+    while True:
+        text = from_rank_zero(next(own, None) if first_rank() else None, group, "waiting for rank 0's next line")
+        if text is None:
+            return
+        yield text
+
+
+def repl(conv: Conversation, transcript: Transcript | None, group: ProcessGroup | None = None) -> int:
+    """The interactive session; returns the exit code (0 on /quit, Ctrl-D or a second Ctrl-C). Among
+    several ranks (`group`: engine.dist.launch.patient_group) every rank runs it, rank 0 reading the terminal
+    for all; a Ctrl-C that stops a reply is rank 0's, sent with each piece so every rank stops on the same one."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     # A shell that starts us in the background hands down SIGINT as ignored; in a chat Ctrl-C must work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if isinstance(sys.stdin, io.TextIOWrapper):  # undecodable bytes as surrogates, for check_text to refuse,
         sys.stdin.reconfigure(errors="surrogateescape")  # not a UnicodeDecodeError that ends the session
-    second_ctrl_c = False
-    while True:
-        try:
-            line = input(PROMPT)
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            if second_ctrl_c:
-                print()
-                return 0
-            print("\n(Ctrl-C again or Ctrl-D to quit)")
-            second_ctrl_c = True
-            continue
-        second_ctrl_c = False
-        try:
-            text = check_text(line.strip(), "the line")
-        except TextError as e:
-            print(f"error: {e}; it was not sent (is the terminal set to UTF-8?)", file=sys.stderr)
-            continue
-        if not text:
-            continue
+    terminal = Terminal()
+    for text in shared_lines(terminal.lines(), group):
         if text.startswith("/"):
             if command(conv, transcript, text):
-                return 0
+                break
             continue
         if transcript:
             transcript.write({"role": "user", "content": text})
         with ctrl_c_flag() as interrupted:
             try:
-                reply = conv.ask(text, _echo, interrupted)
+                reply = conv.ask(text, _echo, lambda: from_rank_zero(interrupted(), group, "a reply"))
             except ContextError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
         print(" [interrupted]" if reply.stopped == "interrupted" else "")
-        second_ctrl_c = reply.stopped == "interrupted"
+        terminal.armed = reply.stopped == "interrupted"
         if transcript:
             transcript.write({"role": "assistant", "content": reply.text, "stopped": reply.stopped,
                               "tokens": reply.tokens})
+    return 0
 
 
 def command(conv: Conversation, transcript: Transcript | None, text: str) -> bool:
@@ -425,16 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                     seed=ns.seed)
     params = SamplingParams(**sampling)  # checks the values before the model loads
-    if ns.prompt is None and launched():
-        raise ValueError("started among several ranks (torchrun), engine.chat answers one --prompt: the "
-                         "interactive session reads the terminal on one rank only")
     prompt = read_prompt(ns.prompt) if ns.prompt is not None else None
     if ns.system is not None:
         check_text(ns.system, "--system")
     system, turns = read_transcript(ns.resume) if ns.resume else (None, [])
     system = ns.system if ns.system is not None else system
     path = ns.transcript or ns.resume
-    transcript = Transcript(path) if path else None
+    transcript = Transcript(path) if path and first_rank() else None  # among several ranks, rank 0 writes it
     try:
         llm = load(ns.model, policy=ns.policy, template=ns.template, **load_options(ns), **policy_params(ns))
         if transcript:
@@ -447,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{llm.name}: policy {llm.policy.name} (budget {conv.session.store.budget}), weights {llm.weights}, "
               f"template {llm.tokenizer.template}" + (f"; resumed {len(turns) // 2} turns ({fed} tokens)" if ns.resume else "")
               + "; /help lists commands, Ctrl-D quits")
-        return repl(conv, transcript)
+        return repl(conv, transcript, patient_group())
     finally:
         if transcript:
             transcript.close()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,12 +44,14 @@ def env(**extra: str) -> dict[str, str]:
             **extra}
 
 
-def start(n: int, args: list[str]) -> list[subprocess.Popen]:
-    """n ranks of `python args`, joined through env:// (what torchrun sets)."""
+def start(n: int, args: list[str], stdin: Any = subprocess.DEVNULL, **extra: str) -> list[subprocess.Popen]:
+    """n ranks of `python args`, joined through env:// (what torchrun sets); rank 0 reads `stdin` (a file or
+    descriptor), the others nothing. `extra`: more environment."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n),
-                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    return [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.DEVNULL if r else stdin,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                                     MASTER_PORT=port, **extra))
             for r in range(n)]
 
 
@@ -190,6 +193,78 @@ def test_greedy_chat_under_torchrun_equals_one_process(tiny8):
     assert one.stdout.strip() and two.stdout == one.stdout  # printed once, by rank 0
 
 
+CHAT = ["-m", "engine.chat", "--temperature", "0", "--max-new-tokens", "12", "--weights", "dequantize"]
+
+
+def test_interactive_chat_at_two_ranks_is_the_one_process_session(tiny8, tmp_path):
+    """Rank 0 reads the terminal for both ranks: two turns, a command, a refused line, Ctrl-D. Its screen and
+    transcript are one process's (only it prints and writes); every rank exits 0."""
+    lines = "Name three colours.\n/system Be brief.\n\udcff\nAnd a fourth?\n/help\n"
+    typed = tmp_path / "typed.txt"
+    typed.write_text(lines, errors="surrogateescape")
+    args = [*CHAT, "--model", str(tiny8)]
+
+    def run_one(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args, "--transcript", str(out)], cwd=ROOT, stdin=typed.open(),
+                              capture_output=True, text=True, env=env(), timeout=120)
+
+    def records(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
+
+    one = run_one(tmp_path / "one.jsonl")
+    with typed.open() as stdin:
+        (rc0, out0, err0), (rc1, out1, err1) = finish(start(2, [*args, "--transcript", str(tmp_path / "two.jsonl")],
+                                                            stdin))
+    assert one.returncode == rc0 == rc1 == 0, err0 + err1
+    assert out0 == one.stdout and out0.count(">>> ") == 6 and "(new conversation; system: Be brief.)" in out0
+    assert err0 == one.stderr and "it was not sent" in err0 and not out1 and not err1
+    assert records(tmp_path / "two.jsonl") == records(tmp_path / "one.jsonl")
+    assert [r.get("role") for r in records(tmp_path / "one.jsonl")].count("assistant") == 2
+
+
+def test_interactive_chat_ctrl_c_outwaiting_the_timeout_and_rank_zero_killed(tiny8, tmp_path):
+    """Ctrl-C (SIGINT to rank 0) stops a long reply on both ranks at the same piece; a person then thinks
+    longer than ENGINE_DIST_TIMEOUT and the other rank waits; the next turn runs whole; then rank 0 is killed
+    at the prompt and the other rank ends at once with one clear line."""
+    transcript, timeout = tmp_path / "t.jsonl", 6
+
+    def replies() -> list[dict]:
+        lines = transcript.read_text().splitlines() if transcript.exists() else []
+        return [r for r in map(json.loads, lines) if r.get("role") == "assistant"]
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while len(replies()) < n:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no reply came"
+            time.sleep(0.1)
+
+    read, write = os.pipe()
+    procs = start(2, [*CHAT, "--model", str(tiny8), "--policy", "h2o", "--budget", "16", "--max-new-tokens", "400",
+                      "--transcript", str(transcript)], read, ENGINE_DIST_TIMEOUT=str(timeout))
+    os.close(read)
+    os.write(write, b"Tell me a long story.\n")
+    while '"role": "user"' not in (transcript.read_text() if transcript.exists() else ""):
+        assert all(p.poll() is None for p in procs), "a rank ended"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the reply streams
+    os.kill(procs[0].pid, signal.SIGINT)
+    wait_for(1)
+    time.sleep(timeout + 2)  # thinking
+    os.write(write, b"And a fourth?\n")
+    wait_for(2)
+    os.kill(procs[0].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    _, (rc, out, err) = finish(procs, limit=TIMEOUT_S)
+    os.close(write)
+    assert time.monotonic() - t0 < timeout, "the other rank waited for a timeout"
+    first, second = replies()
+    assert first["stopped"] == "interrupted" and 0 < first["tokens"] < 400 and second["stopped"] == "length", first
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: rank 1: waiting for rank 0's next line "
+                                                               "failed ("), err
+    assert lines[0].endswith("; a rank died") and not out
+
+
 def test_sharded_eval_sweep_writes_the_cells_of_one_process(tiny8, tmp_path):
     """2 ranks, first half a sweep, then the whole sweep resumed from it: the cells of one process."""
     text = tmp_path / "text.txt"
@@ -244,9 +319,8 @@ def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):
 
 
 def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
-    """A bad collective timeout, --tp in one process, the interactive chat and the server among several ranks:
+    """A bad collective timeout, --tp in one process, the server among several ranks:
     each a ValueError naming what to do (run_cli prints it as one line), before any model loads."""
-    from engine.chat import main as chat_main
     from engine.dist.launch import timeout_s
     from engine.dist.sweep import workers
     from engine.serve.__main__ import main as serve_main
@@ -259,8 +333,6 @@ def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
     with pytest.raises(ValueError, match="--tp 2 needs 2 or a multiple of ranks, started by torchrun"):
         workers(2)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="engine.chat answers one --prompt"):
-        chat_main([])
     with pytest.raises(ValueError, match="engine.serve runs as one process"):
         serve_main([])
 

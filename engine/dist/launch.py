@@ -16,6 +16,7 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "ENGINE_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 600.0  # long enough for ranks that load a large model at different speeds
+PATIENT = dt.timedelta(days=30)  # what a patient group waits: a person at the terminal, a sweep's slowest round
 
 
 class DistError(ConnectionError):
@@ -76,23 +77,34 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def first_rank() -> bool:
+    """Whether this is rank 0 (or the only process); before the group is joined torchrun's RANK says."""
+    return (rank() if is_distributed() else int(os.environ.get("RANK", "0") or 0)) == 0
+
+
 def speaks(error: BaseException) -> bool:
     """Whether this rank reports `error`: rank 0 says a user error once for all (each rank found the same);
-    a failed collective is said by every rank that saw it (rank 0 may be the one that died). Before the
-    group is joined, torchrun's RANK says which rank this is."""
-    this = rank() if is_distributed() else int(os.environ.get("RANK", "0") or 0)
-    return this == 0 or isinstance(error, DistError)
+    a failed collective is said by every rank that saw it (rank 0 may be the one that died)."""
+    return first_rank() or isinstance(error, DistError)
 
 
-def from_rank_zero(value: T) -> T:
-    """Rank 0's `value` on every rank (itself in one process): what only rank 0 could read."""
+def patient_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank whose collectives wait PATIENT, not the collective timeout, for what may
+    take hours (the next line typed, a round of cells); a rank that dies is still seen at once, its
+    connections close. None in one process. Every rank must call this, in the same order."""
+    return dist.new_group(backend="gloo", timeout=PATIENT) if is_distributed() else None
+
+
+def from_rank_zero(value: T, group: dist.ProcessGroup | None = None, what: str = "receiving rank 0's state") -> T:
+    """Rank 0's `value` on every rank of `group` (default: all; itself in one process): what only rank 0
+    could read. `what` names the wait in the error a dead rank causes."""
     if not is_distributed():
         return value
     box = [value]
     try:
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
     except RuntimeError as e:
-        raise DistError(f"rank {rank()}: receiving rank 0's state failed ({first_line(e)}); a rank died") from None
+        raise DistError(f"rank {rank()}: {what} failed ({first_line(e)}); a rank died") from None
     return box[0]
 
 

@@ -4,18 +4,13 @@ rank receives them all, in cell order, so rank 0 writes the one results file exa
 would, round by round (an interrupted sweep resumes from it)."""
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-from .launch import DistError, first_line, init_from_env, rank, world_size
+from .launch import DistError, first_line, init_from_env, patient_group, rank, world_size
 from .tensor_parallel import TensorParallel
-
-# A round waits for its slowest cell, which may take hours on a CPU; a dead rank is still seen at once
-# (its connections close), only a rank that hangs waits this long.
-ROUND_TIMEOUT = dt.timedelta(hours=24)
 
 
 @dataclass
@@ -56,5 +51,5 @@ def workers(tp_size: int = 1, device: str | None = None) -> Workers:
         raise ValueError(f"--tp {tp_size} must divide the number of ranks ({n})")
     groups = [dist.new_group(list(range(g, g + tp_size))) for g in range(0, n, tp_size)] if tp_size > 1 else []
     tp = TensorParallel(groups[r // tp_size]) if groups else None
-    rounds = dist.new_group(backend="gloo", timeout=ROUND_TIMEOUT)
+    rounds = patient_group()  # a round waits for its slowest cell, which may take hours on a CPU
     return Workers(r // tp_size, n // tp_size, tp, tp_size, rounds)
