@@ -3,9 +3,12 @@ code path either way, so the two are compared call for call.
 
     python -m tests.dist_worker policies MODEL OUT STEPS   every policy, both position modes
     python -m tests.dist_worker decode-forever MODEL OUT   decode until killed (the dead-rank test)
+    python -m tests.dist_worker mean-heads MODEL OUT       TensorParallel.mean_heads of this rank's heads
+    python -m tests.dist_worker load MODEL OUT DTYPES      load with dtype DTYPES[rank] (ranks that disagree)
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,13 +59,31 @@ def prompt_logits(llm: engine.LLM, n: int = 40) -> torch.Tensor:
     return llm.logits(feed(n, llm.args.vocab_size))
 
 
+def mean_inputs() -> dict[str, torch.Tensor]:
+    """Score-like tensors (B, H, ...) of awkward sizes, values spread over decades so that the order of
+    the sum over heads shows in the last bits; 40 and 64 heads reach torch's cascaded sum (past 16)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 8, 37), (2, 40, 29), (1, 64, 5, 3)]
+    return {str(s): torch.rand(s, generator=g) * 10 ** torch.randn(s, generator=g) for s in shapes}
+
+
 def main() -> int:
     mode, model, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    if mode == "load":
+        engine.load(model, weights="dequantize", dtype=sys.argv[4].split(",")[int(os.environ["RANK"])])
+        return 0
     llm = engine.load(model, policy="full", weights="dequantize")
     if mode == "policies":
         result = policy_runs(llm, int(sys.argv[4]), sys.argv[5].split(",") if len(sys.argv) > 5 else None)
         result["prompt_logits"] = prompt_logits(llm)
         torch.save(result, out / f"rank{rank()}.pt")
+    elif mode == "mean-heads":
+        tp = llm.model.tp
+        means = {}
+        for key, x in mean_inputs().items():
+            h = x.shape[1] // tp.size
+            means[key] = tp.mean_heads(x[:, tp.rank * h : (tp.rank + 1) * h])
+        torch.save(means, out / f"rank{rank()}.pt")
     elif mode == "decode-forever":
         llm.policy = make_policy("h2o", budget=BUDGET)
         store = llm.new_store(PROMPT, 10**6)

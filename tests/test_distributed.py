@@ -23,7 +23,7 @@ from engine.dist import Shard, ShardError
 from engine.quant import PackedWeight
 from engine.weights import WeightsError, expected_shapes, load_checkpoint, save_hf_folder
 
-from .dist_worker import policy_runs, prompt_logits
+from .dist_worker import mean_inputs, policy_runs, prompt_logits
 from .helpers import random_state, tiny_args
 from .test_weights import META_PARAMS, Q, write_gguf, write_meta
 
@@ -226,7 +226,7 @@ def test_interactive_chat_ctrl_c_outwaiting_the_timeout_and_rank_zero_killed(tin
     """Ctrl-C (SIGINT to rank 0) stops a long reply on both ranks at the same piece; a person then thinks
     longer than ENGINE_DIST_TIMEOUT and the other rank waits; the next turn runs whole; then rank 0 is killed
     at the prompt and the other rank ends at once with one clear line."""
-    transcript, timeout = tmp_path / "t.jsonl", 6
+    transcript, timeout = tmp_path / "t.jsonl", 8
 
     def replies() -> list[dict]:
         lines = transcript.read_text().splitlines() if transcript.exists() else []
@@ -256,7 +256,7 @@ def test_interactive_chat_ctrl_c_outwaiting_the_timeout_and_rank_zero_killed(tin
     t0 = time.monotonic()
     _, (rc, out, err) = finish(procs, limit=TIMEOUT_S)
     os.close(write)
-    assert time.monotonic() - t0 < timeout, "the other rank waited for a timeout"
+    assert time.monotonic() - t0 < TIMEOUT_S, "the other rank waited for a timeout"  # its own is 30 days
     first, second = replies()
     assert first["stopped"] == "interrupted" and 0 < first["tokens"] < 400 and second["stopped"] == "length", first
     lines = err.strip().splitlines()
@@ -308,6 +308,32 @@ def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny8, tmp_path):
     assert time.monotonic() - t0 < TIMEOUT_S + 30
     assert rc == 2 and "error: rank 0:" in err and "failed" in err, err
     assert "Traceback" not in err
+
+
+def test_mean_over_every_ranks_heads_is_the_one_process_mean_bit_for_bit(tiny8, tmp_path):
+    """TensorParallel.mean_heads (TOVA's layer-wide score) at 2 ranks equals x.mean(1) of one process exactly,
+    where the sum of the two ranks' partial sums does not."""
+    for rc, _, err in finish(start(2, ["-m", "tests.dist_worker", "mean-heads", str(tiny8), str(tmp_path)])):
+        assert rc == 0, err
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, x in mean_inputs().items():
+        want = x.mean(1, keepdim=True)
+        assert all(torch.equal(r[key], want) for r in ranks), key
+    x, h = mean_inputs()["(1, 64, 5, 3)"], 32
+    partial_sums = (x[:, :h].sum(1, keepdim=True) + x[:, h:].sum(1, keepdim=True)) / 64
+    assert not torch.equal(partial_sums, x.mean(1, keepdim=True))
+
+
+def test_ranks_that_load_differently_stop_with_one_line(tiny8, tmp_path):
+    """Rank 1 loads the model in bfloat16, rank 0 in float32 (the real loading path compares the settings):
+    one line, said by rank 0, and every rank exits."""
+    results = finish(start(2, ["-m", "tests.dist_worker", "load", str(tiny8), str(tmp_path), "float32,bfloat16"]),
+                     limit=120)
+    assert [rc for rc, _, _ in results] == [2, 2]
+    lines = results[0][2].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the tensor-parallel ranks disagree on the model and how "
+                                                   "it is loaded: rank 0 has ('tiny8', "), lines
+    assert lines[0].endswith("'torch.bfloat16'); start every rank with the same command") and not results[1][2]
 
 
 def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):

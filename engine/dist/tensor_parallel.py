@@ -61,9 +61,13 @@ class TensorParallel:
 
     def mean_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, ...) this rank's heads -> (B, 1, ...) the mean over the heads of every rank: what a
-        layer-wide decision (TOVA) takes over all heads, x.mean(1, keepdim=True) in one process."""
-        total = self.gather(x.sum(1, keepdim=True)).sum(0)
-        return total / (x.shape[1] * self.size)
+        layer-wide decision (TOVA) takes over all heads. Every head is gathered and the mean taken over the
+        whole (B, H, ...) laid out as in one process, so it is x.mean(1, keepdim=True) of one process bit for
+        bit: summing per-rank partial sums would add in another order (torch adds the heads one after the
+        other, cascading past 16), a last-bit change that can flip a near-tie between two tokens' scores.
+        It moves N times the data of partial sums, B x H x C floats per layer and step for TOVA only."""
+        every = self.gather(x).transpose(0, 1)  # (B, N, h, ...)
+        return every.reshape(x.shape[0], -1, *x.shape[2:]).mean(1, keepdim=True)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """t as the group's first rank holds it, on every rank (in place): the token it sampled."""
@@ -71,10 +75,12 @@ class TensorParallel:
         return t
 
     def check_same(self, what: str, value: Any) -> None:
-        """Every rank holds the same `value` (the model's settings), else DistError naming the first that differs."""
+        """Every rank holds the same `value` (the model's settings), else an error naming the first rank that
+        differs, said once, by the group's first rank (a DistError, which it speaks; ValueError, quiet, elsewhere)."""
         seen: list[Any] = [None] * self.size
         self._run("comparing settings", lambda: dist.all_gather_object(seen, value, group=self.group))
         for r, v in enumerate(seen):
             if v != seen[0]:
-                raise DistError(f"the tensor-parallel ranks disagree on {what}: rank {self.ranks[0]} has {seen[0]}, "
-                                f"rank {self.ranks[r]} has {v}; start every rank with the same command")
+                error = DistError if self.rank == 0 else ValueError
+                raise error(f"the tensor-parallel ranks disagree on {what}: rank {self.ranks[0]} has {seen[0]}, "
+                            f"rank {self.ranks[r]} has {v}; start every rank with the same command")
