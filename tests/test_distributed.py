@@ -3,6 +3,7 @@ torchrun for the CLIs), each bounded in time. The single-process reference runs 
 process (tests/dist_worker.py)."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ import torch
 import engine
 from engine.config import ModelArgs
 from engine.dist import Shard, ShardError
+from engine.policies import make_policy
 from engine.quant import PackedWeight
+from engine.serve.scheduler import with_policy
 from engine.weights import WeightsError, expected_shapes, load_checkpoint, save_hf_folder
 
 from .dist_worker import engine_policies, mean_inputs, policy_runs, prompt_logits
@@ -267,6 +270,45 @@ def test_interactive_chat_ctrl_c_outwaiting_the_timeout_and_rank_zero_killed(tin
     assert lines[0].endswith("; a rank died") and not out
 
 
+def test_server_at_two_ranks_answers_as_one_process(tiny8):
+    """engine.serve among 2 ranks: rank 0 serves and schedules, rank 1 follows its plans. Concurrent requests
+    (two policies, streamed and not, one refused) get one process's greedy answers; SIGTERM to rank 0 ends
+    both ranks with exit 0."""
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    procs = start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port", str(port)])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+    llm = engine.load(tiny8, weights="dequantize")
+    asks = [("Name three colours.", "full", {}), ("What is two plus two?", "h2o", dict(budget=8, recent=2)),
+            ("Name three colours.", "tova", dict(budget=12))]
+    want = [with_policy(llm, make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
+                                                         temperature=0.0) for q, p, kw in asks]
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the server did not start"
+            time.sleep(0.3)
+
+    def ask(i: int) -> str:
+        q, p, kw = asks[i % len(asks)]
+        r = client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": q}], max_tokens=10,
+                                           temperature=0, stream=i >= len(asks), extra_body={"policy": p, **kw})
+        return "".join(c.choices[0].delta.content or "" for c in r) if i >= len(asks) else r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(2 * len(asks)) as pool:
+        got = list(pool.map(ask, range(2 * len(asks)), timeout=RUN_LIMIT_S))
+    with pytest.raises(openai.BadRequestError, match="unknown policy"):
+        client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"policy": "lru"})
+    assert got == want * 2
+    procs[0].send_signal(signal.SIGTERM)
+    for rc, _, err in finish(procs, limit=TIMEOUT_S):
+        assert rc == 0, err
+
+
 def test_sharded_eval_sweep_writes_the_cells_of_one_process(tiny8, tmp_path):
     """2 ranks, first half a sweep, then the whole sweep resumed from it: the cells of one process."""
     text = tmp_path / "text.txt"
@@ -347,11 +389,9 @@ def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):
 
 
 def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
-    """A bad collective timeout, --tp in one process, the server among several ranks:
-    each a ValueError naming what to do (run_cli prints it as one line), before any model loads."""
+    """A bad collective timeout and --tp in one process: each a ValueError naming what to do (run_cli prints it as one line), before any model loads."""
     from engine.dist.launch import timeout_s
     from engine.dist.sweep import workers
-    from engine.serve.__main__ import main as serve_main
 
     monkeypatch.setenv("ENGINE_DIST_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="ENGINE_DIST_TIMEOUT must be a number of seconds > 0, got 'soon'"):
@@ -360,9 +400,6 @@ def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="--tp 2 needs 2 or a multiple of ranks, started by torchrun"):
         workers(2)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="engine.serve runs as one process"):
-        serve_main([])
 
 
 def test_adaptive_allocation_is_refused_under_tensor_parallelism(tiny8):

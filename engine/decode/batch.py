@@ -41,7 +41,8 @@ class BatchStep:
         R, dtype, device = len(stores), first.qkv.dtype, stores[0].device
         self.model, self.stores, self.eps = model, list(stores), first.eps
         self.layers, self.embedding, self.norm, self.output = first.layers, first.embedding, first.norm, first.output
-        self.vocab = first.vocab
+        self.vocab, self.tp, self.gathers_vocab = first.vocab, first.tp, first.gathers_vocab
+        self.partial = None if first.tp is None else torch.empty(R, first.partial.shape[1], dtype=dtype, device=device)
         self.qkv = torch.empty(R, first.qkv.shape[1], dtype=dtype, device=device)
         self.gate_up = torch.empty(R, first.gate_up.shape[1], dtype=dtype, device=device)
         self.attended = torch.empty(R, first.attended.shape[1], dtype=dtype, device=device)
@@ -51,21 +52,29 @@ class BatchStep:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [R] (request i's last token at i) -> logits [R, V] (fp32), every store's step ended."""
-        qkv, gate_up, attended, eps = self.qkv, self.gate_up, self.attended, self.eps
+        qkv, gate_up, attended, eps, tp = self.qkv, self.gate_up, self.attended, self.eps, self.tp
         rows = list(zip(self.stores, self.qkv_rows))
         for store in self.stores:
             store.begin_decode()
         x = ops.embedding(tokens, self.embedding)  # (R, dim), the residual stream, updated in place
+        # wo and w2 add into x, or under tensor parallelism write this rank's share for the group's sum
+        out, accumulate = (x, True) if tp is None else (self.partial, False)
         for layer, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
             wqkv(x, qkv, False, attention_norm, eps, False)
             for store, row in rows:
                 store.decode(layer, row)
             torch.cat(self.outs, out=attended)
-            wo(attended, x, True, None, 0.0, False)
+            wo(attended, out, accumulate, None, 0.0, False)
+            if tp is not None:
+                tp.add_reduced(out, x)
             w13(x, gate_up, False, ffn_norm, eps, False)
-            w2(gate_up, x, True, None, 0.0, True)
+            w2(gate_up, out, accumulate, None, 0.0, True)
+            if tp is not None:
+                tp.add_reduced(out, x)
         logits = x.new_empty(x.shape[0], self.vocab)
         self.output(x, logits, False, self.norm, eps, False)
+        if self.gathers_vocab:
+            logits = tp.gather_vocab(logits)
         for store in self.stores:
             store.end_decode()
         return logits.float()

@@ -7,14 +7,16 @@ may choose its own (`policy`, `budget`, `sinks`, `recent` and a policy's paramet
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 --api-key (or $ENGINE_API_KEY) requires `Authorization: Bearer KEY` on every route but /health.
+Under torchrun rank 0 serves and schedules; the other ranks hold their part of the model and follow it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from ..cli import COUNT, Integer, Parser, Real, add_model_args, load_options, policy_params, run_cli
-from ..dist.launch import launched
+from ..dist.launch import first_rank, patient_group
 from ..tokenizer import TEMPLATES
 
 API_KEY_ENV = "ENGINE_API_KEY"
@@ -41,8 +43,6 @@ def parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    if launched():
-        raise ValueError("engine.serve runs as one process; tensor parallelism (torchrun) serves no requests yet")
     try:
         import uvicorn
 
@@ -54,15 +54,25 @@ def main(argv: list[str] | None = None) -> int:
 
     params = policy_params(ns)
     llm = load(ns.model, policy=ns.policy, template=ns.template, **load_options(ns), **params)
+    group = patient_group()  # rank 0's plans reach the followers however long the server idles
+    options = dict(max_batch=ns.max_batch, max_queue=ns.max_queue, prefill_tokens=ns.prefill_tokens, group=group)
+    if not first_rank():
+        Scheduler(llm, **options).follow()
+        return 0
     settings = Settings(model_names=(llm.name, ns.model), policy=ns.policy,
                         policy_defaults={k: v for k, v in params.items() if v is not None},
                         max_tokens=ns.max_tokens, max_prompt_tokens=ns.max_prompt_tokens or llm.args.max_seq_len,
                         request_timeout=ns.request_timeout, max_body_bytes=ns.max_body_bytes, api_key=ns.api_key)
-    scheduler = Scheduler(llm, max_batch=ns.max_batch, max_queue=ns.max_queue, prefill_tokens=ns.prefill_tokens).start()
+    scheduler = Scheduler(llm, **options).start()
+    # uvicorn stops gracefully on SIGTERM, then raises it again: handled here, so that the scheduler stops
+    # (telling the other ranks) and the exit code is 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(create_app(llm, scheduler, settings), host=ns.host, port=ns.port, log_level="warning")
     finally:
         scheduler.stop()
+    if scheduler.failed:
+        raise scheduler.failed
     return 0
 
 

@@ -6,12 +6,18 @@ and is sampled, stopped and turned into text as Session.stream does it (engine/g
 StopFilter, the tokenizer's StreamDecoder): its output does not depend on what else runs, and a greedy
 reply equals `LLM.chat` on the same messages, byte for byte. Nothing here knows about HTTP: a request's
 events go to a callback (the server hands them to its event loop).
+
+Under tensor parallelism (torchrun) rank 0 schedules and the other ranks `follow`: at each step boundary rank
+0 sends the requests that join (their ids, length and policy) and then each step's members and tokens (sampled
+on rank 0), and the followers prefill and step the same stores in the same order, each with its KV heads.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..decode import batch
+from ..dist.launch import DistError, from_rank_zero
 from ..generate import SamplingParams, StopFilter, sample
 from ..llm import LLM, Session
 from ..policies import Policy
@@ -71,6 +79,7 @@ class Request:
     token: int = -1  # the last sampled token, fed by the next step
     sampled: int = 0
     ended: bool = field(default=False)
+    num: int = -1  # its number among the requests that joined (the followers' name for it)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -92,8 +101,12 @@ class Scheduler:
     beyond), and `prefill_tokens` the prompt tokens prefilled at one step boundary (at least one whole
     prompt), so that a burst of new prompts delays the running streams by a bounded amount."""
 
-    def __init__(self, llm: LLM, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 256):
+    def __init__(self, llm: LLM, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 256,
+                 group: dist.ProcessGroup | None = None):
         self.llm, self.max_batch, self.max_queue, self.prefill_tokens = llm, max_batch, max_queue, prefill_tokens
+        self.group = group  # among several ranks (engine.dist.launch.patient_group): the followers listen on it
+        self.failed: DistError | None = None  # the collective that ended the thread (then the server stops)
+        self.joined = 0
         self.eos = frozenset(llm.tokenizer.eos_ids)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -124,7 +137,24 @@ class Scheduler:
         return {"active": len(self.active), "waiting": len(self.waiting)}
 
     # ---- the thread ------------------------------------------------------------------------------
+    def _tell(self, plan: tuple | None) -> None:
+        """Send the followers what comes next ("join", [(num, ids, max_new_tokens, policy)]), ("step", [num],
+        [token]) or the end (None)."""
+        if self.group is not None:
+            from_rank_zero(plan, self.group, "sending the followers the next step")
+
     def _run(self) -> None:
+        try:
+            self._schedule()
+        except DistError as e:  # a follower died: nothing can run; the server stops (serve's main says why)
+            self.failed = e
+            for r in [*self.active, *self.waiting]:
+                self._end(r, Failed(503, "the server is shutting down", "server_error"))
+            signal.raise_signal(signal.SIGTERM)
+            return
+        self._tell(None)
+
+    def _schedule(self) -> None:
         step: Callable[[torch.Tensor], torch.Tensor] | None = None
         members: list[Request] = []
         while True:
@@ -134,16 +164,24 @@ class Scheduler:
                 if self.stopping:
                     break
                 admitted = self._take()
-            for request in admitted:
+            joining = [r for r in admitted if not self._leaves(r)]
+            for r in joining:
+                r.num, self.joined = self.joined, self.joined + 1
+            if joining:
+                self._tell(("join", [(r.num, r.ids, r.params.max_new_tokens, r.policy) for r in joining]))
+            for request in joining:
                 self._join(request)
             self.active = [r for r in self.active if not self._leaves(r)]
             if not self.active:
                 continue
             if members != self.active:
-                members, step = list(self.active), self._step_for(self.active)
+                members, step = list(self.active), self._step_for([r.session for r in self.active])
+            self._tell(("step", [r.num for r in members], [r.token for r in members]))
             tokens = torch.tensor([r.token for r in members], device=self.llm.device)
             try:
                 logits = step(tokens)
+            except DistError:
+                raise
             except Exception as e:  # a bug or out of memory: these requests end, the server goes on
                 for r in members:
                     self._end(r, Failed(500, f"decode step failed: {e}", "server_error"))
@@ -166,24 +204,43 @@ class Scheduler:
             tokens += n
         return taken
 
-    def _step_for(self, requests: list[Request]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """One batched step over the requests' stores where the batched plan runs (CPU); elsewhere each
+    def _step_for(self, sessions: list[Session]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One batched step over the sessions' stores where the batched plan runs (CPU); elsewhere each
         request's own decoder, one after another (same logits, no shared read of the weights)."""
-        stores = [r.session.store for r in requests]
+        stores = [s.store for s in sessions]
         if batch.applies(self.llm.model, stores):
             return batch.BatchStep(self.llm.model, stores)
-        steps = [r.session.step for r in requests]
+        steps = [s.step for s in sessions]
         return lambda tokens: torch.cat([s(tokens[i : i + 1]) for i, s in enumerate(steps)])
 
+    def follow(self) -> None:
+        """A follower rank's whole life: prefill and step what rank 0's plans say, until rank 0 ends."""
+        sessions: dict[int, Session] = {}
+        members: list[int] = []
+        step: Callable[[torch.Tensor], torch.Tensor] | None = None
+        while (plan := from_rank_zero(None, self.group, "waiting for rank 0's next step")) is not None:
+            if plan[0] == "join":
+                for num, ids, max_new_tokens, policy in plan[1]:
+                    with contextlib.suppress(ValueError):  # refused on rank 0 alike
+                        session = Session(with_policy(self.llm, policy), max_new_tokens, prompt_len=len(ids))
+                        session.feed(ids)
+                        sessions[num] = session
+                continue
+            nums, tokens = plan[1], plan[2]
+            if nums != members:
+                sessions = {n: sessions[n] for n in nums}  # the others left: their caches go
+                members, step = nums, self._step_for([sessions[n] for n in nums])
+            step(torch.tensor(tokens, device=self.llm.device))
+
     def _join(self, r: Request) -> None:
-        """Prefill a request alone, as LLM.stream does, and sample its first token."""
-        if r.cancelled or time.monotonic() > r.deadline:
-            return self._end(r, self._gone(r))
+        """Prefill a request alone, as LLM.stream does, and sample its first token (the followers prefill it too)."""
         try:
             r.session = Session(with_policy(self.llm, r.policy), r.params.max_new_tokens, prompt_len=len(r.ids))
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=self.llm.device).manual_seed(r.params.seed)
             logits = r.session.feed(r.ids)
+        except DistError:
+            raise
         except ValueError as e:  # ContextError, PolicyError, bad ids: the request's fault
             return self._end(r, Failed(400, str(e)))
         except Exception as e:  # out of memory for this cache: the next request may fit
