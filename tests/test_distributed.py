@@ -283,14 +283,7 @@ def test_server_at_two_ranks_answers_as_one_process(tiny8):
             ("Name three colours.", "tova", dict(budget=12))]
     want = [with_policy(llm, make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
                                                          temperature=0.0) for q, p, kw in asks]
-    deadline = time.monotonic() + RUN_LIMIT_S
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the server did not start"
-            time.sleep(0.3)
+    wait_until_serving(client, procs)
 
     def ask(i: int) -> str:
         q, p, kw = asks[i % len(asks)]
@@ -307,6 +300,35 @@ def test_server_at_two_ranks_answers_as_one_process(tiny8):
     procs[0].send_signal(signal.SIGTERM)
     for rc, _, err in finish(procs, limit=TIMEOUT_S):
         assert rc == 0, err
+
+
+def test_server_stops_with_one_line_when_a_follower_dies(tiny8):
+    """Rank 1 killed under a serving rank 0: the next request fails (503) and the server stops, exit 2, one line."""
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    procs = start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port", str(port)])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+    wait_until_serving(client, procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    with pytest.raises(openai.APIStatusError, match="shutting down"):
+        client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    (rc, out, err), _ = finish(procs, limit=TIMEOUT_S)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: rank 0: "), err
+    assert "failed" in lines[0] and not out
+
+
+def wait_until_serving(client: Any, procs: list[subprocess.Popen]) -> None:
+    import openai
+
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while True:
+        try:
+            client.models.list()
+            return
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the server did not start"
+            time.sleep(0.3)
 
 
 def test_sharded_eval_sweep_writes_the_cells_of_one_process(tiny8, tmp_path):

@@ -107,6 +107,7 @@ class Scheduler:
         self.group = group  # among several ranks (engine.dist.launch.patient_group): the followers listen on it
         self.failed: DistError | None = None  # the collective that ended the thread (then the server stops)
         self.joined = 0
+        self.joining: list[Request] = []  # taken from the queue, not yet in the batch
         self.eos = frozenset(llm.tokenizer.eos_ids)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
@@ -148,8 +149,9 @@ class Scheduler:
             self._schedule()
         except DistError as e:  # a follower died: nothing can run; the server stops (serve's main says why)
             self.failed = e
-            for r in [*self.active, *self.waiting]:
-                self._end(r, Failed(503, "the server is shutting down", "server_error"))
+            for r in [*self.joining, *self.active, *self.waiting]:
+                if not r.ended:
+                    self._end(r, Failed(503, "the server is shutting down", "server_error"))
             signal.raise_signal(signal.SIGTERM)
             return
         self._tell(None)
@@ -164,12 +166,12 @@ class Scheduler:
                 if self.stopping:
                     break
                 admitted = self._take()
-            joining = [r for r in admitted if not self._leaves(r)]
-            for r in joining:
+            self.joining = [r for r in admitted if not self._leaves(r)]
+            for r in self.joining:
                 r.num, self.joined = self.joined, self.joined + 1
-            if joining:
-                self._tell(("join", [(r.num, r.ids, r.params.max_new_tokens, r.policy) for r in joining]))
-            for request in joining:
+            if self.joining:
+                self._tell(("join", [(r.num, r.ids, r.params.max_new_tokens, r.policy) for r in self.joining]))
+            for request in self.joining:
                 self._join(request)
             self.active = [r for r in self.active if not self._leaves(r)]
             if not self.active:
