@@ -377,7 +377,7 @@ def repl(conv: Conversation, transcript: Transcript | None, group: ProcessGroup 
             transcript.write({"role": "user", "content": text})
         with ctrl_c_flag() as interrupted:
             try:
-                reply = conv.ask(text, _echo, lambda: from_rank_zero(interrupted(), group, "a reply"))
+                reply = conv.ask(text, _echo, lambda: from_rank_zero(interrupted(), group, "following rank 0's reply"))
             except ContextError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
