@@ -4,6 +4,7 @@ process (tests/dist_worker.py)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,17 @@ def finish(procs: list[subprocess.Popen], limit: float = RUN_LIMIT_S) -> list[tu
             pytest.fail(f"a rank still ran after {limit} s")
         out.append((p.returncode, o, e))
     return out
+
+
+@contextlib.contextmanager
+def ending(procs: list[subprocess.Popen]) -> Iterator[list[subprocess.Popen]]:
+    """The ranks, killed if the test fails while they run (a server would run on)."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -276,43 +289,47 @@ def test_server_at_two_ranks_answers_as_one_process(tiny8):
     both ranks with exit 0."""
     openai = pytest.importorskip("openai")
     port = free_port()
-    procs = start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port", str(port)])
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
-    llm = engine.load(tiny8, weights="dequantize")
-    asks = [("Name three colours.", "full", {}), ("What is two plus two?", "h2o", dict(budget=8, recent=2)),
-            ("Name three colours.", "tova", dict(budget=12))]
-    want = [with_policy(llm, make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
-                                                         temperature=0.0) for q, p, kw in asks]
-    wait_until_serving(client, procs)
+    with ending(start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port",
+                          str(port)])) as procs:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+        llm = engine.load(tiny8, weights="dequantize")
+        asks = [("Name three colours.", "full", {}), ("What is two plus two?", "h2o", dict(budget=8, recent=2)),
+                ("Name three colours.", "tova", dict(budget=12))]
+        want = [with_policy(llm, make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
+                                                             temperature=0.0) for q, p, kw in asks]
+        wait_until_serving(client, procs)
 
-    def ask(i: int) -> str:
-        q, p, kw = asks[i % len(asks)]
-        r = client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": q}], max_tokens=10,
-                                           temperature=0, stream=i >= len(asks), extra_body={"policy": p, **kw})
-        return "".join(c.choices[0].delta.content or "" for c in r) if i >= len(asks) else r.choices[0].message.content
+        def ask(i: int) -> str:
+            q, p, kw = asks[i % len(asks)]
+            r = client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": q}], max_tokens=10,
+                                               temperature=0, stream=i >= len(asks), extra_body={"policy": p, **kw})
+            if i < len(asks):
+                return r.choices[0].message.content
+            return "".join(c.choices[0].delta.content or "" for c in r)
 
-    with concurrent.futures.ThreadPoolExecutor(2 * len(asks)) as pool:
-        got = list(pool.map(ask, range(2 * len(asks)), timeout=RUN_LIMIT_S))
-    with pytest.raises(openai.BadRequestError, match="unknown policy"):
-        client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}],
-                                       extra_body={"policy": "lru"})
-    assert got == want * 2
-    procs[0].send_signal(signal.SIGTERM)
-    for rc, _, err in finish(procs, limit=TIMEOUT_S):
-        assert rc == 0, err
+        with concurrent.futures.ThreadPoolExecutor(2 * len(asks)) as pool:
+            got = list(pool.map(ask, range(2 * len(asks)), timeout=RUN_LIMIT_S))
+        with pytest.raises(openai.BadRequestError, match="unknown policy"):
+            client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"policy": "lru"})
+        assert got == want * 2
+        procs[0].send_signal(signal.SIGTERM)
+        for rc, _, err in finish(procs, limit=TIMEOUT_S):
+            assert rc == 0, err
 
 
 def test_server_stops_with_one_line_when_a_follower_dies(tiny8):
     """Rank 1 killed under a serving rank 0: the next request fails (503) and the server stops, exit 2, one line."""
     openai = pytest.importorskip("openai")
     port = free_port()
-    procs = start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port", str(port)])
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
-    wait_until_serving(client, procs)
-    os.kill(procs[1].pid, signal.SIGKILL)
-    with pytest.raises(openai.APIStatusError, match="shutting down"):
-        client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
-    (rc, out, err), _ = finish(procs, limit=TIMEOUT_S)
+    with ending(start(2, ["-m", "engine.serve", "--model", str(tiny8), "--weights", "dequantize", "--port",
+                          str(port)])) as procs:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+        wait_until_serving(client, procs)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        with pytest.raises(openai.APIStatusError, match="shutting down"):
+            client.chat.completions.create(model="tiny8", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+        (rc, out, err), _ = finish(procs, limit=TIMEOUT_S)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: rank 0: "), err
     assert "failed" in lines[0] and not out
@@ -411,7 +428,8 @@ def test_one_process_joins_no_group_and_calls_no_collective(tiny8, monkeypatch):
 
 
 def test_refusals_without_the_ranks_they_need_are_one_clear_line(monkeypatch):
-    """A bad collective timeout and --tp in one process: each a ValueError naming what to do (run_cli prints it as one line), before any model loads."""
+    """A bad collective timeout and --tp in one process: each a ValueError naming what to do (run_cli prints it
+    as one line), before any model loads."""
     from engine.dist.launch import timeout_s
     from engine.dist.sweep import workers
 
