@@ -137,6 +137,22 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
                                                                 k_cache, v_cache)
 
 
+def decode_layers(qkv: Sequence[Tensor], cos: Sequence[Tensor], sin: Sequence[Tensor], slot: Sequence[Tensor],
+                  rotate_key: Sequence[bool], q_out: Sequence[Tensor], k_cache: Sequence[Tensor],
+                  v_cache: Sequence[Tensor], pos: Sequence[Tensor], length: Sequence[int], scale: float,
+                  out: Sequence[Tensor], score_acc: Sequence[Tensor | None], probs_out: Sequence[Tensor | None],
+                  rope_cos: Sequence[Tensor | None], rope_sin: Sequence[Tensor | None],
+                  rope_rank: Sequence[Tensor | None]) -> None:
+    """One decode layer of several single-sequence caches in one call: for each request i, rope_append then
+    decode_attention with the arguments at index i of every list (None where an optional one is absent).
+    The CPU kernel spreads the requests over the threads (each one's attention is too small to split) and
+    gives each request the bits of its own two calls: a batched serving step (engine/decode/batch.py)."""
+    _impl("decode_layers", k_cache[0].device, reference.decode_layers)(
+        list(qkv), list(cos), list(sin), list(slot), list(rotate_key), list(q_out), list(k_cache), list(v_cache),
+        list(pos), list(length), scale, list(out), list(score_acc), list(probs_out), list(rope_cos),
+        list(rope_sin), list(rope_rank))
+
+
 def value_norm(v: Tensor, kind: int, out: Tensor) -> None:
     """out [B, Hkv, N] = per-row Linf (kind 0), L1 (1) or squared L2 (2) of v [B, Hkv, N, D]."""
     _impl("value_norm", v.device, reference.value_norm)(v, kind, out)
@@ -284,6 +300,14 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::rope_append")
     def _rope_append_fake(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache) -> None:
         reference.check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
+
+    @torch.library.register_fake("engine::decode_layers")
+    def _decode_layers_fake(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache, pos, length, scale, out,
+                            score_acc, probs_out, rope_cos, rope_sin, rope_rank) -> None:
+        for i in range(len(qkv)):
+            reference.check_rope_append(qkv[i], cos[i], sin[i], slot[i], q_out[i], k_cache[i], v_cache[i])
+            reference.check_decode_attention(q_out[i], k_cache[i], v_cache[i], pos[i], length[i], out[i],
+                                             score_acc[i], probs_out[i], rope_cos[i], rope_sin[i], rope_rank[i])
 
     @torch.library.register_fake("engine::value_norm")
     def _value_norm_fake(v, kind, out) -> None:

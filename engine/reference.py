@@ -507,6 +507,24 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
     v_cache.scatter_(2, index, v[:, :, None].to(v_cache.dtype))
 
 
+def decode_layers(qkv: Sequence[Tensor], cos: Sequence[Tensor], sin: Sequence[Tensor], slot: Sequence[Tensor],
+                  rotate_key: Sequence[bool], q_out: Sequence[Tensor], k_cache: Sequence[Tensor],
+                  v_cache: Sequence[Tensor], pos: Sequence[Tensor], length: Sequence[int], scale: float,
+                  out: Sequence[Tensor], score_acc: Sequence[Tensor | None], probs_out: Sequence[Tensor | None],
+                  rope_cos: Sequence[Tensor | None], rope_sin: Sequence[Tensor | None],
+                  rope_rank: Sequence[Tensor | None]) -> None:
+    """For each request i: rope_append of its qkv row into its cache, then decode_attention of the rotated
+    query q_out[i] over that cache (the arguments at index i of every list)."""
+    n = len(qkv)
+    if any(len(x) != n for x in (cos, sin, slot, rotate_key, q_out, k_cache, v_cache, pos, length, out, score_acc,
+                                 probs_out, rope_cos, rope_sin, rope_rank)):
+        raise ValueError(f"decode_layers: every list must hold one entry per request ({n} qkv tensors)")
+    for i in range(n):
+        rope_append(qkv[i], cos[i], sin[i], slot[i], rotate_key[i], q_out[i], k_cache[i], v_cache[i])
+        decode_attention(q_out[i], k_cache[i], v_cache[i], pos[i], length[i], scale, out[i], score_acc[i],
+                         probs_out[i], rope_cos[i], rope_sin[i], rope_rank[i])
+
+
 def prefill_attention_chunked(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
                               out: Tensor, lse: Tensor, col_scores: Tensor | None = None,
                               score_rows: int = 0, score_scale: float = 1.0, *,

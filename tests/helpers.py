@@ -234,6 +234,17 @@ def opcheck_cases():
     yield "value_norm", (v, 1, torch.empty(B, Hkv, C))
     yield "rope_append", (torch.randn(B, (H + 2 * Hkv) * D, generator=g), *(t[3] for t in rope_tables(5, D, "cpu", g)),
                           torch.randint(0, C, (B, Hkv), generator=g), True, torch.empty(B, H, D), k.clone(), v.clone())
+    cos, sin = (t[3] for t in rope_tables(5, D, "cpu", g))
+    tables = rope_tables(40, D, "cpu", g)
+    # every optional entry given: torch's functionalization (opcheck's AOT test) cannot take a None inside a
+    # list of mutated tensors; the eager op can (tests/test_ops.py runs those mixes)
+    yield "decode_layers", ([torch.randn(B, (H + 2 * Hkv) * D, generator=g)] * 2, [cos] * 2, [sin] * 2,
+                            [torch.randint(0, C, (B, Hkv), generator=g)] * 2, [True, False],
+                            [torch.empty(B, H, D), torch.empty(B, H, D)], [k.clone(), k.clone()],
+                            [v.clone(), v.clone()], [pos, pos], [10, 12], 0.125,
+                            [torch.empty(B, H, D), torch.empty(B, H, D)],
+                            [torch.zeros(B, Hkv, C), torch.zeros(B, Hkv, C)], [torch.empty(B, H, C), torch.empty(B, H, C)],
+                            [tables[0]] * 2, [tables[1]] * 2, [rope_ranks(pos, 40, g)] * 2)
     yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
     keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)

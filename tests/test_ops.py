@@ -184,6 +184,92 @@ def test_rope_append(device, path, dtypes, case, rotate_key):
 
 
 # ---------------------------------------------------------------------------------------------
+# decode_layers: rope_append + decode_attention for several caches in one call
+# ---------------------------------------------------------------------------------------------
+
+LAYERS_CASES = [  # B, H, Hkv, C, D, length, fill, extras: one request each, one batched step's mix
+    (1, 9, 3, 37, 64, 20, "all", "acc"),
+    (1, 9, 3, 61, 64, 61, "holes", "probs"),
+    (2, 8, 2, 1100, 64, 1090, "holes", "acc"),  # big enough that decode_attention splits it over threads
+    (1, 9, 3, 5, 64, 1, "all", "rope"),  # keys rotated on the fly: stored raw, rotate_key False
+    (1, 4, 1, 23, 38, 17, "empty_head", ""),
+    (3, 6, 2, 41, 64, 40, "one", "acc+probs+rope"),
+]
+
+
+def layers_request(case, dtype: torch.dtype, g: torch.Generator) -> dict:
+    """One request's operands of ops.decode_layers (outputs poisoned, caches random), as a dict of the op's names."""
+    B, H, Hkv, C, D, length, fill, extras = case
+    pos = positions(B, Hkv, C, fill, g)
+    P = 4 * C + 9
+    cos, sin = rope_tables(P, D, "cpu", g)
+    rope = "rope" in extras
+    return dict(
+        qkv=randn((B, (H + 2 * Hkv) * D), dtype, "cpu", g), cos=cos[P - 1], sin=sin[P - 1],
+        slot=torch.randint(0, C, (B, Hkv), generator=g), rotate_key=not rope, q_out=poisoned((B, H, D), dtype, "cpu"),
+        k_cache=randn((B, Hkv, C, D), dtype, "cpu", g), v_cache=randn((B, Hkv, C, D), dtype, "cpu", g), pos=pos,
+        length=length, out=poisoned((B, H, D), dtype, "cpu"),
+        score_acc=torch.rand((B, Hkv, C), generator=g) if "acc" in extras else None,
+        probs_out=poisoned((B, H, C), torch.float32, "cpu") if "probs" in extras else None,
+        rope_cos=cos if rope else None, rope_sin=sin if rope else None,
+        rope_rank=rope_ranks(pos, P, g) if rope else None)
+
+
+def one_by_one(requests: list[dict], scale: float) -> None:
+    """What ops.decode_layers stands for: each request's two calls, one request after another."""
+    for r in requests:
+        ops.rope_append(r["qkv"], r["cos"], r["sin"], r["slot"], r["rotate_key"], r["q_out"], r["k_cache"],
+                        r["v_cache"])
+        rope = None if r["rope_rank"] is None else (r["rope_cos"], r["rope_sin"], r["rope_rank"])
+        ops.decode_attention(r["q_out"], r["k_cache"], r["v_cache"], r["pos"], r["length"], scale, r["out"],
+                             r["score_acc"], r["probs_out"], rope=rope)
+
+
+def as_lists(requests: list[dict]) -> dict[str, list]:
+    return {name: [r[name] for r in requests] for name in requests[0]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_layers_equals_each_requests_own_calls(path, dtype, threads):
+    """Every output of every request (q_out, both caches, out, score_acc, probs_out) bit for bit what its own
+    rope_append and decode_attention calls write, whatever the thread count; outputs poisoned first."""
+    g = gen(11 + threads)
+    requests = [layers_request(case, dtype, g) for case in LAYERS_CASES]
+    copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in requests]
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with on_path(path, "decode_layers", "cpu"):
+            ops.decode_layers(**as_lists(requests), scale=0.3)
+            one_by_one(copies, 0.3)
+    finally:
+        torch.set_num_threads(n)
+    for i, (got, want) in enumerate(zip(requests, copies)):
+        for name in ("q_out", "k_cache", "v_cache", "out", "score_acc", "probs_out"):
+            if want[name] is not None:
+                assert torch.equal(got[name], want[name]), f"request {i}: {name} differs from its own calls"
+        assert not got["out"].isnan().any(), f"request {i}: out left unwritten"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_layers_bad_input_is_the_single_calls_error(path):
+    """A request whose slot is out of range fails as its own rope_append would; lists of different lengths
+    are one clear error. Both paths say the same."""
+    g = gen(5)
+    requests = [layers_request(case, torch.float32, g) for case in LAYERS_CASES[:3]]
+    requests[1]["slot"][0, 0] = 10_000
+    with on_path(path, "decode_layers", "cpu"):
+        with pytest.raises(IndexError, match="rope_append: slot"):
+            ops.decode_layers(**as_lists(requests), scale=0.3)
+        lists = as_lists(requests)
+        lists["pos"] = lists["pos"][:2]
+        with pytest.raises(ValueError, match=r"decode_layers: every list must hold one entry per request \(3 qkv"):
+            ops.decode_layers(**lists, scale=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
 # prefill_attention
 # ---------------------------------------------------------------------------------------------
 

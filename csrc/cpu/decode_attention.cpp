@@ -411,7 +411,7 @@ template <typename kv_t, typename q_t>
 void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
   const int64_t BG = p.B * p.Hkv, G = p.G, D = p.D;
   const int max_threads = omp_get_max_threads();
-  const bool parallel = max_threads > 1 && BG * p.length * G * D > kParallelWork;
+  const bool parallel = decode_attention_splits(BG * G, p.length, D);
   std::unique_ptr<float[]> scratch(p.probs ? nullptr : new float[BG * G * p.length]);
   std::unique_ptr<float[]> partials(new float[(max_threads + BG) * G * (D + 2)]);
   std::unique_ptr<std::atomic<int64_t>[]> slots_done(new std::atomic<int64_t>[BG]);
@@ -438,6 +438,10 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
 }
 
 }  // namespace
+
+bool decode_attention_splits(int64_t query_heads, int64_t length, int64_t head_dim) {
+  return omp_get_max_threads() > 1 && query_heads * length * head_dim > kParallelWork;
+}
 
 void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,

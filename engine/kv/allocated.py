@@ -191,6 +191,10 @@ class AllocatedKVStore(KVStore):
         self.rope.ensure(max(self.qpos, self.capacity) + 1)
         return (not self.pooled and self.used < self.capacity), self.evicts_now
 
+    @property
+    def batchable(self) -> bool:
+        return not self.pooled and super().batchable  # a pool's kernels take its slot index
+
     def begin_decode(self) -> None:
         if not self.pooled:  # the dense layout of mask mode: the next slot, as the uniform store does
             super().begin_decode()
