@@ -497,8 +497,11 @@ def test_opcheck(op, args):
 
 def _copied(args: tuple) -> tuple:
     """Args with every tensor cloned: both calls start from the same bits and write their own copies."""
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else [t.clone() for t in a] if isinstance(a, list) else a
-                 for a in args)
+
+    def copy(a):
+        return a.clone() if isinstance(a, torch.Tensor) else [copy(t) for t in a] if isinstance(a, list) else a
+
+    return tuple(copy(a) for a in args)
 
 
 @pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
