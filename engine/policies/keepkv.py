@@ -1,5 +1,5 @@
 """KeepKV (Tian et al. 2025, arXiv 2504.09936, "KeepKV: Eliminating Output Perturbation in KV Cache
-Compression"): merge an evicted entry into the kept entry with the most similar key so that, for the
+Compression"; v2: "Achieving Periodic Lossless KV Cache Compression"; no code used): merge an evicted entry into the kept entry with the most similar key so that, for the
 reference query, attention's output is exactly what it was before the merge.
 
 Electoral votes: each slot carries a vote count p (1 for a plain token), kept as log p in the per-slot
@@ -61,6 +61,8 @@ class KeepKV(AverageAttentionMerge):
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor) -> None:
+        """ZIP-merge slot victim[b, g] (-1: none) into its receiver: key, value and log votes in place (the
+        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query)."""
         layer = view.layer
         B, Hkv, C, D = layer.k.shape
         rope, rank = view.rope, None if view.rope is None else layer.rank.clamp(min=0).long()
@@ -92,10 +94,10 @@ class KeepKV(AverageAttentionMerge):
         if rope is not None:  # back to the stored (pre-RoPE) key: the inverse rotation at the receiver's rank
             r = rank.gather(2, c)[..., 0]
             k_r = Rope.rotate_by(k_r, rope.cos[r], -rope.sin[r])
-        at = c[..., None].expand(-1, -1, 1, D)
-        layer.k.scatter_(2, at, torch.where(go[..., None, None], k_r[:, :, None].to(layer.k.dtype), layer.k.gather(2, at)))
-        layer.v.scatter_(2, at, torch.where(go[..., None, None], v_r[:, :, None].to(layer.v.dtype), layer.v.gather(2, at)))
-        lp.scatter_(2, c, torch.where(go[..., None], lp_r[..., None], lp.gather(2, c)))
+        at, go = c[..., None].expand(-1, -1, 1, D), go[..., None]
+        for buf, new in ((layer.k, k_r), (layer.v, v_r)):  # the receiver's row where a merge happens
+            buf.scatter_(2, at, torch.where(go[..., None], new[:, :, None].to(buf.dtype), buf.gather(2, at)))
+        lp.scatter_(2, c, torch.where(go, lp_r[..., None], lp.gather(2, c)))
 
 
 def reference_query(view: DecodeView | PrefillView) -> torch.Tensor:
