@@ -17,11 +17,11 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int length, float scale, "
       "Tensor(a!) out, Tensor(b!)? score_acc, Tensor(c!)? probs_out, Tensor? rope_cos=None, "
-      "Tensor? rope_sin=None, Tensor? rope_rank=None, Tensor? slot_index=None) -> ()");
+      "Tensor? rope_sin=None, Tensor? rope_rank=None, Tensor? slot_index=None, Tensor? bias=None) -> ()");
   m.def(
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor qpos, Tensor kpos, float scale, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? col_scores, int score_rows, float score_scale) "
-      "-> ()");
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? col_scores, int score_rows, float score_scale, "
+      "Tensor? bias=None) -> ()");
   m.def(
       "rope_append(Tensor qkv, Tensor cos, Tensor sin, Tensor slot, bool rotate_key, Tensor(a!) q_out, "
       "Tensor(b!) k_cache, Tensor(c!) v_cache) -> ()");

@@ -91,8 +91,10 @@ DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
 @pytest.mark.parametrize("dtypes", QKV_DTYPES, ids=dtypes_id)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
-def test_decode_attention(device, path, dtypes, case, rope):
-    """Against fp64 within 2x PyTorch's error in the query dtype (fp32 queries read a 16-bit cache exactly)."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_decode_attention(device, path, dtypes, case, rope, with_bias):
+    """Against fp64 within 2x PyTorch's error in the query dtype (fp32 queries read a 16-bit cache exactly);
+    with a per-slot logit bias (log votes in [0, 3), NaN on masked slots: never read)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, C, D, length, fill = case
     if rope and D % 2:
@@ -110,12 +112,13 @@ def test_decode_attention(device, path, dtypes, case, rope):
     if rope:
         P = 3 * C + 5
         tables = (*rope_tables(P, D, device, g), rope_ranks(pos, P, g))
+    bias = (3 * torch.rand((B, Hkv, C), generator=g)).to(device).masked_fill(masked, float("nan")) if with_bias else None
     out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
     with on_path(path, "decode_attention", device):
-        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs, rope=tables)
+        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs, rope=tables, bias=bias)
 
-    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64, tables)
-    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype, tables)
+    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64, tables, bias)
+    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype, tables, bias)
     valid = (ref._decode_kpos(pos, length) >= 0).cpu()
     assert_within(out, o64, o_pt, "out")
     assert_within(probs, p64, p_pt, "probs_out")
@@ -129,12 +132,13 @@ def test_decode_attention(device, path, dtypes, case, rope):
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("case", [(2, 8, 2, 1100, 64, 1090, "holes"), (1, 256, 1, 6, 256, 5, "holes")])
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
-def test_decode_attention_split_over_threads(threads, case, rope):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_decode_attention_split_over_threads(threads, case, rope, with_bias):
     """Caches big enough to be split across threads (pieces combined per head), and more threads than slots."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        test_decode_attention("cpu", "compiled", (torch.float32, torch.float32), case, rope)
+        test_decode_attention("cpu", "compiled", (torch.float32, torch.float32), case, rope, with_bias)
     finally:
         torch.set_num_threads(n)
 
@@ -286,25 +290,31 @@ PREFILL_CASES = [  # B, H, Hkv, L, S, D, layout
 @pytest.mark.parametrize("dtypes", QKV_DTYPES, ids=dtypes_id)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("score", [(0, 1.0), (5, 1.0), (7, 0.5)], ids=["all-rows", "last-5", "own-scale"])
-def test_prefill_attention(device, path, dtypes, case, score):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_prefill_attention(device, path, dtypes, case, score, with_bias):
+    """Against fp64 within 2x PyTorch's error; with a per-slot logit bias (log votes in [0, 3), NaN on empty
+    slots: never read)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, L, S, D, _ = case
     q, k, v, qpos, kpos = prefill_inputs(case, dtype, device, seed=L + S + D)
+    bias = None
+    if with_bias:
+        bias = (3 * torch.rand((B, Hkv, S), generator=gen(S))).to(device).masked_fill(kpos < 0, float("nan"))
     k, v = k.to(kv_dtype), v.to(kv_dtype)  # fp32 queries over a cache rounded to 16 bits
     scale = 1.0 / math.sqrt(D)
     score_rows, score_scale = score[0], score[1] * scale
     out, lse = poisoned((B, H, L, D), dtype, device), poisoned((B, H, L), torch.float32, device)
     cols = poisoned((B, Hkv, S), torch.float32, device)
     with on_path(path, "prefill_attention", device):
-        ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, cols, score_rows, score_scale)
+        ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, cols, score_rows, score_scale, bias)
 
-    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, torch.float64)
-    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, dtype)
+    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, torch.float64, bias)
+    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, dtype, bias)
     assert_within(out, o64, o_pt, "out")
     assert_within(lse, lse64, lse_pt, "lse")
     w = slice(L - score_rows if 0 < score_rows < L else 0, L)
-    c64 = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, torch.float64)
-    c_pt = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, dtype)
+    c64 = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, torch.float64, bias)
+    c_pt = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, dtype, bias)
     assert_within(cols, c64, c_pt, "col_scores")
 
 

@@ -18,7 +18,8 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& rope_cos,
                           const std::optional<at::Tensor>& rope_sin,
                           const std::optional<at::Tensor>& rope_rank,
-                          const std::optional<at::Tensor>& slot_index);
+                          const std::optional<at::Tensor>& slot_index,
+                          const std::optional<at::Tensor>& bias);
 
 // Whether decode_attention_cpu cuts a pass of query_heads (B H) x length slots x head_dim over the
 // threads: else one thread runs it, which is cheaper for small passes.
@@ -45,7 +46,7 @@ void prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                            at::Tensor& out, at::Tensor& lse,
                            const std::optional<at::Tensor>& col_scores, int64_t score_rows,
-                           double score_scale);
+                           double score_scale, const std::optional<at::Tensor>& bias);
 
 void value_norm_cpu(const at::Tensor& v, int64_t kind, at::Tensor& out);
 

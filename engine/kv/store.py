@@ -290,8 +290,13 @@ class KVStore:
         ops.decode_attention(
             q, st.k, st.v, st.pos, length, self.scale, self.attn_out,
             st.state["acc"] if self.fused_acc else None, probs,
-            rope=(rope.cos, rope.sin, st.rank) if rope else None,
+            rope=(rope.cos, rope.sin, st.rank) if rope else None, bias=self.bias(st),
         )
+
+    def bias(self, st: LayerState) -> torch.Tensor | None:
+        """The per-slot logit bias attention adds over st's slots (the policy's `logit_bias` state), or None."""
+        name = self.policy.logit_bias
+        return None if name is None else st.state[name]
 
     def end_decode(self) -> None:
         """Once every layer has decoded: the device side, then the host counters."""
