@@ -43,7 +43,7 @@ def test_matvec_row_bits_do_not_depend_on_rows(dtype, prologue, K):
 
 REQUESTS = [  # (policy, budget, prompt length): evicting and not, per-head and layer-wide, fused and raw acc
     ("full", 64, 9), ("h2o", 12, 14), ("streaming", 10, 5), ("tova", 12, 20), ("snapkv", 12, 16),
-    ("weightedkv", 12, 11), ("ahakv", 14, 18), ("scissorhands", 12, 13), ("vatp", 12, 7),
+    ("weightedkv", 12, 11), ("ahakv", 14, 18), ("scissorhands", 12, 13), ("vatp", 12, 7), ("keepkv", 12, 15),
 ]
 
 
@@ -55,7 +55,7 @@ def _prefilled(model, name, budget, length, seed, steps):
 
 @pytest.mark.parametrize("weights", ["dense", "packed", "packed-q8act"])
 def test_batched_step_equals_each_requests_own_step(weights):
-    """Nine requests of different policies, budgets and lengths decode together past their budgets, joining
+    """Ten requests of different policies, budgets and lengths decode together past their budgets, joining
     and leaving at step boundaries: each one's logits every step, and its store at the end, equal those of
     the same request decoded alone (on packed weights too: q/k/v and gate/up of two types; and with 8-bit
     activations, whose kernel computes 8 weight rows and up to 8 requests at a time). Most stores run a layer's

@@ -41,7 +41,7 @@ void decode_layers_cpu(at::TensorList qkv, at::TensorList cos, at::TensorList si
     at::Tensor qo = q_out[i], kc = k_cache[i], vc = v_cache[i], o = out[i];
     rope_append_cpu(qkv[i], cos[i], sin[i], slot[i], rotate_key.get(i), qo, kc, vc);
     decode_attention_cpu(qo, kc, vc, pos[i], length[i], scale, o, score_acc.get(i), probs_out.get(i),
-                         rope_cos.get(i), rope_sin.get(i), rope_rank.get(i), std::nullopt);
+                         rope_cos.get(i), rope_sin.get(i), rope_rank.get(i), std::nullopt, std::nullopt);
   };
   // Small requests first, all threads at once (a failed check is rethrown once the team is done) ...
   std::vector<int64_t> small, large;

@@ -195,11 +195,11 @@ class KVStore:
     def batchable(self) -> bool:
         """Whether decode(layer, qkv) is exactly ops.rope_append then ops.decode_attention on this store's
         step rows and layer buffers, with nothing between or after (no value norms, no layer-by-layer policy
-        step, no second accumulation, no dtype copy): a batched step may then run the two for several stores
-        in one ops.decode_layers call (engine/decode/batch.py)."""
+        step, no second accumulation, no logit bias, no dtype copy): a batched step may then run the two for
+        several stores in one ops.decode_layers call (engine/decode/batch.py)."""
         p = self.policy
         return not (p.value_norm or p.decode_layer_by_layer or (p.needs_acc and not self.fused_acc)
-                    or self.attn_out is not self.out)
+                    or p.logit_bias is not None or self.attn_out is not self.out)
 
     def decode_length(self) -> int:
         """Slots a decode step's attention reads: every one in a graph (a fixed shape), else those written."""
