@@ -115,7 +115,8 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& rope_cos,
                             const std::optional<at::Tensor>& rope_sin,
                             const std::optional<at::Tensor>& rope_rank,
-                            const std::optional<at::Tensor>& slot_index) {
+                            const std::optional<at::Tensor>& slot_index,
+                            const std::optional<at::Tensor>& bias) {
   const char* op = "decode_attention";
   const Like like_k{k, "k"};
   int64_t B, Hkv, C, D;
@@ -139,6 +140,7 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   check_tensor(op, "out", out, "[B, H, D]", {B, H, D}, {q.scalar_type()}, like_k);
   check_optional(op, "score_acc", score_acc, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like_k);
   check_optional(op, "probs_out", probs_out, "[B, H, C]", {B, H, C}, {ScalarType::Float}, like_k);
+  check_optional(op, "bias", bias, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like_k);
   TORCH_CHECK_VALUE(length >= 1 && length <= C, op, ": length must be in [1, C] = [1, ", C,
                     "], got ", length);
   const int given = int(rope_cos.has_value()) + int(rope_sin.has_value()) + int(rope_rank.has_value());
@@ -208,7 +210,8 @@ void check_slot_indices(const char* op, const at::Tensor& slot, int64_t C) {
 
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores) {
+                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores,
+                             const std::optional<at::Tensor>& bias) {
   const char* op = "prefill_attention";
   const char* cache = "[B, H_kv, S, D]";
   check_tensor(op, "k", k, cache, {-1, -1, -1, -1}, kFloats);
@@ -224,6 +227,7 @@ void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   check_tensor(op, "lse", lse, "[B, H, L]", {B, H, L}, {ScalarType::Float}, like_k);
   check_optional(op, "col_scores", col_scores, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Float},
                  like_k);
+  check_optional(op, "bias", bias, "[B, H_kv, S]", {B, Hkv, S}, {ScalarType::Float}, like_k);
 }
 
 void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out) {

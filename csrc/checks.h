@@ -24,7 +24,8 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& rope_cos,
                             const std::optional<at::Tensor>& rope_sin,
                             const std::optional<at::Tensor>& rope_rank,
-                            const std::optional<at::Tensor>& slot_index);
+                            const std::optional<at::Tensor>& slot_index,
+                            const std::optional<at::Tensor>& bias);
 // slot_index must hold rows of the [B, R, D] pool on every slot < length (empty slots included: the
 // kernels may read an empty slot's row before masking it).
 void check_pool_rows(const at::Tensor& slot_index, int64_t length, int64_t R);
@@ -39,7 +40,8 @@ void check_slot_indices(const char* op, const at::Tensor& slot, int64_t C);
 
 void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& qpos, const at::Tensor& kpos, const at::Tensor& out,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores);
+                             const at::Tensor& lse, const std::optional<at::Tensor>& col_scores,
+                             const std::optional<at::Tensor>& bias);
 
 void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out);
 

@@ -17,14 +17,20 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, int length, float scale, "
       "Tensor(a!) out, Tensor(b!)? score_acc, Tensor(c!)? probs_out, Tensor? rope_cos=None, "
-      "Tensor? rope_sin=None, Tensor? rope_rank=None, Tensor? slot_index=None) -> ()");
+      "Tensor? rope_sin=None, Tensor? rope_rank=None, Tensor? slot_index=None, Tensor? bias=None) -> ()");
   m.def(
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor qpos, Tensor kpos, float scale, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? col_scores, int score_rows, float score_scale) "
-      "-> ()");
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? col_scores, int score_rows, float score_scale, "
+      "Tensor? bias=None) -> ()");
   m.def(
       "rope_append(Tensor qkv, Tensor cos, Tensor sin, Tensor slot, bool rotate_key, Tensor(a!) q_out, "
       "Tensor(b!) k_cache, Tensor(c!) v_cache) -> ()");
+  // rope_append then decode_attention for each of several single-sequence caches (CPU only)
+  m.def(
+      "decode_layers(Tensor[] qkv, Tensor[] cos, Tensor[] sin, Tensor[] slot, bool[] rotate_key, Tensor(a!)[] q_out, "
+      "Tensor(b!)[] k_cache, Tensor(c!)[] v_cache, Tensor[] pos, int[] length, float scale, Tensor(d!)[] out, "
+      "Tensor(e!)?[] score_acc, Tensor(f!)?[] probs_out, Tensor?[] rope_cos, Tensor?[] rope_sin, "
+      "Tensor?[] rope_rank) -> ()");
   m.def("value_norm(Tensor v, int kind, Tensor(a!) out) -> ()");
   m.def("select_victim(Tensor score, Tensor pos, int lo, int hi, Tensor(a!) out_idx) -> ()");
   m.def(
@@ -68,6 +74,31 @@ void compact_cpu_list(at::Tensor& k, at::Tensor& v, at::Tensor& pos, const std::
   engine::compact_cpu(k, v, pos, state, keep_idx);
 }
 
+// decode_layers' lists as pybind gives them (a Python list, None where absent).
+using Tensors = std::vector<at::Tensor>;
+using MaybeTensors = std::vector<std::optional<at::Tensor>>;
+
+c10::List<std::optional<at::Tensor>> optional_list(const MaybeTensors& xs) {
+  c10::List<std::optional<at::Tensor>> list;
+  list.reserve(xs.size());
+  for (const auto& x : xs) list.push_back(x);
+  return list;
+}
+
+void decode_layers_cpu_list(const Tensors& qkv, const Tensors& cos, const Tensors& sin, const Tensors& slot,
+                            const std::vector<bool>& rotate_key, const Tensors& q_out, const Tensors& k_cache,
+                            const Tensors& v_cache, const Tensors& pos, const std::vector<int64_t>& length,
+                            double scale,
+                            const Tensors& out, const MaybeTensors& score_acc, const MaybeTensors& probs_out,
+                            const MaybeTensors& rope_cos, const MaybeTensors& rope_sin,
+                            const MaybeTensors& rope_rank) {
+  c10::List<bool> rotate;
+  for (const bool r : rotate_key) rotate.push_back(r);
+  engine::decode_layers_cpu(qkv, cos, sin, slot, rotate, q_out, k_cache, v_cache, pos, length, scale, out,
+                            optional_list(score_acc), optional_list(probs_out), optional_list(rope_cos),
+                            optional_list(rope_sin), optional_list(rope_rank));
+}
+
 }  // namespace
 
 // Importing engine._C loads this library, which registers the ops above as torch.ops.engine.*;
@@ -79,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "decode_attention", &engine::decode_attention_cpu);
   bind_cpu(cpu, "prefill_attention", &engine::prefill_attention_cpu);
   bind_cpu(cpu, "rope_append", &engine::rope_append_cpu);
+  bind_cpu(cpu, "decode_layers", &decode_layers_cpu_list);
   bind_cpu(cpu, "value_norm", &engine::value_norm_cpu);
   bind_cpu(cpu, "select_victim", &engine::select_victim_cpu);
   bind_cpu(cpu, "compact", &compact_cpu_list);

@@ -107,25 +107,29 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
                      score_acc: Tensor | None = None, probs_out: Tensor | None = None,
-                     rope: tuple[Tensor, Tensor, Tensor] | None = None, slot_index: Tensor | None = None) -> None:
+                     rope: tuple[Tensor, Tensor, Tensor] | None = None, slot_index: Tensor | None = None,
+                     bias: Tensor | None = None) -> None:
     """One query per sequence over cache slots s < length with pos >= 0 (GQA). Writes out [B, H, D];
     adds each valid slot's group-mean probability into score_acc [B, Hkv, C]; writes every slot's
     probability (0 if masked) into probs_out [B, H, C]. rope = (cos [P, D], sin [P, D], rank
     [B, Hkv, C] int32): keys stored before RoPE, each rotated on the fly by its slot's table row.
     slot_index [B, Hkv, C] int32: k and v are a pool [B, R, D] shared by the KV heads, and slot s of
-    head g is pool row slot_index[b, g, s] (in [0, R) on every slot < length, empty ones too)."""
+    head g is pool row slot_index[b, g, s] (in [0, R) on every slot < length, empty ones too).
+    bias [B, Hkv, C] fp32: added to slot s's logit for every query head of its group (KeepKV's log vote
+    counts; indexed by head slot, not pool row); None: no bias, the plain kernel."""
     _impl("decode_attention", k.device, reference.decode_attention)(
-        q, k, v, pos, length, scale, out, score_acc, probs_out, *(rope or (None, None, None)), slot_index)
+        q, k, v, pos, length, scale, out, score_acc, probs_out, *(rope or (None, None, None)), slot_index, bias)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float, out: Tensor,
                       lse: Tensor, col_scores: Tensor | None = None, score_rows: int = 0,
-                      score_scale: float = 1.0) -> None:
+                      score_scale: float = 1.0, bias: Tensor | None = None) -> None:
     """L queries over S slots, causal by position (0 <= kpos <= qpos). Writes out [B, H, L, D], lse
     [B, H, L] and, if given, col_scores [B, Hkv, S]: the sum over the last score_rows rows (all if
-    <= 0) of the group-mean softmax(score_scale q.k)."""
+    <= 0) of the group-mean softmax(score_scale q.k). bias [B, Hkv, S] fp32: added to key s's logits
+    (both scales; KeepKV's log vote counts), None: no bias."""
     _impl("prefill_attention", k.device, reference.prefill_attention_chunked)(
-        q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale)
+        q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale, bias)
 
 
 def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key: bool, q_out: Tensor,
@@ -135,6 +139,22 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
     k_cache / v_cache [B, H_kv, C, D], or into row slot[b, g] of a pool [B, 1, C, D] the KV heads share. Rotation in fp32, each product rounded (Rope.rotate_by's bits)."""
     _impl("rope_append", k_cache.device, reference.rope_append)(qkv, cos, sin, slot, rotate_key, q_out,
                                                                 k_cache, v_cache)
+
+
+def decode_layers(qkv: Sequence[Tensor], cos: Sequence[Tensor], sin: Sequence[Tensor], slot: Sequence[Tensor],
+                  rotate_key: Sequence[bool], q_out: Sequence[Tensor], k_cache: Sequence[Tensor],
+                  v_cache: Sequence[Tensor], pos: Sequence[Tensor], length: Sequence[int], scale: float,
+                  out: Sequence[Tensor], score_acc: Sequence[Tensor | None], probs_out: Sequence[Tensor | None],
+                  rope_cos: Sequence[Tensor | None], rope_sin: Sequence[Tensor | None],
+                  rope_rank: Sequence[Tensor | None]) -> None:
+    """One decode layer of several single-sequence caches in one call: for each request i, rope_append then
+    decode_attention with the arguments at index i of every list (None where an optional one is absent).
+    The CPU kernel spreads the requests over the threads (each one's attention is too small to split) and
+    gives each request the bits of its own two calls: a batched serving step (engine/decode/batch.py)."""
+    _impl("decode_layers", k_cache[0].device, reference.decode_layers)(
+        list(qkv), list(cos), list(sin), list(slot), list(rotate_key), list(q_out), list(k_cache), list(v_cache),
+        list(pos), list(length), scale, list(out), list(score_acc), list(probs_out), list(rope_cos),
+        list(rope_sin), list(rope_rank))
 
 
 def value_norm(v: Tensor, kind: int, out: Tensor) -> None:
@@ -272,18 +292,26 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("engine::decode_attention")
     def _decode_attention_fake(q, k, v, pos, length, scale, out, score_acc, probs_out, rope_cos=None,
-                               rope_sin=None, rope_rank=None, slot_index=None) -> None:
+                               rope_sin=None, rope_rank=None, slot_index=None, bias=None) -> None:
         reference.check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin,
-                                         rope_rank, slot_index)
+                                         rope_rank, slot_index, bias)
 
     @torch.library.register_fake("engine::prefill_attention")
     def _prefill_attention_fake(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows,
-                                score_scale) -> None:
-        reference.check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores)
+                                score_scale, bias=None) -> None:
+        reference.check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores, bias)
 
     @torch.library.register_fake("engine::rope_append")
     def _rope_append_fake(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache) -> None:
         reference.check_rope_append(qkv, cos, sin, slot, q_out, k_cache, v_cache)
+
+    @torch.library.register_fake("engine::decode_layers")
+    def _decode_layers_fake(qkv, cos, sin, slot, rotate_key, q_out, k_cache, v_cache, pos, length, scale, out,
+                            score_acc, probs_out, rope_cos, rope_sin, rope_rank) -> None:
+        for i in range(len(qkv)):
+            reference.check_rope_append(qkv[i], cos[i], sin[i], slot[i], q_out[i], k_cache[i], v_cache[i])
+            reference.check_decode_attention(q_out[i], k_cache[i], v_cache[i], pos[i], length[i], out[i],
+                                             score_acc[i], probs_out[i], rope_cos[i], rope_sin[i], rope_rank[i])
 
     @torch.library.register_fake("engine::value_norm")
     def _value_norm_fake(v, kind, out) -> None:

@@ -82,7 +82,7 @@ def check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
 def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, out: Tensor,
                            score_acc: Tensor | None, probs_out: Tensor | None, rope_cos: Tensor | None = None,
                            rope_sin: Tensor | None = None, rope_rank: Tensor | None = None,
-                           slot_index: Tensor | None = None) -> None:
+                           slot_index: Tensor | None = None, bias: Tensor | None = None) -> None:
     op, like = "decode_attention", (k, "k")
     if slot_index is not None:  # a pool of rows shared by the KV heads; each head's slots name their rows
         _check_tensor(op, "k", k, "[B, R, D]", [-1] * 3, FLOATS)
@@ -103,6 +103,8 @@ def check_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length:
         _check_tensor(op, "score_acc", score_acc, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     if probs_out is not None:
         _check_tensor(op, "probs_out", probs_out, "[B, H, C]", [B, H, C], [torch.float32], like)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     if not 1 <= length <= C:
         raise ValueError(f"{op}: length must be in [1, C] = [1, {C}], got {length}")
     given = sum(t is not None for t in (rope_cos, rope_sin, rope_rank))
@@ -170,7 +172,7 @@ def check_slot_indices(op: str, slot: Tensor, C: int) -> None:
 
 
 def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, out: Tensor,
-                            lse: Tensor, col_scores: Tensor | None) -> None:
+                            lse: Tensor, col_scores: Tensor | None, bias: Tensor | None = None) -> None:
     op, cache = "prefill_attention", "[B, H_kv, S, D]"
     _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
     B, Hkv, S, D = k.shape
@@ -185,6 +187,8 @@ def check_prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos:
     _check_tensor(op, "lse", lse, "[B, H, L]", [B, H, L], [torch.float32], like)
     if col_scores is not None:
         _check_tensor(op, "col_scores", col_scores, "[B, H_kv, S]", [B, Hkv, S], [torch.float32], like)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, "[B, H_kv, S]", [B, Hkv, S], [torch.float32], like)
 
 
 def check_value_norm(v: Tensor, kind: int, out: Tensor) -> None:
@@ -349,17 +353,20 @@ def rms_norm_dense(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) ->
 
 
 def attention_probs(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """softmax(scale * q.k) over the keys each query sees (0 <= kpos <= qpos), in `dtype`.
+                    dtype: torch.dtype, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(scale * q.k + bias) over the keys each query sees (0 <= kpos <= qpos), in `dtype`.
 
-    q [B, H, L, D], k [B, Hkv, S, D], qpos [B, L], kpos [B, Hkv, S]. Returns probs [B, H, L, S]
-    (0 where not visible) and lse [B, H, L] (-inf for a row that sees nothing).
+    q [B, H, L, D], k [B, Hkv, S, D], qpos [B, L], kpos [B, Hkv, S], bias [B, Hkv, S] (per-key logit
+    offsets, KeepKV's log vote counts; None: 0). Returns probs [B, H, L, S] (0 where not visible) and
+    lse [B, H, L] (-inf for a row that sees nothing).
     """
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     logits = (q.to(dtype).reshape(B, Hkv, G * L, D) @ k.to(dtype).transpose(-1, -2)) * scale
     logits = logits.view(B, Hkv, G, L, S)
+    if bias is not None:
+        logits = logits + bias.to(dtype)[:, :, None, None, :]
     kp = kpos[:, :, None, None, :]
     visible = (kp >= 0) & (kp <= qpos[:, None, None, :, None])  # [B, Hkv, 1, L, S]
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -403,28 +410,28 @@ def rope_keys(k: Tensor, cos: Tensor, sin: Tensor, rank: Tensor, dtype: torch.dt
 
 def decode_attention_dense(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float,
                            dtype: torch.dtype, rope: tuple[Tensor, Tensor, Tensor] | None = None,
-                           ) -> tuple[Tensor, Tensor]:
+                           bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention in `dtype`: out [B, H, D] and probs [B, H, C] (0 for masked slots); with
-    rope = (cos, sin, rank), over the keys rotated by rope_keys."""
+    rope = (cos, sin, rank), over the keys rotated by rope_keys; bias [B, Hkv, C] added to the logits."""
     if rope is not None:
         k = rope_keys(k, *rope, dtype)
     qpos = torch.full((q.shape[0], 1), _NO_POS, dtype=torch.int32, device=q.device)
     kpos = _decode_kpos(pos, length)
-    probs, _ = attention_probs(q[:, :, None], k, qpos, kpos, scale, dtype)
+    probs, _ = attention_probs(q[:, :, None], k, qpos, kpos, scale, dtype, bias)
     return _attend(probs, v, kpos)[:, :, 0], probs[:, :, 0]
 
 
 def prefill_attention_dense(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
-                            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Prefill attention in `dtype`: out [B, H, L, D] and lse [B, H, L]."""
-    probs, lse = attention_probs(q, k, qpos, kpos, scale, dtype)
+                            dtype: torch.dtype, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Prefill attention in `dtype`: out [B, H, L, D] and lse [B, H, L] (bias: as attention_probs)."""
+    probs, lse = attention_probs(q, k, qpos, kpos, scale, dtype, bias)
     return _attend(probs, v, kpos), lse
 
 
 def column_scores_dense(q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, score_scale: float,
-                        dtype: torch.dtype) -> Tensor:
-    """[B, Hkv, S]: sum over all rows of q of the group-mean softmax(score_scale * q.k)."""
-    probs, _ = attention_probs(q, k, qpos, kpos, score_scale, dtype)
+                        dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+    """[B, Hkv, S]: sum over all rows of q of the group-mean softmax(score_scale * q.k + bias)."""
+    probs, _ = attention_probs(q, k, qpos, kpos, score_scale, dtype, bias)
     return _group_mean(probs.sum(2), k.shape[1])
 
 
@@ -461,13 +468,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, scale: float, out: Tensor,
                      score_acc: Tensor | None = None, probs_out: Tensor | None = None,
                      rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-                     rope_rank: Tensor | None = None, slot_index: Tensor | None = None) -> None:
-    """out = softmax(scale q.k) @ v over slots s < length with pos >= 0; score_acc += the group-mean
+                     rope_rank: Tensor | None = None, slot_index: Tensor | None = None,
+                     bias: Tensor | None = None) -> None:
+    """out = softmax(scale q.k + bias) @ v over slots s < length with pos >= 0; score_acc += the group-mean
     probability of each valid slot; probs_out = every slot's probability (0 if masked). With the rope
     tables, key s is first rotated by row rope_rank[s] of (rope_cos, rope_sin). With slot_index, k and v
-    are a pool [B, R, D] and slot s of KV head g is row slot_index[b, g, s] of it."""
+    are a pool [B, R, D] and slot s of KV head g is row slot_index[b, g, s] of it (bias stays per head
+    slot [B, H_kv, C]). bias: per-slot logit offsets (KeepKV's log vote counts), None = 0."""
     check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
-                           slot_index)
+                           slot_index, bias)
     if slot_index is not None:
         check_pool_rows(slot_index, length, k.shape[1])
         k, v = pool_rows(k, slot_index), pool_rows(v, slot_index)
@@ -475,7 +484,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, length: int, 
     if rope_rank is not None:
         check_rope_ranks(rope_rank, pos, length, rope_cos.shape[0])
         rope = (rope_cos, rope_sin, rope_rank)
-    o, probs = decode_attention_dense(q, k, v, pos, length, scale, torch.float32, rope)
+    o, probs = decode_attention_dense(q, k, v, pos, length, scale, torch.float32, rope, bias)
     out.copy_(o)
     if probs_out is not None:
         probs_out.copy_(probs)
@@ -507,12 +516,30 @@ def rope_append(qkv: Tensor, cos: Tensor, sin: Tensor, slot: Tensor, rotate_key:
     v_cache.scatter_(2, index, v[:, :, None].to(v_cache.dtype))
 
 
+def decode_layers(qkv: Sequence[Tensor], cos: Sequence[Tensor], sin: Sequence[Tensor], slot: Sequence[Tensor],
+                  rotate_key: Sequence[bool], q_out: Sequence[Tensor], k_cache: Sequence[Tensor],
+                  v_cache: Sequence[Tensor], pos: Sequence[Tensor], length: Sequence[int], scale: float,
+                  out: Sequence[Tensor], score_acc: Sequence[Tensor | None], probs_out: Sequence[Tensor | None],
+                  rope_cos: Sequence[Tensor | None], rope_sin: Sequence[Tensor | None],
+                  rope_rank: Sequence[Tensor | None]) -> None:
+    """For each request i: rope_append of its qkv row into its cache, then decode_attention of the rotated
+    query q_out[i] over that cache (the arguments at index i of every list)."""
+    n = len(qkv)
+    if any(len(x) != n for x in (cos, sin, slot, rotate_key, q_out, k_cache, v_cache, pos, length, out, score_acc,
+                                 probs_out, rope_cos, rope_sin, rope_rank)):
+        raise ValueError(f"decode_layers: every list must hold one entry per request ({n} qkv tensors)")
+    for i in range(n):
+        rope_append(qkv[i], cos[i], sin[i], slot[i], rotate_key[i], q_out[i], k_cache[i], v_cache[i])
+        decode_attention(q_out[i], k_cache[i], v_cache[i], pos[i], length[i], scale, out[i], score_acc[i],
+                         probs_out[i], rope_cos[i], rope_sin[i], rope_rank[i])
+
+
 def prefill_attention_chunked(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
                               out: Tensor, lse: Tensor, col_scores: Tensor | None = None,
-                              score_rows: int = 0, score_scale: float = 1.0, *,
+                              score_rows: int = 0, score_scale: float = 1.0, bias: Tensor | None = None, *,
                               chunk: int | None = None) -> None:
     """prefill_attention over `chunk` query rows at a time (default: about 4M probabilities held)."""
-    check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores)
+    check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores, bias)
     B, H, L, _ = q.shape
     S = k.shape[2]
     chunk = chunk or max(1, _CHUNK_ELEMENTS // max(1, B * H * S))
@@ -520,23 +547,24 @@ def prefill_attention_chunked(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpo
     cols = torch.zeros(col_scores.shape, dtype=torch.float32, device=q.device) if col_scores is not None else None
     for t0 in range(0, L, chunk):
         t1 = min(L, t0 + chunk)
-        o, l = prefill_attention_dense(q[:, :, t0:t1], k, v, qpos[:, t0:t1], kpos, scale, torch.float32)
+        o, l = prefill_attention_dense(q[:, :, t0:t1], k, v, qpos[:, t0:t1], kpos, scale, torch.float32, bias)
         out[:, :, t0:t1] = o
         lse[:, :, t0:t1] = l
         if cols is not None and t1 > row0:
             w0 = max(t0, row0)
-            cols += column_scores_dense(q[:, :, w0:t1], k, qpos[:, w0:t1], kpos, score_scale, torch.float32)
+            cols += column_scores_dense(q[:, :, w0:t1], k, qpos[:, w0:t1], kpos, score_scale, torch.float32, bias)
     if col_scores is not None:
         col_scores.copy_(cols)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float,
                       out: Tensor, lse: Tensor, col_scores: Tensor | None = None, score_rows: int = 0,
-                      score_scale: float = 1.0) -> None:
+                      score_scale: float = 1.0, bias: Tensor | None = None) -> None:
     """Attention of L queries over S slots, key s visible to query t iff 0 <= kpos[s] <= qpos[t]:
-    out, lse (log-sum-exp of scale q.k per row) and, if given, col_scores = sum over the last
-    `score_rows` rows (all if <= 0 or >= L) of the group-mean softmax(score_scale q.k). Dense."""
-    prefill_attention_chunked(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale,
+    out, lse (log-sum-exp of scale q.k + bias per row) and, if given, col_scores = sum over the last
+    `score_rows` rows (all if <= 0 or >= L) of the group-mean softmax(score_scale q.k + bias). bias
+    [B, H_kv, S]: per-key logit offsets (KeepKV's log vote counts), None = 0. Dense."""
+    prefill_attention_chunked(q, k, v, qpos, kpos, scale, out, lse, col_scores, score_rows, score_scale, bias,
                               chunk=max(1, q.shape[2]))
 
 

@@ -41,6 +41,13 @@ def rotate(x: torch.Tensor, p: int, rope: Rope) -> torch.Tensor:
     return x * c + torch.cat([-x[half:], x[:half]]) * s
 
 
+def unrotate(x: torch.Tensor, p: int, rope: Rope) -> torch.Tensor:
+    """The inverse of rotate: RoPE by -p."""
+    c, s = rope.cos[p].double(), rope.sin[p].double()
+    half = x.shape[-1] // 2
+    return x * c - torch.cat([-x[half:], x[:half]]) * s
+
+
 class _Sim:
     def __init__(self, policy: Policy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int, rope: Rope):
         self.p, self.budget, self.rope = policy, budget, rope
@@ -51,6 +58,8 @@ class _Sim:
         self.kept: list[list[int]] = [[] for _ in range(self.Hkv)]
         self.val = [{s: v[g, s].double() for s in range(self.T)} for g in range(self.Hkv)]
         self.w: list[dict[int, float]] = [{} for _ in range(self.Hkv)]
+        self.logp: list[dict[int, float]] = [{} for _ in range(self.Hkv)]  # keepkv: log votes (absent: 0)
+        self.merged_key: list[dict[int, torch.Tensor]] = [{} for _ in range(self.Hkv)]  # keepkv: pre-RoPE
         self.merged: list[dict[int, list[int]]] = [{} for _ in range(self.Hkv)]
         self.rows: list[list[tuple[int, dict[int, float]]]] = [[] for _ in range(self.Hkv)]  # (t, group-reduced row)
         self.queries: dict[int, torch.Tensor] = {}  # t -> (H, D) query as attention used it
@@ -65,7 +74,7 @@ class _Sim:
         return sorted(x for x in self.kept[g] if x <= t).index(s)
 
     def key(self, g: int, s: int, t: int) -> torch.Tensor:
-        return rotate(self.k[g, s], self._place(g, s, t), self.rope)
+        return rotate(self.merged_key[g].get(s, self.k[g, s]), self._place(g, s, t), self.rope)
 
     def attend(self, t: int, visible: list[list[int]]) -> None:
         """Token t's query over `visible` per KV head: output, history rows, stored query."""
@@ -75,7 +84,8 @@ class _Sim:
             for h in range(g * self.G, (g + 1) * self.G):
                 qpos = t if self.p.positions == "original" else len([x for x in self.kept[g] if x < t])
                 qt[h] = rotate(self.q[h, t], qpos, self.rope)
-                logits = torch.stack([qt[h] @ self.key(g, s, t) for s in visible[g]]) / math.sqrt(self.D)
+                logits = torch.stack([qt[h] @ self.key(g, s, t) / math.sqrt(self.D) + self.logp[g].get(s, 0.0)
+                                      for s in visible[g]])
                 probs = torch.softmax(logits, 0)
                 self.out[h, t] = sum(pr * self.val[g][s] for pr, s in zip(probs, visible[g]))
                 heads.append(dict(zip(visible[g], probs.tolist())))
@@ -126,7 +136,7 @@ class _Sim:
         return {s: sum(a) / len(a) for s, a in seen.items()}
 
     def score(self, g: int) -> dict[int, float]:
-        name = "abar" if self.p.name in ("weightedkv", "cam") else self.p.name
+        name = "abar" if self.p.name in ("weightedkv", "cam", "keepkv") else self.p.name
         return getattr(self, name)(g)
 
     # ---- eviction -----------------------------------------------------------------------------
@@ -163,12 +173,37 @@ class _Sim:
         for r in receivers:
             self.val[g][r] = self.val[g][r] + p * self.val[g][j] / self.p.merge_window
 
-    def evict_one(self, g: int, score: dict[int, float], end: int) -> None:
+    def keepkv_merge(self, g: int, j: int, t: int, place: dict[int, int]) -> None:
+        """KeepKV: j into the kept non-sink key most like it (cosine, as attention saw the keys at step t, from
+        RoPE places `place`), votes added, value and key chosen so that the mean query of step t sees the same."""
+        others = [s for s in self.kept[g] if s != j and s >= self.p.sinks]
+        keys = {s: rotate(self.merged_key[g].get(s, self.k[g, s]), place[s], self.rope) for s in [*others, j]}
+        if not others:
+            return
+        c = max(others, key=lambda s: float(torch.cosine_similarity(keys[s], keys[j], 0)))
+        if float(torch.cosine_similarity(keys[c], keys[j], 0)) < self.p.min_similarity:
+            return
+        q = self.queries[t][g * self.G : (g + 1) * self.G].mean(0)
+        lp = {s: self.logp[g].get(s, 0.0) for s in (j, c)}
+        w = {s: math.exp(lp[s] + float(q @ keys[s]) / math.sqrt(self.D)) for s in (j, c)}
+        total = w[j] + w[c]
+        self.val[g][c] = (w[j] * self.val[g][j] + w[c] * self.val[g][c]) / total
+        votes = math.log(math.exp(lp[j]) + math.exp(lp[c]))
+        kbar = (w[j] * keys[j] + w[c] * keys[c]) / total
+        want = (math.log(total) - votes) * math.sqrt(self.D)  # q . k_r
+        k_r = kbar + (want - float(q @ kbar)) / float(q @ q) * q
+        self.merged_key[g][c] = unrotate(k_r, place[c], self.rope)
+        self.logp[g][c] = votes
+
+    def evict_one(self, g: int, score: dict[int, float], end: int, t: int, place: dict[int, int]) -> None:
+        """Evict the eligible minimum of `score` after step t (attention saw key s at RoPE place[s])."""
         j = min(self.eligible(g, end), key=lambda s: (score[s], s))
         if self.p.name == "weightedkv":
             self.merge(g, j, score)
         elif self.p.name == "cam":
             self.cam_merge(g, j, score)
+        elif self.p.name == "keepkv":
+            self.keepkv_merge(g, j, t, place)
         self.kept[g].remove(j)
 
     # ---- the protocol -------------------------------------------------------------------------
@@ -188,11 +223,11 @@ class _Sim:
             self.keep_top([score] * self.Hkv, L)
         elif self.p.name == "snapkv":
             self.keep_top([self.snapkv(g, L) for g in range(self.Hkv)], L)
-        elif self.p.name in ("weightedkv", "cam"):
+        elif self.p.name in ("weightedkv", "cam", "keepkv"):
             for g in range(self.Hkv):
                 abar = self.abar(g)
-                while len(self.kept[g]) > self.budget:
-                    self.evict_one(g, abar, L)
+                while len(self.kept[g]) > self.budget:  # every key at the place the prompt's attention used
+                    self.evict_one(g, abar, L, L - 1, {s: s for s in range(L)})
         else:
             self.keep_top([self.score(g) for g in range(self.Hkv)], L)
 
@@ -232,7 +267,7 @@ class _Sim:
                 self.kept[g].remove(j)
             return
         for g in range(self.Hkv):
-            self.evict_one(g, self.score(g), t + 1)
+            self.evict_one(g, self.score(g), t + 1, t, {s: self._place(g, s, t) for s in self.kept[g]})
 
 
 def simulate(policy: Policy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_len: int, budget: int,

@@ -57,6 +57,7 @@ SMALL = {  # parameters that leave room to evict under a 12-16 token budget
     "ahakv": dict(r=4, recent=4),
     "weightedkv": dict(sinks=2, recent=4),
     "cam": dict(sinks=2, recent=4, merge_window=4),
+    "keepkv": dict(sinks=2, recent=4),
 }
 
 
@@ -227,13 +228,33 @@ def opcheck_cases():
     yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), None, None)
     yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C), None,
                                *rope_tables(40, D, "cpu", g), rope_ranks(pos, 40, g))
+    bias = torch.rand(B, Hkv, C, generator=g)
+    yield "decode_attention", (q, k, v, pos, 10, 0.125, torch.empty(B, H, D), torch.zeros(B, Hkv, C),
+                               torch.empty(B, H, C), None, None, None, None, bias)
+    R = Hkv * C + 1
+    index = torch.stack([torch.randperm(R, generator=g)[: Hkv * C] for _ in range(B)]).view(B, Hkv, C).int()
+    yield "decode_attention", (q, torch.randn(B, R, D, generator=g), torch.randn(B, R, D, generator=g), pos, 10,
+                               0.125, torch.empty(B, H, D), None, None, None, None, None, index, bias)
     qp = torch.randn(B, H, L, D, generator=g)
     qpos = torch.arange(20, 20 + L, dtype=torch.int32).expand(B, L).contiguous()
     yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
                                 torch.empty(B, Hkv, C), 3, 0.07)
+    yield "prefill_attention", (qp, k, v, qpos, pos, 0.125, torch.empty(B, H, L, D), torch.empty(B, H, L),
+                                torch.empty(B, Hkv, C), 3, 0.07, bias)
     yield "value_norm", (v, 1, torch.empty(B, Hkv, C))
     yield "rope_append", (torch.randn(B, (H + 2 * Hkv) * D, generator=g), *(t[3] for t in rope_tables(5, D, "cpu", g)),
                           torch.randint(0, C, (B, Hkv), generator=g), True, torch.empty(B, H, D), k.clone(), v.clone())
+    cos, sin = (t[3] for t in rope_tables(5, D, "cpu", g))
+    tables = rope_tables(40, D, "cpu", g)
+    # every optional entry given: torch's functionalization (opcheck's AOT test) cannot take a None inside a
+    # list of mutated tensors; the eager op can (tests/test_ops.py runs those mixes)
+    yield "decode_layers", ([torch.randn(B, (H + 2 * Hkv) * D, generator=g)] * 2, [cos] * 2, [sin] * 2,
+                            [torch.randint(0, C, (B, Hkv), generator=g)] * 2, [True, False],
+                            [torch.empty(B, H, D), torch.empty(B, H, D)], [k.clone(), k.clone()],
+                            [v.clone(), v.clone()], [pos, pos], [10, 12], 0.125,
+                            [torch.empty(B, H, D), torch.empty(B, H, D)],
+                            [torch.zeros(B, Hkv, C), torch.zeros(B, Hkv, C)], [torch.empty(B, H, C), torch.empty(B, H, C)],
+                            [tables[0]] * 2, [tables[1]] * 2, [rope_ranks(pos, 40, g)] * 2)
     yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
     keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)

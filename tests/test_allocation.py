@@ -22,7 +22,7 @@ from .helpers import assert_within, gen, on_path, poisoned, positions, randn, ro
 from .helpers import tiny_model, token_ids
 from .test_policies import run
 
-SCORING = ["h2o", "vatp", "snapkv", "tova", "ahakv", "weightedkv", "scissorhands", "cam"]
+SCORING = ["h2o", "vatp", "snapkv", "tova", "ahakv", "weightedkv", "scissorhands", "cam", "keepkv"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
@@ -171,9 +171,11 @@ POOL_CASES = [  # B, H, Hkv, C, D, spare rows, fill
                                     (torch.float32, torch.bfloat16)], ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
-def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope, with_bias):
     """Each head reads only the pool rows its slots name: pool rows nobody names, and the scratch row empty
-    slots name, hold NaN. Against fp64 over the gathered rows; outputs poisoned; every slot checked."""
+    slots name, hold NaN. Against fp64 over the gathered rows; outputs poisoned; every slot checked. A logit
+    bias is indexed by head slot [b, g, s], not pool row (NaN on empty slots: never read)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, C, D, spare, fill = case
     if rope and D % 2:
@@ -195,13 +197,14 @@ def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope):
     if rope:
         P = 3 * C + 5
         tables = (*rope_tables(P, D, device, g), rope_ranks(pos.cpu(), P, g).to(device))
+    bias = (3 * torch.rand((B, Hkv, C), generator=g)).to(device).masked_fill(pos < 0, float("nan")) if with_bias else None
     out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
     with on_path(path, "decode_attention", device):
-        ops.decode_attention(q, pool_k, pool_v, pos, C, scale, out, acc, probs, rope=tables, slot_index=index)
+        ops.decode_attention(q, pool_k, pool_v, pos, C, scale, out, acc, probs, rope=tables, slot_index=index, bias=bias)
 
     k, v = ref.pool_rows(pool_k, index), ref.pool_rows(pool_v, index)
-    o64, p64 = ref.decode_attention_dense(q, k, v, pos, C, scale, torch.float64, tables)
-    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, C, scale, dtype, tables)
+    o64, p64 = ref.decode_attention_dense(q, k, v, pos, C, scale, torch.float64, tables, bias)
+    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, C, scale, dtype, tables, bias)
     valid = (pos >= 0).cpu()
     assert_within(out, o64, o_pt, "out")
     assert_within(probs, p64, p_pt, "probs_out")
@@ -216,8 +219,9 @@ def test_decode_attention_over_slot_lists_split_over_threads(path):
     n = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        test_decode_attention_over_slot_lists("cpu", path, (torch.float32, torch.float32),
-                                              (2, 8, 2, 1100, 64, 9, "holes"), False)
+        for with_bias in (False, True):
+            test_decode_attention_over_slot_lists("cpu", path, (torch.float32, torch.float32),
+                                                  (2, 8, 2, 1100, 64, 9, "holes"), False, with_bias)
     finally:
         torch.set_num_threads(n)
 
@@ -253,7 +257,7 @@ def test_bad_allocation_parameters_raise_one_clear_line(params, match):
 def test_cam_merges_into_the_next_tokens_in_proportion_to_attention():
     """A victim with twice its receivers' mean attention adds all of v_e / m to each of the m next values;
     with half, half of it; earlier, sink and empty slots unchanged."""
-    from engine.policies.views import LayerState
+    from engine.policies.views import DecodeView, LayerState
 
     cam = make_policy("cam", budget=8, sinks=1, recent=1, merge_window=2)
     pos = torch.tensor([[[0, 5, 3, 9, -1, 7]]], dtype=torch.int32)
@@ -261,11 +265,12 @@ def test_cam_merges_into_the_next_tokens_in_proportion_to_attention():
     for ratio, p in ((2.0, 1.0), (0.5, 0.5)):
         abar = torch.tensor([[[1.0, 1.0, ratio, 1.0, 0.0, 1.0]]])
         layer = LayerState(k=v.clone(), v=v.clone(), pos=pos.clone(), state={})
-        cam.merge(layer, abar, pos, torch.tensor([[2]]))
+        view = DecodeView(layer=layer, step_pos=10, q=torch.zeros(1, 1, 2), probs=None)
+        cam.merge(view, abar, pos, torch.tensor([[2]]))
         want = v.clone()
         want[0, 0, [1, 5]] += p * v[0, 0, 2] / 2  # positions 5 and 7 follow 3
         assert torch.equal(layer.v, want)
-        cam.merge(layer, abar, pos, torch.tensor([[-1]]))  # no victim: nothing changes
+        cam.merge(view, abar, pos, torch.tensor([[-1]]))  # no victim: nothing changes
         assert torch.equal(layer.v, want)
 
 

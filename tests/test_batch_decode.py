@@ -43,7 +43,7 @@ def test_matvec_row_bits_do_not_depend_on_rows(dtype, prologue, K):
 
 REQUESTS = [  # (policy, budget, prompt length): evicting and not, per-head and layer-wide, fused and raw acc
     ("full", 64, 9), ("h2o", 12, 14), ("streaming", 10, 5), ("tova", 12, 20), ("snapkv", 12, 16),
-    ("weightedkv", 12, 11), ("ahakv", 14, 18), ("scissorhands", 12, 13), ("vatp", 12, 7),
+    ("weightedkv", 12, 11), ("ahakv", 14, 18), ("scissorhands", 12, 13), ("vatp", 12, 7), ("keepkv", 12, 15),
 ]
 
 
@@ -55,10 +55,12 @@ def _prefilled(model, name, budget, length, seed, steps):
 
 @pytest.mark.parametrize("weights", ["dense", "packed", "packed-q8act"])
 def test_batched_step_equals_each_requests_own_step(weights):
-    """Nine requests of different policies, budgets and lengths decode together past their budgets, joining
+    """Ten requests of different policies, budgets and lengths decode together past their budgets, joining
     and leaving at step boundaries: each one's logits every step, and its store at the end, equal those of
     the same request decoded alone (on packed weights too: q/k/v and gate/up of two types; and with 8-bit
-    activations, whose kernel computes 8 weight rows and up to 8 requests at a time)."""
+    activations, whose kernel computes 8 weight rows and up to 8 requests at a time). Most stores run a layer's
+    attention in one ops.decode_layers call for all of them, the others (value norms, layer-by-layer policies)
+    through their own store.decode: both ways give each request its own bits."""
     model, steps = tiny_model(n_layers=3), 24
     if weights != "dense":
         model, _ = packed_twin(model, {"": Q.Q4_1, "wv.weight": Q.Q8_0, "w1.weight": Q.Q4_0},
@@ -68,17 +70,21 @@ def test_batched_step_equals_each_requests_own_step(weights):
         a, logits = _prefilled(model, name, budget, length, seed, steps)
         b, _ = _prefilled(model, name, budget, length, seed, steps)
         alone.append(a), together.append(b), tokens.append(int(logits.argmax(-1)))
-    done = [0] * len(REQUESTS)
+    done, kinds = [0] * len(REQUESTS), set()
     for t in range(steps + len(REQUESTS)):
         members = [i for i in range(len(REQUESTS)) if i <= t and done[i] < steps - i % 4]  # staggered in and out
         if not members:
             break
         assert batch.applies(model, [together[i] for i in members])
-        logits = batch.BatchStep(model, [together[i] for i in members])(torch.tensor([tokens[i] for i in members]))
+        step = batch.BatchStep(model, [together[i] for i in members])
+        kinds |= {"one call"} if len(step.together) > 1 else set()
+        kinds |= {"store.decode"} if step.alone else set()
+        logits = step(torch.tensor([tokens[i] for i in members]))
         for row, i in enumerate(members):
             own = decode_step(model, alone[i], torch.tensor([tokens[i]]))
             assert torch.equal(logits[row : row + 1], own), f"request {i} ({REQUESTS[i][0]}), step {done[i]}"
             tokens[i], done[i] = int(own.argmax(-1)), done[i] + 1
+    assert kinds == {"one call", "store.decode"}, "both ways of a layer's attention ran: ops.decode_layers, store.decode"
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a.stats() == b.stats(), REQUESTS[i][0]
         for x, y in zip(a.layers, b.layers):

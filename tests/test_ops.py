@@ -91,8 +91,10 @@ DECODE_CASES = [  # B, H, Hkv, C, D, length, fill
 @pytest.mark.parametrize("dtypes", QKV_DTYPES, ids=dtypes_id)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
-def test_decode_attention(device, path, dtypes, case, rope):
-    """Against fp64 within 2x PyTorch's error in the query dtype (fp32 queries read a 16-bit cache exactly)."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_decode_attention(device, path, dtypes, case, rope, with_bias):
+    """Against fp64 within 2x PyTorch's error in the query dtype (fp32 queries read a 16-bit cache exactly);
+    with a per-slot logit bias (log votes in [0, 3), NaN on masked slots: never read)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, C, D, length, fill = case
     if rope and D % 2:
@@ -110,12 +112,13 @@ def test_decode_attention(device, path, dtypes, case, rope):
     if rope:
         P = 3 * C + 5
         tables = (*rope_tables(P, D, device, g), rope_ranks(pos, P, g))
+    bias = (3 * torch.rand((B, Hkv, C), generator=g)).to(device).masked_fill(masked, float("nan")) if with_bias else None
     out, acc, probs = poisoned((B, H, D), dtype, device), acc0.clone(), poisoned((B, H, C), torch.float32, device)
     with on_path(path, "decode_attention", device):
-        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs, rope=tables)
+        ops.decode_attention(q, k, v, pos, length, scale, out, acc, probs, rope=tables, bias=bias)
 
-    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64, tables)
-    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype, tables)
+    o64, p64 = ref.decode_attention_dense(q, k, v, pos, length, scale, torch.float64, tables, bias)
+    o_pt, p_pt = ref.decode_attention_dense(q, k, v, pos, length, scale, dtype, tables, bias)
     valid = (ref._decode_kpos(pos, length) >= 0).cpu()
     assert_within(out, o64, o_pt, "out")
     assert_within(probs, p64, p_pt, "probs_out")
@@ -129,12 +132,13 @@ def test_decode_attention(device, path, dtypes, case, rope):
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("case", [(2, 8, 2, 1100, 64, 1090, "holes"), (1, 256, 1, 6, 256, 5, "holes")])
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
-def test_decode_attention_split_over_threads(threads, case, rope):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_decode_attention_split_over_threads(threads, case, rope, with_bias):
     """Caches big enough to be split across threads (pieces combined per head), and more threads than slots."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        test_decode_attention("cpu", "compiled", (torch.float32, torch.float32), case, rope)
+        test_decode_attention("cpu", "compiled", (torch.float32, torch.float32), case, rope, with_bias)
     finally:
         torch.set_num_threads(n)
 
@@ -184,6 +188,92 @@ def test_rope_append(device, path, dtypes, case, rotate_key):
 
 
 # ---------------------------------------------------------------------------------------------
+# decode_layers: rope_append + decode_attention for several caches in one call
+# ---------------------------------------------------------------------------------------------
+
+LAYERS_CASES = [  # B, H, Hkv, C, D, length, fill, extras: one request each, one batched step's mix
+    (1, 9, 3, 37, 64, 20, "all", "acc"),
+    (1, 9, 3, 61, 64, 61, "holes", "probs"),
+    (2, 8, 2, 1100, 64, 1090, "holes", "acc"),  # big enough that decode_attention splits it over threads
+    (1, 9, 3, 5, 64, 1, "all", "rope"),  # keys rotated on the fly: stored raw, rotate_key False
+    (1, 4, 1, 23, 38, 17, "empty_head", ""),
+    (3, 6, 2, 41, 64, 40, "one", "acc+probs+rope"),
+]
+
+
+def layers_request(case, dtype: torch.dtype, g: torch.Generator) -> dict:
+    """One request's operands of ops.decode_layers (outputs poisoned, caches random), as a dict of the op's names."""
+    B, H, Hkv, C, D, length, fill, extras = case
+    pos = positions(B, Hkv, C, fill, g)
+    P = 4 * C + 9
+    cos, sin = rope_tables(P, D, "cpu", g)
+    rope = "rope" in extras
+    return dict(
+        qkv=randn((B, (H + 2 * Hkv) * D), dtype, "cpu", g), cos=cos[P - 1], sin=sin[P - 1],
+        slot=torch.randint(0, C, (B, Hkv), generator=g), rotate_key=not rope, q_out=poisoned((B, H, D), dtype, "cpu"),
+        k_cache=randn((B, Hkv, C, D), dtype, "cpu", g), v_cache=randn((B, Hkv, C, D), dtype, "cpu", g), pos=pos,
+        length=length, out=poisoned((B, H, D), dtype, "cpu"),
+        score_acc=torch.rand((B, Hkv, C), generator=g) if "acc" in extras else None,
+        probs_out=poisoned((B, H, C), torch.float32, "cpu") if "probs" in extras else None,
+        rope_cos=cos if rope else None, rope_sin=sin if rope else None,
+        rope_rank=rope_ranks(pos, P, g) if rope else None)
+
+
+def one_by_one(requests: list[dict], scale: float) -> None:
+    """What ops.decode_layers stands for: each request's two calls, one request after another."""
+    for r in requests:
+        ops.rope_append(r["qkv"], r["cos"], r["sin"], r["slot"], r["rotate_key"], r["q_out"], r["k_cache"],
+                        r["v_cache"])
+        rope = None if r["rope_rank"] is None else (r["rope_cos"], r["rope_sin"], r["rope_rank"])
+        ops.decode_attention(r["q_out"], r["k_cache"], r["v_cache"], r["pos"], r["length"], scale, r["out"],
+                             r["score_acc"], r["probs_out"], rope=rope)
+
+
+def as_lists(requests: list[dict]) -> dict[str, list]:
+    return {name: [r[name] for r in requests] for name in requests[0]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_layers_equals_each_requests_own_calls(path, dtype, threads):
+    """Every output of every request (q_out, both caches, out, score_acc, probs_out) bit for bit what its own
+    rope_append and decode_attention calls write, whatever the thread count; outputs poisoned first."""
+    g = gen(11 + threads)
+    requests = [layers_request(case, dtype, g) for case in LAYERS_CASES]
+    copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in requests]
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with on_path(path, "decode_layers", "cpu"):
+            ops.decode_layers(**as_lists(requests), scale=0.3)
+            one_by_one(copies, 0.3)
+    finally:
+        torch.set_num_threads(n)
+    for i, (got, want) in enumerate(zip(requests, copies)):
+        for name in ("q_out", "k_cache", "v_cache", "out", "score_acc", "probs_out"):
+            if want[name] is not None:
+                assert torch.equal(got[name], want[name]), f"request {i}: {name} differs from its own calls"
+        assert not got["out"].isnan().any(), f"request {i}: out left unwritten"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_layers_bad_input_is_the_single_calls_error(path):
+    """A request whose slot is out of range fails as its own rope_append would; lists of different lengths
+    are one clear error. Both paths say the same."""
+    g = gen(5)
+    requests = [layers_request(case, torch.float32, g) for case in LAYERS_CASES[:3]]
+    requests[1]["slot"][0, 0] = 10_000
+    with on_path(path, "decode_layers", "cpu"):
+        with pytest.raises(IndexError, match="rope_append: slot"):
+            ops.decode_layers(**as_lists(requests), scale=0.3)
+        lists = as_lists(requests)
+        lists["pos"] = lists["pos"][:2]
+        with pytest.raises(ValueError, match=r"decode_layers: every list must hold one entry per request \(3 qkv"):
+            ops.decode_layers(**lists, scale=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
 # prefill_attention
 # ---------------------------------------------------------------------------------------------
 
@@ -200,25 +290,31 @@ PREFILL_CASES = [  # B, H, Hkv, L, S, D, layout
 @pytest.mark.parametrize("dtypes", QKV_DTYPES, ids=dtypes_id)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("score", [(0, 1.0), (5, 1.0), (7, 0.5)], ids=["all-rows", "last-5", "own-scale"])
-def test_prefill_attention(device, path, dtypes, case, score):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_prefill_attention(device, path, dtypes, case, score, with_bias):
+    """Against fp64 within 2x PyTorch's error; with a per-slot logit bias (log votes in [0, 3), NaN on empty
+    slots: never read)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, L, S, D, _ = case
     q, k, v, qpos, kpos = prefill_inputs(case, dtype, device, seed=L + S + D)
+    bias = None
+    if with_bias:
+        bias = (3 * torch.rand((B, Hkv, S), generator=gen(S))).to(device).masked_fill(kpos < 0, float("nan"))
     k, v = k.to(kv_dtype), v.to(kv_dtype)  # fp32 queries over a cache rounded to 16 bits
     scale = 1.0 / math.sqrt(D)
     score_rows, score_scale = score[0], score[1] * scale
     out, lse = poisoned((B, H, L, D), dtype, device), poisoned((B, H, L), torch.float32, device)
     cols = poisoned((B, Hkv, S), torch.float32, device)
     with on_path(path, "prefill_attention", device):
-        ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, cols, score_rows, score_scale)
+        ops.prefill_attention(q, k, v, qpos, kpos, scale, out, lse, cols, score_rows, score_scale, bias)
 
-    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, torch.float64)
-    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, dtype)
+    o64, lse64 = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, torch.float64, bias)
+    o_pt, lse_pt = ref.prefill_attention_dense(q, k, v, qpos, kpos, scale, dtype, bias)
     assert_within(out, o64, o_pt, "out")
     assert_within(lse, lse64, lse_pt, "lse")
     w = slice(L - score_rows if 0 < score_rows < L else 0, L)
-    c64 = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, torch.float64)
-    c_pt = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, dtype)
+    c64 = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, torch.float64, bias)
+    c_pt = ref.column_scores_dense(q[:, :, w], k, qpos[:, w], kpos, score_scale, dtype, bias)
     assert_within(cols, c64, c_pt, "col_scores")
 
 
@@ -411,8 +507,11 @@ def test_opcheck(op, args):
 
 def _copied(args: tuple) -> tuple:
     """Args with every tensor cloned: both calls start from the same bits and write their own copies."""
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else [t.clone() for t in a] if isinstance(a, list) else a
-                 for a in args)
+
+    def copy(a):
+        return a.clone() if isinstance(a, torch.Tensor) else [copy(t) for t in a] if isinstance(a, list) else a
+
+    return tuple(copy(a) for a in args)
 
 
 @pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")

@@ -18,12 +18,13 @@ from engine.generate import prefill
 from engine.llm import LLM
 from engine.model import Transformer
 from engine.rope import Rope
-from engine.policies import H2O, VATP, Policy, PolicyError, Scissorhands, WeightedKV, list_policies, make_policy
+from engine.policies import (H2O, VATP, DecodeView, LayerState, Policy, PolicyError, Scissorhands, WeightedKV,
+                             list_policies, make_policy)
 from engine.policies.ahakv import recent_scores, step_gain
 from engine.policies.reduce import column_scores
 
 from .dense import rotate, simulate
-from .helpers import small, tiny_model, token_ids
+from .helpers import on_path, small, tiny_model, token_ids
 
 EVICTING = [n for n in list_policies() if n != "full"]
 SCORING = [n for n in EVICTING if n != "streaming"]  # the policies that score from attention
@@ -287,6 +288,7 @@ DENSE_CASES = [
     ("vatp", {"base": "scissorhands", "m": 5, "recent": 3}, "original"), ("ahakv", {}, "original"), ("ahakv", {"r": 6}, "cache"),
     ("weightedkv", {"receiver": "next"}, "original"), ("weightedkv", {"receiver": "prev"}, "original"),
     ("weightedkv", {"receiver": "nearest_key"}, "cache"), ("cam", {}, "original"), ("cam", {"merge_window": 1}, "cache"),
+    ("keepkv", {}, "original"), ("keepkv", {"min_similarity": 0.3}, "cache"), ("keepkv", {"min_similarity": -1.0}, "original"),
     *[(name, {**REDUCE_KW.get(name, {}), "group_reduce": how}, "original") for name in SCORING for how in ("max", "sum")],
     ("vatp", {"base": "scissorhands", "m": 5, "recent": 3, "group_reduce": "max"}, "original"),
     ("ahakv", {"group_reduce": "max"}, "cache"), ("tova", {"group_reduce": "max"}, "cache"),
@@ -408,6 +410,48 @@ def test_weightedkv_merges_are_convex_and_keys_stay():
             assert torch.equal(st_.k[0, g, i], store.rope.rotate(k[0, g, p], torch.tensor(p)))
     assert merged_any
     assert store.stats().merges == store.stats().evictions > 0
+
+
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+@pytest.mark.parametrize("positions", ["original", "cache"])
+def test_keepkv_merge_is_lossless_for_the_reference_query(path, positions):
+    """One ZIP-merge per KV head (slots already carrying votes among them): attention of the reference query
+    (the group's mean query) over the cache, log votes as the logit bias, is what it was before the merge,
+    while plainly evicting the same slots changes it; the votes of a head add up to the same count."""
+    B, H, Hkv, C, D = 2, 6, 2, 13, 16
+    G, cache = H // Hkv, positions == "cache"
+    g = torch.Generator().manual_seed(21)
+    k, v, q = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, H, D, generator=g)
+    pos = torch.arange(C, dtype=torch.int32).expand(B, Hkv, C).contiguous()
+    logp = torch.randint(1, 4, (B, Hkv, C), generator=g).float().log()
+    args = ModelArgs(dim=H * D, n_layers=1, n_heads=H, n_kv_heads=Hkv, hidden_dim=8, vocab_size=8, max_seq_len=64)
+    rope = Rope(args, torch.device("cpu"))
+    rope.ensure(C)
+    policy = make_policy("keepkv", budget=C - 1, sinks=1, recent=0, min_similarity=-1.0, positions=positions)
+    state = {"acc": torch.rand(B, Hkv, C, generator=g), "cnt": torch.ones(B, Hkv, C), "logp": logp.clone()}
+    layer = LayerState(k=k.clone(), v=v.clone(), pos=pos.clone(), state=state, rank=pos.clone() if cache else None)
+    view = DecodeView(layer=layer, step_pos=C - 1, q=q, probs=None, rope=rope if cache else None)
+    q_ref = q.view(B, Hkv, G, D).mean(2).repeat_interleave(G, dim=1)  # every head of a group asks with it
+
+    def attend(keys: torch.Tensor, values: torch.Tensor, p: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+        out = torch.full((B, H, D), float("nan"))
+        with on_path(path, "decode_attention", "cpu"):
+            ops.decode_attention(q_ref, keys, values, p, C, D ** -0.5, out, bias=votes,
+                                 rope=(rope.cos, rope.sin, layer.rank) if cache else None)
+        return out
+
+    before = attend(k, v, pos, logp)
+    victim = torch.tensor([[3, 7], [11, 5]])
+    policy.merge(view, policy.average(state), layer.pos, victim)
+    gone = torch.zeros(B, Hkv, C, dtype=torch.bool).scatter_(2, victim[..., None], True)
+    after_pos, after_logp = layer.pos.masked_fill(gone, -1), state["logp"].masked_fill(gone, 0.0)
+    after = attend(layer.k, layer.v, after_pos, after_logp)
+    evicted = attend(k, v, after_pos, logp.masked_fill(gone, 0.0))
+    assert torch.allclose(after, before, atol=2e-5, rtol=1e-5), (after - before).abs().max()
+    assert not torch.allclose(evicted, before, atol=1e-3)
+    assert torch.allclose(after_logp.exp().masked_fill(gone, 0).sum(2), logp.exp().sum(2), rtol=1e-6)
+    changed = (layer.k != k).any(-1)  # exactly one receiver per head, never a sink
+    assert changed.sum(2).eq(1).all() and not changed[:, :, 0].any()
 
 
 # ---- positions ------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@
 // With slot_index (a per-layer pool shared by the KV heads: k, v [B, R, D]), slot s of KV head bg is
 // pool row slot_index[bg, s]: the same passes, each row read through its index.
 //
+// With bias (per-slot additive logits [B, Hkv, C]: KeepKV's log vote counts), slot s's logit is
+// scale q.k_s + bias[bg, s] for every query head of the group.
+//
 // With rope tables (positions="cache": keys stored before RoPE), each block of 8 key rows is rotated
 // by its slots' ranks into fp32 scratch before the dot products, so K is still read once.
 //
@@ -51,6 +54,7 @@ struct DecodeParams {
   const int32_t* rank;  // [B, Hkv, C]: the table row of each slot's key
   const int32_t* index;  // [B, Hkv, C]: the pool row of each slot, or null (k, v [B, Hkv, C, D])
   int64_t R;             // pool rows per batch row (with index)
+  const float* bias;     // [B, Hkv, C]: added to each slot's logit, or null
 };
 
 // The flat range [0, total) of (KV head, slot) pairs, head-major, cut into nt near-equal ranges.
@@ -264,12 +268,15 @@ ENGINE_MULTIVERSION void rotate_rows(const T* const kr[8], const int64_t rows[8]
 }
 #pragma GCC pop_options
 
-// Logits of 8 key rows (n of them real) for the G query heads into rows[h * stride + 0..n).
+// Logits of 8 key rows (n of them real) for the G query heads into rows[h * stride + 0..n), plus
+// bias[0..n) when given.
 template <typename T>
 ENGINE_INLINE void logits8(const float* qf, const T* const kr[8], Int8 valid, int64_t n, int64_t G,
-                           int64_t D, float scale, float* rows, int64_t stride) {
+                           int64_t D, float scale, const float* bias, float* rows, int64_t stride) {
+  const Vec8 b = bias ? load_partial(bias, n, 0.f) : Vec8{};
   for (int64_t h = 0; h < G; ++h) {
-    const Vec8 x = dot8(qf + h * D, kr, D) * splat8(scale);
+    Vec8 x = dot8(qf + h * D, kr, D) * splat8(scale);
+    if (bias) x += b;
     const Vec8 logit = valid ? x : kNegInf;  // an empty slot's row may hold anything, NaN included
     store_partial(rows + h * stride, logit, n);
   }
@@ -284,6 +291,7 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
   const HeadRows<kv_t> kb(c.p, c.k, bg), vb(c.p, c.v, bg);
   const int32_t* pos = c.p.pos + bg * C;
   const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
+  const float* bias = c.p.bias ? c.p.bias + bg * C : nullptr;
   float* rows = c.head_rows(bg);
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
   float* rotated = qbuf + G * D;  // [8, D]
@@ -307,9 +315,9 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
         kf[j] = rotated + j * D;
       }
       rotate_rows(kr, row, c.p.cos, c.p.sin, rotated, D);
-      logits8(qf, kf, valid, n, G, D, c.p.scale, rows + s, c.stride);
+      logits8(qf, kf, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     } else {
-      logits8(qf, kr, valid, n, G, D, c.p.scale, rows + s, c.stride);
+      logits8(qf, kr, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     }
   }
 
@@ -411,7 +419,7 @@ template <typename kv_t, typename q_t>
 void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q_t* out) {
   const int64_t BG = p.B * p.Hkv, G = p.G, D = p.D;
   const int max_threads = omp_get_max_threads();
-  const bool parallel = max_threads > 1 && BG * p.length * G * D > kParallelWork;
+  const bool parallel = decode_attention_splits(BG * G, p.length, D);
   std::unique_ptr<float[]> scratch(p.probs ? nullptr : new float[BG * G * p.length]);
   std::unique_ptr<float[]> partials(new float[(max_threads + BG) * G * (D + 2)]);
   std::unique_ptr<std::atomic<int64_t>[]> slots_done(new std::atomic<int64_t>[BG]);
@@ -439,6 +447,10 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
 
 }  // namespace
 
+bool decode_attention_splits(int64_t query_heads, int64_t length, int64_t head_dim) {
+  return omp_get_max_threads() > 1 && query_heads * length * head_dim > kParallelWork;
+}
+
 void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& pos, int64_t length, double scale, at::Tensor& out,
                           const std::optional<at::Tensor>& score_acc,
@@ -446,9 +458,10 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& rope_cos,
                           const std::optional<at::Tensor>& rope_sin,
                           const std::optional<at::Tensor>& rope_rank,
-                          const std::optional<at::Tensor>& slot_index) {
+                          const std::optional<at::Tensor>& slot_index,
+                          const std::optional<at::Tensor>& bias) {
   check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
-                         slot_index);
+                         slot_index, bias);
   if (rope_rank) check_rope_ranks(*rope_rank, pos, length, rope_cos->size(0));
   if (slot_index) check_pool_rows(*slot_index, length, k.size(1));
   const DecodeParams p{k.size(0),
@@ -465,7 +478,8 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                        rope_sin ? rope_sin->const_data_ptr<float>() : nullptr,
                        rope_rank ? rope_rank->const_data_ptr<int32_t>() : nullptr,
                        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr,
-                       slot_index ? k.size(1) : 0};
+                       slot_index ? k.size(1) : 0,
+                       bias ? bias->const_data_ptr<float>() : nullptr};
   ENGINE_DISPATCH_FLOATS(k.scalar_type(), "decode_attention", [&] {
     if (q.scalar_type() == at::kFloat) {
       decode<scalar_t, float>(p, q.const_data_ptr<float>(), k.const_data_ptr<scalar_t>(),

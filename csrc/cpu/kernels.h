@@ -1,6 +1,7 @@
 // CPU implementations of the engine ops (schemas and semantics: csrc/ops.cpp, engine/reference.py).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -17,7 +18,24 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& rope_cos,
                           const std::optional<at::Tensor>& rope_sin,
                           const std::optional<at::Tensor>& rope_rank,
-                          const std::optional<at::Tensor>& slot_index);
+                          const std::optional<at::Tensor>& slot_index,
+                          const std::optional<at::Tensor>& bias);
+
+// Whether decode_attention_cpu cuts a pass of query_heads (B H) x length slots x head_dim over the
+// threads: else one thread runs it, which is cheaper for small passes.
+bool decode_attention_splits(int64_t query_heads, int64_t length, int64_t head_dim);
+
+// One decode layer of several single-sequence caches: request i's rope_append then decode_attention
+// (arguments at index i of each list; score_acc, probs_out and the rope lists hold None where absent).
+void decode_layers_cpu(at::TensorList qkv, at::TensorList cos, at::TensorList sin, at::TensorList slot,
+                       const c10::List<bool>& rotate_key, at::TensorList q_out, at::TensorList k_cache,
+                       at::TensorList v_cache, at::TensorList pos, at::IntArrayRef length, double scale,
+                       at::TensorList out,
+                       const c10::List<std::optional<at::Tensor>>& score_acc,
+                       const c10::List<std::optional<at::Tensor>>& probs_out,
+                       const c10::List<std::optional<at::Tensor>>& rope_cos,
+                       const c10::List<std::optional<at::Tensor>>& rope_sin,
+                       const c10::List<std::optional<at::Tensor>>& rope_rank);
 
 // RoPE on the query (and the key if rotate_key), the key and value rows into cache slot `slot`.
 void rope_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
@@ -28,7 +46,7 @@ void prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                            at::Tensor& out, at::Tensor& lse,
                            const std::optional<at::Tensor>& col_scores, int64_t score_rows,
-                           double score_scale);
+                           double score_scale, const std::optional<at::Tensor>& bias);
 
 void value_norm_cpu(const at::Tensor& v, int64_t kind, at::Tensor& out);
 

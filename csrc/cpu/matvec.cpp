@@ -133,7 +133,7 @@ ENGINE_MULTIVERSION void matvec_slab(const T* x, const T* w, T* out, int64_t M, 
 
 template <bool ACC, typename T>
 void matvec_kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int64_t K) {
-  for_row_chunks(N, K * static_cast<int64_t>(sizeof(T)),
+  for_row_chunks(N, K * static_cast<int64_t>(sizeof(T)), M,
                  [&](int64_t n0, int64_t n1) { matvec_slab<ACC>(x, w, out, M, N, K, n0, n1); });
 }
 

@@ -21,11 +21,17 @@ constexpr int64_t kBytesPerThread = int64_t{1} << 18;
 constexpr int64_t kChunksPerThread = 4;
 
 // run(n0, n1) for consecutive chunks [n0, n1) of the N weight rows (row_bytes bytes each), on the calling
-// thread or, for a matrix large enough to pay for it, on threads that claim chunks as they come free.
+// thread or, for a product large enough to pay for it, on threads that claim chunks as they come free.
+// x_rows: the rows of x each weight row meets. A thread joins per kBytesPerThread of weights times those
+// rows: 8 rows of a batched step cost the exact kernels ~3.5x one row's time (they are then bound by
+// arithmetic, not by reading the weights), so a matrix too small to split for one row is split for 8.
+// Each output element is computed by one thread with the same operations whatever the split: the bits
+// do not depend on it.
 template <typename F>
-void for_row_chunks(int64_t N, int64_t row_bytes, const F& run) {
+void for_row_chunks(int64_t N, int64_t row_bytes, int64_t x_rows, const F& run) {
   row_bytes = std::max<int64_t>(1, row_bytes);
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N * row_bytes / kBytesPerThread);
+  const int64_t work = N * row_bytes * std::max<int64_t>(1, x_rows);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), work / kBytesPerThread);
   const bool parallel = threads > 1 && !at::in_parallel_region();
   const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
                                        : kChunkBytes;

@@ -12,6 +12,9 @@
 // dealt into a fixed set of lanes that each sum their column scores apart, and the lanes are added
 // in order at the end: the sums do not depend on which thread ran what.
 //
+// With bias (per-slot additive logits [B, Hkv, S]: KeepKV's log vote counts), slot s's logit is
+// scale q.k_s + bias[bg, s] (score_scale q.k_s + bias[bg, s] for the column scores).
+//
 // The GEMMs are ATen's, single-threaded inside the OpenMP region: threads split the blocks, so the
 // row loops run in parallel too.
 #include <ATen/ops/from_blob.h>
@@ -56,14 +59,26 @@ ENGINE_INLINE Lanes lanes(const float* s, const int32_t* kp, int32_t qt, int64_t
   return {(pos >= 0) & (pos <= qt), load_partial(s + j, n - j, 0.f)};
 }
 
-// p[j] = exp(scale s[j] - m) for the slots j visible from position qt, 0 for the others (whatever
-// s holds there, NaN included). p may be s: each block of 8 is read before it is written.
+// The logits of lanes x at slots [j, j + 8): scale dots, + bias[j..] when kBiased.
+template <bool kBiased>
+ENGINE_INLINE Vec8 logit8(const Lanes& x, float scale, const float* bias, int64_t j, int64_t n) {
+  if constexpr (kBiased) {
+    return x.dots * scale + load_partial(bias + j, std::min<int64_t>(8, n - j), 0.f);
+  } else {
+    return x.dots * scale;
+  }
+}
+
+// p[j] = exp(scale s[j] (+ bias[j] when kBiased) - m) for the slots j visible from position qt, 0 for the
+// others (whatever s holds there, NaN included). p may be s: each block of 8 is read before it is written.
+// A template, so the unbiased rows compile to the code they had before biases existed (the same bits).
+template <bool kBiased>
 ENGINE_MULTIVERSION RowSoftmax softmax_row(const float* s, float* p, const int32_t* kp, int32_t qt,
-                                           float scale, int64_t n) {
+                                           float scale, const float* bias, int64_t n) {
   Vec8 top = splat8(kNegInf);
   for (int64_t j = 0; j < n; j += 8) {
     const Lanes x = lanes(s, kp, qt, j, n);
-    const Vec8 logit = x.visible ? x.dots * scale : splat8(kNegInf);
+    const Vec8 logit = x.visible ? logit8<kBiased>(x, scale, bias, j, n) : splat8(kNegInf);
     top = logit > top ? logit : top;
   }
   const float m = hmax8(top);
@@ -74,7 +89,7 @@ ENGINE_MULTIVERSION RowSoftmax softmax_row(const float* s, float* p, const int32
   Vec8 sum{};
   for (int64_t j = 0; j < n; j += 8) {
     const Lanes x = lanes(s, kp, qt, j, n);
-    const Vec8 e = x.visible ? exp8_nonpositive(x.dots * scale - m) : Vec8{};
+    const Vec8 e = x.visible ? exp8_nonpositive(logit8<kBiased>(x, scale, bias, j, n) - m) : Vec8{};
     sum += e;
     if (j + 8 <= n) {
       store8(p + j, e);
@@ -120,6 +135,7 @@ struct PrefillParams {
   const float* v;       // [B, Hkv, S, D] fp32, empty rows zeroed
   float* lse;           // [B, H, L]
   float* col;           // [B, Hkv, S] or null
+  const float* bias;    // [B, Hkv, S] or null
 };
 
 // Slots [lo, hi) hold every slot visible from some position <= q_max; lo == hi when there is none.
@@ -148,6 +164,7 @@ void attend_block(const PrefillParams& p, const q_t* q, q_t* out, int64_t b, int
   const int64_t bh = b * p.H + h, bg = b * p.Hkv + h / p.G;
   const int32_t* qp = p.qpos + b * L + t0;
   const int32_t* kp = p.kpos + bg * S;
+  const float* bias = p.bias ? p.bias + bg * S : nullptr;
   const auto [lo, hi] = visible_range(kp, S, *std::max_element(qp, qp + nt));
   const int64_t n = hi - lo;
   if (n > 0) {
@@ -159,10 +176,12 @@ void attend_block(const PrefillParams& p, const q_t* q, q_t* out, int64_t b, int
       float* x = w.dots.data() + i * n;  // dots in, probabilities out
       const bool scored = col_part && t0 + i >= p.row0;
       float score_l = 0.f;  // at score_scale, into w.row, before x is overwritten
-      if (scored && own_scale) {
-        score_l = softmax_row(x, w.row.data(), kp + lo, qp[i], p.score_scale, n).l;
-      }
-      w.rows[i] = softmax_row(x, x, kp + lo, qp[i], p.scale, n);
+      const float* b = bias ? bias + lo : nullptr;
+      const auto row = [&](float* dst, float sc) {
+        return b ? softmax_row<true>(x, dst, kp + lo, qp[i], sc, b, n) : softmax_row<false>(x, dst, kp + lo, qp[i], sc, b, n);
+      };
+      if (scored && own_scale) score_l = row(w.row.data(), p.score_scale).l;
+      w.rows[i] = row(x, p.scale);
       if (!scored) continue;
       const float l = own_scale ? score_l : w.rows[i].l;
       if (l > 0.f) add_scaled(col_part + bg * S + lo, own_scale ? w.row.data() : x, 1.f / l, n);
@@ -214,8 +233,8 @@ void prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                            at::Tensor& out, at::Tensor& lse,
                            const std::optional<at::Tensor>& col_scores, int64_t score_rows,
-                           double score_scale) {
-  check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores);
+                           double score_scale, const std::optional<at::Tensor>& bias) {
+  check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores, bias);
   const int64_t H = q.size(1), Hkv = k.size(1), L = q.size(2);
   const int64_t rows = score_rows <= 0 || score_rows >= L ? L : score_rows;
   const int32_t* kp = kpos.const_data_ptr<int32_t>();
@@ -236,7 +255,8 @@ void prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                         kf.const_data_ptr<float>(),
                         vf.const_data_ptr<float>(),
                         lse.mutable_data_ptr<float>(),
-                        col_scores ? col_scores->mutable_data_ptr<float>() : nullptr};
+                        col_scores ? col_scores->mutable_data_ptr<float>() : nullptr,
+                        bias ? bias->const_data_ptr<float>() : nullptr};
   ENGINE_DISPATCH_FLOATS(q.scalar_type(), "prefill_attention", [&] {
     prefill<scalar_t>(p, q.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
   });

@@ -8,6 +8,7 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("decode_attention", &engine::decode_attention_cpu);
   m.impl("prefill_attention", &engine::prefill_attention_cpu);
   m.impl("rope_append", &engine::rope_append_cpu);
+  m.impl("decode_layers", &engine::decode_layers_cpu);
   m.impl("value_norm", &engine::value_norm_cpu);
   m.impl("select_victim", &engine::select_victim_cpu);
   m.impl("compact", &engine::compact_cpu);

@@ -17,6 +17,9 @@
 // With slot_index (a per-layer pool shared by the KV heads: k, v [B, R, D]), slot s of KV head bg
 // reads pool row slot_index[bg, s]; nothing else changes.
 //
+// With bias (per-slot additive logits [B, Hkv, C]: KeepKV's log vote counts), slot s's logit is
+// scale q.k_s + bias[bg, s] for every query head of the group.
+//
 // Everything launches on the current stream; the workspace comes from the caching allocator; the
 // split count depends on shapes only: the op can be captured in a CUDA graph.
 #include <ATen/ops/empty.h>
@@ -64,6 +67,7 @@ struct DecodeParams {
   int64_t rope_rows;   // P
   const int32_t* index;  // [B, Hkv, C]: the pool row of each slot, or null (k, v [B, Hkv, C, D])
   int64_t R;             // pool rows per batch row (with index)
+  const float* bias;     // [B, Hkv, C]: added to each slot's logit, or null
 };
 
 // The first element of slot s's key or value row of KV head bg = b * Hkv + g.
@@ -183,10 +187,12 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      const float add = ok && p.bias ? p.bias[bg * C + s] : 0.f;
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) {
         if (h < gb) {
-          const float x = cuda::group_sum(dot[h], tpr);
+          float x = cuda::group_sum(dot[h], tpr);
+          if (p.bias) x += add;
           if (lr == 0) {
             sc[buf][h * tile + j] = ok ? x : kNegInf;
             if (ok && p.logits) p.logits[(row0 + h) * C + s] = x;
@@ -413,9 +419,10 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& rope_cos,
                            const std::optional<at::Tensor>& rope_sin,
                            const std::optional<at::Tensor>& rope_rank,
-                           const std::optional<at::Tensor>& slot_index) {
+                           const std::optional<at::Tensor>& slot_index,
+                           const std::optional<at::Tensor>& bias) {
   check_decode_attention(q, k, v, pos, length, out, score_acc, probs_out, rope_cos, rope_sin, rope_rank,
-                         slot_index);
+                         slot_index, bias);
   const auto guard = cuda::on_device("decode_attention", k);
   const int64_t B = k.size(0), H = q.size(1), Hkv = pos.size(1), G = H / Hkv, C = pos.size(2), D = k.size(-1);
   if (B == 0) return;
@@ -439,6 +446,7 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
     p.index = slot_index->const_data_ptr<int32_t>();
     p.R = k.size(1);
   }
+  if (bias) p.bias = bias->const_data_ptr<float>();
   // Balanced head blocks of at most kMaxHeads heads each, none empty.
   p.heads_per_block = cuda::ceil_div<int64_t>(G, cuda::ceil_div<int64_t>(G, kMaxHeads));
   p.head_blocks = cuda::ceil_div(G, p.heads_per_block);

@@ -20,7 +20,8 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& rope_cos,
                            const std::optional<at::Tensor>& rope_sin,
                            const std::optional<at::Tensor>& rope_rank,
-                          const std::optional<at::Tensor>& slot_index);
+                          const std::optional<at::Tensor>& slot_index,
+                          const std::optional<at::Tensor>& bias);
 
 // RoPE on the query (and the key if rotate_key), the key and value rows into cache slot `slot`.
 void rope_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
@@ -31,7 +32,7 @@ void prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                             at::Tensor& out, at::Tensor& lse,
                             const std::optional<at::Tensor>& col_scores, int64_t score_rows,
-                            double score_scale);
+                            double score_scale, const std::optional<at::Tensor>& bias);
 
 void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out);
 

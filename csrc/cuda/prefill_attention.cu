@@ -9,6 +9,9 @@
 // take a second kernel that recomputes p = exp(score_scale q.k - lse') per (row, key) and adds the
 // block's column sums into col_scores with atomicAdd. lse' is the output lse when the two scales
 // match; otherwise the first kernel tracks a second online softmax at score_scale for it.
+//
+// With bias (per-slot additive logits [B, Hkv, S]: KeepKV's log vote counts), key s's logit is
+// scale q.k_s + bias[bg, s] (score_scale q.k_s + bias[bg, s] for the column scores).
 #include <ATen/ops/empty.h>
 
 #include <climits>
@@ -41,6 +44,7 @@ struct PrefillParams {
   float* lse;            // [B, H, L]
   float* score_lse;      // [B, H, L - row0] at score_scale, or null when the scales match / no columns
   float* col;            // [B, Hkv, S] or null
+  const float* bias;     // [B, Hkv, S] or null
 };
 
 int key_tile(int64_t D) { return D <= 128 ? kMaxKeyTile : kMaxKeyTile / 2; }
@@ -150,8 +154,9 @@ __global__ void __launch_bounds__(kThreads)
       if (visible) {
         for (int d = 0; d < D; ++d) dot += qs[r * D + d] * kv[j * (D + 1) + d];
       }
-      x[jj] = visible ? dot * p.scale : kNegInf;
-      x2[jj] = visible ? dot * p.score_scale : kNegInf;
+      const float add = visible && p.bias ? p.bias[bg * p.S + s0 + j] : 0.f;
+      x[jj] = visible ? (p.bias ? dot * p.scale + add : dot * p.scale) : kNegInf;
+      x2[jj] = visible ? (p.bias ? dot * p.score_scale + add : dot * p.score_scale) : kNegInf;
     }
     if (want_score_lse) sm2.update(x2);
     const float corr = sm.update(x);
@@ -231,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
       if (j < n && kp[j] >= 0 && kp[j] <= qp) {
         float dot = 0.f;
         for (int d = 0; d < D; ++d) dot += qs[r * D + d] * ks[j * (D + 1) + d];
-        pr = expf(dot * p.score_scale - lse);
+        pr = p.bias ? expf(dot * p.score_scale + p.bias[bg * p.S + s0 + j] - lse) : expf(dot * p.score_scale - lse);
       }
       pr += __shfl_xor_sync(cuda::kFullMask, pr, kLanes);  // the warp's two rows
       if (lane < kLanes && j < kt) part[warp * kt + j] = pr;
@@ -269,8 +274,8 @@ void prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& qpos, const at::Tensor& kpos, double scale,
                             at::Tensor& out, at::Tensor& lse,
                             const std::optional<at::Tensor>& col_scores, int64_t score_rows,
-                            double score_scale) {
-  check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores);
+                            double score_scale, const std::optional<at::Tensor>& bias) {
+  check_prefill_attention(q, k, v, qpos, kpos, out, lse, col_scores, bias);
   const auto guard = cuda::on_device("prefill_attention", k);
   const int64_t B = k.size(0), H = q.size(1), Hkv = k.size(1), L = q.size(2);
   const int64_t rows = score_rows <= 0 || score_rows >= L ? L : score_rows;
@@ -298,6 +303,7 @@ void prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   p.lse = lse.mutable_data_ptr<float>();
   p.score_lse = own_lse ? score_lse.mutable_data_ptr<float>() : nullptr;
   p.col = col_scores ? col_scores->mutable_data_ptr<float>() : nullptr;
+  p.bias = bias ? bias->const_data_ptr<float>() : nullptr;
 
   ENGINE_CUDA_DISPATCH_FLOATS(k.scalar_type(), "prefill_attention", [&] {
     if (q.scalar_type() == at::kFloat) {

@@ -191,6 +191,10 @@ class AllocatedKVStore(KVStore):
         self.rope.ensure(max(self.qpos, self.capacity) + 1)
         return (not self.pooled and self.used < self.capacity), self.evicts_now
 
+    @property
+    def batchable(self) -> bool:
+        return not self.pooled and super().batchable  # a pool's kernels take its slot index
+
     def begin_decode(self) -> None:
         if not self.pooled:  # the dense layout of mask mode: the next slot, as the uniform store does
             super().begin_decode()
@@ -216,7 +220,8 @@ class AllocatedKVStore(KVStore):
             return
         st = self.layers[layer]
         ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, self.layer_slots[layer], self.scale, self.attn_out,
-                             st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index)
+                             st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index,
+                             bias=self.bias(st))
 
     def finish_decode(self) -> None:
         super().finish_decode()
@@ -287,8 +292,8 @@ class AllocatedKVStore(KVStore):
         emptied. Returns the pool rows freed (B, Hkv) int64, -1 where nothing was (or no pool)."""
         st = view.layer
         self.policy.after_evict(view, victim)
-        if self.pooled and self.policy.merges_values:  # the merged values, gathered, back into the pool
-            self._write_back_values(st)
+        if self.pooled and self.policy.merges_values:  # the merged values (and keys), gathered, back into the pool
+            self._write_back(st)
         gone = victim >= 0
         idx = victim.clamp(min=0)[..., None]
         st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
@@ -320,11 +325,13 @@ class AllocatedKVStore(KVStore):
         first = (st.pos.data_ptr() - self.all.pos.data_ptr()) // (st.pos.stride(0) * st.pos.element_size())
         return slice(first, first + size)
 
-    def _write_back_values(self, st: LayerState) -> None:
-        """Copy the gathered value rows a merge policy changed back to their pool rows (valid slots only;
-        the others go to the scratch row)."""
-        rows = st.index.long().masked_fill(st.pos < 0, self.scratch)
-        self.pool_v[self._pool_index(st, rows)] = st.v
+    def _write_back(self, st: LayerState) -> None:
+        """Copy the gathered value rows a merge policy changed (and the key rows, for one that merges keys)
+        back to their pool rows (valid slots only; the others go to the scratch row)."""
+        where = self._pool_index(st, st.index.long().masked_fill(st.pos < 0, self.scratch))
+        self.pool_v[where] = st.v
+        if self.policy.merges_keys:
+            self.pool_k[where] = st.k
 
 
 def make_store(args: ModelArgs, policy: Policy, budget: int, capacity: int, batch: int, dtype: torch.dtype,

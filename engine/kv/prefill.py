@@ -77,13 +77,14 @@ def score_chunk(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, 
     over_budget = over and e.keys.shape[2] > 0
     rows = T if policy.prefill_rows is None else min(policy.prefill_rows, T)
     wants_colsum = policy.prefill_rows != 0 and (over_budget or policy.needs_acc or policy.observes_prefill)
-    out, colsum = attend(e, rows, store.scale, policy.group_reduce if wants_colsum else None)
+    bias = None if policy.logit_bias is None else e.layer.state[policy.logit_bias]  # the chunk's entries: 0
+    out, colsum = attend(e, rows, store.scale, policy.group_reduce if wants_colsum else None, bias)
     out = out.to(store.dtype)  # wo's input
     pos = e.layer.pos
     rows_seen = (T - torch.searchsorted(e.qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                  ).reshape(pos.shape).float() * (pos >= 0)
     view = PrefillView(layer=e.layer, q=e.q, k=e.keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen,
-                       budget=budget, tp=store.tp)
+                       budget=budget, tp=store.tp, rope=store.rope if store.cache_positions else None)
     if over_budget:
         return out, e, policy.prefill_scores(view)
     if colsum is not None or policy.observes_prefill:
@@ -122,10 +123,12 @@ def gather(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, v: to
     return Entries(layer=layer, keys=keys, q=rope.rotate(q, q_at[:, :1].expand(B, H, T)), qpos=qpos)
 
 
-def attend(e: Entries, rows: int, scale: float, reduce: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attend(e: Entries, rows: int, scale: float, reduce: str | None, bias: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of the chunk over every entry -> (B, H, T, D), and with `reduce` the (B, Hkv, N)
     column sums over the last `rows` query rows, group-reduced that way (the kernel fuses "mean"). Keys and
-    values are read in the queries' dtype (exact where the cache is narrower: fp32 queries)."""
+    values are read in the queries' dtype (exact where the cache is narrower: fp32 queries). `bias`
+    (B, Hkv, N): per-entry logit offsets (KeepKV's log votes), None: none."""
     q, pos = e.q, e.layer.pos
     keys, vals = e.keys.to(q.dtype), e.layer.v.to(q.dtype)
     B, H, T, D = q.shape
@@ -134,9 +137,9 @@ def attend(e: Entries, rows: int, scale: float, reduce: str | None) -> tuple[tor
     colsum = None
     if reduce is not None:
         colsum = (torch.empty(B, Hkv, n, device=q.device) if fused
-                  else column_scores(q, keys, e.qpos, pos, rows, scale, reduce))
+                  else column_scores(q, keys, e.qpos, pos, rows, scale, reduce, bias))
     out = None
-    if n == T:
+    if n == T:  # no cache entries: a bias would be all 0
         # A plain causal prompt: SDPA gives the output fastest, and the same bits whatever the policy
         # (the fused kernel then runs only for the column sums a scoring policy asked for).
         out = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, enable_gqa=H != Hkv)
@@ -144,7 +147,8 @@ def attend(e: Entries, rows: int, scale: float, reduce: str | None) -> tuple[tor
         kernel_out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, device=q.device)
         ops.prefill_attention(q.contiguous(), keys.contiguous(), vals.contiguous(), e.qpos, pos.contiguous(),
-                              scale, kernel_out, lse, colsum if fused else None, rows, scale)
+                              scale, kernel_out, lse, colsum if fused else None, rows, scale,
+                              None if bias is None else bias.contiguous())
         out = kernel_out if out is None else out
     return out, colsum
 

@@ -191,6 +191,20 @@ class KVStore:
         """Whether the coming decode step ends with an eviction."""
         return self.policy.evicts_on_decode and self.occupancy + 1 > self.budget
 
+    @property
+    def batchable(self) -> bool:
+        """Whether decode(layer, qkv) is exactly ops.rope_append then ops.decode_attention on this store's
+        step rows and layer buffers, with nothing between or after (no value norms, no layer-by-layer policy
+        step, no second accumulation, no logit bias, no dtype copy): a batched step may then run the two for
+        several stores in one ops.decode_layers call (engine/decode/batch.py)."""
+        p = self.policy
+        return not (p.value_norm or p.decode_layer_by_layer or (p.needs_acc and not self.fused_acc)
+                    or p.logit_bias is not None or self.attn_out is not self.out)
+
+    def decode_length(self) -> int:
+        """Slots a decode step's attention reads: every one in a graph (a fixed shape), else those written."""
+        return self.capacity if self.static_length else min(self.used + 1, self.capacity)
+
     def sync_clock(self) -> None:
         """The device clock from the host counters: after a prompt chunk, or counters set directly."""
         self.clock.copy_(torch.tensor([self.t, self.used, self.qpos]))
@@ -253,9 +267,8 @@ class KVStore:
             ops.value_norm(v, NORM_KIND[self.policy.value_norm], nv)
             st.state["vnorm"].scatter_(2, rows.slot[..., None], nv)
         rope = self.rope if self.cache_positions else None
-        length = self.capacity if self.static_length else min(self.used + 1, self.capacity)
         probs = rows.probs
-        self._attend(layer, qr, length, probs, rope)
+        self._attend(layer, qr, self.decode_length(), probs, rope)
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(probs, st.pos.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
@@ -277,8 +290,13 @@ class KVStore:
         ops.decode_attention(
             q, st.k, st.v, st.pos, length, self.scale, self.attn_out,
             st.state["acc"] if self.fused_acc else None, probs,
-            rope=(rope.cos, rope.sin, st.rank) if rope else None,
+            rope=(rope.cos, rope.sin, st.rank) if rope else None, bias=self.bias(st),
         )
+
+    def bias(self, st: LayerState) -> torch.Tensor | None:
+        """The per-slot logit bias attention adds over st's slots (the policy's `logit_bias` state), or None."""
+        name = self.policy.logit_bias
+        return None if name is None else st.state[name]
 
     def end_decode(self) -> None:
         """Once every layer has decoded: the device side, then the host counters."""

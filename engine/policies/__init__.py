@@ -6,6 +6,7 @@ from .ahakv import AhaKV
 from .cam import CaM
 from .full import Full
 from .h2o import H2O
+from .keepkv import KeepKV
 from .scissorhands import Scissorhands
 from .snapkv import SnapKV
 from .streaming import Streaming
@@ -46,8 +47,8 @@ def make_policy(name: str, **params: object) -> Policy:
     return cls(**{k: v for k, v in params.items() if v is not None})
 
 
-for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV, CaM):
+for _cls in (Full, Streaming, H2O, Scissorhands, TOVA, SnapKV, VATP, AhaKV, WeightedKV, CaM, KeepKV):
     register(_cls)
 
-__all__ = ["AhaKV", "CaM", "DecodeView", "Full", "H2O", "LayerState", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
+__all__ = ["AhaKV", "CaM", "DecodeView", "Full", "H2O", "KeepKV", "LayerState", "Policy", "PolicyError", "PrefillView", "Scissorhands", "SnapKV",
            "Streaming", "TOVA", "VATP", "WeightedKV", "list_policies", "make_policy", "policy_class", "register"]

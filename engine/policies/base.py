@@ -46,6 +46,10 @@ class Policy:
     evicts_on_decode: ClassVar[bool] = True
     layer_wide: ClassVar[bool] = False  # one eviction decision for all KV heads of a layer (TOVA), not per head
     merges_values: ClassVar[bool] = False  # every eviction merges the victim's value (WeightedKV)
+    merges_keys: ClassVar[bool] = False  # a merge also rewrites the receiver's key (KeepKV)
+    # a per-slot state added to every attention logit over the cache (KeepKV's log vote counts; 0 for a
+    # plain token): the kernels' `bias`. None: attention without one, the plain kernels
+    logit_bias: ClassVar[str | None] = None
     reads_kv: ClassVar[bool] = False  # decode scoring or after_evict reads the slots' keys or values
     observes_prefill: ClassVar[bool] = False  # prefill_scores runs on every chunk, not only when it compresses
     # decode_update/decode_scores are called for each layer in turn (a policy with per-layer `extra` state),

@@ -22,8 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import PolicyError
-from .views import LayerState
+from .base import DecodeView, PolicyError, PrefillView
 from .weightedkv import AverageAttentionMerge
 
 
@@ -37,8 +36,8 @@ class CaM(AverageAttentionMerge):
         if self.merge_window < 1:
             raise PolicyError(f"cam: merge_window must be >= 1, got {self.merge_window}")
 
-    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
-        v = layer.v
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+        v = view.layer.v
         B, Hkv, C, D = v.shape
         m = min(self.merge_window, C)
         e = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)

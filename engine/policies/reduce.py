@@ -33,10 +33,11 @@ def mean_over_heads(x: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
 
 
 def column_scores(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, rows: int,
-                  scale: float, how: str) -> torch.Tensor:
+                  scale: float, how: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, S) fp32: the sum over the last `rows` query rows (all if <= 0) of the group-reduced
-    softmax(scale q.k), causal by position like ops.prefill_attention's col_scores. q (B, H, L, D),
-    k (B, Hkv, S, D), qpos (B, L), kpos (B, Hkv, S); at most `chunk` x S probabilities per head at once."""
+    softmax(scale q.k + bias), causal by position like ops.prefill_attention's col_scores. q (B, H, L, D),
+    k (B, Hkv, S, D), qpos (B, L), kpos (B, Hkv, S), bias (B, Hkv, S) or None; at most `chunk` x S
+    probabilities per head at once."""
     B, H, L, _ = q.shape
     S = k.shape[2]
     row0 = L - rows if 0 < rows < L else 0
@@ -44,6 +45,6 @@ def column_scores(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: to
     cols = torch.zeros(B, k.shape[1], S, device=q.device)
     for t0 in range(row0, L, chunk):
         t1 = min(L, t0 + chunk)
-        probs, _ = attention_probs(q[:, :, t0:t1], k, qpos[:, t0:t1], kpos, scale, torch.float32)
+        probs, _ = attention_probs(q[:, :, t0:t1], k, qpos[:, t0:t1], kpos, scale, torch.float32, bias)
         cols += reduce_group(probs, k.shape[1], how).sum(2)
     return cols

@@ -70,3 +70,4 @@ class PrefillView:
     rows_seen: torch.Tensor  # (B, Hkv, N) fp32, number of chunk rows that could see each entry
     budget: int = 0  # entries the store keeps after this chunk (0: the store did not say)
     tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
+    rope: Rope | None = None  # positions="cache": the tables `k` was rotated with (layer.rank: each entry's row)

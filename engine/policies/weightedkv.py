@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
-from .views import LayerState
 
 RECEIVERS = ("next", "prev", "nearest_key")
 
@@ -50,8 +49,8 @@ class AverageAttentionMerge(Policy):
         """abar = acc / cnt (0 where nothing saw the slot)."""
         return state["acc"] / state["cnt"].clamp(min=1.0)
 
-    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
-        """Merge the value of slot victim[b, g] (-1: none) into kept slots of layer.v, in place. `pos`: the
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+        """Merge the value of slot victim[b, g] (-1: none) into kept slots of view.layer.v, in place. `pos`: the
         entries still present (a prompt chunk's merges drop them one at a time)."""
         raise NotImplementedError
 
@@ -70,7 +69,7 @@ class AverageAttentionMerge(Policy):
         victim = torch.empty(pos.shape[:2], dtype=torch.long, device=pos.device)
         for _ in range(drops):
             ops.select_victim(abar, alive, self.sinks, hi, victim)
-            self.merge(view.layer, abar, alive, victim)
+            self.merge(view, abar, alive, victim)
             alive.scatter_(2, victim[..., None], -1)
         return abar.masked_fill((alive < 0) & (pos >= 0), -math.inf)  # exactly the merged ones go
 
@@ -81,7 +80,7 @@ class AverageAttentionMerge(Policy):
         return self.average(view.layer.state)
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        self.merge(view.layer, self.average(view.layer.state), view.layer.pos, victim)
+        self.merge(view, self.average(view.layer.state), view.layer.pos, victim)
 
 
 @dataclass
@@ -117,8 +116,9 @@ class WeightedKV(AverageAttentionMerge):
             return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
         return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
 
-    def merge(self, layer: LayerState, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
         """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
+        layer = view.layer
         v, w, k = layer.v, layer.state["w"], layer.k
         rcv = self.receivers(k, pos, victim)
         r = rcv.clamp(min=0)[..., None]
