@@ -124,7 +124,7 @@ def parsing(command: str) -> Callable[[list[str]], argparse.Namespace]:
 
 
 MODEL_FLAGS = {"--budget", "--sinks", "--recent", "--prefill-chunk", "--threads", "--k", "--m", "--pool-kernel", "--r",
-               "--w", "--min-share", "--pyramid-beta", "--merge-window"}
+               "--w", "--min-share", "--pyramid-beta", "--merge-window", "--min-similarity"}
 COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], list[str], Callable, set[str]]] = {
     # name: (the parser whose flags to fuzz, argv before the flag, how the command parses, its numeric flags)
     "chat": (chat.parser, [], parsing("chat"),
