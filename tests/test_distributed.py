@@ -190,8 +190,9 @@ def test_default_model_three_ranks(default_model_dir, tmp_path):
     """The real model (9 heads, 3 KV heads) at 3 ranks: a prompt's logits, and after a prompt compressed to
     the budget and STEPS decode steps that each evict, every policy in both position modes keeps the same
     positions with the same logits. (200 steps run on the small model above: 3 ranks on 2 cores make the real
-    model's steps slow; the ranks' start and load take most of this test's time.)"""
-    steps = 12
+    model's steps slow, 200 of them ~20 min, run by hand: bench/DISTRIBUTED.md. The ranks' start and load take
+    most of this test's time.)"""
+    steps = 6
     procs = start(3, ["-m", "tests.dist_worker", "policies", str(default_model_dir), str(tmp_path), str(steps)])
     llm = engine.load(default_model_dir, policy="full", weights="dequantize")
     one = policy_runs(llm, steps) | {"prompt_logits": prompt_logits(llm)}
