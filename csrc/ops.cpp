@@ -120,6 +120,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "qmatvec_q8", &engine::qmatvec_q8_cpu);
   bind_cpu(cpu, "dequantize", &engine::dequantize_cpu);
   cpu.def("set_quant_isa", &engine::set_quant_isa,
-          "qmatvec's and dequantize's instruction set: 'auto' (AVX2 where the CPU has it) or 'portable'.");
+          "The packed kernels' instruction set: 'auto' (the best this CPU has: AVX-512 VNNI for qmatvec_q8, "
+          "AVX2), or a cap: 'avx2' or 'portable'.");
   cpu.def("quant_isa", &engine::quant_isa, "The instruction set qmatvec and dequantize use now.");
 }

@@ -1,5 +1,6 @@
 """ops.qmatvec, ops.qmatvec_q8 and ops.dequantize over packed GGUF blocks: the CPU kernels (both instruction-set
-paths) and the reference against gguf's own dequantization and an fp64 product.
+paths, and qmatvec_q8's AVX-512 VNNI one) and the reference against gguf's own dequantization and an fp64
+product.
 
 dequantize must give gguf.quants.dequantize's float32 bits. qmatvec sums in another order than F.linear
 (per group: scale * sum(q x) + offset * sum(x)), so it is held to a bound on fp32 rounding of the terms it
@@ -223,21 +224,28 @@ def _qmatvec(x: torch.Tensor, blocks: torch.Tensor, qtype: int, **kw) -> torch.T
     return out
 
 
+def _cpu_flags() -> list[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+
+
 def test_isa_switch():
     if not ops.HAVE_EXTENSION:
         pytest.skip("engine._C not built")
     from engine import _C
 
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    flags = _cpu_flags()
     has_avx2 = all(flag in flags for flag in ("avx2", "fma", "f16c"))
-    assert _C.cpu.quant_isa() == ("avx2" if has_avx2 else "portable")
-    _C.cpu.set_quant_isa("portable")
+    has_vnni = has_avx2 and all(flag in flags for flag in ("avx512vl", "avx512_vnni"))
+    assert _C.cpu.quant_isa() == ("avx512vnni" if has_vnni else "avx2" if has_avx2 else "portable")
     try:
+        _C.cpu.set_quant_isa("avx2")
+        assert _C.cpu.quant_isa() == ("avx2" if has_avx2 else "portable")
+        _C.cpu.set_quant_isa("portable")
         assert _C.cpu.quant_isa() == "portable"
     finally:
         _C.cpu.set_quant_isa("auto")
-    with pytest.raises(ValueError, match="set_quant_isa: isa must be 'auto' or 'portable', got 'avx512'"):
+    with pytest.raises(ValueError, match="set_quant_isa: isa must be 'auto', 'avx2' or 'portable', got 'avx512'"):
         _C.cpu.set_quant_isa("avx512")
 
 
@@ -322,7 +330,7 @@ def test_qmatvec_q8_prologues_and_accumulate(var, qtype, prologue):
     check_prologues_and_accumulate("qmatvec_q8", var, qtype, prologue, nblocks=nblocks, seed=9)
 
 
-@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("isa", ["auto", "avx2", "portable"])
 @pytest.mark.parametrize("qtype", [2, 3, 8])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_qmatvec_q8_row_does_not_depend_on_the_batch(isa, qtype, threads):
@@ -342,6 +350,38 @@ def test_qmatvec_q8_row_does_not_depend_on_the_batch(isa, qtype, threads):
         assert_product_close(alone, ref.quantize_q8(x), gguf_weights(blocks, qtype), None, _name(qtype))
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="engine._C not built")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_qmatvec_q8_vnni_equals_avx2_bit_for_bit(qtype):
+    """The VNNI kernel sums the same integers as the AVX2 one (both exactly): every output has the same bits,
+    Q8_0's codes -128..127 included, prologues and accumulate too. Skipped where the CPU lacks AVX-512 VNNI."""
+    from engine import _C
+
+    if _C.cpu.quant_isa() != "avx512vnni":
+        pytest.skip(f"this CPU's kernels are {_C.cpu.quant_isa()}, not avx512vnni")
+    nblocks = 2 if ref.QUANT_TYPES[qtype][1] == 256 else 7
+    blocks = make_blocks(qtype, 45, nblocks, seed=21)  # random bytes: every code, Q8_0's -128 among them
+    K = gguf_weights(blocks, qtype).shape[1]
+    g = gen(22)
+    x, base, norm = randn((11, 2 * K), torch.float32, "cpu", g, scale=3.0), randn((11, 45), torch.float32, "cpu", g), randn((K,), torch.float32, "cpu", g)
+    head = x[:, :K].contiguous()
+    calls = [dict(x=head), dict(x=head[:5], norm=norm, eps=1e-6), dict(x=x, swiglu=True), dict(x=head[:9], accumulate=True)]
+    for kw in calls:
+        got = {}
+        for isa in ("auto", "avx2"):
+            _C.cpu.set_quant_isa(isa)
+            try:
+                out = poisoned((kw["x"].shape[0], 45), torch.float32, "cpu")
+                if kw.get("accumulate"):
+                    out.copy_(base[: out.shape[0]])
+                ops.qmatvec_q8(kw["x"], blocks, qtype, out, kw.get("accumulate", False), kw.get("norm"), kw.get("eps", 0.0),
+                               kw.get("swiglu", False))
+                got[isa] = out
+            finally:
+                _C.cpu.set_quant_isa("auto")
+        assert not got["auto"].isnan().any() and torch.equal(got["auto"], got["avx2"]), sorted(kw)
 
 
 def _product(op, x: torch.Tensor, blocks: torch.Tensor, qtype: int, **kw) -> torch.Tensor:

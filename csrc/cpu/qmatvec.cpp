@@ -12,8 +12,10 @@
 // a block's codes are decoded once for every row of x (a batched decode step's rows share them). Faster, but
 // not the dequantized model's numbers any more: an explicit option (--weights packed-q8act).
 //
-// The kernels (qmatvec_kernels.inc) are compiled twice: for AVX2+FMA+F16C, taken at run time where the CPU
-// has them, and portably (plain C++ and GCC vectors) for every other CPU, one binary.
+// The kernels (qmatvec_kernels.inc) are compiled three times: for AVX2+FMA+F16C, taken at run time where the
+// CPU has them; with AVX-512 VNNI's byte dot products too (256-bit vectors, AVX512-VL), which qmatvec_q8 takes
+// where the CPU has them (one instruction per 4 codes for maddubs + add); and portably (plain C++ and GCC
+// vectors) for every other CPU. One binary runs on any x86-64.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
@@ -46,8 +48,9 @@ namespace quant_portable {
 }  // namespace quant_portable
 
 #if ENGINE_QUANT_HAVE_AVX2
-// Every function defined in this region, lambdas and template instances included, is compiled as if
-// marked __attribute__((target("avx2,fma,f16c"))): only called after the CPU was seen to have them.
+// Every function defined in these regions, lambdas and template instances included, is compiled as if marked
+// __attribute__((target(...))): only called after the CPU was seen to have the region's instructions. The
+// VNNI copy (AVX-512 VNNI's dot product on 256-bit vectors) is taken only by qmatvec_q8.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
@@ -58,6 +61,19 @@ namespace quant_portable {
 namespace quant_avx2 {
 #include "qmatvec_kernels.inc"
 }  // namespace quant_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512vl,avx512vnni"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512vl,avx512vnni")
+#endif
+#define ENGINE_QUANT_VNNI 1
+namespace quant_vnni {
+#include "qmatvec_kernels.inc"
+}  // namespace quant_vnni
+#undef ENGINE_QUANT_VNNI
 #undef ENGINE_QUANT_AVX2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -78,19 +94,38 @@ bool cpu_has_avx2() {
 #endif
 }
 
-std::atomic<bool> force_portable{false};
+bool cpu_has_vnni() {
+#if ENGINE_QUANT_HAVE_AVX2
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
 
-bool use_avx2() { return !force_portable.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+// The instruction sets from the most capable down; set_quant_isa caps the choice at one of them.
+enum Isa : int { kVnni = 0, kAvx2 = 1, kPortable = 2 };
+constexpr const char* kIsaNames[] = {"avx512vnni", "avx2", "portable"};
+std::atomic<int> isa_cap{kVnni};
+
+Isa isa_in_use() {
+  const int cap = isa_cap.load(std::memory_order_relaxed);
+  if (cap <= kVnni && cpu_has_vnni()) return kVnni;
+  if (cap <= kAvx2 && cpu_has_avx2()) return kAvx2;
+  return kPortable;
+}
+
+bool use_avx2() { return isa_in_use() != kPortable; }
 
 }  // namespace
 
 void set_quant_isa(const std::string& isa) {
-  TORCH_CHECK_VALUE(isa == "auto" || isa == "portable", "set_quant_isa: isa must be 'auto' or 'portable', got '",
-                    isa, "'");
-  force_portable.store(isa == "portable");
+  TORCH_CHECK_VALUE(isa == "auto" || isa == "avx2" || isa == "portable",
+                    "set_quant_isa: isa must be 'auto', 'avx2' or 'portable', got '", isa, "'");
+  isa_cap.store(isa == "auto" ? kVnni : isa == "avx2" ? kAvx2 : kPortable);
 }
 
-std::string quant_isa() { return use_avx2() ? "avx2" : "portable"; }
+std::string quant_isa() { return kIsaNames[isa_in_use()]; }
 
 namespace {
 
@@ -107,7 +142,9 @@ void packed_product(const char* op, const at::Tensor& x, const at::Tensor& block
   const uint8_t* w = blocks.const_data_ptr<uint8_t>();
   float* y = out.mutable_data_ptr<float>();
 #if ENGINE_QUANT_HAVE_AVX2
-  if (use_avx2()) {
+  const Isa isa = isa_in_use();
+  if (kQ8Activations && isa == kVnni) return quant_vnni::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate);
+  if (isa != kPortable) {
     return kQ8Activations ? quant_avx2::qmatvec_q8(qtype, rows, w, y, M, N, K, accumulate)
                           : quant_avx2::qmatvec(qtype, rows, w, y, M, N, K, accumulate);
   }
