@@ -273,3 +273,17 @@ def test_bench_serve(tiny_model_dir, tmp_path, monkeypatch):
     rows = json.loads(result.read_text())["results"]
     assert [r["streams"] for r in rows] == [1, 3] and all(r["tokens"] > 0 for r in rows)
     assert "| 3 |" in page.read_text()
+
+
+def test_a_gguf_model_serves_with_llama_cpps_arithmetic(tmp_path):
+    """Unless --weights says otherwise, a .gguf model (the default model too) serves packed-q8act, as llama.cpp's
+    server computes; a folder loads as engine.load would (None); --weights is taken as given."""
+    from engine.cli import server_load_options
+    from engine.serve.__main__ import parser
+
+    def weights(*argv: str) -> str | None:
+        return server_load_options(parser().parse_args(list(argv)))["weights"]
+
+    assert weights() == "packed-q8act" and weights("--model", str(tmp_path / "m.gguf")) == "packed-q8act"
+    assert weights("--model", str(tmp_path)) is None
+    assert weights("--weights", "packed") == "packed" and weights("--weights", "dequantize") == "dequantize"

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from ..cli import COUNT, CommaList, add_model_args, load_options, policy_params
+from ..cli import COUNT, CommaList, add_model_args, policy_params, server_load_options
 from ..results import write_result
 
 PROMPTS = ["Once upon a time", "The history of the Roman Empire", "In a small village by the sea",
@@ -214,7 +214,7 @@ def run(ns: argparse.Namespace) -> int:
     from ..serve.scheduler import Scheduler
 
     gguf = peer_gguf(ns.model, ns.peer)
-    llm = load(ns.model, policy=ns.policy, **load_options(ns), **policy_params(ns))
+    llm = load(ns.model, policy=ns.policy, **server_load_options(ns), **policy_params(ns))
     threads, n_ctx = torch.get_num_threads(), ns.max_tokens + 256  # 256: room for the prompt
     scheduler = Scheduler(llm, max_batch=max(ns.streams), max_queue=max(ns.streams)).start()
     rows, peer_rows = [], []

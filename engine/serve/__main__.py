@@ -15,7 +15,7 @@ import argparse
 import os
 import signal
 
-from ..cli import COUNT, Integer, Parser, Real, add_model_args, load_options, policy_params, run_cli
+from ..cli import COUNT, Integer, Parser, Real, add_model_args, policy_params, run_cli, server_load_options
 from ..dist.launch import first_rank, patient_group
 from ..tokenizer import TEMPLATES
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from .scheduler import Scheduler
 
     params = policy_params(ns)
-    llm = load(ns.model, policy=ns.policy, template=ns.template, **load_options(ns), **params)
+    llm = load(ns.model, policy=ns.policy, template=ns.template, **server_load_options(ns), **params)
     group = patient_group()  # rank 0's plans reach the followers however long the server idles
     options = dict(max_batch=ns.max_batch, max_queue=ns.max_queue, prefill_tokens=ns.prefill_tokens, group=group)
     if not first_rank():
