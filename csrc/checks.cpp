@@ -248,6 +248,18 @@ void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const a
   check_tensor(op, "out_idx", out_idx, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
 }
 
+void check_adaptive_victims(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& hi,
+                            const at::Tensor& limit, const at::Tensor& out_entry) {
+  const char* op = "adaptive_victims";
+  check_tensor(op, "score", score, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Float});
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2);
+  const Like like{score, "score"};
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "hi", hi, "[1]", {1}, {ScalarType::Long}, like);
+  check_tensor(op, "limit", limit, "[B]", {B}, {ScalarType::Long}, like);
+  check_tensor(op, "out_entry", out_entry, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+}
+
 void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                    at::TensorList state, const at::Tensor& keep_idx) {
   const char* op = "compact";

@@ -46,6 +46,8 @@ void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out);
 
 void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& out_idx);
+void check_adaptive_victims(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& hi,
+                            const at::Tensor& limit, const at::Tensor& out_entry);
 
 void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                    at::TensorList state, const at::Tensor& keep_idx);

@@ -168,6 +168,15 @@ def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor)
     _impl("select_victim", score.device, reference.select_victim)(score, pos, lo, hi, out_idx)
 
 
+def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share: int, limit: Tensor,
+                     out_entry: Tensor) -> None:
+    """out_entry [B, n] = the entries (head C + slot) each row (a layer) of score, pos [B, H_kv, C] evicts
+    under adaptive allocation, lowest normalised score first, -1 for none (engine/reference.py has the
+    rule); hi [1] int64 and limit [B] int64 are read on the device, so a decode step stays capturable."""
+    _impl("adaptive_victims", score.device, reference.adaptive_victims)(score, pos, lo, hi, min_share, limit,
+                                                                        out_entry)
+
+
 def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
     """In place: slot keep_idx[b, g, i] moves to slot i in k, v, pos and every state tensor; the
     slots after the kept ones are emptied (pos -1, everything else 0)."""
@@ -320,6 +329,10 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::select_victim")
     def _select_victim_fake(score, pos, lo, hi, out_idx) -> None:
         reference.check_select_victim(score, pos, out_idx)
+
+    @torch.library.register_fake("engine::adaptive_victims")
+    def _adaptive_victims_fake(score, pos, lo, hi, min_share, limit, out_entry) -> None:
+        reference.check_adaptive_victims(score, pos, hi, limit, out_entry)
 
     @torch.library.register_fake("engine::compact")
     def _compact_fake(k, v, pos, state, keep_idx) -> None:

@@ -10,6 +10,7 @@ compiled and the reference path reject bad input with the same exception and the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -206,6 +207,17 @@ def check_select_victim(score: Tensor, pos: Tensor, out_idx: Tensor) -> None:
     like = (score, "score")
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "out_idx", out_idx, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+
+
+def check_adaptive_victims(score: Tensor, pos: Tensor, hi: Tensor, limit: Tensor, out_entry: Tensor) -> None:
+    op = "adaptive_victims"
+    _check_tensor(op, "score", score, "[B, H_kv, C]", [-1] * 3, [torch.float32])
+    B, Hkv, C = score.shape
+    like = (score, "score")
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "hi", hi, "[1]", [1], [torch.int64], like)
+    _check_tensor(op, "limit", limit, "[B]", [B], [torch.int64], like)
+    _check_tensor(op, "out_entry", out_entry, "[B, n]", [B, -1], [torch.int64], like)
 
 
 def check_compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
@@ -588,6 +600,33 @@ def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor)
     best = cand & (pos == first_pos)
     idx = best.int().argmax(-1)  # the first (lowest) slot among equals
     out_idx.copy_(torch.where(best.any(-1), idx, -1))
+
+
+def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share: int, limit: Tensor,
+                     out_entry: Tensor) -> None:
+    """out_entry[b, i] = the entry (head C + slot) that row b (a layer) evicts i-th, -1 for none: in rows
+    holding more than limit[b] valid entries (pos >= 0), the layer's lowest key taken n times over, where
+    an entry is eligible if max(lo, 0) <= pos <= hi[0] and its key score / total (the head's total: the sum
+    of its valid scores in fp64, rounded to fp32, 1 unless positive) is finite, and a head gives at most
+    its valid count - min_share. Ties to the lower entry. Reads no host value: graph-capturable."""
+    check_adaptive_victims(score, pos, hi, limit, out_entry)
+    B, Hkv, C = score.shape
+    valid = pos >= 0
+    counts = valid.sum(2)
+    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
+    key = score / torch.where(total > 0, total, 1.0)
+    ok = (pos >= max(lo, 0)) & (pos <= hi) & key.isfinite()
+    key = torch.where(ok, key, math.inf).view(B, Hkv * C)
+    room = counts - min_share
+    over = counts.sum(1) > limit
+    head = torch.arange(Hkv * C, device=score.device) // C
+    for i in range(out_entry.shape[1]):
+        left = torch.where(room[:, head] > 0, key, math.inf)
+        entry = left.argmin(1, keepdim=True)  # the first lowest
+        taken = (left.gather(1, entry) < math.inf) & over[:, None]
+        out_entry[:, i : i + 1] = torch.where(taken, entry, -1)
+        key.scatter_(1, entry, math.inf)
+        room.scatter_add_(1, entry // C, -taken.long())
 
 
 def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:

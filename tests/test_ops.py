@@ -426,6 +426,66 @@ def test_select_victim_large(device, path):
     assert torch.equal(out.cpu(), brute_victim(score, pos, 4, 900))
 
 
+def brute_adaptive(score, pos, lo, hi, min_share, limit, n):
+    """ops.adaptive_victims by loops: per row, the lowest (key, entry) taken n times over."""
+    B, Hkv, C = score.shape
+    out = torch.full((B, n), -1, dtype=torch.int64)
+    for b in range(B):
+        count = [int((pos[b, g] >= 0).sum()) for g in range(Hkv)]
+        if sum(count) <= limit[b]:
+            continue
+        cands = []
+        for g in range(Hkv):
+            total = torch.tensor(sum(float(score[b, g, s]) for s in range(C) if pos[b, g, s] >= 0)).float()
+            total = total if total > 0 else torch.tensor(1.0)
+            for s in range(C):
+                key = float(score[b, g, s] / total)
+                if max(lo, 0) <= pos[b, g, s] <= hi and math.isfinite(key):
+                    cands.append((key, g * C + s))
+        room = [c - min_share for c in count]
+        for i in range(n):
+            left = sorted(c for c in cands if room[c[1] // C] > 0)
+            if not left:
+                break
+            out[b, i] = left[0][1]
+            room[left[0][1] // C] -= 1
+            cands.remove(left[0])
+    return out
+
+
+@st.composite
+def adaptive_inputs(draw):
+    score, pos, lo, hi = draw(victim_inputs())
+    B, Hkv, C = score.shape
+    limit = torch.tensor(draw(st.lists(st.integers(0, Hkv * C), min_size=B, max_size=B)), dtype=torch.int64)
+    return score, pos, lo, hi, draw(st.integers(0, 4)), limit, draw(st.integers(0, 5))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(inputs=adaptive_inputs())
+def test_adaptive_victims(path, inputs):
+    score, pos, lo, hi, min_share, limit, n = inputs
+    out = torch.full((score.shape[0], n), 99, dtype=torch.int64)
+    with on_path(path, "adaptive_victims", "cpu"):
+        ops.adaptive_victims(score, pos, lo, torch.tensor([hi]), min_share, limit, out)
+    assert torch.equal(out, brute_adaptive(score, pos, lo, hi, min_share, limit, n))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_adaptive_victims_large(device, path):
+    g = gen(9)
+    score = torch.randint(0, 50, (5, 3, 300), generator=g).float()  # many ties, exact totals
+    pos = positions(5, 3, 300, "holes", g)
+    limit = torch.tensor([0, 400, 500, 540, 10**6])
+    out = torch.full((5, 7), 99, dtype=torch.int64, device=device)
+    with on_path(path, "adaptive_victims", device):
+        ops.adaptive_victims(score.to(device), pos.to(device), 4, torch.tensor([900], device=device), 150,
+                             limit.to(device), out)
+    assert torch.equal(out.cpu(), brute_adaptive(score, pos, 4, 900, 150, limit, 7))
+
+
 @st.composite
 def compact_inputs(draw):
     B, Hkv, C = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 10))

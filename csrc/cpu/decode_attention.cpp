@@ -293,6 +293,12 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
   const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
   const float* bias = c.p.bias ? c.p.bias + bg * C : nullptr;
   float* rows = c.head_rows(bg);
+  // The empty slots after the piece's last valid one (a pooled head's unused tail, up to half its list
+  // under adaptive allocation) get their probability 0 here and no pass below: the same bits, since an
+  // empty slot adds nothing to the max, the sum or the output.
+  const int64_t piece_end = s1;
+  while (s1 > s0 && pos[s1 - 1] < 0) --s1;
+  for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + s1, rows + h * c.stride + piece_end, 0.f);
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
   float* rotated = qbuf + G * D;  // [8, D]
 

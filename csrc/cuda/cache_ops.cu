@@ -99,6 +99,96 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// adaptive_victims: a block per layer row; per head a count and a total, then n block-wide picks
+// ---------------------------------------------------------------------------------------------
+
+struct Pick {
+  float key;
+  int64_t entry;  // head C + slot, -1: none
+};
+
+// Is a picked before b? The lower key, then the lower entry (the CPU kernel's order).
+__device__ __forceinline__ bool before(const Pick& a, const Pick& b) {
+  if (a.entry < 0 || b.entry < 0) return b.entry < 0 && a.entry >= 0;
+  return a.key != b.key ? a.key < b.key : a.entry < b.entry;
+}
+
+__device__ __forceinline__ Pick warp_pick(Pick c) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const Pick other{__shfl_xor_sync(kFullMask, c.key, o), __shfl_xor_sync(kFullMask, c.entry, o)};
+    if (before(other, c)) c = other;
+  }
+  return c;
+}
+
+// total and room: Hkv each, in dynamic shared memory.
+__global__ void __launch_bounds__(kThreads)
+    adaptive_victims_kernel(const float* __restrict__ score, const int32_t* __restrict__ pos, int64_t lo,
+                            const int64_t* __restrict__ hi, int64_t min_share, const int64_t* __restrict__ limit,
+                            int64_t* __restrict__ out, int64_t Hkv, int64_t C, int64_t n) {
+  extern __shared__ int64_t shared[];
+  int64_t* room = shared;
+  float* total = reinterpret_cast<float*>(shared + Hkv);
+  __shared__ double warp_sum[kThreads / 32];
+  __shared__ int64_t warp_count[kThreads / 32];
+  __shared__ Pick warp_best[kThreads / 32];
+  __shared__ int64_t held;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* sr = score + blockIdx.x * Hkv * C;
+  const int32_t* pr = pos + blockIdx.x * Hkv * C;
+  int64_t* ob = out + blockIdx.x * n;
+  if (threadIdx.x == 0) held = 0;
+  for (int64_t g = 0; g < Hkv; ++g) {
+    double s = 0.0;
+    int64_t c = 0;
+    for (int64_t i = threadIdx.x; i < C; i += kThreads) {
+      if (pr[g * C + i] >= 0) s += sr[g * C + i], ++c;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      s += __shfl_xor_sync(kFullMask, s, o);
+      c += __shfl_xor_sync(kFullMask, c, o);
+    }
+    if (lane == 0) warp_sum[warp] = s, warp_count[warp] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0.0;
+      int64_t count = 0;
+      for (int w = 0; w < kThreads / 32; ++w) sum += warp_sum[w], count += warp_count[w];
+      const float t = static_cast<float>(sum);
+      total[g] = t > 0.f ? t : 1.f;
+      room[g] = count - min_share;
+      held += count;
+    }
+    __syncthreads();
+  }
+  const bool over = held > limit[blockIdx.x];
+  const int64_t top = hi[0], first = lo > 0 ? lo : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Pick best{0.f, -1};
+    for (int64_t e = threadIdx.x; over && e < Hkv * C; e += kThreads) {
+      const int64_t g = e / C;
+      if (pr[e] < first || pr[e] > top || room[g] <= 0) continue;
+      const float x = sr[e] / total[g];
+      bool taken = !isfinite(x);
+      for (int64_t j = 0; j < i; ++j) taken |= ob[j] == e;
+      const Pick c{x, e};
+      if (!taken && before(c, best)) best = c;
+    }
+    best = warp_pick(best);
+    if (lane == 0) warp_best[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kThreads / 32; ++w) {
+        if (before(warp_best[w], best)) best = warp_best[w];
+      }
+      ob[i] = best.entry;
+      if (best.entry >= 0) --room[best.entry / C];
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // compact: check the kept slots, gather them into a scratch copy, write it back to the front
 // ---------------------------------------------------------------------------------------------
 
@@ -226,6 +316,19 @@ void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t 
   select_victim_kernel<<<static_cast<unsigned>(rows), kThreads, 0, cuda::current_stream()>>>(
       score.const_data_ptr<float>(), pos.const_data_ptr<int32_t>(), lo, hi,
       out_idx.mutable_data_ptr<int64_t>(), C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void adaptive_victims_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                           int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry) {
+  check_adaptive_victims(score, pos, hi, limit, out_entry);
+  const auto guard = cuda::on_device("adaptive_victims", score);
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2), n = out_entry.size(1);
+  if (B * n == 0) return;
+  const size_t shared = static_cast<size_t>(Hkv) * (sizeof(int64_t) + sizeof(float));
+  adaptive_victims_kernel<<<static_cast<unsigned>(B), kThreads, shared, cuda::current_stream()>>>(
+      score.const_data_ptr<float>(), pos.const_data_ptr<int32_t>(), lo, hi.const_data_ptr<int64_t>(), min_share,
+      limit.const_data_ptr<int64_t>(), out_entry.mutable_data_ptr<int64_t>(), Hkv, C, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -39,6 +39,9 @@ void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out);
 void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
                         at::Tensor& out_idx);
 
+void adaptive_victims_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                           int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry);
+
 void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                   const at::Tensor& keep_idx);
 

@@ -49,6 +49,7 @@ class DecodeView:
     probs: torch.Tensor | None  # (B, H, C) this step's softmax row, when the policy asks for it
     rope: Rope | None = None  # positions="cache": the tables attention rotated the stored keys with
     tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
+    merges: torch.Tensor | None = None  # (1,) int64: a merging policy adds the merges it made (None: not counted)
 
     @functools.cached_property
     def k(self) -> torch.Tensor:
@@ -71,3 +72,4 @@ class PrefillView:
     budget: int = 0  # entries the store keeps after this chunk (0: the store did not say)
     tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
     rope: Rope | None = None  # positions="cache": the tables `k` was rotated with (layer.rank: each entry's row)
+    merges: torch.Tensor | None = None  # (1,) int64: a merging policy adds the merges it made (None: not counted)

@@ -82,6 +82,12 @@ class AverageAttentionMerge(Policy):
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
         self.merge(view, self.average(view.layer.state), view.layer.pos, victim)
 
+    @staticmethod
+    def count(view: DecodeView | PrefillView, merged: torch.Tensor) -> None:
+        """Add the heads that merged (merged: (B, Hkv) bool) to the store's merge counter."""
+        if view.merges is not None:
+            view.merges += merged.sum()
+
 
 @dataclass
 class WeightedKV(AverageAttentionMerge):
@@ -127,4 +133,5 @@ class WeightedKV(AverageAttentionMerge):
         w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
         weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
         ops.merge_value(v, w, victim, rcv, weight)
+        self.count(view, (victim >= 0) & (rcv >= 0))
 
