@@ -296,11 +296,21 @@ void check_compact_indices(const at::Tensor& keep_idx, int64_t C) {
 }
 
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
-                       const at::Tensor& receiver, const at::Tensor& weight) {
+                       const at::Tensor& receiver, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& slot_index) {
   const char* op = "merge_value";
-  check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
-  const int64_t B = v.size(0), Hkv = v.size(1), C = v.size(2);
   const Like like{v, "v"};
+  int64_t B, Hkv, C;
+  if (slot_index) {  // v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+    check_tensor(op, "v", v, "[P, R, D]", {-1, -1, -1}, kFloats);
+    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
+    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
+    TORCH_CHECK_VALUE(v.size(0) > 0 && B % v.size(0) == 0, op, ": slot_index's B=", B,
+                      " must be a multiple of the pool's P=", v.size(0));
+  } else {
+    check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+    B = v.size(0), Hkv = v.size(1), C = v.size(2);
+  }
   check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
   check_tensor(op, "receiver", receiver, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);

@@ -55,7 +55,8 @@ void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& p
 void check_compact_indices(const at::Tensor& keep_idx, int64_t C);
 
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
-                       const at::Tensor& receiver, const at::Tensor& weight);
+                       const at::Tensor& receiver, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& slot_index);
 // victim and receiver must hold slots in [-1, C).
 void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
 

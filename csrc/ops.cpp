@@ -41,8 +41,8 @@ TORCH_LIBRARY(engine, m) {
       "compact(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!)[] state, Tensor keep_idx) "
       "-> ()");
   m.def(
-      "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight) "
-      "-> ()");
+      "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight, "
+      "Tensor? slot_index=None) -> ()");
   // F.linear of x, RMSNorm(x) or silu(x[..., :K]) * x[..., K:]; reference in engine/ops.py
   m.def(
       "matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, float eps=0., "

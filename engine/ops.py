@@ -183,10 +183,13 @@ def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx
     _impl("compact", k.device, reference.compact)(k, v, pos, list(state), keep_idx)
 
 
-def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
+                slot_index: Tensor | None = None) -> None:
     """In place, per head: v[receiver] = (w v[receiver] + weight v[victim]) / (w + weight) and
-    w[receiver] += weight (victim or receiver -1: skip the head)."""
-    _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
+    w[receiver] += weight (victim or receiver -1: skip the head). slot_index [B, H_kv, C] int32: v is a
+    pool [P, R, D] (B a multiple of P) and slot s of (b, g) is row slot_index[b, g, s] of pool batch b % P
+    (a pooled store's rows, read and written in place: no per-head copy)."""
+    _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight, slot_index)
 
 
 def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
@@ -339,8 +342,8 @@ if HAVE_EXTENSION:
         reference.check_compact(k, v, pos, state, keep_idx)
 
     @torch.library.register_fake("engine::merge_value")
-    def _merge_value_fake(v, w, victim, receiver, weight) -> None:
-        reference.check_merge_value(v, w, victim, receiver, weight)
+    def _merge_value_fake(v, w, victim, receiver, weight, slot_index=None) -> None:
+        reference.check_merge_value(v, w, victim, receiver, weight, slot_index)
 
     @torch.library.register_fake("engine::matvec")
     def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:

@@ -262,6 +262,9 @@ def opcheck_cases():
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
     yield "merge_value", (v.clone(), torch.rand(B, Hkv, C, generator=g), torch.tensor([[0, 1, -1]] * B),
                           torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
+    yield "merge_value", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g),
+                          torch.tensor([[0, 1, -1]] * B), torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g),
+                          index)
 
 
 def packed_twin(model: Transformer, qtypes: dict[str, int],

@@ -555,6 +555,37 @@ def test_merge_value(path, dtype, inputs):
     assert_within(got, rows64, rows_pt.to(dtype), "merged rows")
 
 
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(inputs=merge_inputs(), layers=st.integers(1, 3))
+def test_merge_value_in_a_pool(path, dtype, inputs, layers):
+    """With slot_index the slots' rows live in a pool [P, R, D] (B = layers P rows of slots, row b in pool
+    batch b % P, spare rows around them): the same bits as the merge over per-head rows, every other pool
+    row untouched."""
+    w, victim, receiver, weight = inputs
+    B, Hkv, C = w.shape
+    g = gen(10)
+    dense = randn((B, Hkv, C, 16), dtype, "cpu", g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C  # the rows each pool batch holds
+    R = per + 5  # and spare ones
+    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])  # (P, per)
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    pool = randn((P, R, 16), dtype, "cpu", g)
+    batch = torch.arange(B) % P
+    pool[batch[:, None, None], slot_index.long()] = dense
+    pool0, w_dense = pool.clone(), w.clone()
+    ref.merge_value(dense, w_dense, victim, receiver, weight)
+    with on_path(path, "merge_value", "cpu"):
+        ops.merge_value(pool, w, victim, receiver, weight, slot_index=slot_index)
+    assert torch.equal(w, w_dense)
+    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
+    used = torch.zeros(P, R, dtype=torch.bool)
+    used[batch[:, None, None], slot_index.long()] = True
+    assert torch.equal(pool[~used], pool0[~used])
 # ---------------------------------------------------------------------------------------------
 # opcheck: schemas, fake impls, autograd registration, AOT dispatch
 # ---------------------------------------------------------------------------------------------

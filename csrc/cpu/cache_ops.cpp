@@ -212,23 +212,34 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
 }
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                     const at::Tensor& receiver, const at::Tensor& weight) {
-  check_merge_value(v, w, victim, receiver, weight);
-  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+                     const at::Tensor& receiver, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& slot_index) {
+  check_merge_value(v, w, victim, receiver, weight, slot_index);
+  const int64_t Hkv = w.size(1), rows = w.size(0) * Hkv, C = w.size(2), D = v.size(-1);
   check_merge_indices(victim, receiver, C);
   const int64_t* vic = victim.const_data_ptr<int64_t>();
   const int64_t* rec = receiver.const_data_ptr<int64_t>();
   const float* wt = weight.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
+  const int32_t* index = slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr;
+  const int64_t P = v.size(0), R = slot_index ? v.size(1) : 0;
+  // The row of slot s of (batch, KV head) row r: its own, or the pool row the slot names.
+  auto row_of = [&](int64_t r, int64_t s) {
+    if (!index) return r * C + s;
+    const int64_t x = index[r * C + s];
+    TORCH_CHECK_INDEX(x >= 0 && x < R, "merge_value: slot_index must hold pool rows in [0, R) = [0, ", R,
+                      ") on the merged slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
+    return (r / Hkv % P) * R + x;
+  };
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> xr(D), xj(D), res(D);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = vic[r], m = rec[r];
       if (j < 0 || m < 0) continue;
-      scalar_t* vr = vp + (r * C + m) * D;
+      scalar_t* vr = vp + row_of(r, m) * D;
       const float* a = as_float(vr, xr.data(), D);
-      const float* b = as_float(vp + (r * C + j) * D, xj.data(), D);
+      const float* b = as_float(vp + row_of(r, j) * D, xj.data(), D);
       const float w_old = wp[r * C + m], add = wt[r], total = w_old + add;
       for (int64_t i = 0; i < D; ++i) {
         // Plain mean when both weights are 0 (the formula would divide 0 by 0).

@@ -61,7 +61,8 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
                  const at::Tensor& keep_idx);
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                     const at::Tensor& receiver, const at::Tensor& weight);
+                     const at::Tensor& receiver, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& slot_index);
 
 // out[..., N] (+)= h[..., K] @ w[N, K]^T, all in w's dtype, fp32 accumulation (decode: few rows), where
 // h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.

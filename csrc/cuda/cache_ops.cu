@@ -272,7 +272,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     merge_value_kernel(T* __restrict__ v, float* __restrict__ w, const int64_t* __restrict__ victim,
                        const int64_t* __restrict__ receiver, const float* __restrict__ weight,
-                       int64_t rows, int64_t C, int64_t D) {
+                       const int32_t* __restrict__ index, int64_t rows, int64_t Hkv, int64_t C, int64_t D,
+                       int64_t P, int64_t R) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;  // the whole warp
@@ -280,8 +281,16 @@ __global__ void __launch_bounds__(kThreads)
   CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "merge_value: victim must hold slot indices in [-1, C)");
   CUDA_KERNEL_ASSERT_MSG(m >= -1 && m < C, "merge_value: receiver must hold slot indices in [-1, C)");
   if (j < 0 || m < 0) return;
-  T* vr = v + (r * C + m) * D;
-  const T* vj = v + (r * C + j) * D;
+  int64_t row_m = r * C + m, row_j = r * C + j;
+  if (index) {  // pool rows: row b of the slots reads pool batch b % P
+    const int64_t xm = index[r * C + m], xj = index[r * C + j];
+    CUDA_KERNEL_ASSERT_MSG(xm >= 0 && xm < R && xj >= 0 && xj < R,
+                           "merge_value: slot_index must hold pool rows in [0, R) on the merged slots");
+    row_m = (r / Hkv % P) * R + xm;
+    row_j = (r / Hkv % P) * R + xj;
+  }
+  T* vr = v + row_m * D;
+  const T* vj = v + row_j * D;
   const float w_old = w[r * C + m], add = weight[r], total = w_old + add;
   for (int64_t d = lane; d < D; d += 32) {
     const float a = static_cast<float>(vr[d]), b = static_cast<float>(vj[d]);
@@ -355,16 +364,19 @@ void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList 
 }
 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                      const at::Tensor& receiver, const at::Tensor& weight) {
-  check_merge_value(v, w, victim, receiver, weight);
+                      const at::Tensor& receiver, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& slot_index) {
+  check_merge_value(v, w, victim, receiver, weight, slot_index);
   const auto guard = cuda::on_device("merge_value", v);
-  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+  const int64_t Hkv = w.size(1), rows = w.size(0) * Hkv, C = w.size(2), D = v.size(-1);
   if (rows == 0) return;
   const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(rows, kRowsPerBlock));
   ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     merge_value_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
         v.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<float>(), victim.const_data_ptr<int64_t>(),
-        receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(), rows, C, D);
+        receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(),
+        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, rows, Hkv, C, D, v.size(0),
+        slot_index ? v.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -46,7 +46,8 @@ void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList 
                   const at::Tensor& keep_idx);
 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                      const at::Tensor& receiver, const at::Tensor& weight);
+                      const at::Tensor& receiver, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& slot_index);
 
 // matvec with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
 // decoded in registers; x, norm and out one of fp32, bf16, fp16; sums in fp32.

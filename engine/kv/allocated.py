@@ -243,8 +243,14 @@ class AllocatedKVStore(KVStore):
 
     # ---- eviction ------------------------------------------------------------------------------
     def _policy_layer(self, st: LayerState) -> LayerState:
-        """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them."""
-        return self._gathered(st) if self.pooled and self.policy.reads_kv else st
+        """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them, or
+        the pool itself for one that reaches values through merge_value's slot_index (no copies)."""
+        if not (self.pooled and self.policy.reads_kv):
+            return st
+        if self.policy.pooled_values():
+            return LayerState(k=self.pool_k, v=self.pool_v, pos=st.pos, state=st.state, rank=st.rank, free=st.free,
+                              extra=st.extra, quota=st.quota, index=st.index)
+        return self._gathered(st)
 
     def _gathered(self, st: LayerState) -> LayerState:
         """st with k and v (rows, Hkv, C, D): copies of its slots' pool rows (rows stack layers, B each)."""
@@ -342,8 +348,9 @@ class AllocatedKVStore(KVStore):
 
     def _write_back(self, st: LayerState) -> None:
         """Copy the gathered value rows a merge policy changed (and the key rows, for one that merges keys)
-        back to their pool rows (valid slots only; the others go to the scratch row). Nothing without a pool."""
-        if not self.pooled:
+        back to their pool rows (valid slots only; the others go to the scratch row). Nothing without a pool,
+        or where the policy merged in the pool itself."""
+        if not self.pooled or self.policy.pooled_values():
             return
         where = self._pool_index(st, st.index.long().masked_fill(st.pos < 0, self.scratch))
         self.pool_v[where] = st.v

@@ -28,6 +28,7 @@ class LayerState:
     # on average (B, 1, 1) int64, and with a pooled layout each slot's pool row (B, Hkv, C) int32 (k and v
     # then hold the slots' rows gathered per head, a copy made for a policy that reads them)
     quota: torch.Tensor | None = None
+    # (for a policy whose pooled_values() holds, k and v are the pool [P, R, D] itself, row b at pool batch b % P)
     index: torch.Tensor | None = None
 
     def rows(self, lo: int, hi: int) -> "LayerState":

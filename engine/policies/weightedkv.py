@@ -101,6 +101,9 @@ class WeightedKV(AverageAttentionMerge):
             raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         super().__post_init__()
 
+    def pooled_values(self) -> bool:
+        return self.receiver != "nearest_key"  # the others read positions only; the merge is merge_value's
+
     def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
         """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
         rcv = self._receivers(k, pos, victim.clamp(min=0))
@@ -132,6 +135,7 @@ class WeightedKV(AverageAttentionMerge):
         first = (rcv[..., None] >= 0) & (w_r == 0)
         w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
         weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
-        ops.merge_value(v, w, victim, rcv, weight)
+        pool = v.dim() == 3  # a pooled store's rows themselves (Policy.pooled_values)
+        ops.merge_value(v, w, victim, rcv, weight, slot_index=layer.index if pool else None)
         self.count(view, (victim >= 0) & (rcv >= 0))
 
