@@ -75,6 +75,7 @@ class AllocatedKVStore(KVStore):
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
         self.held = torch.zeros(L * B, 1, dtype=torch.long, device=device)  # valid entries (= rows used) per layer row
         self.head_offsets = torch.arange(Hkv, device=device)
+        self.first_rows = self.row0 + self.head_offsets  # (L B, Hkv): the rows a layer's heads take next while it fills
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
 
@@ -98,12 +99,12 @@ class AllocatedKVStore(KVStore):
         counting every slot again; otherwise they are counted."""
         if not self.pooled:
             return
+        reused = self.freed >= 0
         if stepped:
-            self.held += self.freed.shape[1] - (self.freed >= 0).sum(1, keepdim=True)
+            self.held += self.freed.shape[1] - reused.sum(1, keepdim=True)
         else:
             self.held.copy_(self.counts().sum(1, keepdim=True))
-        fresh = self.row0 + self.held + self.head_offsets
-        self.all.free.copy_(torch.where(self.freed >= 0, self.freed, fresh))
+        torch.where(reused, self.freed, self.first_rows + self.held, out=self.all.free)
         self.freed.fill_(-1)
 
     def reset(self) -> None:
@@ -328,7 +329,7 @@ class AllocatedKVStore(KVStore):
     def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
         (no policy post-processing; an entry listed twice must be taken both times or neither). Returns the
-        pool rows freed (B, n) int64, -1 where nothing was (or no pool). Reads and writes only those entries."""
+        pool rows freed (B, n), -1 where nothing was (or no pool). Reads and writes only those entries."""
         B = st.pos.shape[0]
         for t, empty in ((st.pos, -1), *((s, 0.0) for s in st.state.values())):
             t = t.view(B, -1)
@@ -338,7 +339,7 @@ class AllocatedKVStore(KVStore):
         index = st.index.view(B, -1)
         row = index.gather(1, flat)
         index.scatter_(1, flat, torch.where(taken, self.scratch, row))
-        return torch.where(taken, row.long(), -1)
+        return torch.where(taken, row, -1)
 
     def _rows_of(self, st: LayerState) -> slice:
         """Which rows of the all-layer state st holds (all of them, or one layer's)."""
