@@ -305,6 +305,12 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
   const int64_t piece_end = s1;
   s1 = s0 + valid_end(pos + s0, s1 - s0);
   for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + s1, rows + h * c.stride + piece_end, 0.f);
+  if (kb.index) {  // scattered pool rows, which the hardware prefetcher cannot follow: the first ones too
+    for (int64_t r = s0; r < std::min(s0 + kPrefetchRows, s1); r += 8) {
+      prefetch_rows(kb, r, s1);
+      prefetch_rows(vb, r, s1);
+    }
+  }
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
   float* rotated = qbuf + G * D;  // [8, D]
 
