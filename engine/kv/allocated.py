@@ -277,17 +277,22 @@ class AllocatedKVStore(KVStore):
             ops.adaptive_victims(score.float().contiguous(), pos, p.sinks, self.clock[:1] - p.recent, self.floor,
                                  self.limit[rows], entry)
             taken = entry >= 0  # the picks come first, then -1s
+            C = pos.shape[2]
             if not p.merges_values:
                 # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
                 flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
-                freed.copy_(torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1))
-                return
-            C, some = pos.shape[2], entry.clamp(min=0)
-            for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
-                head, slot = some[:, i : i + 1] // C, some[:, i : i + 1] % C
-                victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
-                freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
-            self._write_back(view.layer)
+                rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
+            else:
+                rows_freed, some = torch.empty_like(freed), entry.clamp(min=0)
+                for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
+                    head, slot = some[:, i : i + 1] // C, some[:, i : i + 1] % C
+                    victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
+                    rows_freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
+                self._write_back(view.layer)
+            # the freed rows in the order of the heads that gave them (head g's token takes the g-th): a head
+            # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
+            order = torch.where(taken, entry // C, Hkv).argsort(dim=1, stable=True)
+            freed.copy_(rows_freed.gather(1, order))
             return
         valid = pos >= 0
         evictable = pos >= p.sinks  # valid too: sinks >= 0
