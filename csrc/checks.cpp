@@ -248,6 +248,18 @@ void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const a
   check_tensor(op, "out_idx", out_idx, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
 }
 
+void check_adaptive_victims(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& hi,
+                            const at::Tensor& limit, const at::Tensor& out_entry) {
+  const char* op = "adaptive_victims";
+  check_tensor(op, "score", score, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Float});
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2);
+  const Like like{score, "score"};
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "hi", hi, "[1]", {1}, {ScalarType::Long}, like);
+  check_tensor(op, "limit", limit, "[B]", {B}, {ScalarType::Long}, like);
+  check_tensor(op, "out_entry", out_entry, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+}
+
 void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                    at::TensorList state, const at::Tensor& keep_idx) {
   const char* op = "compact";
@@ -284,11 +296,21 @@ void check_compact_indices(const at::Tensor& keep_idx, int64_t C) {
 }
 
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
-                       const at::Tensor& receiver, const at::Tensor& weight) {
+                       const at::Tensor& receiver, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& slot_index) {
   const char* op = "merge_value";
-  check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
-  const int64_t B = v.size(0), Hkv = v.size(1), C = v.size(2);
   const Like like{v, "v"};
+  int64_t B, Hkv, C;
+  if (slot_index) {  // v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+    check_tensor(op, "v", v, "[P, R, D]", {-1, -1, -1}, kFloats);
+    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
+    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
+    TORCH_CHECK_VALUE(v.size(0) > 0 && B % v.size(0) == 0, op, ": slot_index's B=", B,
+                      " must be a multiple of the pool's P=", v.size(0));
+  } else {
+    check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+    B = v.size(0), Hkv = v.size(1), C = v.size(2);
+  }
   check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
   check_tensor(op, "receiver", receiver, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);

@@ -46,6 +46,8 @@ void check_prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 void check_value_norm(const at::Tensor& v, int64_t kind, const at::Tensor& out);
 
 void check_select_victim(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& out_idx);
+void check_adaptive_victims(const at::Tensor& score, const at::Tensor& pos, const at::Tensor& hi,
+                            const at::Tensor& limit, const at::Tensor& out_entry);
 
 void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                    at::TensorList state, const at::Tensor& keep_idx);
@@ -53,7 +55,8 @@ void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& p
 void check_compact_indices(const at::Tensor& keep_idx, int64_t C);
 
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
-                       const at::Tensor& receiver, const at::Tensor& weight);
+                       const at::Tensor& receiver, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& slot_index);
 // victim and receiver must hold slots in [-1, C).
 void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
 

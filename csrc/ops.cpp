@@ -33,12 +33,16 @@ TORCH_LIBRARY(engine, m) {
       "Tensor?[] rope_rank) -> ()");
   m.def("value_norm(Tensor v, int kind, Tensor(a!) out) -> ()");
   m.def("select_victim(Tensor score, Tensor pos, int lo, int hi, Tensor(a!) out_idx) -> ()");
+  // the n entries a layer row evicts under adaptive allocation (engine/kv/allocation.py)
+  m.def(
+      "adaptive_victims(Tensor score, Tensor pos, int lo, Tensor hi, int min_share, Tensor limit, "
+      "Tensor(a!) out_entry) -> ()");
   m.def(
       "compact(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!)[] state, Tensor keep_idx) "
       "-> ()");
   m.def(
-      "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight) "
-      "-> ()");
+      "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight, "
+      "Tensor? slot_index=None) -> ()");
   // F.linear of x, RMSNorm(x) or silu(x[..., :K]) * x[..., K:]; reference in engine/ops.py
   m.def(
       "matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, float eps=0., "
@@ -113,6 +117,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "decode_layers", &decode_layers_cpu_list);
   bind_cpu(cpu, "value_norm", &engine::value_norm_cpu);
   bind_cpu(cpu, "select_victim", &engine::select_victim_cpu);
+  bind_cpu(cpu, "adaptive_victims", &engine::adaptive_victims_cpu);
   bind_cpu(cpu, "compact", &compact_cpu_list);
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);

@@ -168,16 +168,28 @@ def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor)
     _impl("select_victim", score.device, reference.select_victim)(score, pos, lo, hi, out_idx)
 
 
+def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share: int, limit: Tensor,
+                     out_entry: Tensor) -> None:
+    """out_entry [B, n] = the entries (head C + slot) each row (a layer) of score, pos [B, H_kv, C] evicts
+    under adaptive allocation, lowest normalised score first, -1 for none (engine/reference.py has the
+    rule); hi [1] int64 and limit [B] int64 are read on the device, so a decode step stays capturable."""
+    _impl("adaptive_victims", score.device, reference.adaptive_victims)(score, pos, lo, hi, min_share, limit,
+                                                                        out_entry)
+
+
 def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
     """In place: slot keep_idx[b, g, i] moves to slot i in k, v, pos and every state tensor; the
     slots after the kept ones are emptied (pos -1, everything else 0)."""
     _impl("compact", k.device, reference.compact)(k, v, pos, list(state), keep_idx)
 
 
-def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
+                slot_index: Tensor | None = None) -> None:
     """In place, per head: v[receiver] = (w v[receiver] + weight v[victim]) / (w + weight) and
-    w[receiver] += weight (victim or receiver -1: skip the head)."""
-    _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight)
+    w[receiver] += weight (victim or receiver -1: skip the head). slot_index [B, H_kv, C] int32: v is a
+    pool [P, R, D] (B a multiple of P) and slot s of (b, g) is row slot_index[b, g, s] of pool batch b % P
+    (a pooled store's rows, read and written in place: no per-head copy)."""
+    _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight, slot_index)
 
 
 def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
@@ -321,13 +333,17 @@ if HAVE_EXTENSION:
     def _select_victim_fake(score, pos, lo, hi, out_idx) -> None:
         reference.check_select_victim(score, pos, out_idx)
 
+    @torch.library.register_fake("engine::adaptive_victims")
+    def _adaptive_victims_fake(score, pos, lo, hi, min_share, limit, out_entry) -> None:
+        reference.check_adaptive_victims(score, pos, hi, limit, out_entry)
+
     @torch.library.register_fake("engine::compact")
     def _compact_fake(k, v, pos, state, keep_idx) -> None:
         reference.check_compact(k, v, pos, state, keep_idx)
 
     @torch.library.register_fake("engine::merge_value")
-    def _merge_value_fake(v, w, victim, receiver, weight) -> None:
-        reference.check_merge_value(v, w, victim, receiver, weight)
+    def _merge_value_fake(v, w, victim, receiver, weight, slot_index=None) -> None:
+        reference.check_merge_value(v, w, victim, receiver, weight, slot_index)
 
     @torch.library.register_fake("engine::matvec")
     def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:

@@ -10,6 +10,7 @@ compiled and the reference path reject bad input with the same exception and the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -208,6 +209,17 @@ def check_select_victim(score: Tensor, pos: Tensor, out_idx: Tensor) -> None:
     _check_tensor(op, "out_idx", out_idx, "[B, H_kv]", [B, Hkv], [torch.int64], like)
 
 
+def check_adaptive_victims(score: Tensor, pos: Tensor, hi: Tensor, limit: Tensor, out_entry: Tensor) -> None:
+    op = "adaptive_victims"
+    _check_tensor(op, "score", score, "[B, H_kv, C]", [-1] * 3, [torch.float32])
+    B, Hkv, C = score.shape
+    like = (score, "score")
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "hi", hi, "[1]", [1], [torch.int64], like)
+    _check_tensor(op, "limit", limit, "[B]", [B], [torch.int64], like)
+    _check_tensor(op, "out_entry", out_entry, "[B, n]", [B, -1], [torch.int64], like)
+
+
 def check_compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
     op, cache = "compact", "[B, H_kv, C, D]"
     _check_tensor(op, "k", k, cache, [-1] * 4, FLOATS)
@@ -240,11 +252,19 @@ def check_compact_indices(keep_idx: Tensor, C: int) -> None:
                          f"got {int(keep_idx[where])} at {list(where)}")
 
 
-def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
+                      slot_index: Tensor | None = None) -> None:
     op = "merge_value"
-    _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
-    B, Hkv, C, _ = v.shape
     like = (v, "v")
+    if slot_index is not None:  # v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+        _check_tensor(op, "v", v, "[P, R, D]", [-1] * 3, FLOATS)
+        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
+        B, Hkv, C = slot_index.shape
+        if v.shape[0] == 0 or B % v.shape[0]:
+            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={v.shape[0]}")
+    else:
+        _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+        B, Hkv, C, _ = v.shape
     _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "victim", victim, "[B, H_kv]", [B, Hkv], [torch.int64], like)
     _check_tensor(op, "receiver", receiver, "[B, H_kv]", [B, Hkv], [torch.int64], like)
@@ -448,10 +468,15 @@ def merged_rows(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     b, g = torch.nonzero((victim >= 0) & (receiver >= 0), as_tuple=True)
     r, j = receiver[b, g], victim[b, g]
     x, y = v[b, g, r].to(dtype), v[b, g, j].to(dtype)
-    w_old, add = w[b, g, r].to(dtype), weight[b, g].to(dtype)
+    return (b, g, r), *_merged(x, y, w[b, g, r], weight[b, g], dtype)
+
+
+def _merged(x: Tensor, y: Tensor, w_old: Tensor, add: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Receiver rows x and victim rows y [n, D] merged with weights w_old and add [n], in `dtype`."""
+    x, y, w_old, add = x.to(dtype), y.to(dtype), w_old.to(dtype), add.to(dtype)
     total = w_old + add
     weighted = (w_old[:, None] * x + add[:, None] * y) / total[:, None]
-    return (b, g, r), torch.where(total[:, None] == 0, (x + y) / 2, weighted), total
+    return torch.where(total[:, None] == 0, (x + y) / 2, weighted), total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +615,33 @@ def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor)
     out_idx.copy_(torch.where(best.any(-1), idx, -1))
 
 
+def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share: int, limit: Tensor,
+                     out_entry: Tensor) -> None:
+    """out_entry[b, i] = the entry (head C + slot) that row b (a layer) evicts i-th, -1 for none: in rows
+    holding more than limit[b] valid entries (pos >= 0), the layer's lowest key taken n times over, where
+    an entry is eligible if max(lo, 0) <= pos <= hi[0] and its key score / total (the head's total: the sum
+    of its valid scores in fp64, rounded to fp32, 1 unless positive) is finite, and a head gives at most
+    its valid count - min_share. Ties to the lower entry. Reads no host value: graph-capturable."""
+    check_adaptive_victims(score, pos, hi, limit, out_entry)
+    B, Hkv, C = score.shape
+    valid = pos >= 0
+    counts = valid.sum(2)
+    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
+    key = score / torch.where(total > 0, total, 1.0)
+    ok = (pos >= max(lo, 0)) & (pos <= hi) & key.isfinite()
+    key = torch.where(ok, key, math.inf).view(B, Hkv * C)
+    room = counts - min_share
+    over = counts.sum(1) > limit
+    head = torch.arange(Hkv * C, device=score.device) // C
+    for i in range(out_entry.shape[1]):
+        left = torch.where(room[:, head] > 0, key, math.inf)
+        entry = left.argmin(1, keepdim=True)  # the first lowest
+        taken = (left.gather(1, entry) < math.inf) & over[:, None]
+        out_entry[:, i : i + 1] = torch.where(taken, entry, -1)
+        key.scatter_(1, entry, math.inf)
+        room.scatter_add_(1, entry // C, -taken.long())
+
+
 def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx: Tensor) -> None:
     """In place: slot keep_idx[b, g, i] moves to slot i; slots K.. become empty (pos -1, rest 0)."""
     check_compact(k, v, pos, state, keep_idx)
@@ -602,14 +654,31 @@ def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx
         t[:, :, K:] = empty
 
 
-def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor) -> None:
+def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
+                slot_index: Tensor | None = None) -> None:
     """WeightedKV merge, in place, in fp32: v[r] = (w[r] v[r] + weight v[j]) / (w[r] + weight) (the
-    plain mean if that sum is 0) and w[r] += weight, for r = receiver, j = victim (-1 = skip)."""
-    check_merge_value(v, w, victim, receiver, weight)
-    check_merge_indices(victim, receiver, v.shape[2])
-    idx, rows, total = merged_rows(v, w, victim, receiver, weight, torch.float32)
-    v[idx] = rows.to(v.dtype)
-    w[idx] = total
+    plain mean if that sum is 0) and w[r] += weight, for r = receiver, j = victim (-1 = skip). With
+    slot_index, v is a pool [P, R, D] and slot s of (b, g) is row slot_index[b, g, s] of pool batch b % P."""
+    check_merge_value(v, w, victim, receiver, weight, slot_index)
+    check_merge_indices(victim, receiver, w.shape[2])
+    if slot_index is None:
+        idx, rows, total = merged_rows(v, w, victim, receiver, weight, torch.float32)
+        v[idx] = rows.to(v.dtype)
+        w[idx] = total
+        return
+    b, g = torch.nonzero((victim >= 0) & (receiver >= 0), as_tuple=True)
+    r, j = receiver[b, g], victim[b, g]
+    R = v.shape[1]
+    for i in range(b.shape[0]):  # the kernel's check, in its order: each head's receiver row, then its victim's
+        for s in (int(r[i]), int(j[i])):
+            x = int(slot_index[b[i], g[i], s])
+            if not 0 <= x < R:
+                raise IndexError(f"merge_value: slot_index must hold pool rows in [0, R) = [0, {R}) on the merged "
+                                 f"slots, got {x} at [{int(b[i])}, {int(g[i])}, {s}]")
+    pb, row_r, row_j = b % v.shape[0], slot_index[b, g, r].long(), slot_index[b, g, j].long()
+    rows, total = _merged(v[pb, row_r], v[pb, row_j], w[b, g, r], weight[b, g], torch.float32)
+    v[pb, row_r] = rows.to(v.dtype)
+    w[b, g, r] = total
 
 
 def matvec_input(x: Tensor, norm: Tensor | None, eps: float, swiglu: bool,

@@ -256,10 +256,15 @@ def opcheck_cases():
                             [torch.zeros(B, Hkv, C), torch.zeros(B, Hkv, C)], [torch.empty(B, H, C), torch.empty(B, H, C)],
                             [tables[0]] * 2, [tables[1]] * 2, [rope_ranks(pos, 40, g)] * 2)
     yield "select_victim", (torch.rand(B, Hkv, C, generator=g), pos, 0, 30, torch.empty(B, Hkv, dtype=torch.int64))
+    yield "adaptive_victims", (torch.rand(B, Hkv, C, generator=g), pos, 0, torch.tensor([30]), 2,
+                               torch.full((B,), 4), torch.empty(B, Hkv, dtype=torch.int64))
     keep = torch.stack([torch.randperm(C, generator=g)[:7] for _ in range(B * Hkv)]).view(B, Hkv, 7)
     yield "compact", (k.clone(), v.clone(), pos.clone(), [torch.rand(B, Hkv, C, generator=g)], keep)
     yield "merge_value", (v.clone(), torch.rand(B, Hkv, C, generator=g), torch.tensor([[0, 1, -1]] * B),
                           torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g))
+    yield "merge_value", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g),
+                          torch.tensor([[0, 1, -1]] * B), torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g),
+                          index)
 
 
 def packed_twin(model: Transformer, qtypes: dict[str, int],

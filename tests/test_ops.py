@@ -426,6 +426,66 @@ def test_select_victim_large(device, path):
     assert torch.equal(out.cpu(), brute_victim(score, pos, 4, 900))
 
 
+def brute_adaptive(score, pos, lo, hi, min_share, limit, n):
+    """ops.adaptive_victims by loops: per row, the lowest (key, entry) taken n times over."""
+    B, Hkv, C = score.shape
+    out = torch.full((B, n), -1, dtype=torch.int64)
+    for b in range(B):
+        count = [int((pos[b, g] >= 0).sum()) for g in range(Hkv)]
+        if sum(count) <= limit[b]:
+            continue
+        cands = []
+        for g in range(Hkv):
+            total = torch.tensor(sum(float(score[b, g, s]) for s in range(C) if pos[b, g, s] >= 0)).float()
+            total = total if total > 0 else torch.tensor(1.0)
+            for s in range(C):
+                key = float(score[b, g, s] / total)
+                if max(lo, 0) <= pos[b, g, s] <= hi and math.isfinite(key):
+                    cands.append((key, g * C + s))
+        room = [c - min_share for c in count]
+        for i in range(n):
+            left = sorted(c for c in cands if room[c[1] // C] > 0)
+            if not left:
+                break
+            out[b, i] = left[0][1]
+            room[left[0][1] // C] -= 1
+            cands.remove(left[0])
+    return out
+
+
+@st.composite
+def adaptive_inputs(draw):
+    score, pos, lo, hi = draw(victim_inputs())
+    B, Hkv, C = score.shape
+    limit = torch.tensor(draw(st.lists(st.integers(0, Hkv * C), min_size=B, max_size=B)), dtype=torch.int64)
+    return score, pos, lo, hi, draw(st.integers(0, 4)), limit, draw(st.integers(0, 5))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(inputs=adaptive_inputs())
+def test_adaptive_victims(path, inputs):
+    score, pos, lo, hi, min_share, limit, n = inputs
+    out = torch.full((score.shape[0], n), 99, dtype=torch.int64)
+    with on_path(path, "adaptive_victims", "cpu"):
+        ops.adaptive_victims(score, pos, lo, torch.tensor([hi]), min_share, limit, out)
+    assert torch.equal(out, brute_adaptive(score, pos, lo, hi, min_share, limit, n))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+def test_adaptive_victims_large(device, path):
+    g = gen(9)
+    score = torch.randint(0, 50, (5, 3, 300), generator=g).float()  # many ties, exact totals
+    pos = positions(5, 3, 300, "holes", g)
+    limit = torch.tensor([0, 400, 500, 540, 10**6])
+    out = torch.full((5, 7), 99, dtype=torch.int64, device=device)
+    with on_path(path, "adaptive_victims", device):
+        ops.adaptive_victims(score.to(device), pos.to(device), 4, torch.tensor([900], device=device), 150,
+                             limit.to(device), out)
+    assert torch.equal(out.cpu(), brute_adaptive(score, pos, 4, 900, 150, limit, 7))
+
+
 @st.composite
 def compact_inputs(draw):
     B, Hkv, C = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 10))
@@ -495,6 +555,37 @@ def test_merge_value(path, dtype, inputs):
     assert_within(got, rows64, rows_pt.to(dtype), "merged rows")
 
 
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(inputs=merge_inputs(), layers=st.integers(1, 3))
+def test_merge_value_in_a_pool(path, dtype, inputs, layers):
+    """With slot_index the slots' rows live in a pool [P, R, D] (B = layers P rows of slots, row b in pool
+    batch b % P, spare rows around them): the same bits as the merge over per-head rows, every other pool
+    row untouched."""
+    w, victim, receiver, weight = inputs
+    B, Hkv, C = w.shape
+    g = gen(10)
+    dense = randn((B, Hkv, C, 16), dtype, "cpu", g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C  # the rows each pool batch holds
+    R = per + 5  # and spare ones
+    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])  # (P, per)
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    pool = randn((P, R, 16), dtype, "cpu", g)
+    batch = torch.arange(B) % P
+    pool[batch[:, None, None], slot_index.long()] = dense
+    pool0, w_dense = pool.clone(), w.clone()
+    ref.merge_value(dense, w_dense, victim, receiver, weight)
+    with on_path(path, "merge_value", "cpu"):
+        ops.merge_value(pool, w, victim, receiver, weight, slot_index=slot_index)
+    assert torch.equal(w, w_dense)
+    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
+    used = torch.zeros(P, R, dtype=torch.bool)
+    used[batch[:, None, None], slot_index.long()] = True
+    assert torch.equal(pool[~used], pool0[~used])
 # ---------------------------------------------------------------------------------------------
 # opcheck: schemas, fake impls, autograd registration, AOT dispatch
 # ---------------------------------------------------------------------------------------------

@@ -454,6 +454,34 @@ def test_keepkv_merge_is_lossless_for_the_reference_query(path, positions):
     assert changed.sum(2).eq(1).all() and not changed[:, :, 0].any()
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive", "pyramid"])
+def test_keepkv_counts_only_the_merges_its_threshold_lets_through(allocation):
+    """stats().merges counts merges, not evictions. KV head 0's keys are all zero (cosine 0 with every
+    other key: below min_similarity 0.5, so its victims are only evicted); KV head 1's all point along the
+    lowest-frequency RoPE pair (cosine ~1 after rotation: every victim merges). Under uniform allocation
+    each head evicts once per evicting step, so merges are half the evictions per (layer, KV head); under
+    every rule min_similarity -1 merges every eviction, and all-zero keys block every merge."""
+    (H, Hkv), D, L, T = (4, 2), 16, 12, 18
+    q, k, v = random_qkv((H, Hkv), D, T, seed=5)
+    k.zero_()
+    zero_keys = k.clone()
+    k[:, 1, :, D - 1] = 1.0 + torch.rand(T, generator=torch.Generator().manual_seed(6))
+
+    def merges(keys: torch.Tensor, min_similarity: float) -> int:
+        policy = make_policy("keepkv", budget=8, sinks=1, recent=2, min_similarity=min_similarity,
+                             allocation=allocation)
+        store = one_layer_store(policy, (H, Hkv), D, L, T - L)
+        feed(store, q, keys, v, L)
+        assert store.stats().evictions == T - 8 == 10
+        return store.stats().merges
+
+    assert merges(k, -1.0) == 10 and merges(zero_keys, 0.5) == 0
+    if allocation == "uniform":
+        assert merges(k, 0.5) == 5
+    else:  # the heads share the evictions by score: some of each kind
+        assert 0 < merges(k, 0.5) < 10
+
+
 # ---- positions ------------------------------------------------------------------------------------
 
 def test_rope_rotation_composes():

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
@@ -85,6 +86,85 @@ void select_victim_cpu(const at::Tensor& score, const at::Tensor& pos, int64_t l
   }
 }
 
+// Per row: each head's valid count and score total (fp64, rounded to fp32; 1 unless positive), each
+// head's k lowest eligible keys score / total in (key, slot) order, then n picks of the lowest head front
+// (ties to the lower head), a head giving at most count - min_share.
+void adaptive_victims_cpu(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                          int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry) {
+  check_adaptive_victims(score, pos, hi, limit, out_entry);
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2), n = out_entry.size(1);
+  const int64_t k = std::min(n, C), top = hi.const_data_ptr<int64_t>()[0], first = std::max<int64_t>(lo, 0);
+  const float* __restrict__ sc = score.const_data_ptr<float>();
+  const int32_t* __restrict__ ps = pos.const_data_ptr<int32_t>();
+  const int64_t* lim = limit.const_data_ptr<int64_t>();
+  int64_t* out = out_entry.mutable_data_ptr<int64_t>();
+#pragma omp parallel if (B * Hkv * C > kParallelWork)
+  {
+    std::vector<float> key(Hkv * k);
+    std::vector<int64_t> slot(Hkv * k), len(Hkv), room(Hkv), next(Hkv);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t held = 0;
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const float* __restrict__ sr = sc + (b * Hkv + g) * C;
+        const int32_t* __restrict__ pr = ps + (b * Hkv + g) * C;
+        // branch-free (valid and empty slots interleave), 8 independent chains of fp64 adds
+        double part[8] = {};
+        int64_t count = 0, s = 0;
+        for (; s + 8 <= C; s += 8) {
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) {
+            const bool valid = pr[s + j] >= 0;
+            count += valid;
+            part[j] += valid ? static_cast<double>(sr[s + j]) : 0.0;
+          }
+        }
+        for (int j = 0; s < C; ++s, ++j) {
+          const bool valid = pr[s] >= 0;
+          count += valid;
+          part[j] += valid ? static_cast<double>(sr[s]) : 0.0;
+        }
+        const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        float total = static_cast<float>(sum);
+        total = total > 0.f ? total : 1.f;
+        float* kg = key.data() + g * k;
+        int64_t* sg = slot.data() + g * k;
+        int64_t m = 0;  // kg[0..m) ascending, ties in slot order
+        // score / total does not decrease with score (total > 0): a score not below the raw score of the
+        // k-th kept one cannot enter, and needs no division
+        float raw_last = std::numeric_limits<float>::infinity();
+        const int64_t scan = k > 0 ? C : 0;
+        for (int64_t s = 0; s < scan; ++s) {
+          const bool eligible = (pr[s] >= first) & (pr[s] <= top);
+          if (__builtin_expect(!(eligible & ((m < k) | (sr[s] < raw_last))), 1)) continue;
+          const float x = sr[s] / total;
+          if (!std::isfinite(x) || (m == k && !(x < kg[m - 1]))) continue;
+          int64_t i = m < k ? m++ : k - 1;
+          for (; i > 0 && x < kg[i - 1]; --i) kg[i] = kg[i - 1], sg[i] = sg[i - 1];
+          kg[i] = x;
+          sg[i] = s;
+          if (m == k) raw_last = sr[sg[k - 1]];
+        }
+        len[g] = m;
+        room[g] = count - min_share;
+        next[g] = 0;
+        held += count;
+      }
+      int64_t* ob = out + b * n;
+      for (int64_t i = 0; i < n; ++i) {
+        int64_t best = -1;
+        if (held > lim[b]) {
+          for (int64_t g = 0; g < Hkv; ++g) {
+            if (next[g] >= len[g] || next[g] >= room[g]) continue;
+            if (best < 0 || key[g * k + next[g]] < key[best * k + next[best]]) best = g;
+          }
+        }
+        ob[i] = best < 0 ? -1 : best * C + slot[best * k + next[best]++];
+      }
+    }
+  }
+}
+
 void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                  const at::Tensor& keep_idx) {
   check_compact(k, v, pos, state, keep_idx);
@@ -132,23 +212,34 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
 }
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                     const at::Tensor& receiver, const at::Tensor& weight) {
-  check_merge_value(v, w, victim, receiver, weight);
-  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+                     const at::Tensor& receiver, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& slot_index) {
+  check_merge_value(v, w, victim, receiver, weight, slot_index);
+  const int64_t Hkv = w.size(1), rows = w.size(0) * Hkv, C = w.size(2), D = v.size(-1);
   check_merge_indices(victim, receiver, C);
   const int64_t* vic = victim.const_data_ptr<int64_t>();
   const int64_t* rec = receiver.const_data_ptr<int64_t>();
   const float* wt = weight.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
+  const int32_t* index = slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr;
+  const int64_t P = v.size(0), R = slot_index ? v.size(1) : 0;
+  // The row of slot s of (batch, KV head) row r: its own, or the pool row the slot names.
+  auto row_of = [&](int64_t r, int64_t s) {
+    if (!index) return r * C + s;
+    const int64_t x = index[r * C + s];
+    TORCH_CHECK_INDEX(x >= 0 && x < R, "merge_value: slot_index must hold pool rows in [0, R) = [0, ", R,
+                      ") on the merged slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
+    return (r / Hkv % P) * R + x;
+  };
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> xr(D), xj(D), res(D);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = vic[r], m = rec[r];
       if (j < 0 || m < 0) continue;
-      scalar_t* vr = vp + (r * C + m) * D;
+      scalar_t* vr = vp + row_of(r, m) * D;
       const float* a = as_float(vr, xr.data(), D);
-      const float* b = as_float(vp + (r * C + j) * D, xj.data(), D);
+      const float* b = as_float(vp + row_of(r, j) * D, xj.data(), D);
       const float w_old = wp[r * C + m], add = wt[r], total = w_old + add;
       for (int64_t i = 0; i < D; ++i) {
         // Plain mean when both weights are 0 (the formula would divide 0 by 0).

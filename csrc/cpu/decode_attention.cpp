@@ -149,6 +149,12 @@ ENGINE_INLINE void prefetch_rows(const HeadRows<T>& rows, int64_t r, int64_t end
   }
 }
 
+// One past the last valid slot of pos[0..n) (0: none): a pooled head's empty tail starts there.
+ENGINE_INLINE int64_t valid_end(const int32_t* pos, int64_t n) {
+  while (n > 0 && pos[n - 1] < 0) --n;
+  return n;
+}
+
 // Lanes j < n: pos[j] >= 0; lanes from n on: false.
 ENGINE_INLINE Int8 valid8(const int32_t* pos, int64_t n) {
   Int8 x = Int8{} - 1;
@@ -293,6 +299,18 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
   const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
   const float* bias = c.p.bias ? c.p.bias + bg * C : nullptr;
   float* rows = c.head_rows(bg);
+  // The empty slots after the piece's last valid one (a pooled head's unused tail, up to half its list
+  // under adaptive allocation) get their probability 0 here and no pass below: the same bits, since an
+  // empty slot adds nothing to the max, the sum or the output.
+  const int64_t piece_end = s1;
+  s1 = s0 + valid_end(pos + s0, s1 - s0);
+  for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + s1, rows + h * c.stride + piece_end, 0.f);
+  if (kb.index) {  // scattered pool rows, which the hardware prefetcher cannot follow: the first ones too
+    for (int64_t r = s0; r < std::min(s0 + kPrefetchRows, s1); r += 8) {
+      prefetch_rows(kb, r, s1);
+      prefetch_rows(vb, r, s1);
+    }
+  }
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
   float* rotated = qbuf + G * D;  // [8, D]
 
@@ -381,9 +399,12 @@ ENGINE_MULTIVERSION void finish_head(const Decode<kv_t, q_t>& c, const Split& sp
   };
 
   float* rows = c.head_rows(bg);
+  const int32_t* pos = c.p.pos + bg * C;
+  const int64_t end = valid_end(pos, len);  // the empty tail's probabilities are 0 already, its score_acc stays
   if (c.p.probs || c.p.score_acc) {
     for (int64_t t = t_lo; t <= t_hi; ++t) {
-      const auto [s0, s1] = split.piece(t, bg);
+      const auto [s0, s_end] = split.piece(t, bg);
+      const int64_t s1 = std::min(s_end, end);
       for (int64_t h = 0; h < G && s0 < s1; ++h) scale_row(rows + h * c.stride + s0, weight(t, h), s1 - s0);
     }
   }
@@ -392,10 +413,9 @@ ENGINE_MULTIVERSION void finish_head(const Decode<kv_t, q_t>& c, const Split& sp
   }
   if (c.p.score_acc) {
     float* sa = c.p.score_acc + bg * C;
-    const int32_t* pos = c.p.pos + bg * C;
     const Vec8 inv_g = splat8(1.f / static_cast<float>(G));
-    for (int64_t s = 0; s < len; s += 8) {
-      const int64_t n = std::min<int64_t>(8, len - s);
+    for (int64_t s = 0; s < end; s += 8) {
+      const int64_t n = std::min<int64_t>(8, end - s);
       Vec8 sum = {};
       for (int64_t h = 0; h < G; ++h) sum += load_partial(rows + h * c.stride + s, n, 0.f);
       const Vec8 old = load_partial(sa + s, n, 0.f);

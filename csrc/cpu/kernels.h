@@ -53,11 +53,16 @@ void value_norm_cpu(const at::Tensor& v, int64_t kind, at::Tensor& out);
 void select_victim_cpu(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
                        at::Tensor& out_idx);
 
+// The n entries (head C + slot) a layer row evicts under adaptive allocation: engine/reference.py.
+void adaptive_victims_cpu(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                          int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry);
+
 void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                  const at::Tensor& keep_idx);
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                     const at::Tensor& receiver, const at::Tensor& weight);
+                     const at::Tensor& receiver, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& slot_index);
 
 // out[..., N] (+)= h[..., K] @ w[N, K]^T, all in w's dtype, fp32 accumulation (decode: few rows), where
 // h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.

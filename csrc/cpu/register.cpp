@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("decode_layers", &engine::decode_layers_cpu);
   m.impl("value_norm", &engine::value_norm_cpu);
   m.impl("select_victim", &engine::select_victim_cpu);
+  m.impl("adaptive_victims", &engine::adaptive_victims_cpu);
   m.impl("compact", &engine::compact_cpu);
   m.impl("merge_value", &engine::merge_value_cpu);
   m.impl("matvec", &engine::matvec_cpu);

@@ -99,6 +99,96 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// adaptive_victims: a block per layer row; per head a count and a total, then n block-wide picks
+// ---------------------------------------------------------------------------------------------
+
+struct Pick {
+  float key;
+  int64_t entry;  // head C + slot, -1: none
+};
+
+// Is a picked before b? The lower key, then the lower entry (the CPU kernel's order).
+__device__ __forceinline__ bool before(const Pick& a, const Pick& b) {
+  if (a.entry < 0 || b.entry < 0) return b.entry < 0 && a.entry >= 0;
+  return a.key != b.key ? a.key < b.key : a.entry < b.entry;
+}
+
+__device__ __forceinline__ Pick warp_pick(Pick c) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const Pick other{__shfl_xor_sync(kFullMask, c.key, o), __shfl_xor_sync(kFullMask, c.entry, o)};
+    if (before(other, c)) c = other;
+  }
+  return c;
+}
+
+// total and room: Hkv each, in dynamic shared memory.
+__global__ void __launch_bounds__(kThreads)
+    adaptive_victims_kernel(const float* __restrict__ score, const int32_t* __restrict__ pos, int64_t lo,
+                            const int64_t* __restrict__ hi, int64_t min_share, const int64_t* __restrict__ limit,
+                            int64_t* __restrict__ out, int64_t Hkv, int64_t C, int64_t n) {
+  extern __shared__ int64_t shared[];
+  int64_t* room = shared;
+  float* total = reinterpret_cast<float*>(shared + Hkv);
+  __shared__ double warp_sum[kThreads / 32];
+  __shared__ int64_t warp_count[kThreads / 32];
+  __shared__ Pick warp_best[kThreads / 32];
+  __shared__ int64_t held;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* sr = score + blockIdx.x * Hkv * C;
+  const int32_t* pr = pos + blockIdx.x * Hkv * C;
+  int64_t* ob = out + blockIdx.x * n;
+  if (threadIdx.x == 0) held = 0;
+  for (int64_t g = 0; g < Hkv; ++g) {
+    double s = 0.0;
+    int64_t c = 0;
+    for (int64_t i = threadIdx.x; i < C; i += kThreads) {
+      if (pr[g * C + i] >= 0) s += sr[g * C + i], ++c;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      s += __shfl_xor_sync(kFullMask, s, o);
+      c += __shfl_xor_sync(kFullMask, c, o);
+    }
+    if (lane == 0) warp_sum[warp] = s, warp_count[warp] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0.0;
+      int64_t count = 0;
+      for (int w = 0; w < kThreads / 32; ++w) sum += warp_sum[w], count += warp_count[w];
+      const float t = static_cast<float>(sum);
+      total[g] = t > 0.f ? t : 1.f;
+      room[g] = count - min_share;
+      held += count;
+    }
+    __syncthreads();
+  }
+  const bool over = held > limit[blockIdx.x];
+  const int64_t top = hi[0], first = lo > 0 ? lo : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Pick best{0.f, -1};
+    for (int64_t e = threadIdx.x; over && e < Hkv * C; e += kThreads) {
+      const int64_t g = e / C;
+      if (pr[e] < first || pr[e] > top || room[g] <= 0) continue;
+      const float x = sr[e] / total[g];
+      bool taken = !isfinite(x);
+      for (int64_t j = 0; j < i; ++j) taken |= ob[j] == e;
+      const Pick c{x, e};
+      if (!taken && before(c, best)) best = c;
+    }
+    best = warp_pick(best);
+    if (lane == 0) warp_best[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kThreads / 32; ++w) {
+        if (before(warp_best[w], best)) best = warp_best[w];
+      }
+      ob[i] = best.entry;
+      if (best.entry >= 0) --room[best.entry / C];
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // compact: check the kept slots, gather them into a scratch copy, write it back to the front
 // ---------------------------------------------------------------------------------------------
 
@@ -182,7 +272,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     merge_value_kernel(T* __restrict__ v, float* __restrict__ w, const int64_t* __restrict__ victim,
                        const int64_t* __restrict__ receiver, const float* __restrict__ weight,
-                       int64_t rows, int64_t C, int64_t D) {
+                       const int32_t* __restrict__ index, int64_t rows, int64_t Hkv, int64_t C, int64_t D,
+                       int64_t P, int64_t R) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;  // the whole warp
@@ -190,8 +281,16 @@ __global__ void __launch_bounds__(kThreads)
   CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "merge_value: victim must hold slot indices in [-1, C)");
   CUDA_KERNEL_ASSERT_MSG(m >= -1 && m < C, "merge_value: receiver must hold slot indices in [-1, C)");
   if (j < 0 || m < 0) return;
-  T* vr = v + (r * C + m) * D;
-  const T* vj = v + (r * C + j) * D;
+  int64_t row_m = r * C + m, row_j = r * C + j;
+  if (index) {  // pool rows: row b of the slots reads pool batch b % P
+    const int64_t xm = index[r * C + m], xj = index[r * C + j];
+    CUDA_KERNEL_ASSERT_MSG(xm >= 0 && xm < R && xj >= 0 && xj < R,
+                           "merge_value: slot_index must hold pool rows in [0, R) on the merged slots");
+    row_m = (r / Hkv % P) * R + xm;
+    row_j = (r / Hkv % P) * R + xj;
+  }
+  T* vr = v + row_m * D;
+  const T* vj = v + row_j * D;
   const float w_old = w[r * C + m], add = weight[r], total = w_old + add;
   for (int64_t d = lane; d < D; d += 32) {
     const float a = static_cast<float>(vr[d]), b = static_cast<float>(vj[d]);
@@ -229,6 +328,19 @@ void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void adaptive_victims_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                           int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry) {
+  check_adaptive_victims(score, pos, hi, limit, out_entry);
+  const auto guard = cuda::on_device("adaptive_victims", score);
+  const int64_t B = score.size(0), Hkv = score.size(1), C = score.size(2), n = out_entry.size(1);
+  if (B * n == 0) return;
+  const size_t shared = static_cast<size_t>(Hkv) * (sizeof(int64_t) + sizeof(float));
+  adaptive_victims_kernel<<<static_cast<unsigned>(B), kThreads, shared, cuda::current_stream()>>>(
+      score.const_data_ptr<float>(), pos.const_data_ptr<int32_t>(), lo, hi.const_data_ptr<int64_t>(), min_share,
+      limit.const_data_ptr<int64_t>(), out_entry.mutable_data_ptr<int64_t>(), Hkv, C, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                   const at::Tensor& keep_idx) {
   check_compact(k, v, pos, state, keep_idx);
@@ -252,16 +364,19 @@ void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList 
 }
 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                      const at::Tensor& receiver, const at::Tensor& weight) {
-  check_merge_value(v, w, victim, receiver, weight);
+                      const at::Tensor& receiver, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& slot_index) {
+  check_merge_value(v, w, victim, receiver, weight, slot_index);
   const auto guard = cuda::on_device("merge_value", v);
-  const int64_t rows = v.size(0) * v.size(1), C = v.size(2), D = v.size(3);
+  const int64_t Hkv = w.size(1), rows = w.size(0) * Hkv, C = w.size(2), D = v.size(-1);
   if (rows == 0) return;
   const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(rows, kRowsPerBlock));
   ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     merge_value_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
         v.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<float>(), victim.const_data_ptr<int64_t>(),
-        receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(), rows, C, D);
+        receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(),
+        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, rows, Hkv, C, D, v.size(0),
+        slot_index ? v.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

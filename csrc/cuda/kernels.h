@@ -39,11 +39,15 @@ void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out);
 void select_victim_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, int64_t hi,
                         at::Tensor& out_idx);
 
+void adaptive_victims_cuda(const at::Tensor& score, const at::Tensor& pos, int64_t lo, const at::Tensor& hi,
+                           int64_t min_share, const at::Tensor& limit, at::Tensor& out_entry);
+
 void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                   const at::Tensor& keep_idx);
 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
-                      const at::Tensor& receiver, const at::Tensor& weight);
+                      const at::Tensor& receiver, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& slot_index);
 
 // matvec with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
 // decoded in registers; x, norm and out one of fp32, bf16, fp16; sums in fp32.

@@ -10,6 +10,7 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("rope_append", &engine::rope_append_cuda);
   m.impl("value_norm", &engine::value_norm_cuda);
   m.impl("select_victim", &engine::select_victim_cuda);
+  m.impl("adaptive_victims", &engine::adaptive_victims_cuda);
   m.impl("compact", &engine::compact_cuda);
   m.impl("merge_value", &engine::merge_value_cuda);
   m.impl("qmatvec", &engine::qmatvec_cuda);

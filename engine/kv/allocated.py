@@ -66,12 +66,16 @@ class AllocatedKVStore(KVStore):
         B, a = batch, self.all
         layer_of_row = torch.arange(L, device=device).repeat_interleave(B)
         a.quota = torch.tensor(self.layer_budgets, device=device)[layer_of_row].view(L * B, 1, 1)
+        self.limit = Hkv * a.quota.view(L * B)  # the valid entries a layer row holds at most after a step
+        self.victims = torch.empty(L * B, Hkv, dtype=torch.long, device=device)  # adaptive_victims' picks
         self.row0 = torch.tensor([0, *self.pool_rows], device=device).cumsum(0)[layer_of_row][:, None]
         if self.pooled:
             a.index = torch.full((L * B, Hkv, slots), self.scratch, dtype=torch.int32, device=device)
             self.pool_heads = (self.pool_k[:, None], self.pool_v[:, None])  # as rope_append's one-head cache
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
+        self.held = torch.zeros(L * B, 1, dtype=torch.long, device=device)  # valid entries (= rows used) per layer row
         self.head_offsets = torch.arange(Hkv, device=device)
+        self.first_rows = self.row0 + self.head_offsets  # (L B, Hkv): the rows a layer's heads take next while it fills
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
 
@@ -88,13 +92,19 @@ class AllocatedKVStore(KVStore):
         """(L B, Hkv) valid tokens per (layer row, KV head)."""
         return (self.all.pos >= 0).sum(2)
 
-    def _next_rows(self) -> None:
+    def _next_rows(self, stepped: bool = False) -> None:
         """`free` for the next step: the rows evictions freed, else the next unused rows of the layer (a
-        layer that evicts once evicts every step after, so its unused rows are always the top ones)."""
+        layer that evicts once evicts every step after, so its unused rows are always the top ones).
+        `stepped`: after a decode step, whose rows `held` moves by (Hkv came, those freed went) instead of
+        counting every slot again; otherwise they are counted."""
         if not self.pooled:
             return
-        fresh = self.row0 + self.counts().sum(1, keepdim=True) + self.head_offsets
-        self.all.free.copy_(torch.where(self.freed >= 0, self.freed, fresh))
+        reused = self.freed >= 0
+        if stepped:
+            self.held += self.freed.shape[1] - reused.sum(1, keepdim=True)
+        else:
+            self.held.copy_(self.counts().sum(1, keepdim=True))
+        torch.where(reused, self.freed, self.first_rows + self.held, out=self.all.free)
         self.freed.fill_(-1)
 
     def reset(self) -> None:
@@ -114,8 +124,7 @@ class AllocatedKVStore(KVStore):
         occupancy = round(int(self.counts().sum()) / (L * Hkv * self.batch))
         return CacheStats(occupancy=occupancy, capacity=slots // (L * Hkv), budget=self.budget,
                           kv_bytes=per_token * slots // (L * Hkv), full_kv_bytes=per_token * self.t,
-                          tokens_seen=self.t, evictions=self.t - occupancy,
-                          merges=self.t - occupancy if self.policy.merges_values else 0)
+                          tokens_seen=self.t, evictions=self.t - occupancy, merges=self.merges())
 
     @property
     def qpos(self) -> int:
@@ -225,7 +234,7 @@ class AllocatedKVStore(KVStore):
 
     def finish_decode(self) -> None:
         super().finish_decode()
-        self._next_rows()
+        self._next_rows(stepped=True)
 
     def advance_decode(self) -> None:
         self.t += 1
@@ -235,8 +244,14 @@ class AllocatedKVStore(KVStore):
 
     # ---- eviction ------------------------------------------------------------------------------
     def _policy_layer(self, st: LayerState) -> LayerState:
-        """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them."""
-        return self._gathered(st) if self.pooled and self.policy.reads_kv else st
+        """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them, or
+        the pool itself for one that reaches values through merge_value's slot_index (no copies)."""
+        if not (self.pooled and self.policy.reads_kv):
+            return st
+        if self.policy.pooled_values():
+            return LayerState(k=self.pool_k, v=self.pool_v, pos=st.pos, state=st.state, rank=st.rank, free=st.free,
+                              extra=st.extra, quota=st.quota, index=st.index)
+        return self._gathered(st)
 
     def _gathered(self, st: LayerState) -> LayerState:
         """st with k and v (rows, Hkv, C, D): copies of its slots' pool rows (rows stack layers, B each)."""
@@ -252,27 +267,38 @@ class AllocatedKVStore(KVStore):
     def _evict(self, view: DecodeView) -> None:
         st, p = view.layer, self.policy
         view = DecodeView(layer=self._policy_layer(st), step_pos=view.step_pos, q=view.q, probs=view.probs,
-                          rope=view.rope, tp=view.tp)
+                          rope=view.rope, tp=view.tp, merges=view.merges)
         score = p.decode_scores(view)
         pos, Hkv = st.pos, st.pos.shape[1]
+        rows = self._rows_of(st)
+        freed = self.freed[rows]
+        if self.adaptive:  # one token leaves per token that came (Hkv), each from any head
+            entry = self.victims[rows]
+            ops.adaptive_victims(score.float().contiguous(), pos, p.sinks, self.clock[:1] - p.recent, self.floor,
+                                 self.limit[rows], entry)
+            taken = entry >= 0  # the picks come first, then -1s
+            C = pos.shape[2]
+            if not p.merges_values:
+                # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
+                flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
+                rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
+            else:
+                rows_freed, some = torch.empty_like(freed), entry.clamp(min=0)
+                for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
+                    head, slot = some[:, i : i + 1] // C, some[:, i : i + 1] % C
+                    victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
+                    rows_freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
+                self._write_back(view.layer)
+            # the freed rows in the order of the heads that gave them (head g's token takes the g-th): a head
+            # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
+            order = torch.where(taken, entry // C, Hkv).argsort(dim=1, stable=True)
+            freed.copy_(rows_freed.gather(1, order))
+            return
         valid = pos >= 0
         evictable = pos >= p.sinks  # valid too: sinks >= 0
         if p.recent:
             evictable &= pos <= self.clock[0] - p.recent
-        counts = valid.sum(2)
-        over = counts.sum(1) > Hkv * st.quota[:, 0, 0]
-        freed = self.freed[self._rows_of(st)]
-        if self.adaptive:  # one token leaves per token that came (Hkv), each from any head
-            entry, taken = allocation.adaptive_victims(score, valid, evictable, counts, self.floor, over, Hkv)
-            if not p.merges_values:
-                freed.copy_(self._remove_all(st, entry, taken))
-                return
-            C = pos.shape[2]
-            for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
-                head, slot = entry[:, i : i + 1] // C, entry[:, i : i + 1] % C
-                victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
-                freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
-            return
+        over = valid.sum((1, 2)) > Hkv * st.quota[:, 0, 0]
         victim = torch.empty_like(st.free)
         masked = torch.where(evictable, pos, -1)
         if p.layer_wide:
@@ -283,17 +309,17 @@ class AllocatedKVStore(KVStore):
             ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
         if p.merges_values:
             freed.copy_(self._remove(view, torch.where(over[:, None], victim, -1)))
+            self._write_back(view.layer)
         else:  # slot victim of every head, in each layer over its budget
             flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
             freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
 
     def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
         """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing, then the slot
-        emptied. Returns the pool rows freed (B, Hkv) int64, -1 where nothing was (or no pool)."""
+        emptied. Returns the pool rows freed (B, Hkv) int64, -1 where nothing was (or no pool). A merge
+        changed the gathered copies of a pool's rows: the caller writes them back (_write_back)."""
         st = view.layer
         self.policy.after_evict(view, victim)
-        if self.pooled and self.policy.merges_values:  # the merged values (and keys), gathered, back into the pool
-            self._write_back(st)
         gone = victim >= 0
         idx = victim.clamp(min=0)[..., None]
         st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
@@ -307,17 +333,18 @@ class AllocatedKVStore(KVStore):
 
     def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
-        (no policy post-processing). Returns the pool rows freed (B, n) int64, -1 where nothing was (or no pool)."""
-        B, Hkv, C = st.pos.shape
-        gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=self.device).scatter_(1, flat, taken).view(B, Hkv, C)
-        st.pos.masked_fill_(gone, -1)
-        for s in st.state.values():
-            s.masked_fill_(gone, 0.0)
+        (no policy post-processing; an entry listed twice must be taken both times or neither). Returns the
+        pool rows freed (B, n), -1 where nothing was (or no pool). Reads and writes only those entries."""
+        B = st.pos.shape[0]
+        for t, empty in ((st.pos, -1), *((s, 0.0) for s in st.state.values())):
+            t = t.view(B, -1)
+            t.scatter_(1, flat, torch.where(taken, empty, t.gather(1, flat)))
         if not self.pooled:
             return torch.full_like(flat, -1)
-        row = st.index.view(B, -1).gather(1, flat)
-        st.index.masked_fill_(gone, self.scratch)
-        return torch.where(taken, row.long(), -1)
+        index = st.index.view(B, -1)
+        row = index.gather(1, flat)
+        index.scatter_(1, flat, torch.where(taken, self.scratch, row))
+        return torch.where(taken, row, -1)
 
     def _rows_of(self, st: LayerState) -> slice:
         """Which rows of the all-layer state st holds (all of them, or one layer's)."""
@@ -327,7 +354,10 @@ class AllocatedKVStore(KVStore):
 
     def _write_back(self, st: LayerState) -> None:
         """Copy the gathered value rows a merge policy changed (and the key rows, for one that merges keys)
-        back to their pool rows (valid slots only; the others go to the scratch row)."""
+        back to their pool rows (valid slots only; the others go to the scratch row). Nothing without a pool,
+        or where the policy merged in the pool itself."""
+        if not self.pooled or self.policy.pooled_values():
+            return
         where = self._pool_index(st, st.index.long().masked_fill(st.pos < 0, self.scratch))
         self.pool_v[where] = st.v
         if self.policy.merges_keys:

@@ -19,8 +19,8 @@ Adaptive details (ours where Ada-KV's paper is silent or differs):
 - floor: a head never keeps fewer than `min_share` tokens (default sinks + recent + a fifth of the
   evictable rest, after Ada-KV's safeguard that keeps a fraction of the uniform budget in every head);
   sinks and the recent window are protected in every head as in the uniform rule.
-- ties: the entry of the lower head, then the lower slot, goes first at decode; prefill keeps later
-  positions first, as keep_indices does.
+- ties: the entry of the lower head, then the lower slot, goes first at decode (ops.adaptive_victims, one
+  pass over a layer's slots); prefill keeps later positions first, as keep_indices does.
 - TOVA's one decision per layer becomes per head: each KV head ranks by its own group's attention.
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ def min_share(policy: Policy, budget: int) -> int:
 
 
 def head_totals(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, 1): what each head's scores are divided by, their sum on the valid entries (1 where that
-    sum is not positive: the head keeps its raw scores)."""
-    total = score.float().masked_fill(~valid, 0.0).sum(2, keepdim=True)
+    """(B, Hkv, 1): what each head's scores are divided by, their sum on the valid entries in fp64, rounded
+    to fp32 (1 where that sum is not positive: the head keeps its raw scores); ops.adaptive_victims' total."""
+    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
     return torch.where(total > 0, total, 1.0)
 
 
@@ -96,22 +96,3 @@ def uniform_keep(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     """(B, Hkv, n) bool from keep_indices' (B, Hkv, budget) entries."""
     B, Hkv, _ = keep_idx.shape
     return torch.zeros(B, Hkv, n, dtype=torch.bool, device=keep_idx.device).scatter_(2, keep_idx, True)
-
-
-def adaptive_victims(score: torch.Tensor, valid: torch.Tensor, evictable: torch.Tensor, counts: torch.Tensor,
-                     floor: int, over: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n entries a layer evicts now under adaptive allocation: the n lowest normalised scores among
-    the evictable entries of all its heads, no head giving more than it holds above `floor`. The same as
-    taking the layer's lowest n times over, in one pass: they are among each head's n lowest, and a head's
-    order does not depend on its normalisation, so only those n are normalised. score, valid, evictable
-    (B, Hkv, C); counts (B, Hkv); over (B,): whether the layer evicts at all. Returns the flat entries
-    (head C + slot) and whether each is taken, (B, n), lowest score first (ties: unspecified)."""
-    B, Hkv, C = score.shape
-    k = min(n, C)
-    low, slot = score.float().masked_fill(~evictable, math.inf).topk(k, dim=2, largest=False)  # (B, Hkv, k)
-    low = low / head_totals(score, valid)
-    room = counts - floor  # how many each head can give
-    low = low.masked_fill(torch.arange(k, device=score.device) >= room[..., None], math.inf)
-    best, flat = low.reshape(B, Hkv * k).topk(min(n, Hkv * k), dim=1, largest=False)
-    entry = flat // k * C + slot.reshape(B, -1).gather(1, flat)
-    return entry, best.isfinite() & over[:, None]

@@ -84,7 +84,8 @@ def score_chunk(store: Store, st: LayerState, q: torch.Tensor, k: torch.Tensor, 
     rows_seen = (T - torch.searchsorted(e.qpos[0].contiguous(), pos.clamp(min=0).reshape(-1), right=False)
                  ).reshape(pos.shape).float() * (pos >= 0)
     view = PrefillView(layer=e.layer, q=e.q, k=e.keys, colsum=colsum, n_rows=rows, rows_seen=rows_seen,
-                       budget=budget, tp=store.tp, rope=store.rope if store.cache_positions else None)
+                       budget=budget, tp=store.tp, rope=store.rope if store.cache_positions else None,
+                       merges=store.merge_count)
     if over_budget:
         return out, e, policy.prefill_scores(view)
     if colsum is not None or policy.observes_prefill:

@@ -131,6 +131,9 @@ class KVStore:
         self.scale = 1.0 / math.sqrt(D)
         # device copy of (t, used, qpos) for the step's tensor ops; rows of `_advance` are its per-step moves
         self.clock = torch.zeros(3, dtype=torch.long, device=device)
+        # merges a merging policy made, over every (layer row, KV head): a victim it found no kept slot for
+        # (or, in KeepKV, none similar enough) is evicted without a merge; counted on the device
+        self.merge_count = torch.zeros(1, dtype=torch.long, device=device)
         self._advance = torch.tensor([[1, du, dq] for du in (0, 1) for dq in (0, 1)], device=device)
         self.static_length = False  # attend over every slot (masked), not the used ones: a graph's fixed shape
         self.t = 0  # tokens seen (the next token's original position)
@@ -155,6 +158,7 @@ class KVStore:
             st.extra.clear()
         self.t = self.used = self.occupancy = self.evictions = 0
         self.clock.zero_()
+        self.merge_count.zero_()
 
     def fill(self, positions: torch.Tensor, t: int, state: dict[str, torch.Tensor] | None = None) -> None:
         """Stand as after `t` tokens with the entries of `positions` (n,), ascending, kept in slots [0, n) of
@@ -178,8 +182,13 @@ class KVStore:
         return CacheStats(
             occupancy=self.occupancy, capacity=self.capacity, budget=self.budget,
             kv_bytes=per_token * self.capacity, full_kv_bytes=per_token * self.t, tokens_seen=self.t,
-            evictions=self.evictions, merges=self.evictions if self.policy.merges_values else 0,
+            evictions=self.evictions, merges=self.merges(),
         )
+
+    def merges(self) -> int:
+        """Merges per (layer, KV head), as `evictions` counts evictions (reads the device counter)."""
+        per = self.args.n_layers * self.args.n_kv_heads * self.batch
+        return round(int(self.merge_count) / per) if self.policy.merges_values else 0
 
     @property
     def qpos(self) -> int:
@@ -272,7 +281,8 @@ class KVStore:
         if self.policy.needs_acc and not self.fused_acc:  # masked slots have probability 0
             st.state["acc"] += reduce_group(probs, st.pos.shape[1], self.policy.group_reduce)
         if self.policy.decode_layer_by_layer:
-            self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope, tp=self.tp))
+            self._policy_step(DecodeView(layer=st, step_pos=self.t, q=qr, probs=probs, rope=rope, tp=self.tp,
+                                         merges=self.merge_count))
         if self.attn_out is not self.out:
             self.out.copy_(self.attn_out)
         return self.out
@@ -309,7 +319,7 @@ class KVStore:
         if not self.policy.decode_layer_by_layer:
             rope = self.rope if self.cache_positions else None
             self._policy_step(DecodeView(layer=self.all, step_pos=self.t, q=self.queries, probs=self.probs,
-                                         rope=rope, tp=self.tp))
+                                         rope=rope, tp=self.tp, merges=self.merge_count))
         grows_used = self.used < self.capacity
         moves_qpos = not (self.cache_positions and self.evicts_now)
         self.clock.add_(self._advance[2 * grows_used + moves_qpos])

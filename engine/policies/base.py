@@ -130,6 +130,13 @@ class Policy:
         """(B, Hkv, C) per-slot score; the eligible minimum is evicted."""
         raise NotImplementedError
 
+    def pooled_values(self) -> bool:
+        """Whether a pooled store (adaptive or pyramid allocation) may pass its pool itself as the decode
+        view's layer.k / layer.v ([P, R, D], slot s of row b at row index[b, g, s] of pool batch b % P)
+        instead of per-head copies: a policy that reads no key and reaches values only through
+        ops.merge_value(..., slot_index=layer.index)."""
+        return False
+
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
         """Called with the victim slots (B, Hkv) before they are freed (-1: the head evicts nothing now,
         under adaptive or pyramid allocation)."""

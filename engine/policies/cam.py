@@ -53,3 +53,4 @@ class CaM(AverageAttentionMerge):
         add = (p * ok / self.merge_window)[..., None] * ve  # (B, Hkv, m, D)
         idx = r[..., None].expand(-1, -1, -1, D)
         v.scatter_(2, idx, (v.gather(2, idx).float() + add).to(v.dtype))
+        self.count(view, ok.any(2))

@@ -98,6 +98,7 @@ class KeepKV(AverageAttentionMerge):
         for buf, new in ((layer.k, k_r), (layer.v, v_r)):  # the receiver's row where a merge happens
             buf.scatter_(2, at, torch.where(go[..., None], new[:, :, None].to(buf.dtype), buf.gather(2, at)))
         lp.scatter_(2, c, torch.where(go, lp_r[..., None], lp.gather(2, c)))
+        self.count(view, go[..., 0])
 
 
 def reference_query(view: DecodeView | PrefillView) -> torch.Tensor:

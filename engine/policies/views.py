@@ -28,6 +28,7 @@ class LayerState:
     # on average (B, 1, 1) int64, and with a pooled layout each slot's pool row (B, Hkv, C) int32 (k and v
     # then hold the slots' rows gathered per head, a copy made for a policy that reads them)
     quota: torch.Tensor | None = None
+    # (for a policy whose pooled_values() holds, k and v are the pool [P, R, D] itself, row b at pool batch b % P)
     index: torch.Tensor | None = None
 
     def rows(self, lo: int, hi: int) -> "LayerState":
@@ -49,6 +50,7 @@ class DecodeView:
     probs: torch.Tensor | None  # (B, H, C) this step's softmax row, when the policy asks for it
     rope: Rope | None = None  # positions="cache": the tables attention rotated the stored keys with
     tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
+    merges: torch.Tensor | None = None  # (1,) int64: a merging policy adds the merges it made (None: not counted)
 
     @functools.cached_property
     def k(self) -> torch.Tensor:
@@ -71,3 +73,4 @@ class PrefillView:
     budget: int = 0  # entries the store keeps after this chunk (0: the store did not say)
     tp: TensorParallel | None = None  # the tensor-parallel group holding the other heads (reduce.mean_over_heads)
     rope: Rope | None = None  # positions="cache": the tables `k` was rotated with (layer.rank: each entry's row)
+    merges: torch.Tensor | None = None  # (1,) int64: a merging policy adds the merges it made (None: not counted)

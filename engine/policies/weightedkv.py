@@ -82,6 +82,12 @@ class AverageAttentionMerge(Policy):
     def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
         self.merge(view, self.average(view.layer.state), view.layer.pos, victim)
 
+    @staticmethod
+    def count(view: DecodeView | PrefillView, merged: torch.Tensor) -> None:
+        """Add the heads that merged (merged: (B, Hkv) bool) to the store's merge counter."""
+        if view.merges is not None:
+            view.merges += merged.sum()
+
 
 @dataclass
 class WeightedKV(AverageAttentionMerge):
@@ -94,6 +100,9 @@ class WeightedKV(AverageAttentionMerge):
         if self.receiver not in RECEIVERS:
             raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         super().__post_init__()
+
+    def pooled_values(self) -> bool:
+        return self.receiver != "nearest_key"  # the others read positions only; the merge is merge_value's
 
     def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
         """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
@@ -126,5 +135,7 @@ class WeightedKV(AverageAttentionMerge):
         first = (rcv[..., None] >= 0) & (w_r == 0)
         w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
         weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
-        ops.merge_value(v, w, victim, rcv, weight)
+        pool = v.dim() == 3  # a pooled store's rows themselves (Policy.pooled_values)
+        ops.merge_value(v, w, victim, rcv, weight, slot_index=layer.index if pool else None)
+        self.count(view, (victim >= 0) & (rcv >= 0))
 
