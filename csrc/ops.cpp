@@ -127,5 +127,7 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("set_quant_isa", &engine::set_quant_isa,
           "The packed kernels' instruction set: 'auto' (the best this CPU has: AVX-512 VNNI for qmatvec_q8, "
           "AVX2), or a cap: 'avx2' or 'portable'.");
-  cpu.def("quant_isa", &engine::quant_isa, "The instruction set qmatvec and dequantize use now.");
+  cpu.def("quant_isa", &engine::quant_isa,
+          "The packed kernels' instruction set now: 'avx512vnni' (qmatvec_q8's dot products; qmatvec and "
+          "dequantize run their AVX2 kernels under it), 'avx2' or 'portable'.");
 }
