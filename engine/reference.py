@@ -615,6 +615,14 @@ def select_victim(score: Tensor, pos: Tensor, lo: int, hi: int, out_idx: Tensor)
     out_idx.copy_(torch.where(best.any(-1), idx, -1))
 
 
+def head_totals(score: Tensor, valid: Tensor) -> Tensor:
+    """(B, Hkv, 1): what adaptive allocation divides each head's scores by, their sum on the valid entries in
+    fp64, rounded to fp32 (1 where that sum is not positive: the head keeps its raw scores). The kernels'
+    rule, and prefill's (engine/kv/allocation.py), so a prompt and a decode step normalise alike."""
+    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
+    return torch.where(total > 0, total, 1.0)
+
+
 def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share: int, limit: Tensor,
                      out_entry: Tensor) -> None:
     """out_entry[b, i] = the entry (head C + slot) that row b (a layer) evicts i-th, -1 for none: in rows
@@ -626,8 +634,7 @@ def adaptive_victims(score: Tensor, pos: Tensor, lo: int, hi: Tensor, min_share:
     B, Hkv, C = score.shape
     valid = pos >= 0
     counts = valid.sum(2)
-    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
-    key = score / torch.where(total > 0, total, 1.0)
+    key = score / head_totals(score, valid)
     ok = (pos >= max(lo, 0)) & (pos <= hi) & key.isfinite()
     key = torch.where(ok, key, math.inf).view(B, Hkv * C)
     room = counts - min_share

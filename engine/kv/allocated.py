@@ -20,6 +20,7 @@ ones (the papers' protocol): the same selection over the same metadata, the test
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -249,15 +250,13 @@ class AllocatedKVStore(KVStore):
         if not (self.pooled and self.policy.reads_kv):
             return st
         if self.policy.pooled_values():
-            return LayerState(k=self.pool_k, v=self.pool_v, pos=st.pos, state=st.state, rank=st.rank, free=st.free,
-                              extra=st.extra, quota=st.quota, index=st.index)
+            return dataclasses.replace(st, k=self.pool_k, v=self.pool_v)
         return self._gathered(st)
 
     def _gathered(self, st: LayerState) -> LayerState:
         """st with k and v (rows, Hkv, C, D): copies of its slots' pool rows (rows stack layers, B each)."""
         where = self._pool_index(st, st.index.long())
-        return LayerState(k=self.pool_k[where], v=self.pool_v[where], pos=st.pos, state=st.state, rank=st.rank,
-                          free=st.free, extra=st.extra, quota=st.quota, index=st.index)
+        return dataclasses.replace(st, k=self.pool_k[where], v=self.pool_v[where])
 
     def _pool_index(self, st: LayerState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advanced index into the [B, R, D] pool of pool rows `rows` (n, Hkv, C), n rows of st."""

@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..policies.base import Policy
+from ..reference import head_totals
 
 
 def pyramid_budgets(budget: int, protected: int, n_layers: int, beta: float) -> list[int]:
@@ -58,13 +59,6 @@ def min_share(policy: Policy, budget: int) -> int:
         return policy.min_share
     protected = policy.sinks + policy.recent
     return protected + (budget - protected) // 5
-
-
-def head_totals(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, 1): what each head's scores are divided by, their sum on the valid entries in fp64, rounded
-    to fp32 (1 where that sum is not positive: the head keeps its raw scores); ops.adaptive_victims' total."""
-    total = torch.where(valid, score.double(), 0.0).sum(2, keepdim=True).float()
-    return torch.where(total > 0, total, 1.0)
 
 
 def normalised(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
