@@ -658,6 +658,8 @@ def _valid_args():
                         keep_idx=torch.arange(5).expand(B, Hkv, 5).contiguous()),
         "merge_value": dict(v=cache(), w=torch.zeros(B, Hkv, C), victim=torch.zeros(B, Hkv, dtype=i64),
                             receiver=torch.ones(B, Hkv, dtype=i64), weight=torch.ones(B, Hkv)),
+        "adaptive_victims": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=torch.tensor([30]), min_share=2,
+                                 limit=torch.tensor([1]), out_entry=torch.zeros(B, Hkv, dtype=i64)),
     }
 
 
@@ -732,7 +734,26 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
     ("merge_value", "victim", lambda t: t.int(), TypeError, "merge_value: victim must be int64, got int32"),
     ("merge_value", "w", lambda t: torch.zeros(1, 3, 8, device="meta"), ValueError,
      "merge_value: w must be on cpu like v, got meta"),
+    ("merge_value", "*", lambda a: {**a, **_pooled(slot_row=9)}, IndexError,
+     "merge_value: slot_index must hold pool rows in [0, R) = [0, 9) on the merged slots, got 9 at [0, 0, 1]"),
+    ("merge_value", "*", lambda a: {**a, **_pooled(P=2)}, ValueError,
+     "merge_value: slot_index's B=1 must be a multiple of the pool's P=2"),
+    ("merge_value", "*", lambda a: {**a, **_pooled(), "slot_index": _pooled()["slot_index"].long()}, TypeError,
+     "merge_value: slot_index must be int32, got int64"),
+    ("adaptive_victims", "hi", lambda t: t.int(), TypeError, "adaptive_victims: hi must be int64, got int32"),
+    ("adaptive_victims", "limit", lambda t: t.repeat(2), ValueError,
+     "adaptive_victims: limit must have shape [B] = [1], got [2]"),
 ]
+
+
+def _pooled(P: int = 1, slot_row: int | None = None) -> dict:
+    """merge_value's pooled operands over _valid_args' slots (B 1, H_kv 3, C 8, D 16): a pool [P, 9, D] and
+    each head's slots at rows 0..7; slot_row replaces the row of head 0's receiver (slot 1)."""
+    index = torch.arange(8, dtype=torch.int32).expand(1, 3, 8).contiguous()
+    if slot_row is not None:
+        index[0, 0, 1] = slot_row
+    return dict(v=torch.zeros(P, 9, 16), slot_index=index)
+
 
 
 def _raise(path: str, op: str, args: dict) -> BaseException:
