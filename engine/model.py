@@ -160,7 +160,9 @@ class Transformer(nn.Module):
         self.tp = tp
         self.args = args = tp.shard.local_args(args) if tp else args
         self.vocab_cut = tp.shard.vocab_cut(args) if tp else None  # this rank's rows of a vocabulary-split head
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # No random init (the weights are always assigned or drawn by the caller): Embedding's normal_ on the
+        # meta device (from_state_dict) imports torch._dynamo and sympy, ~70 MB of RSS and ~1 s of a load.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(Block(args, tp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         vocab_rows = args.vocab_size if self.vocab_cut is None else self.vocab_cut.stop - self.vocab_cut.start

@@ -176,9 +176,10 @@ def test_heads_not_divisible_is_one_clear_error():
 
 
 def test_small_model_two_ranks_same_logits_and_slots_for_every_policy(tiny8, tmp_path):
-    """8 heads / 4 KV heads at 2 ranks, 200 decode steps, every policy, both position modes."""
-    procs = start(2, ["-m", "tests.dist_worker", "policies", str(tiny8), str(tmp_path), "200"])
-    one = policy_runs(engine.load(tiny8, policy="full", weights="dequantize"), 200)  # meanwhile, the reference
+    """8 heads / 4 KV heads at 2 ranks, 100 decode steps, every policy, both position modes (a 200-step run
+    is in bench/DISTRIBUTED.md)."""
+    procs = start(2, ["-m", "tests.dist_worker", "policies", str(tiny8), str(tmp_path), "100"])
+    one = policy_runs(engine.load(tiny8, policy="full", weights="dequantize"), 100)  # meanwhile, the reference
     for rc, _, err in finish(procs):
         assert rc == 0, err
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -189,7 +190,7 @@ def test_small_model_two_ranks_same_logits_and_slots_for_every_policy(tiny8, tmp
 def test_default_model_three_ranks(default_model_dir, tmp_path):
     """The real model (9 heads, 3 KV heads) at 3 ranks: a prompt's logits, and after a prompt compressed to
     the budget and STEPS decode steps that each evict, every policy in both position modes keeps the same
-    positions with the same logits. (200 steps run on the small model above: 3 ranks on 2 cores make the real
+    positions with the same logits. (100 steps run on the small model above: 3 ranks on 2 cores make the real
     model's steps slow, 200 of them ~20 min, run by hand: bench/DISTRIBUTED.md. The ranks' start and load take
     most of this test's time.)"""
     steps = 6
