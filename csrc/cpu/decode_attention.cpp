@@ -20,7 +20,9 @@
 // by its slots' ranks into fp32 scratch before the dot products, so K is still read once.
 //
 // The kernels are written once with 8-lane vectors (vec.h) and compiled twice (ENGINE_MULTIVERSION):
-// AVX2 + FMA where the CPU has it, SSE2 elsewhere.
+// AVX2 + FMA where the CPU has it, SSE2 elsewhere. 16-bit K/V rows are widened to fp32 scratch a block at
+// a time (widen_rows), fp16 by F16C's vcvtph2ps where the CPU has it: the clones cannot name F16C, and
+// their portable conversion takes ~12 vector instructions per 8 values.
 #include <omp.h>
 
 #include <algorithm>
@@ -31,6 +33,11 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "vec.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ENGINE_HAVE_F16C_PATH 1
+#include <immintrin.h>
+#endif
 
 // The 8-lane helpers are all inlined, so the baseline ABI for 32-byte vectors is never used.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -173,6 +180,57 @@ ENGINE_INLINE bool any8(Int8 x) {
   return a != 0;
 }
 
+// dst[j * D, (j + 1) * D) = rows[j] in fp32 for j < n, by F16C (exact, as every fp16 -> fp32 conversion).
+// Only called where f16c_rows() is true; its own function, compiled for F16C alone.
+#if ENGINE_HAVE_F16C_PATH
+__attribute__((target("avx,f16c"))) void widen_half_rows(const c10::Half* const* rows, int64_t n, int64_t D,
+                                                         float* __restrict__ dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(rows[j]);
+    float* o = dst + j * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      _mm256_storeu_ps(o + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+    }
+    if (d < D) half_to_float(src + d, o + d, D - d);
+  }
+}
+
+bool f16c_rows() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+void widen_half_rows(const c10::Half* const*, int64_t, int64_t, float*) {}
+bool f16c_rows() { return false; }
+#endif
+
+// Whether kv_t's rows are widened to fp32 scratch a block at a time before use: bf16, and fp16 on an F16C
+// CPU. The G query heads of a group then read each row as fp32, where the dot products and value sums
+// would otherwise convert it once per head (2x the time of fp32 K/V for bf16, 7x for fp16 before).
+template <typename kv_t>
+bool widens() {
+  if constexpr (std::is_same_v<kv_t, c10::Half>) {
+    return f16c_rows();
+  } else {
+    return std::is_same_v<kv_t, c10::BFloat16>;
+  }
+}
+
+// dst[j * D, (j + 1) * D) = rows[j] in fp32 for j < n (the values exactly: every 16-bit float is an fp32).
+template <typename kv_t>
+ENGINE_INLINE void widen_rows(const kv_t* const* rows, int64_t n, int64_t D, float* __restrict__ dst) {
+  if constexpr (std::is_same_v<kv_t, c10::Half>) {
+    widen_half_rows(rows, n, D, dst);
+  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) store8(dst + j * D + d, load8(rows[j] + d));
+      for (; d < D; ++d) dst[j * D + d] = static_cast<float>(rows[j][d]);
+    }
+  }
+}
+
 // Lane j = q[0..D) . rows[j][0..D): a vector of partial sums per row, reduced together at the end.
 template <typename T>
 ENGINE_INLINE Vec8 dot8(const float* __restrict__ q, const T* const rows[8], int64_t D) {
@@ -289,7 +347,7 @@ ENGINE_INLINE void logits8(const float* qf, const T* const kr[8], Int8 valid, in
 }
 
 // Phase 1 for slots [s0, s1) of KV head bg: logits into the head's rows, then exp in place, and
-// the piece's max, sum and exp @ V into `part`. qbuf: (G + 8) * D floats of scratch.
+// the piece's max, sum and exp @ V into `part`. qbuf: (G + 16 + kRows) * D floats of scratch.
 template <typename kv_t, typename q_t>
 ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
                                       Partial part, float* qbuf) {
@@ -312,7 +370,10 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
     }
   }
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
-  float* rotated = qbuf + G * D;  // [8, D]
+  float* rotated = qbuf + G * D;     // [8, D]
+  float* widened = rotated + 8 * D;  // [8, D]: a block's key rows in fp32, when `wide`
+  float* values = widened + 8 * D;   // [kRows, D]: a block's value rows in fp32, when `wide`
+  const bool wide = widens<kv_t>();
 
   for (int64_t s = s0; s < s1; s += 8) {
     const int64_t n = std::min<int64_t>(8, s1 - s);
@@ -324,6 +385,11 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
       for (int64_t h = 0; h < G; ++h) store_partial(rows + h * c.stride + s, splat8(kNegInf), n);
       continue;
     }
+    const float* wk[8];
+    if (wide) {
+      widen_rows(kr, 8, D, widened);
+      for (int64_t j = 0; j < 8; ++j) wk[j] = widened + j * D;
+    }
     if (rank) {
       const float* kf[8];
       int64_t row[8];
@@ -332,8 +398,14 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
         row[j] = pos[slot] >= 0 ? rank[slot] : 0;  // an empty slot's rank may be anything
         kf[j] = rotated + j * D;
       }
-      rotate_rows(kr, row, c.p.cos, c.p.sin, rotated, D);
+      if (wide) {
+        rotate_rows(wk, row, c.p.cos, c.p.sin, rotated, D);
+      } else {
+        rotate_rows(kr, row, c.p.cos, c.p.sin, rotated, D);
+      }
       logits8(qf, kf, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
+    } else if (wide) {
+      logits8(qf, wk, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     } else {
       logits8(qf, kr, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     }
@@ -354,6 +426,11 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
       nv += pos[b0 + j] >= 0;
     }
     for (int64_t j = 0; j < nv; ++j) vr[j] = vb(idx[j]);
+    const float* vf[kRows];
+    if (wide) {
+      widen_rows(vr, nv, D, values);
+      for (int64_t j = 0; j < nv; ++j) vf[j] = values + j * D;
+    }
     for (int64_t r = 0; r < kRows; r += 8) prefetch_rows(vb, b0 + kRows + r, s1);
     for (int64_t h = 0; h < G; ++h) {
       float* row = rows + h * c.stride;
@@ -367,7 +444,11 @@ ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, in
         for (int64_t j = 0; j < nv; ++j) w[j] = row[idx[j]];
         wv = w;
       }
-      accumulate_values(part.acc + h * D, wv, vr, nv, D);
+      if (wide) {
+        accumulate_values(part.acc + h * D, wv, vf, nv, D);
+      } else {
+        accumulate_values(part.acc + h * D, wv, vr, nv, D);
+      }
     }
   }
 }
@@ -448,7 +529,7 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
                             partials.get()};
   auto run = [&](int64_t t, int64_t nt) {
     const Split split{BG * p.length, nt, p.length};
-    std::vector<float> buf(std::max((G + 8) * D, 2 * G + D));
+    std::vector<float> buf(std::max((G + 16 + kRows) * D, 2 * G + D));
     split.for_pieces(t, [&](int64_t bg, int64_t s0, int64_t s1) {
       attend_piece(c, bg, s0, s1, c.partial(t + bg), buf.data());
       // The head's last piece to finish (acquiring the others' writes) completes it.
