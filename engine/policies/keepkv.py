@@ -59,9 +59,6 @@ class KeepKV(AverageAttentionMerge):
         if not -1.0 <= self.min_similarity <= 1.0:
             raise PolicyError(f"keepkv: min_similarity must be in [-1, 1], got {self.min_similarity}")
 
-    def pooled_values(self) -> bool:
-        return True  # keys and values are read and written through HeadSlots, pool rows included
-
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """ZIP-merge slot victim[b, g] (-1: none) into its receiver: key, value and log votes in place (the

@@ -29,7 +29,7 @@ class HeadSlots:
         h = self.heads.view(*self.heads.shape, *(1,) * (t.dim() - 2))
         return t.gather(1, h.expand(-1, -1, *t.shape[2:]))
 
-    def widen(self, t: torch.Tensor, fill: float) -> torch.Tensor:
+    def widen(self, t: torch.Tensor, fill: int | float) -> torch.Tensor:
         """t [B, n] -> [B, Hkv]: back at the chosen heads, `fill` at the others."""
         if self.heads is None:
             return t

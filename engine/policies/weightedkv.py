@@ -84,7 +84,7 @@ class AverageAttentionMerge(Policy):
         return self.average(view.layer.state)
 
     def pooled_values(self) -> bool:
-        return True
+        return True  # every merge reaches k and v through HeadSlots or merge_value's slot_index
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         self.merge(view, self.average(view.layer.state), view.layer.pos, victim, heads)
