@@ -274,6 +274,87 @@ def test_cam_merges_into_the_next_tokens_in_proportion_to_attention():
         assert torch.equal(layer.v, want)
 
 
+@pytest.mark.parametrize("shape", [(30, 1, 463, 64), (7, 3, 13, 16), (2, 5, 1, 7), (3, 1, 9, 1)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_receiver_cosine_is_torch_cosine_similarity_bit_for_bit(shape):
+    """The merges' cosine (no expanded copy of the victim's key) equals F.cosine_similarity exactly, zero
+    keys (eps) and scales far from 1 included, so a receiver search picks what it picked with it."""
+    import torch.nn.functional as F
+    from engine.policies.slots import cosine_similarity
+
+    g = gen(41)
+    for scale in (1e-6, 1.0, 1e5):
+        x = torch.randn(shape, generator=g) * scale
+        x[:, :, 0] = 0.0
+        y = x[:, :, -1].clone()
+        y[0] = 0.0
+        assert torch.equal(cosine_similarity(x, y), F.cosine_similarity(x, y[:, :, None], dim=-1))
+
+
+MERGES = [("keepkv", {"min_similarity": -1.0}), ("keepkv", {"min_similarity": 0.1}),
+          ("weightedkv", {"receiver": "nearest_key"}), ("weightedkv", {"receiver": "next"}), ("cam", {"merge_window": 3})]
+
+
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+@pytest.mark.parametrize("name,kw", MERGES, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_a_merge_of_one_head_per_row_is_the_all_heads_merge_in_either_layout(name, kw, path):
+    """Adaptive allocation's picks (one KV head per row may evict, `heads` says which): the merge reads and
+    writes only that head, in the dense layout and in a pool (slots shuffled over the rows of two pool
+    batches, empty slots at a NaN scratch row, unused rows NaN), and every buffer ends bit for bit as the
+    merge over all heads (victim -1 at the others) leaves it; no other pool row is written. (Vote counts 1, 2
+    and 13 in 26 rows: torch's logaddexp(log 2, log 13) in a vectorised lane, as in a tensor of 3 x 26
+    heads, and in the scalar loop it takes for 26 differ by an ulp, so KeepKV's scalars must stay at full width.)"""
+    from engine.policies.views import DecodeView, LayerState
+
+    rows, P, H, Hkv, C, D = 26, 2, 6, 3, 11, 16
+    g = gen(31)
+    policy = make_policy(name, budget=8, sinks=2, recent=1, **kw)
+    heads = torch.randint(0, Hkv, (rows, 1), generator=g)
+    slot = torch.randint(2, C, (rows, 1), generator=g)
+    slot[[1, 4]] = -1  # rows whose pick is empty
+    victim = torch.full((rows, Hkv), -1).scatter_(1, heads, slot)
+    pos = torch.arange(C, dtype=torch.int32).repeat(rows, Hkv, 1)
+    pos = pos.masked_fill((torch.rand(rows, Hkv, C, generator=g) < 0.3) & (victim[..., None] != pos), -1)
+    valid = pos >= 0
+    k, v, q = torch.randn(rows, Hkv, C, D, generator=g), torch.randn(rows, Hkv, C, D, generator=g), torch.randn(rows, H, D, generator=g)
+    state = {"acc": torch.rand(rows, Hkv, C, generator=g), "cnt": torch.randint(1, 5, (rows, Hkv, C), generator=g).float(),
+             "logp": torch.tensor([1.0, 2.0, 13.0])[torch.randint(0, 3, (rows, Hkv, C), generator=g)].log(),
+             "w": torch.rand(rows, Hkv, C, generator=g) * (torch.rand(rows, Hkv, C, generator=g) < 0.5)}
+    state = {n: s.masked_fill(~valid, 0.0) for n, s in state.items() if n == "acc" or n in policy.state_names}
+    abar = policy.average(state)
+
+    def merged(layer: LayerState, heads: torch.Tensor | None) -> tuple[LayerState, int]:
+        count = torch.zeros(1, dtype=torch.long)
+        view = DecodeView(layer=layer, step_pos=C, q=q, probs=None, merges=count)
+        with on_path(path, "merge_value", "cpu"):
+            policy.merge(view, abar, layer.pos, victim, heads)
+        return layer, int(count)
+
+    dense = lambda: LayerState(k=k.clone(), v=v.clone(), pos=pos.clone(), state={n: s.clone() for n, s in state.items()})
+    full, n_full = merged(dense(), None)
+    one, n_one = merged(dense(), heads)
+    scratch = rows // P * Hkv * C  # each pool batch: a row per (layer row, head, slot) of its rows, then scratch
+    index = torch.stack([torch.randperm(scratch, generator=g) for _ in range(P)])  # row r = j P + p: batch p's j-th
+    index = index.view(P, rows // P, Hkv, C).transpose(0, 1).reshape(rows, Hkv, C)
+    index = index.masked_fill(~valid, scratch).int()
+    pool_k, pool_v = (torch.full((P, scratch + 1, D), math.nan) for _ in range(2))
+    b = (torch.arange(rows) % P)[:, None, None].expand(-1, Hkv, C)
+    pool_k[b[valid], index.long()[valid]], pool_v[b[valid], index.long()[valid]] = k[valid], v[valid]
+    pooled = LayerState(k=pool_k, v=pool_v, pos=pos.clone(), state={n: s.clone() for n, s in state.items()},
+                        index=index)
+    pooled, n_pooled = merged(pooled, heads)
+    assert n_full == n_one == n_pooled > 0
+    assert not torch.equal(full.v, v)
+    for t in (one, pooled):
+        assert all(torch.equal(t.state[n], full.state[n]) for n in state)
+    assert torch.equal(one.k, full.k) and torch.equal(one.v, full.v)
+    at = b[valid], index.long()[valid]
+    assert torch.equal(pooled.k[at], full.k[valid]) and torch.equal(pooled.v[at], full.v[valid])
+    unused = torch.ones(P, scratch + 1, dtype=torch.bool)
+    unused[at] = False
+    assert pooled.k[unused].isnan().all() and pooled.v[unused].isnan().all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["compiled", "reference"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -62,6 +62,8 @@ class AllocatedKVStore(KVStore):
         # the slots a head of layer l can hold: each head fills its first empty slot, so it uses no other
         self.layer_slots = [slots if self.adaptive or mask else b + spare for b in self.layer_budgets]
         self.pooled = not mask
+        if policy.merges_values and not policy.pooled_values():
+            raise RuntimeError(f"internal: {policy.name} merges but not in the pool (Policy.pooled_values)")
         self.scratch = sum(self.pool_rows)  # the pool row every empty slot points at
         super().__init__(args, policy, budget, slots, batch, dtype, device, rope, mask, kv_dtype, tp)
         B, a = batch, self.all
@@ -246,7 +248,8 @@ class AllocatedKVStore(KVStore):
     # ---- eviction ------------------------------------------------------------------------------
     def _policy_layer(self, st: LayerState) -> LayerState:
         """What a policy sees of pooled rows: the slots' K and V gathered per head where it reads them, or
-        the pool itself for one that reaches values through merge_value's slot_index (no copies)."""
+        the pool itself for one that reaches them through the slots' index (Policy.pooled_values: no copies;
+        every merging policy, whose merges write the pool)."""
         if not (self.pooled and self.policy.reads_kv):
             return st
         if self.policy.pooled_values():
@@ -286,8 +289,7 @@ class AllocatedKVStore(KVStore):
                 for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
                     head, slot = some[:, i : i + 1] // C, some[:, i : i + 1] % C
                     victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
-                    rows_freed[:, i] = self._remove(view, victim).amax(1)  # the one head that gave a row, or -1
-                self._write_back(view.layer)
+                    rows_freed[:, i] = self._remove(view, victim, head).amax(1)  # the one head that gave a row, or -1
             # the freed rows in the order of the heads that gave them (head g's token takes the g-th): a head
             # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
             order = torch.where(taken, entry // C, Hkv).argsort(dim=1, stable=True)
@@ -308,17 +310,16 @@ class AllocatedKVStore(KVStore):
             ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
         if p.merges_values:
             freed.copy_(self._remove(view, torch.where(over[:, None], victim, -1)))
-            self._write_back(view.layer)
         else:  # slot victim of every head, in each layer over its budget
             flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
             freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
 
-    def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
-        """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing, then the slot
-        emptied. Returns the pool rows freed (B, Hkv) int64, -1 where nothing was (or no pool). A merge
-        changed the gathered copies of a pool's rows: the caller writes them back (_write_back)."""
+    def _remove(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Evict slot victim[b, g] of each head (-1: none; heads: as Policy.after_evict): the policy's
+        post-processing (a merge writes the pool's rows itself), then the slot emptied. Returns the pool
+        rows freed (B, Hkv) int64, -1 where nothing was (or no pool)."""
         st = view.layer
-        self.policy.after_evict(view, victim)
+        self.policy.after_evict(view, victim, heads)
         gone = victim >= 0
         idx = victim.clamp(min=0)[..., None]
         st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
@@ -350,17 +351,6 @@ class AllocatedKVStore(KVStore):
         size = st.pos.shape[0]
         first = (st.pos.data_ptr() - self.all.pos.data_ptr()) // (st.pos.stride(0) * st.pos.element_size())
         return slice(first, first + size)
-
-    def _write_back(self, st: LayerState) -> None:
-        """Copy the gathered value rows a merge policy changed (and the key rows, for one that merges keys)
-        back to their pool rows (valid slots only; the others go to the scratch row). Nothing without a pool,
-        or where the policy merged in the pool itself."""
-        if not self.pooled or self.policy.pooled_values():
-            return
-        where = self._pool_index(st, st.index.long().masked_fill(st.pos < 0, self.scratch))
-        self.pool_v[where] = st.v
-        if self.policy.merges_keys:
-            self.pool_k[where] = st.k
 
 
 def make_store(args: ModelArgs, policy: Policy, budget: int, capacity: int, batch: int, dtype: torch.dtype,

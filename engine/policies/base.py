@@ -131,15 +131,17 @@ class Policy:
         raise NotImplementedError
 
     def pooled_values(self) -> bool:
-        """Whether a pooled store (adaptive or pyramid allocation) may pass its pool itself as the decode
+        """Whether a pooled store (adaptive or pyramid allocation) passes its pool itself as the decode
         view's layer.k / layer.v ([P, R, D], slot s of row b at row index[b, g, s] of pool batch b % P)
-        instead of per-head copies: a policy that reads no key and reaches values only through
-        ops.merge_value(..., slot_index=layer.index)."""
+        instead of per-head copies: a policy that reaches keys and values only through layer.index
+        (policies/slots.py HeadSlots, ops.merge_value's slot_index). A merging policy must: the copies
+        are not written back."""
         return False
 
-    def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
+    def after_evict(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """Called with the victim slots (B, Hkv) before they are freed (-1: the head evicts nothing now,
-        under adaptive or pyramid allocation)."""
+        under adaptive or pyramid allocation). heads (B, n) int64, where given: the only heads whose
+        victim may be >= 0 (adaptive allocation's one pick per row), so a policy may skip the others."""
 
     @classmethod
     def options(cls) -> list[tuple[str, type, object]]:

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from .base import DecodeView, PolicyError, PrefillView
+from .slots import HeadSlots
 from .weightedkv import AverageAttentionMerge
 
 
@@ -36,21 +37,22 @@ class CaM(AverageAttentionMerge):
         if self.merge_window < 1:
             raise PolicyError(f"cam: merge_window must be >= 1, got {self.merge_window}")
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
-        v = view.layer.v
-        B, Hkv, C, D = v.shape
-        m = min(self.merge_window, C)
-        e = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
+              heads: torch.Tensor | None = None) -> None:
+        at = HeadSlots(view.layer, heads)
+        pos, victim, abar = at.narrow(pos), at.narrow(victim), at.narrow(abar)  # (B, n, C), (B, n), (B, n, C)
+        m = min(self.merge_window, pos.shape[2])
+        e = victim.clamp(min=0)[..., None]  # (B, n, 1)
         pe = pos.gather(2, e)
         big = torch.iinfo(pos.dtype).max
         after = torch.where((pos > pe) & (pos >= self.sinks), pos, big)
         nearest = after.topk(m, dim=2, largest=False)  # the next m positions, sorted
-        r, ok = nearest.indices, (nearest.values < big) & (victim[..., None] >= 0)  # (B, Hkv, m)
+        r, ok = nearest.indices, (nearest.values < big) & (victim[..., None] >= 0)  # (B, n, m)
         n = ok.sum(2, keepdim=True).clamp(min=1)
         mean_r = (abar.gather(2, r) * ok).sum(2, keepdim=True) / n
-        p = (abar.gather(2, e) / mean_r).nan_to_num(0.0, posinf=1.0).clamp(0.0, 1.0)  # (B, Hkv, 1)
-        ve = v.gather(2, e[..., None].expand(-1, -1, 1, D)).float()
-        add = (p * ok / self.merge_window)[..., None] * ve  # (B, Hkv, m, D)
-        idx = r[..., None].expand(-1, -1, -1, D)
-        v.scatter_(2, idx, (v.gather(2, idx).float() + add).to(v.dtype))
+        p = (abar.gather(2, e) / mean_r).nan_to_num(0.0, posinf=1.0).clamp(0.0, 1.0)  # (B, n, 1)
+        v = view.layer.v
+        ve = at.read(v, e).float()  # (B, n, 1, D)
+        add = (p * ok / self.merge_window)[..., None] * ve  # (B, n, m, D)
+        at.write(v, r, at.read(v, r).float() + add, ok)
         self.count(view, ok.any(2))

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..rope import Rope
 from .base import DecodeView, PolicyError, PrefillView
+from .slots import HeadSlots, cosine_similarity
 from .weightedkv import AverageAttentionMerge
 
 
@@ -60,44 +60,54 @@ class KeepKV(AverageAttentionMerge):
             raise PolicyError(f"keepkv: min_similarity must be in [-1, 1], got {self.min_similarity}")
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor) -> None:
+              victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """ZIP-merge slot victim[b, g] (-1: none) into its receiver: key, value and log votes in place (the
-        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query)."""
-        layer = view.layer
-        B, Hkv, C, D = layer.k.shape
-        rope, rank = view.rope, None if view.rope is None else layer.rank.clamp(min=0).long()
-        keys = layer.k.float() if rope is None else Rope.rotate_by(layer.k.float(), rope.cos[rank], rope.sin[rank])
-        e = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)
-        row = lambda t, i: t.gather(2, i[..., None].expand(-1, -1, 1, D))[:, :, 0]  # (B, Hkv, D)
+        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query). Only the
+        keys of `heads` (AverageAttentionMerge.merge) are read, converted and searched."""
+        layer, at = view.layer, HeadSlots(view.layer, heads)
+        pos, victim = at.narrow(pos), at.narrow(victim)  # (B, n, C), (B, n)
+        C, D = pos.shape[2], view.q.shape[-1]
+        keys = at.keys().float()
+        rope = view.rope
+        if rope is not None:
+            rank = at.narrow(layer.rank).clamp(min=0).long()
+            keys = Rope.rotate_by(keys, rope.cos[rank], rope.sin[rank])
+        e = victim.clamp(min=0)[..., None]  # (B, n, 1)
+        row = lambda t, i: t.gather(2, i[..., None].expand(-1, -1, 1, D))[:, :, 0]  # (B, n, D)
         k_e = row(keys, e)
         cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != e)
-        sim = F.cosine_similarity(keys, k_e[:, :, None], dim=-1).masked_fill(~cand, -math.inf).max(2)
+        sim = cosine_similarity(keys, k_e).masked_fill(~cand, -math.inf).max(2)
         go = (victim >= 0) & (sim.values >= self.min_similarity)  # -inf (no candidate) never merges
         c = sim.indices[..., None]
         k_c = row(keys, c)
-        q = reference_query(view)
+        q = at.narrow(reference_query(view))
         scale = 1.0 / math.sqrt(D)
-        lp = layer.state["logp"]
+        lp = at.narrow(layer.state["logp"])
         lp_e, lp_c = lp.gather(2, e)[..., 0], lp.gather(2, c)[..., 0]
-        le = lp_e + scale * (q * k_e).sum(-1)  # log w_e
-        lc = lp_c + scale * (q * k_c).sum(-1)
+        # exp, log and logaddexp over (B, Hkv), each head where a merge of every head puts it: a vectorised
+        # lane and the scalar tail round differently, so the merge of `heads` alone keeps that merge's bits
+        wide = lambda t: at.widen(t, 0.0)
+        le = wide(lp_e + scale * (q * k_e).sum(-1))  # log w_e
+        lc = wide(lp_c + scale * (q * k_c).sum(-1))
         top = torch.maximum(le, lc)
-        w_e, w_c = (le - top).exp()[..., None], (lc - top).exp()[..., None]
+        w_e, w_c = (le - top).exp(), (lc - top).exp()
         total = w_e + w_c
-        v_r = (w_e * row(layer.v, e).float() + w_c * row(layer.v, c).float()) / total
+        lp_r = torch.logaddexp(wide(lp_e), wide(lp_c))
+        target = (top + total.log() - lp_r) / scale  # the q.k_r that gives p_r exp(s_r) = w_e + w_c
+        w_e, w_c, total, lp_r, target = (at.narrow(t) for t in (w_e, w_c, total, lp_r, target))  # (B, n)
+        w_e, w_c, total = w_e[..., None], w_c[..., None], total[..., None]
+        v_r = (w_e * at.read(layer.v, e)[:, :, 0].float() + w_c * at.read(layer.v, c)[:, :, 0].float()) / total
         k_bar = (w_e * k_e + w_c * k_c) / total
-        lp_r = torch.logaddexp(lp_e, lp_c)
-        target = (top + total[..., 0].log() - lp_r) / scale  # the q.k_r that gives p_r exp(s_r) = w_e + w_c
         qq = (q * q).sum(-1)
         a = torch.where(qq > 0, (target - (q * k_bar).sum(-1)) / qq.clamp(min=1e-30), 0.0)
         k_r = k_bar + a[..., None] * q
         if rope is not None:  # back to the stored (pre-RoPE) key: the inverse rotation at the receiver's rank
             r = rank.gather(2, c)[..., 0]
             k_r = Rope.rotate_by(k_r, rope.cos[r], -rope.sin[r])
-        at, go = c[..., None].expand(-1, -1, 1, D), go[..., None]
-        for buf, new in ((layer.k, k_r), (layer.v, v_r)):  # the receiver's row where a merge happens
-            buf.scatter_(2, at, torch.where(go[..., None], new[:, :, None].to(buf.dtype), buf.gather(2, at)))
-        lp.scatter_(2, c, torch.where(go, lp_r[..., None], lp.gather(2, c)))
+        go = go[..., None]  # the receiver's row where a merge happens
+        at.write(layer.k, c, k_r[:, :, None], go)
+        at.write(layer.v, c, v_r[:, :, None], go)
+        at.write_state(layer.state["logp"], c, lp_r[..., None], go)
         self.count(view, go[..., 0])
 
 

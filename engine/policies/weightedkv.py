@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
+from .slots import HeadSlots, cosine_similarity
 
 RECEIVERS = ("next", "prev", "nearest_key")
 
@@ -49,9 +49,13 @@ class AverageAttentionMerge(Policy):
         """abar = acc / cnt (0 where nothing saw the slot)."""
         return state["acc"] / state["cnt"].clamp(min=1.0)
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
+              heads: torch.Tensor | None = None) -> None:
         """Merge the value of slot victim[b, g] (-1: none) into kept slots of view.layer.v, in place. `pos`: the
-        entries still present (a prompt chunk's merges drop them one at a time)."""
+        entries still present (a prompt chunk's merges drop them one at a time). `heads` (B, n): the only heads
+        whose victim may be >= 0 (adaptive allocation's one pick per row), so the others need no work; None:
+        any. view.layer's k and v may be a pooled store's pool (Policy.pooled_values): reach them through
+        HeadSlots or ops.merge_value's slot_index."""
         raise NotImplementedError
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
@@ -79,8 +83,11 @@ class AverageAttentionMerge(Policy):
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         return self.average(view.layer.state)
 
-    def after_evict(self, view: DecodeView, victim: torch.Tensor) -> None:
-        self.merge(view, self.average(view.layer.state), view.layer.pos, victim)
+    def pooled_values(self) -> bool:
+        return True  # every merge reaches k and v through HeadSlots or merge_value's slot_index
+
+    def after_evict(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+        self.merge(view, self.average(view.layer.state), view.layer.pos, victim, heads)
 
     @staticmethod
     def count(view: DecodeView | PrefillView, merged: torch.Tensor) -> None:
@@ -101,20 +108,19 @@ class WeightedKV(AverageAttentionMerge):
             raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         super().__post_init__()
 
-    def pooled_values(self) -> bool:
-        return self.receiver != "nearest_key"  # the others read positions only; the merge is merge_value's
-
-    def receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv) slot that takes each victim's value, -1 if there is none (or no victim: -1)."""
-        rcv = self._receivers(k, pos, victim.clamp(min=0))
+    def receivers(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+        """(B, n) slot that takes each victim's value, -1 if there is none (or no victim: -1); pos, victim:
+        the heads of `at` (B, n, C), (B, n)."""
+        rcv = self._receivers(at, pos, victim.clamp(min=0))
         return torch.where(victim >= 0, rcv, -1)
 
-    def _receivers(self, k: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+    def _receivers(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
         C = pos.shape[2]
         cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
         if self.receiver == "nearest_key":
-            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))
-            cos = F.cosine_similarity(k.float(), kj.float(), dim=-1).masked_fill(~cand, -math.inf)
+            k = at.keys()
+            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))[:, :, 0]
+            cos = cosine_similarity(k.float(), kj.float()).masked_fill(~cand, -math.inf)
             return torch.where(cand.any(2), cos.argmax(2), -1)
         pj = pos.gather(2, victim[..., None])
         big = torch.iinfo(pos.dtype).max
@@ -125,11 +131,13 @@ class WeightedKV(AverageAttentionMerge):
             return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
         return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
+              heads: torch.Tensor | None = None) -> None:
         """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
         layer = view.layer
-        v, w, k = layer.v, layer.state["w"], layer.k
-        rcv = self.receivers(k, pos, victim)
+        v, w = layer.v, layer.state["w"]
+        at = HeadSlots(layer, heads)
+        rcv = at.widen(self.receivers(at, at.narrow(pos), at.narrow(victim)), -1)
         r = rcv.clamp(min=0)[..., None]
         w_r = w.gather(2, r)
         first = (rcv[..., None] >= 0) & (w_r == 0)
