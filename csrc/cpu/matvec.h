@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 namespace engine {
@@ -32,8 +31,7 @@ template <typename F>
 void for_row_chunks(int64_t N, int64_t row_bytes, int64_t x_rows, const F& run) {
   row_bytes = std::max<int64_t>(1, row_bytes);
   const int64_t work = N * row_bytes * std::max<int64_t>(1, x_rows);
-  static const int64_t split = std::getenv("ENGINE_SPLIT_BYTES") ? std::atoll(std::getenv("ENGINE_SPLIT_BYTES")) : kBytesPerThread;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), work / split);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), work / kBytesPerThread);
   const bool parallel = threads > 1 && !at::in_parallel_region();
   const int64_t chunk_bytes = parallel ? std::min(kChunkBytes, N * row_bytes / (kChunksPerThread * threads))
                                        : kChunkBytes;
