@@ -280,16 +280,11 @@ class AllocatedKVStore(KVStore):
                                  self.limit[rows], entry)
             taken = entry >= 0  # the picks come first, then -1s
             C = pos.shape[2]
-            if not p.merges_values:
-                # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
-                flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
-                rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
-            else:
-                rows_freed, some = torch.empty_like(freed), entry.clamp(min=0)
-                for i in range(entry.shape[1]):  # a merge sees the slots the earlier ones left: one at a time
-                    head, slot = some[:, i : i + 1] // C, some[:, i : i + 1] % C
-                    victim = torch.full_like(st.free, -1).scatter_(1, head, torch.where(taken[:, i : i + 1], slot, -1))
-                    rows_freed[:, i] = self._remove(view, victim, head).amax(1)  # the one head that gave a row, or -1
+            if p.merges_values:
+                self._merge_picks(view, entry, taken)
+            # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
+            flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
+            rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
             # the freed rows in the order of the heads that gave them (head g's token takes the g-th): a head
             # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
             order = torch.where(taken, entry // C, Hkv).argsort(dim=1, stable=True)
@@ -314,12 +309,27 @@ class AllocatedKVStore(KVStore):
             flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
             freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
 
-    def _remove(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """Evict slot victim[b, g] of each head (-1: none; heads: as Policy.after_evict): the policy's
-        post-processing (a merge writes the pool's rows itself), then the slot emptied. Returns the pool
-        rows freed (B, Hkv) int64, -1 where nothing was (or no pool)."""
+    def _merge_picks(self, view: DecodeView, entry: torch.Tensor, taken: torch.Tensor) -> None:
+        """Adaptive eviction's merges, one pick at a time: each merge sees the slots the earlier picks left, so
+        a pick's position is emptied before the next merge. Its state and pool row are emptied afterwards with
+        every other pick's (_remove_all): no merge reads them, since a merge reads only present slots."""
+        st, C = view.layer, view.layer.pos.shape[2]
+        some = entry.clamp(min=0)
+        heads, slots = some // C, torch.where(taken, some % C, -1)
+        pos = st.pos.view(st.pos.shape[0], -1)
+        for i in range(entry.shape[1]):
+            head = heads[:, i : i + 1]
+            victim = torch.full_like(st.free, -1).scatter_(1, head, slots[:, i : i + 1])
+            self.policy.after_evict(view, victim, head)
+            flat = some[:, i : i + 1]
+            pos.scatter_(1, flat, torch.where(taken[:, i : i + 1], -1, pos.gather(1, flat)))
+
+    def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
+        """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing (a merge writes the
+        pool's rows itself), then the slot emptied. Returns the pool rows freed (B, Hkv) int64, -1 where
+        nothing was (or no pool)."""
         st = view.layer
-        self.policy.after_evict(view, victim, heads)
+        self.policy.after_evict(view, victim)
         gone = victim >= 0
         idx = victim.clamp(min=0)[..., None]
         st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
