@@ -37,6 +37,21 @@ def test_policy_grid(tiny_model_dir: Path, results_dir: Path) -> None:
                 assert cell["full_context_tokens"] == min(int(ctx), 256 - 2 * 2 - 1)
 
 
+def test_allocation_bench_records_the_policy_it_ran(tiny_model_dir: Path, results_dir: Path) -> None:
+    """Every rule's step times and ratios, the same KV bytes under each rule, and the policy's parameters
+    (two runs of one policy with other receivers must be told apart by their JSON)."""
+    assert bench_main(["allocation", "--model", str(tiny_model_dir), "--policy", "weightedkv", "--receiver", "prev",
+                       "--recent", "2", "--budget", "16", "--contexts", "40", "--steps", "2", "--reps", "1"]) == 0
+    doc = only_result(results_dir, "allocation-weightedkv")
+    assert doc["policy_params"]["receiver"] == "prev" and doc["policy_params"]["budget"] == 16
+    cell = doc["results"]["40"]
+    assert list(cell) == ["uniform", "adaptive", "pyramid"]
+    assert len({c["kv_bytes"] for c in cell.values()}) == 1
+    for c in cell.values():
+        assert c["cpu_ratio"] == pytest.approx(c["step_cpu_s"] / cell["uniform"]["step_cpu_s"])
+        assert c["wall_ratio"] == pytest.approx(c["step_wall_s"] / cell["uniform"]["step_wall_s"])
+
+
 def test_vs_transformers(tiny_model_dir: Path, results_dir: Path) -> None:
     """The default mode (engine vs transformers vs the floor) on the tiny model: every derived figure is
     the one its inputs give (bytes per step from the model's shapes, ratios from the medians)."""

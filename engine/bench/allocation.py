@@ -74,10 +74,11 @@ def run(ns: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--allocations: unknown rule {bad[0]!r}; use {', '.join(ALLOCATIONS)}")
     results: dict[str, object] = {}
+    params = policy_params(ns)
     for ctx in ns.contexts:
         timers = {}
         for rule in ns.allocations:
-            llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **{**policy_params(ns), "allocation": rule})
+            llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **{**params, "allocation": rule})
             timers[rule] = step_timer(llm, ctx, ns.steps)
         time_alternating({rule: t[0] for rule, t in timers.items()}, reps=ns.reps, warmup=1)
         base = ns.allocations[0]
@@ -94,7 +95,10 @@ def run(ns: argparse.Namespace) -> int:
                   f"({cell[rule]['wall_ratio']:.3f}x), {cell[rule]['step_cpu_s'] * 1e3:7.2f} ms cpu "
                   f"({cell[rule]['cpu_ratio']:.3f}x), KV {cell[rule]['kv_bytes'] / 2**20:.2f} MiB", flush=True)
         results[str(ctx)] = cell
-    path = write_result(f"allocation-{ns.policy}", {"policy": ns.policy, "budget": ns.budget, "steps": ns.steps,
-                                                    "reps": ns.reps, "allocations": ns.allocations, "results": results})
+    # the policy's parameters as run (a receiver, a threshold: what tells two runs of one policy apart)
+    recorded = {k: v for k, v in params.items() if v is not None}
+    path = write_result(f"allocation-{ns.policy}", {"policy": ns.policy, "budget": ns.budget, "policy_params": recorded,
+                                                    "steps": ns.steps, "reps": ns.reps, "allocations": ns.allocations,
+                                                    "results": results})
     print(f"wrote {path}")
     return 0
