@@ -303,11 +303,11 @@ class AllocatedKVStore(KVStore):
             victim.copy_(one.expand_as(victim))
         else:
             ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
-        if p.merges_values:
-            freed.copy_(self._remove(view, torch.where(over[:, None], victim, -1)))
-        else:  # slot victim of every head, in each layer over its budget
-            flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
-            freed.copy_(self._remove_all(st, flat, (victim >= 0) & over[:, None]))
+        taken = (victim >= 0) & over[:, None]  # slot victim of every head, in each layer over its budget
+        if p.merges_values:  # before the slots empty: a merge reads its victim (a pool's rows it writes itself)
+            self.policy.after_evict(view, torch.where(taken, victim, -1))
+        flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
+        freed.copy_(self._remove_all(st, flat, taken))
 
     def _merge_picks(self, view: DecodeView, entry: torch.Tensor, taken: torch.Tensor) -> None:
         """Adaptive eviction's merges, one pick at a time: each merge sees the slots the earlier picks left, so
@@ -323,23 +323,6 @@ class AllocatedKVStore(KVStore):
             self.policy.after_evict(view, victim, head)
             flat = some[:, i : i + 1]
             pos.scatter_(1, flat, torch.where(taken[:, i : i + 1], -1, pos.gather(1, flat)))
-
-    def _remove(self, view: DecodeView, victim: torch.Tensor) -> torch.Tensor:
-        """Evict slot victim[b, g] of each head (-1: none): the policy's post-processing (a merge writes the
-        pool's rows itself), then the slot emptied. Returns the pool rows freed (B, Hkv) int64, -1 where
-        nothing was (or no pool)."""
-        st = view.layer
-        self.policy.after_evict(view, victim)
-        gone = victim >= 0
-        idx = victim.clamp(min=0)[..., None]
-        st.pos.scatter_(2, idx, torch.where(gone[..., None], -1, st.pos.gather(2, idx)))
-        for s in st.state.values():
-            s.scatter_(2, idx, torch.where(gone[..., None], 0.0, s.gather(2, idx)))
-        if not self.pooled:
-            return torch.full_like(victim, -1)
-        row = st.index.gather(2, idx)
-        st.index.scatter_(2, idx, torch.where(gone[..., None], self.scratch, row))
-        return torch.where(gone, row[..., 0].long(), -1)
 
     def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
