@@ -330,6 +330,39 @@ void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, i
   }
 }
 
+void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::Tensor& pos, const at::Tensor& abar,
+                           const at::Tensor& picks, int64_t sinks, const at::Tensor& receiver_out,
+                           const std::optional<at::Tensor>& slot_index) {
+  const char* op = "merge_neighbour";
+  const Like like{v, "v"};
+  int64_t B, Hkv, C;
+  if (slot_index) {  // v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+    check_tensor(op, "v", v, "[P, R, D]", {-1, -1, -1}, kFloats);
+    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
+    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
+    TORCH_CHECK_VALUE(v.size(0) > 0 && B % v.size(0) == 0, op, ": slot_index's B=", B,
+                      " must be a multiple of the pool's P=", v.size(0));
+  } else {
+    check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+    B = v.size(0), Hkv = v.size(1), C = v.size(2);
+  }
+  check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "abar", abar, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+  check_tensor(op, "receiver_out", receiver_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+}
+
+void check_merge_picks(const at::Tensor& picks, int64_t entries) {
+  const int64_t n = picks.size(1);
+  const int64_t* p = picks.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < picks.numel(); ++i) {
+    TORCH_CHECK_INDEX(p[i] >= -1 && p[i] < entries, "merge_neighbour: picks must hold entries (head C + slot) in "
+                      "[-1, ", entries, "), got ", p[i], " at [", i / n, ", ", i % n, "]");
+  }
+}
+
 namespace {
 
 // Whether out's bytes overlap t's (both contiguous: [data, data + nbytes)).

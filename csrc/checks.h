@@ -60,6 +60,12 @@ void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tenso
 // victim and receiver must hold slots in [-1, C).
 void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
 
+void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::Tensor& pos, const at::Tensor& abar,
+                           const at::Tensor& picks, int64_t sinks, const at::Tensor& receiver_out,
+                           const std::optional<at::Tensor>& slot_index);
+// picks must hold entries (head C + slot) in [-1, H_kv C).
+void check_merge_picks(const at::Tensor& picks, int64_t entries);
+
 void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                   const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 

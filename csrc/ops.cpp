@@ -43,6 +43,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight, "
       "Tensor? slot_index=None) -> ()");
+  // WeightedKV's merge of each pick into its kept neighbour by position, the picks in order
+  m.def(
+      "merge_neighbour(Tensor(a!) v, Tensor(b!) w, Tensor(c!) pos, Tensor abar, Tensor picks, int sinks, "
+      "bool after, Tensor(d!) receiver_out, Tensor? slot_index=None) -> ()");
   // F.linear of x, RMSNorm(x) or silu(x[..., :K]) * x[..., K:]; reference in engine/ops.py
   m.def(
       "matvec(Tensor x, Tensor w, Tensor(a!) out, bool accumulate=False, Tensor? norm=None, float eps=0., "
@@ -120,6 +124,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "adaptive_victims", &engine::adaptive_victims_cpu);
   bind_cpu(cpu, "compact", &compact_cpu_list);
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
+  bind_cpu(cpu, "merge_neighbour", &engine::merge_neighbour_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);
   bind_cpu(cpu, "qmatvec", &engine::qmatvec_cpu);
   bind_cpu(cpu, "qmatvec_q8", &engine::qmatvec_q8_cpu);

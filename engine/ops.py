@@ -192,6 +192,17 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     _impl("merge_value", v.device, reference.merge_value)(v, w, victim, receiver, weight, slot_index)
 
 
+def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, after: bool,
+                    receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    """In place, each row's picks in order: WeightedKV's merge of pick picks[b, i] (the entry head C + slot,
+    -1: none) into the slot of its KV head with the nearest larger (`after`; else smaller) position among
+    the non-sink tokens (falling back to the other side), its position emptied; receiver_out [B, n] the
+    receivers (-1: no merge). One op for a step's picks where a merge_value per pick cost ~30 small ops
+    (receiver search, weights). engine/reference.py says it exactly."""
+    _impl("merge_neighbour", v.device, reference.merge_neighbour)(v, w, pos, abar, picks, sinks, after, receiver_out,
+                                                                  slot_index)
+
+
 def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
            eps: float = 0.0, swiglu: bool = False) -> None:
     """out [..., N] = h [..., K] @ w [N, K]^T (F.linear), all in w's dtype, accumulated in fp32; with
@@ -344,6 +355,10 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::merge_value")
     def _merge_value_fake(v, w, victim, receiver, weight, slot_index=None) -> None:
         reference.check_merge_value(v, w, victim, receiver, weight, slot_index)
+
+    @torch.library.register_fake("engine::merge_neighbour")
+    def _merge_neighbour_fake(v, w, pos, abar, picks, sinks, after, receiver_out, slot_index=None) -> None:
+        reference.check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index)
 
     @torch.library.register_fake("engine::matvec")
     def _matvec_fake(x, w, out, accumulate=False, norm=None, eps=0.0, swiglu=False) -> None:

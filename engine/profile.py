@@ -39,7 +39,8 @@ FAMILIES = ("matmuls", "attention", "scoring", "victim selection", "compaction/m
 OP_FAMILY = {"engine::decode_attention": "attention", "engine::prefill_attention": "attention",
              "engine::decode_layers": "attention",
              "engine::select_victim": "victim selection", "engine::adaptive_victims": "victim selection",
-             "engine::compact": "compaction/merge", "engine::merge_value": "compaction/merge"}
+             "engine::compact": "compaction/merge", "engine::merge_value": "compaction/merge",
+             "engine::merge_neighbour": "compaction/merge"}
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
            "aten::dot", "engine::matvec", "engine::qmatvec", "engine::qmatvec_q8", "engine::dequantize"}
 FAMILY_RANGE = "family::"  # a record_function range whose ops (unless named in OP_FAMILY) count for a family
@@ -132,7 +133,8 @@ def family_ranges(store: KVStore) -> Iterator[None]:
     wrapped = [(store, "prefill", "attention"), (store, "decode", "attention"), (store, "_evict", "victim selection"),
                (kv_prefill, "keep_indices", "victim selection"), (kv_prefill, "compact", "compaction/merge"),
                (policy, "prefill_scores", "scoring"), (policy, "decode_update", "scoring"),
-               (policy, "decode_scores", "scoring"), (policy, "after_evict", "compaction/merge")]
+               (policy, "decode_scores", "scoring"), (policy, "after_evict", "compaction/merge"),
+               (policy, "after_evict_picks", "compaction/merge")]
     saved = [(obj, method, vars(obj).get(method)) for obj, method, _ in wrapped]
     for obj, method, family in wrapped:
         setattr(obj, method, _ranged(getattr(obj, method), FAMILY_RANGE + family))

@@ -280,6 +280,36 @@ def check_merge_indices(victim: Tensor, receiver: Tensor, C: int) -> None:
                              f"got {int(t[where])} at {list(where)}")
 
 
+def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int,
+                          receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    op = "merge_neighbour"
+    like = (v, "v")
+    if slot_index is not None:  # v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+        _check_tensor(op, "v", v, "[P, R, D]", [-1] * 3, FLOATS)
+        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
+        B, Hkv, C = slot_index.shape
+        if v.shape[0] == 0 or B % v.shape[0]:
+            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={v.shape[0]}")
+    else:
+        _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+        B, Hkv, C, _ = v.shape
+    _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "abar", abar, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
+    _check_tensor(op, "receiver_out", receiver_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
+    if sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+
+
+def check_merge_picks(picks: Tensor, entries: int) -> None:
+    """picks must hold entries (head C + slot) in [-1, H_kv C) (-1 = no pick)."""
+    where = _first((picks < -1) | (picks >= entries))
+    if where is not None:
+        raise IndexError(f"merge_neighbour: picks must hold entries (head C + slot) in [-1, {entries}), "
+                         f"got {int(picks[where])} at {list(where)}")
+
+
 def _check_product_args(op: str, x: Tensor, x_dtypes: Sequence[torch.dtype], N: int, K: int, out: Tensor,
                         norm: Tensor | None, eps: float, swiglu: bool, like: tuple[Tensor, str]) -> None:
     """x, norm, eps and out of a product by an [N, K] matrix (matvec, qmatvec): norm and out of x's dtype."""
@@ -668,22 +698,68 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     slot_index, v is a pool [P, R, D] and slot s of (b, g) is row slot_index[b, g, s] of pool batch b % P."""
     check_merge_value(v, w, victim, receiver, weight, slot_index)
     check_merge_indices(victim, receiver, w.shape[2])
-    if slot_index is None:
-        idx, rows, total = merged_rows(v, w, victim, receiver, weight, torch.float32)
-        v[idx] = rows.to(v.dtype)
-        w[idx] = total
-        return
     b, g = torch.nonzero((victim >= 0) & (receiver >= 0), as_tuple=True)
-    r, j = receiver[b, g], victim[b, g]
+    _merge_rows("merge_value", v, w, slot_index, b, g, receiver[b, g], victim[b, g], w[b, g, receiver[b, g]],
+                weight[b, g])
+
+
+def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, after: bool,
+                    receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    """WeightedKV's merge into a neighbour, in place, each row's picks in order. Pick i of row b is the entry
+    e = picks[b, i] (KV head g = e // C, slot j = e % C; -1: none). If slot j holds a token (pos >= 0), its
+    receiver m is the slot of head g holding the nearest larger position (`after`), else the nearest smaller
+    one, among the other slots holding a non-sink token (pos >= sinks), and if that side has none the nearest
+    on the other side (ties: the lower slot). The victim's position is emptied (pos[j] = -1: later picks
+    neither see nor merge it), and with a receiver, w[m] starts from abar[m] if it is 0 and then v[m], w[m]
+    merge as merge_value's with weight abar[j]. receiver_out[b, i] = m (-1: no merge). slot_index: as
+    merge_value's. Vectorised over rows, one pick at a time: a pick sees the earlier picks' merges."""
+    check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index)
+    B, Hkv, C = w.shape
+    check_merge_picks(picks, Hkv * C)
+    rows, slots = torch.arange(B, device=w.device), torch.arange(C, device=w.device)
+    big = torch.iinfo(torch.int32).max
+    for i in range(picks.shape[1]):
+        e = picks[:, i].clamp(min=0)
+        g, j = e // C, e % C
+        p = pos[rows, g]  # (B, C)
+        pj = p[rows, j][:, None]
+        go = (picks[:, i] >= 0) & (pj[:, 0] >= 0)
+        cand = (p >= sinks) & (slots != j[:, None])  # holds a token too: sinks >= 0
+        above = torch.where(cand & (p > pj), p, big)
+        below = torch.where(cand & (p < pj), p, -1)
+        nearest_above = (above == above.min(1, keepdim=True).values).int().argmax(1)  # the first such slot
+        nearest_below = (below == below.max(1, keepdim=True).values).int().argmax(1)
+        has_above, has_below = (above < big).any(1), (below >= 0).any(1)
+        first, second = ((nearest_above, has_above), (nearest_below, has_below))[:: 1 if after else -1]
+        m = torch.where(first[1], first[0], torch.where(second[1], second[0], -1))
+        m = torch.where(go, m, -1)
+        pos[rows[go], g[go], j[go]] = -1
+        receiver_out[:, i] = m
+        b = torch.nonzero(m >= 0)[:, 0]
+        gb, mb, jb = g[b], m[b], j[b]
+        w_old = w[b, gb, mb]
+        _merge_rows("merge_neighbour", v, w, slot_index, b, gb, mb, jb, torch.where(w_old == 0, abar[b, gb, mb], w_old),
+                    abar[b, gb, jb])
+
+
+def _merge_rows(op: str, v: Tensor, w: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor, r: Tensor, j: Tensor,
+                w_old: Tensor, add: Tensor) -> None:
+    """v[b, g, r] = the merge of it and v[b, g, j] with weights w_old and add (the slots' rows of a pool with
+    slot_index: each receiver's row checked, then its victim's, as the kernels do), w[b, g, r] = their sum."""
+    if slot_index is None:
+        rows, total = _merged(v[b, g, r], v[b, g, j], w_old, add, torch.float32)
+        v[b, g, r] = rows.to(v.dtype)
+        w[b, g, r] = total
+        return
     R = v.shape[1]
-    for i in range(b.shape[0]):  # the kernel's check, in its order: each head's receiver row, then its victim's
+    for i in range(b.shape[0]):
         for s in (int(r[i]), int(j[i])):
             x = int(slot_index[b[i], g[i], s])
             if not 0 <= x < R:
-                raise IndexError(f"merge_value: slot_index must hold pool rows in [0, R) = [0, {R}) on the merged "
+                raise IndexError(f"{op}: slot_index must hold pool rows in [0, R) = [0, {R}) on the merged "
                                  f"slots, got {x} at [{int(b[i])}, {int(g[i])}, {s}]")
     pb, row_r, row_j = b % v.shape[0], slot_index[b, g, r].long(), slot_index[b, g, j].long()
-    rows, total = _merged(v[pb, row_r], v[pb, row_j], w[b, g, r], weight[b, g], torch.float32)
+    rows, total = _merged(v[pb, row_r], v[pb, row_j], w_old, add, torch.float32)
     v[pb, row_r] = rows.to(v.dtype)
     w[b, g, r] = total
 

@@ -206,6 +206,35 @@ def prefill_inputs(case, dtype, device, seed):
     return q, k, v, qpos.contiguous().to(torch.int32).to(device), kpos.contiguous().to(torch.int32).to(device)
 
 
+def brute_neighbour(v, w, pos, abar, picks, sinks, after):
+    """ops.merge_neighbour by loops, the values in fp64 (weights in fp32, as the op adds them): v, w, pos and
+    the receivers after every pick."""
+    v, w, pos = v.double().clone(), w.clone(), pos.clone()
+    B, Hkv, C = w.shape
+    out = torch.full(picks.shape, -1, dtype=torch.int64)
+    for b in range(B):
+        for i in range(picks.shape[1]):
+            e = int(picks[b, i])
+            if e < 0 or pos[b, e // C, e % C] < 0:
+                continue
+            g, j = divmod(e, C)
+            pj = int(pos[b, g, j])
+            kept = [(int(pos[b, g, s]), s) for s in range(C) if s != j and pos[b, g, s] >= sinks]
+            above = min((x for x in kept if x[0] > pj), default=None)  # ties: the lower slot
+            below = max((x for x in kept if x[0] < pj), key=lambda x: (x[0], -x[1]), default=None)
+            first, second = (above, below) if after else (below, above)
+            pos[b, g, j] = -1
+            if (first or second) is None:
+                continue
+            m = out[b, i] = (first or second)[1]
+            w_old = w[b, g, m] if w[b, g, m] != 0 else abar[b, g, m]
+            total = w_old + abar[b, g, j]
+            x, y = v[b, g, m], v[b, g, j]
+            v[b, g, m] = (x + y) / 2 if total == 0 else (float(w_old) * x + float(abar[b, g, j]) * y) / float(total)
+            w[b, g, m] = total
+    return v, w, pos, out
+
+
 def brute_victim(score: torch.Tensor, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     out = torch.empty(score.shape[:2], dtype=torch.int64)
     for b in range(score.shape[0]):
@@ -265,6 +294,12 @@ def opcheck_cases():
     yield "merge_value", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g),
                           torch.tensor([[0, 1, -1]] * B), torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g),
                           index)
+    picks = torch.tensor([[3, 3, C + 5, -1]] * B)
+    yield "merge_neighbour", (v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(), torch.rand(B, Hkv, C, generator=g),
+                              picks, 2, True, torch.empty(B, 4, dtype=torch.int64))
+    yield "merge_neighbour", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g), pos.clone(),
+                              torch.rand(B, Hkv, C, generator=g), picks, 0, False, torch.empty(B, 4, dtype=torch.int64),
+                              index)
 
 
 def packed_twin(model: Transformer, qtypes: dict[str, int],

@@ -61,39 +61,26 @@ def test_drop_equals_mask(name, allocation):
 
 
 @pytest.mark.parametrize("receiver", ["next", "prev"])
-def test_adaptive_merges_see_the_slots_earlier_picks_left(receiver):
-    """Adaptive allocation evicts Hkv tokens a step, one pick at a time: a pick's merge must not choose as its
+def test_adaptive_merges_see_the_slots_earlier_picks_left(receiver, monkeypatch):
+    """Adaptive allocation evicts Hkv tokens a step, the picks in order: a pick's merge must not choose as its
     receiver a slot an earlier pick of the same step emptied (its value would be lost in a freed row)."""
     model, prompt = tiny_model(), token_ids(40, seed=2)
-    policy = small("weightedkv", 16, allocation="adaptive", receiver=receiver)
-    picks: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-    scores, after_evict, receivers = policy.decode_scores, policy.after_evict, policy.receivers
+    calls: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    merge = ops.merge_neighbour
 
-    def step_scores(view):  # once per decode step, before its picks
-        picks.append([])
-        return scores(view)
+    def record(v, w, pos, abar, picks, *args, **kwargs):
+        merge(v, w, pos, abar, picks, *args, **kwargs)
+        calls.append((picks.clone(), args[2].clone(), pos.shape[2]))  # args: sinks, after, receiver_out
 
-    def record_pick(view, victim, heads=None):
-        if picks:  # a decode step's (the prompt's merges come first)
-            picks[-1].append((victim.clone(), heads.clone(), None))
-        after_evict(view, victim, heads)
-
-    def record_receivers(at, pos, victim):
-        rcv = receivers(at, pos, victim)
-        if picks and picks[-1]:
-            v, h, _ = picks[-1][-1]
-            picks[-1][-1] = (v, h, rcv.clone())
-        return rcv
-
-    policy.decode_scores, policy.after_evict, policy.receivers = step_scores, record_pick, record_receivers
-    run(model, policy, prompt, 96)
+    monkeypatch.setattr(ops, "merge_neighbour", record)
+    run(model, small("weightedkv", 16, allocation="adaptive", receiver=receiver), prompt, 96)
     checked = 0
-    for step in picks:
-        for i, (victim, heads, rcv) in enumerate(step):
-            for b in range(victim.shape[0]):
-                h, r = heads[b, 0], rcv[b, 0]
-                earlier = {int(v[b, h]) for v, _, _ in step[:i]} - {-1}
-                assert int(r) not in earlier
+    for picks, receivers, C in calls:
+        for b in range(picks.shape[0]):
+            for i in range(picks.shape[1]):
+                r, head = int(receivers[b, i]), int(picks[b, i]) // C
+                earlier = {int(e) % C for e in picks[b, :i] if e >= 0 and e // C == head}
+                assert r not in earlier
                 checked += bool(earlier) and r >= 0
     assert checked > 0  # some pick merged after an earlier pick of its head in the same step
 

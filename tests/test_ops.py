@@ -23,8 +23,8 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
-    assert_within, brute_victim, gen, on_path, opcheck_cases, poisoned, positions, prefill_inputs, randn, rope_ranks,
-    rope_tables,
+    assert_within, brute_neighbour, brute_victim, gen, on_path, opcheck_cases, poisoned, positions, prefill_inputs,
+    randn, rope_ranks, rope_tables,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -586,6 +586,74 @@ def test_merge_value_in_a_pool(path, dtype, inputs, layers):
     used = torch.zeros(P, R, dtype=torch.bool)
     used[batch[:, None, None], slot_index.long()] = True
     assert torch.equal(pool[~used], pool0[~used])
+@st.composite
+def neighbour_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
+    n = draw(st.integers(0, 5))
+    picks = draw(st.lists(st.integers(-1, Hkv * C - 1), min_size=B * n, max_size=B * n))  # repeats, empty slots too
+    w = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.5]), min_size=B * Hkv * C, max_size=B * Hkv * C))
+    abar = draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 2.0]), min_size=B * Hkv * C, max_size=B * Hkv * C))
+    return (torch.tensor(w).view(B, Hkv, C), torch.tensor(abar).view(B, Hkv, C),
+            torch.tensor(picks, dtype=torch.int64).view(B, n), draw(st.integers(0, 6)), draw(st.booleans()),
+            draw(st.integers(0, 10**6)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=80, deadline=None)
+@given(inputs=neighbour_inputs())
+def test_merge_neighbour(path, dtype, inputs):
+    """Receivers, emptied positions and weights exactly as the loops; values within the rounding of the
+    reference's fp32 chain of merges; every row that is no receiver untouched."""
+    w, abar, picks, sinks, after, seed = inputs
+    B, Hkv, C = w.shape
+    g = gen(seed)
+    v, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    truth_v, truth_w, truth_pos, truth_out = brute_neighbour(v, w, pos, abar, picks, sinks, after)
+    base = [t.clone() for t in (v, w, pos)]
+    ref.merge_neighbour(*base, abar, picks, sinks, after, torch.empty_like(picks))
+    out = torch.full_like(picks, 99)
+    v0 = v.clone()
+    with on_path(path, "merge_neighbour", "cpu"):
+        ops.merge_neighbour(v, w, pos, abar, picks, sinks, after, out)
+    assert torch.equal(out, truth_out) and torch.equal(pos, truth_pos) and torch.equal(w, truth_w)
+    received = torch.zeros(B, Hkv, C, dtype=torch.bool)
+    for b, i in (truth_out >= 0).nonzero().tolist():
+        received[b, picks[b, i] // C, truth_out[b, i]] = True
+    assert torch.equal(v[~received], v0[~received])
+    assert_within(v[received], truth_v[received], base[0][received], "merged rows")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(inputs=neighbour_inputs(), layers=st.integers(1, 3))
+def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
+    """With slot_index: the same bits as over per-head rows, every other pool row untouched."""
+    w, abar, picks, sinks, after, seed = inputs
+    B, Hkv, C = w.shape
+    g = gen(seed)
+    dense, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C
+    R = per + 5
+    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    pool = randn((P, R, 16), dtype, "cpu", g)
+    batch = torch.arange(B) % P
+    pool[batch[:, None, None], slot_index.long()] = dense
+    pool0, w_dense, pos_dense, out_dense = pool.clone(), w.clone(), pos.clone(), torch.empty_like(picks)
+    ref.merge_neighbour(dense, w_dense, pos_dense, abar, picks, sinks, after, out_dense)
+    out = torch.full_like(picks, 99)
+    with on_path(path, "merge_neighbour", "cpu"):
+        ops.merge_neighbour(pool, w, pos, abar, picks, sinks, after, out, slot_index=slot_index)
+    assert torch.equal(out, out_dense) and torch.equal(w, w_dense) and torch.equal(pos, pos_dense)
+    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
+    used = torch.zeros(P, R, dtype=torch.bool)
+    used[batch[:, None, None], slot_index.long()] = True
+    assert torch.equal(pool[~used], pool0[~used])
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck: schemas, fake impls, autograd registration, AOT dispatch
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +726,9 @@ def _valid_args():
                         keep_idx=torch.arange(5).expand(B, Hkv, 5).contiguous()),
         "merge_value": dict(v=cache(), w=torch.zeros(B, Hkv, C), victim=torch.zeros(B, Hkv, dtype=i64),
                             receiver=torch.ones(B, Hkv, dtype=i64), weight=torch.ones(B, Hkv)),
+        "merge_neighbour": dict(v=cache(), w=torch.zeros(B, Hkv, C), pos=pos(), abar=torch.ones(B, Hkv, C),
+                                picks=torch.tensor([[0, C + 1, -1]]), sinks=0, after=True,
+                                receiver_out=torch.zeros(B, 3, dtype=i64)),
         "adaptive_victims": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=torch.tensor([30]), min_share=2,
                                  limit=torch.tensor([1]), out_entry=torch.zeros(B, Hkv, dtype=i64)),
     }
@@ -740,6 +811,18 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "merge_value: slot_index's B=1 must be a multiple of the pool's P=2"),
     ("merge_value", "*", lambda a: {**a, **_pooled(), "slot_index": _pooled()["slot_index"].long()}, TypeError,
      "merge_value: slot_index must be int32, got int64"),
+    ("merge_neighbour", "picks", lambda t: t + 24, IndexError,
+     "merge_neighbour: picks must hold entries (head C + slot) in [-1, 24), got 24 at [0, 0]"),
+    ("merge_neighbour", "picks", lambda t: t.int(), TypeError, "merge_neighbour: picks must be int64, got int32"),
+    ("merge_neighbour", "pos", lambda t: t.long(), TypeError, "merge_neighbour: pos must be int32, got int64"),
+    ("merge_neighbour", "abar", lambda t: t.half(), TypeError, "merge_neighbour: abar must be float32, got float16"),
+    ("merge_neighbour", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
+     "merge_neighbour: receiver_out must have shape [B, n] = [1, 3], got [1, 2]"),
+    ("merge_neighbour", "sinks", lambda n: -1, ValueError, "merge_neighbour: sinks must be >= 0, got -1"),
+    ("merge_neighbour", "*", lambda a: {**a, **_pooled(slot_row=9)}, IndexError,
+     "merge_neighbour: slot_index must hold pool rows in [0, R) = [0, 9) on the merged slots, got 9 at [0, 0, 1]"),
+    ("merge_neighbour", "*", lambda a: {**a, **_pooled(P=2)}, ValueError,
+     "merge_neighbour: slot_index's B=1 must be a multiple of the pool's P=2"),
     ("adaptive_victims", "hi", lambda t: t.int(), TypeError, "adaptive_victims: hi must be int64, got int32"),
     ("adaptive_victims", "limit", lambda t: t.repeat(2), ValueError,
      "adaptive_victims: limit must have shape [B] = [1], got [2]"),
@@ -747,8 +830,8 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
 
 
 def _pooled(P: int = 1, slot_row: int | None = None) -> dict:
-    """merge_value's pooled operands over _valid_args' slots (B 1, H_kv 3, C 8, D 16): a pool [P, 9, D] and
-    each head's slots at rows 0..7; slot_row replaces the row of head 0's receiver (slot 1)."""
+    """merge_value's and merge_neighbour's pooled operands over _valid_args' slots (B 1, H_kv 3, C 8, D 16): a
+    pool [P, 9, D] and each head's slots at rows 0..7; slot_row replaces the row of head 0's receiver (slot 1)."""
     index = torch.arange(8, dtype=torch.int32).expand(1, 3, 8).contiguous()
     if slot_row is not None:
         index[0, 0, 1] = slot_row

@@ -24,6 +24,7 @@ from engine import reference as ref
 
 from .helpers import (
     assert_within,
+    brute_neighbour,
     brute_victim,
     gen,
     on_path,
@@ -333,6 +334,37 @@ def test_merge_value(dtype, D):
     assert torch.equal(v_got[~changed], v[~changed]) and torch.equal(w_got[~changed], w[~changed])
     assert torch.equal(w_got[idx], total.float()), "weights must add up"
     assert_within(v_got[idx], rows64, rows_pt.to(dtype), "merged rows")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_merge_neighbour(dtype, pooled):
+    """Rows of 300 slots (ten per lane), repeated and empty picks, both sides: as the loops, a pool's rows too."""
+    B, Hkv, C, D, n = 5, 3, 300, 64, 7
+    g = gen(11)
+    v, pos = randn((B, Hkv, C, D), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    w = torch.tensor([0.0, 0.25, 1.0, 3.5])[torch.randint(0, 4, (B, Hkv, C), generator=g)]
+    abar = torch.rand(B, Hkv, C, generator=g)
+    picks = torch.randint(-1, Hkv * C, (B, n), generator=g)
+    picks[:, 1] = picks[:, 0]  # a repeat: its slot is empty by then
+    for sinks, after in ((0, True), (4, False)):
+        truth_v, truth_w, truth_pos, truth_out = brute_neighbour(v, w, pos, abar, picks, sinks, after)
+        base = [t.clone() for t in (v, w, pos)]
+        ref.merge_neighbour(*base, abar, picks, sinks, after, torch.empty_like(picks))
+        w_gpu, pos_gpu, out = w.to(CUDA, copy=True), pos.to(CUDA, copy=True), torch.full((B, n), 99, dtype=torch.int64, device=CUDA)
+        slot_index = torch.arange(B * Hkv * C, dtype=torch.int32).flip(0).view(B, Hkv, C) if pooled else None
+        v_gpu = v.view(1, B * Hkv * C, D).flip(1).to(CUDA) if pooled else v.to(CUDA, copy=True)
+        with compiled("merge_neighbour"):
+            ops.merge_neighbour(v_gpu, w_gpu, pos_gpu, abar.to(CUDA), picks.to(CUDA), sinks, after, out,
+                                None if slot_index is None else slot_index.to(CUDA))
+        got = v_gpu.cpu().flip(1).view(B, Hkv, C, D) if pooled else v_gpu.cpu()
+        assert torch.equal(out.cpu(), truth_out) and torch.equal(pos_gpu.cpu(), truth_pos)
+        assert torch.equal(w_gpu.cpu(), truth_w)
+        received = torch.zeros(B, Hkv, C, dtype=torch.bool)
+        for b, i in (truth_out >= 0).nonzero().tolist():
+            received[b, picks[b, i] // C, truth_out[b, i]] = True
+        assert received.any() and torch.equal(got[~received], v[~received])
+        assert_within(got[received], truth_v[received], base[0][received], "merged rows")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_families_of_an_evicting_and_merging_policy(tiny: Path, tmp_path: Path) 
     assert {"model::layers.0.attention", "model::layers.1.feed_forward", "family::scoring",
             "family::compaction/merge", "step::decode"} <= names
     if ops.has_kernel("decode_attention", "cpu"):  # the compiled ops show up by name
-        assert {"engine::decode_attention", "engine::select_victim", "engine::merge_value"} <= names
+        assert {"engine::decode_attention", "engine::select_victim", "engine::merge_neighbour"} <= names
 
 
 def test_full_cache_spends_nothing_on_eviction(tiny: Path) -> None:

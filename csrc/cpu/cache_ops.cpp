@@ -211,6 +211,41 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
   }
 }
 
+// The WeightedKV merge of one row: vr = (w_old vr + add vj) / (w_old + add), in fp32, the plain mean when
+// that sum is 0 (the formula would divide 0 by 0); returns the sum (the receiver's new weight). buf: 3 D floats.
+template <typename T>
+float merge_row(T* vr, const T* vj, float w_old, float add, int64_t D, float* buf) {
+  const float* a = as_float(vr, buf, D);
+  const float* b = as_float(vj, buf + D, D);
+  float* res = buf + 2 * D;
+  const float total = w_old + add;
+  for (int64_t i = 0; i < D; ++i) res[i] = total == 0.f ? (a[i] + b[i]) * 0.5f : (w_old * a[i] + add * b[i]) / total;
+  store_float(res, vr, D);
+  return total;
+}
+
+// The row of v holding slot s of (batch, KV head) row r of C slots: its own (r C + s), or with a slot index
+// the pool row it names, in pool batch r / Hkv % P. op names the caller in the error for a bad pool row.
+struct SlotRows {
+  const char* op;
+  const int32_t* index;  // nullptr: v is [B, H_kv, C, D]
+  int64_t Hkv, C, P, R;
+
+  int64_t operator()(int64_t r, int64_t s) const {
+    if (!index) return r * C + s;
+    const int64_t x = index[r * C + s];
+    TORCH_CHECK_INDEX(x >= 0 && x < R, op, ": slot_index must hold pool rows in [0, R) = [0, ", R,
+                      ") on the merged slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
+    return (r / Hkv % P) * R + x;
+  }
+};
+
+SlotRows slot_rows(const char* op, const at::Tensor& v, const std::optional<at::Tensor>& slot_index, int64_t Hkv,
+                   int64_t C) {
+  return {op, slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, Hkv, C, v.size(0),
+          slot_index ? v.size(1) : 0};
+}
+
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,
                      const std::optional<at::Tensor>& slot_index) {
@@ -221,32 +256,63 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
   const int64_t* rec = receiver.const_data_ptr<int64_t>();
   const float* wt = weight.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
-  const int32_t* index = slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr;
-  const int64_t P = v.size(0), R = slot_index ? v.size(1) : 0;
-  // The row of slot s of (batch, KV head) row r: its own, or the pool row the slot names.
-  auto row_of = [&](int64_t r, int64_t s) {
-    if (!index) return r * C + s;
-    const int64_t x = index[r * C + s];
-    TORCH_CHECK_INDEX(x >= 0 && x < R, "merge_value: slot_index must hold pool rows in [0, R) = [0, ", R,
-                      ") on the merged slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
-    return (r / Hkv % P) * R + x;
-  };
+  const SlotRows row_of = slot_rows("merge_value", v, slot_index, Hkv, C);
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
-    std::vector<float> xr(D), xj(D), res(D);
+    std::vector<float> buf(3 * D);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = vic[r], m = rec[r];
       if (j < 0 || m < 0) continue;
-      scalar_t* vr = vp + row_of(r, m) * D;
-      const float* a = as_float(vr, xr.data(), D);
-      const float* b = as_float(vp + row_of(r, j) * D, xj.data(), D);
-      const float w_old = wp[r * C + m], add = wt[r], total = w_old + add;
-      for (int64_t i = 0; i < D; ++i) {
-        // Plain mean when both weights are 0 (the formula would divide 0 by 0).
-        res[i] = total == 0.f ? (a[i] + b[i]) * 0.5f : (w_old * a[i] + add * b[i]) / total;
+      scalar_t* vr = vp + row_of(r, m) * D;  // the receiver's row is checked first, then the victim's
+      wp[r * C + m] = merge_row(vr, vp + row_of(r, j) * D, wp[r * C + m], wt[r], D, buf.data());
+    }
+  });
+}
+
+// Each row's picks in order (one thread: the rows are few, and rows that share a pool batch may not be
+// split between threads without proving their pool rows distinct).
+void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
+                         const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
+                         const std::optional<at::Tensor>& slot_index) {
+  check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index);
+  const int64_t B = w.size(0), Hkv = w.size(1), C = w.size(2), D = v.size(-1), n = picks.size(1);
+  check_merge_picks(picks, Hkv * C);
+  const int64_t* pk = picks.const_data_ptr<int64_t>();
+  const float* ab = abar.const_data_ptr<float>();
+  float* wp = w.mutable_data_ptr<float>();
+  int32_t* ps = pos.mutable_data_ptr<int32_t>();
+  int64_t* out = receiver_out.mutable_data_ptr<int64_t>();
+  const SlotRows row_of = slot_rows("merge_neighbour", v, slot_index, Hkv, C);
+  ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_neighbour", [&] {
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    std::vector<float> buf(3 * D);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = pk[b * n + i];
+        out[b * n + i] = -1;
+        if (e < 0) continue;
+        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
+        int32_t* pr = ps + r * C;
+        const int32_t pj = pr[j];
+        if (pj < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
+        // the nearest kept non-sink positions above and below the victim's (ties: the lower slot)
+        int64_t above = -1, below = -1;
+        int32_t p_above = std::numeric_limits<int32_t>::max(), p_below = -1;
+        for (int64_t s = 0; s < C; ++s) {
+          const int32_t p = pr[s];
+          if (s == j || p < sinks || p < 0) continue;
+          if (p > pj && p < p_above) p_above = p, above = s;
+          if (p < pj && p > p_below) p_below = p, below = s;
+        }
+        const int64_t m = after ? (above >= 0 ? above : below) : (below >= 0 ? below : above);
+        pr[j] = -1;
+        if (m < 0) continue;
+        out[b * n + i] = m;
+        float* wr = wp + r * C + m;
+        const float w_old = *wr == 0.f ? ab[r * C + m] : *wr;  // a first merge starts from its own average
+        scalar_t* vr = vp + row_of(r, m) * D;  // the receiver's row is checked first, then the victim's
+        *wr = merge_row(vr, vp + row_of(r, j) * D, w_old, ab[r * C + j], D, buf.data());
       }
-      store_float(res.data(), vr, D);
-      wp[r * C + m] = total;
     }
   });
 }

@@ -64,6 +64,11 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,
                      const std::optional<at::Tensor>& slot_index);
 
+// WeightedKV's merge of each pick (head C + slot) into its neighbour by position, the picks in order: engine/reference.py.
+void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
+                         const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
+                         const std::optional<at::Tensor>& slot_index);
+
 // out[..., N] (+)= h[..., K] @ w[N, K]^T, all in w's dtype, fp32 accumulation (decode: few rows), where
 // h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.
 void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,

@@ -14,6 +14,7 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("adaptive_victims", &engine::adaptive_victims_cpu);
   m.impl("compact", &engine::compact_cpu);
   m.impl("merge_value", &engine::merge_value_cpu);
+  m.impl("merge_neighbour", &engine::merge_neighbour_cpu);
   m.impl("matvec", &engine::matvec_cpu);
   m.impl("qmatvec", &engine::qmatvec_cpu);
   m.impl("qmatvec_q8", &engine::qmatvec_q8_cpu);

@@ -265,8 +265,30 @@ void compact_tensor(const at::Tensor& t, const at::Tensor& keep, int64_t rows, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// merge_value: a warp per row
+// merge_value: a warp per row; merge_neighbour: a warp per row of slots, its picks in order
 // ---------------------------------------------------------------------------------------------
+
+// The row of v holding slot s of (batch, KV head) row r of C slots: its own, or the pool row the slot
+// index names, in pool batch r / Hkv % P (checked on the device).
+__device__ __forceinline__ int64_t slot_row(const int32_t* index, int64_t r, int64_t s, int64_t Hkv, int64_t C,
+                                            int64_t P, int64_t R) {
+  if (!index) return r * C + s;
+  const int64_t x = index[r * C + s];
+  CUDA_KERNEL_ASSERT_MSG(x >= 0 && x < R, "slot_index must hold pool rows in [0, R) on the merged slots");
+  return (r / Hkv % P) * R + x;
+}
+
+// vr = (w_old vr + add vj) / (w_old + add) in fp32 by the warp's lanes, the plain mean when that sum is 0 (the
+// formula would divide 0 by 0); returns the sum.
+template <typename T>
+__device__ __forceinline__ float merge_row(T* vr, const T* vj, float w_old, float add, int64_t D, int lane) {
+  const float total = w_old + add;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float a = static_cast<float>(vr[d]), b = static_cast<float>(vj[d]);
+    vr[d] = static_cast<T>(total == 0.f ? (a + b) * 0.5f : (w_old * a + add * b) / total);
+  }
+  return total;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -281,24 +303,66 @@ __global__ void __launch_bounds__(kThreads)
   CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "merge_value: victim must hold slot indices in [-1, C)");
   CUDA_KERNEL_ASSERT_MSG(m >= -1 && m < C, "merge_value: receiver must hold slot indices in [-1, C)");
   if (j < 0 || m < 0) return;
-  int64_t row_m = r * C + m, row_j = r * C + j;
-  if (index) {  // pool rows: row b of the slots reads pool batch b % P
-    const int64_t xm = index[r * C + m], xj = index[r * C + j];
-    CUDA_KERNEL_ASSERT_MSG(xm >= 0 && xm < R && xj >= 0 && xj < R,
-                           "merge_value: slot_index must hold pool rows in [0, R) on the merged slots");
-    row_m = (r / Hkv % P) * R + xm;
-    row_j = (r / Hkv % P) * R + xj;
-  }
-  T* vr = v + row_m * D;
-  const T* vj = v + row_j * D;
-  const float w_old = w[r * C + m], add = weight[r], total = w_old + add;
-  for (int64_t d = lane; d < D; d += 32) {
-    const float a = static_cast<float>(vr[d]), b = static_cast<float>(vj[d]);
-    // Plain mean when both weights are 0 (the formula would divide 0 by 0).
-    vr[d] = static_cast<T>(total == 0.f ? (a + b) * 0.5f : (w_old * a + add * b) / total);
-  }
-  __syncwarp();  // every lane has read w_old
+  T* vr = v + slot_row(index, r, m, Hkv, C, P, R) * D;
+  const T* vj = v + slot_row(index, r, j, Hkv, C, P, R) * D;
+  const float total = merge_row(vr, vj, w[r * C + m], weight[r], D, lane);
+  __syncwarp();  // every lane has read the old weight
   if (lane == 0) w[r * C + m] = total;
+}
+
+// The nearest of two (position, slot) candidates: the lower position (above) or the higher (below), ties
+// to the lower slot; slot -1 is none.
+__device__ __forceinline__ void nearer(int32_t& p, int32_t& s, int32_t p2, int32_t s2, bool above) {
+  const bool take = s2 >= 0 && (s < 0 || (above ? p2 < p : p2 > p) || (p2 == p && s2 < s));
+  p = take ? p2 : p;
+  s = take ? s2 : s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    merge_neighbour_kernel(T* __restrict__ v, float* __restrict__ w, int32_t* __restrict__ pos,
+                           const float* __restrict__ abar, const int64_t* __restrict__ picks, int64_t sinks,
+                           bool after, int64_t* __restrict__ out, const int32_t* __restrict__ index, int64_t B,
+                           int64_t n, int64_t Hkv, int64_t C, int64_t D, int64_t P, int64_t R) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (b >= B) return;  // the whole warp
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = picks[b * n + i];
+    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_neighbour: picks must hold entries in [-1, H_kv C)");
+    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
+    int32_t* pr = pos + r * C;
+    const int32_t pj = e < 0 ? -1 : pr[j];
+    // the nearest kept non-sink positions above and below the victim's, over the lanes' slots
+    int32_t p_above = 0, s_above = -1, p_below = 0, s_below = -1;
+    for (int64_t s = lane; pj >= 0 && s < C; s += 32) {
+      const int32_t p = pr[s];
+      if (s == j || p < sinks || p < 0) continue;
+      nearer(p_above, s_above, p, static_cast<int32_t>(p > pj ? s : -1), true);
+      nearer(p_below, s_below, p, static_cast<int32_t>(p < pj ? s : -1), false);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const int32_t pa = __shfl_xor_sync(kFullMask, p_above, o), sa = __shfl_xor_sync(kFullMask, s_above, o);
+      const int32_t pb = __shfl_xor_sync(kFullMask, p_below, o), sb = __shfl_xor_sync(kFullMask, s_below, o);
+      nearer(p_above, s_above, pa, sa, true);
+      nearer(p_below, s_below, pb, sb, false);
+    }
+    const int64_t m = after ? (s_above >= 0 ? s_above : s_below) : (s_below >= 0 ? s_below : s_above);
+    __syncwarp();  // every lane has read the victim's position
+    if (lane == 0) {
+      out[b * n + i] = pj < 0 ? -1 : m;
+      if (pj >= 0) pr[j] = -1;
+    }
+    if (pj >= 0 && m >= 0) {
+      float* wr = w + r * C + m;
+      const float w_old = *wr == 0.f ? abar[r * C + m] : *wr;  // a first merge starts from its own average
+      T* vr = v + slot_row(index, r, m, Hkv, C, P, R) * D;
+      const float total = merge_row(vr, v + slot_row(index, r, j, Hkv, C, P, R) * D, w_old, abar[r * C + j], D, lane);
+      __syncwarp();  // every lane has read the old weight
+      if (lane == 0) *wr = total;
+    }
+    __syncwarp();  // the next pick sees this one's writes
+  }
 }
 
 }  // namespace
@@ -377,6 +441,24 @@ void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
         receiver.const_data_ptr<int64_t>(), weight.const_data_ptr<float>(),
         slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, rows, Hkv, C, D, v.size(0),
         slot_index ? v.size(1) : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
+                          const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
+                          const std::optional<at::Tensor>& slot_index) {
+  check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index);
+  const auto guard = cuda::on_device("merge_neighbour", v);
+  const int64_t B = w.size(0), Hkv = w.size(1), C = w.size(2), D = v.size(-1), n = picks.size(1);
+  if (B == 0 || n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(B, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "merge_neighbour", [&] {
+    merge_neighbour_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        v.mutable_data_ptr<scalar_t>(), w.mutable_data_ptr<float>(), pos.mutable_data_ptr<int32_t>(),
+        abar.const_data_ptr<float>(), picks.const_data_ptr<int64_t>(), sinks, after,
+        receiver_out.mutable_data_ptr<int64_t>(), slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B,
+        n, Hkv, C, D, v.size(0), slot_index ? v.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

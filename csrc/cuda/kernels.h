@@ -49,6 +49,10 @@ void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                       const at::Tensor& receiver, const at::Tensor& weight,
                       const std::optional<at::Tensor>& slot_index);
 
+void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
+                          const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
+                          const std::optional<at::Tensor>& slot_index);
+
 // matvec with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
 // decoded in registers; x, norm and out one of fp32, bf16, fp16; sums in fp32.
 void qmatvec_cuda(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,

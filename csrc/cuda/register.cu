@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("adaptive_victims", &engine::adaptive_victims_cuda);
   m.impl("compact", &engine::compact_cuda);
   m.impl("merge_value", &engine::merge_value_cuda);
+  m.impl("merge_neighbour", &engine::merge_neighbour_cuda);
   m.impl("qmatvec", &engine::qmatvec_cuda);
   m.impl("dequantize", &engine::dequantize_cuda);
 }

@@ -280,8 +280,8 @@ class AllocatedKVStore(KVStore):
                                  self.limit[rows], entry)
             taken = entry >= 0  # the picks come first, then -1s
             C = pos.shape[2]
-            if p.merges_values:
-                self._merge_picks(view, entry, taken)
+            if p.merges_values:  # each pick's merge sees the slots the earlier ones left
+                p.after_evict_picks(view, torch.where(taken, entry, -1))
             # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
             flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
             rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
@@ -308,21 +308,6 @@ class AllocatedKVStore(KVStore):
             self.policy.after_evict(view, torch.where(taken, victim, -1))
         flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
         freed.copy_(self._remove_all(st, flat, taken))
-
-    def _merge_picks(self, view: DecodeView, entry: torch.Tensor, taken: torch.Tensor) -> None:
-        """Adaptive eviction's merges, one pick at a time: each merge sees the slots the earlier picks left, so
-        a pick's position is emptied before the next merge. Its state and pool row are emptied afterwards with
-        every other pick's (_remove_all): no merge reads them, since a merge reads only present slots."""
-        st, C = view.layer, view.layer.pos.shape[2]
-        some = entry.clamp(min=0)
-        heads, slots = some // C, torch.where(taken, some % C, -1)
-        pos = st.pos.view(st.pos.shape[0], -1)
-        for i in range(entry.shape[1]):
-            head = heads[:, i : i + 1]
-            victim = torch.full_like(st.free, -1).scatter_(1, head, slots[:, i : i + 1])
-            self.policy.after_evict(view, victim, head)
-            flat = some[:, i : i + 1]
-            pos.scatter_(1, flat, torch.where(taken[:, i : i + 1], -1, pos.gather(1, flat)))
 
     def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
         """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once

@@ -351,10 +351,10 @@ class KVStore:
             victim.copy_(one.expand_as(victim))
         else:
             ops.select_victim(score.contiguous(), pos, p.sinks, NO_LIMIT, victim)
-        p.after_evict(view, victim)
         idx = victim[..., None]
-        if self.cache_positions:
-            gone = st.pos.gather(2, idx)
+        gone = st.pos.gather(2, idx) if self.cache_positions else None  # before after_evict may empty it
+        p.after_evict(view, victim)
+        if gone is not None:
             st.rank.sub_(((st.pos > gone) & (st.pos >= 0)).int())
         st.pos.scatter_(2, idx, -1)
         for s in st.state.values():

@@ -140,8 +140,24 @@ class Policy:
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """Called with the victim slots (B, Hkv) before they are freed (-1: the head evicts nothing now,
-        under adaptive or pyramid allocation). heads (B, n) int64, where given: the only heads whose
-        victim may be >= 0 (adaptive allocation's one pick per row), so a policy may skip the others."""
+        under adaptive or pyramid allocation); it may empty their positions. heads (B, n) int64, where
+        given: the only heads whose victim may be >= 0 (adaptive allocation's one pick per row), so a policy
+        may skip the others."""
+
+    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
+        """Adaptive allocation's evictions of a step: picks (B, n) int64 entries (KV head C + slot) in order, -1:
+        none. Each goes through after_evict with its head alone and sees the slots the earlier ones left: its
+        position is emptied before the next (the store empties the rest of each slot afterwards)."""
+        pos = view.layer.pos
+        flat_pos = pos.view(pos.shape[0], -1)
+        taken, some = picks >= 0, picks.clamp(min=0)
+        heads, slots = some // pos.shape[2], torch.where(taken, some % pos.shape[2], -1)
+        for i in range(picks.shape[1]):
+            head = heads[:, i : i + 1]
+            victim = torch.full(pos.shape[:2], -1, dtype=torch.long, device=pos.device).scatter_(1, head, slots[:, i : i + 1])
+            self.after_evict(view, victim, head)
+            flat = some[:, i : i + 1]
+            flat_pos.scatter_(1, flat, torch.where(taken[:, i : i + 1], -1, flat_pos.gather(1, flat)))
 
     @classmethod
     def options(cls) -> list[tuple[str, type, object]]:

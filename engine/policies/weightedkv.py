@@ -108,36 +108,35 @@ class WeightedKV(AverageAttentionMerge):
             raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         super().__post_init__()
 
-    def receivers(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        """(B, n) slot that takes each victim's value, -1 if there is none (or no victim: -1); pos, victim:
-        the heads of `at` (B, n, C), (B, n)."""
-        rcv = self._receivers(at, pos, victim.clamp(min=0))
-        return torch.where(victim >= 0, rcv, -1)
+    def nearest_keys(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
+        """(B, n) the `nearest_key` receiver of each victim: the other non-sink slot of its head whose key is the
+        most cosine-similar to the victim's, -1 if there is none (or no victim: -1); pos, victim: the heads of
+        `at` (B, n, C), (B, n)."""
+        C, j = pos.shape[2], victim.clamp(min=0)
+        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != j[..., None])
+        k = at.keys()
+        kj = k.gather(2, j[..., None, None].expand(-1, -1, 1, k.shape[3]))[:, :, 0]
+        cos = cosine_similarity(k.float(), kj.float()).masked_fill(~cand, -math.inf)
+        return torch.where(cand.any(2) & (victim >= 0), cos.argmax(2), -1)
 
-    def _receivers(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        C = pos.shape[2]
-        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != victim[..., None])
+    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
         if self.receiver == "nearest_key":
-            k = at.keys()
-            kj = k.gather(2, victim[..., None, None].expand(-1, -1, 1, k.shape[3]))[:, :, 0]
-            cos = cosine_similarity(k.float(), kj.float()).masked_fill(~cand, -math.inf)
-            return torch.where(cand.any(2), cos.argmax(2), -1)
-        pj = pos.gather(2, victim[..., None])
-        big = torch.iinfo(pos.dtype).max
-        nxt = torch.where(cand & (pos > pj), pos, big).min(2)
-        prv = torch.where(cand & (pos < pj), pos, -1).max(2)
-        has_nxt, has_prv = nxt.values < big, prv.values >= 0
-        if self.receiver == "next":
-            return torch.where(has_nxt, nxt.indices, torch.where(has_prv, prv.indices, -1))
-        return torch.where(has_prv, prv.indices, torch.where(has_nxt, nxt.indices, -1))
+            super().after_evict_picks(view, picks)
+        else:  # the picks in order in one op
+            self._merge_neighbours(view, self.average(view.layer.state), view.layer.pos, picks)
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
               heads: torch.Tensor | None = None) -> None:
-        """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place."""
+        """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place (with a
+        neighbour receiver, the victims' positions in `pos` are emptied too)."""
+        if self.receiver != "nearest_key":
+            first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
+            self._merge_neighbours(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))
+            return
         layer = view.layer
         v, w = layer.v, layer.state["w"]
         at = HeadSlots(layer, heads)
-        rcv = at.widen(self.receivers(at, at.narrow(pos), at.narrow(victim)), -1)
+        rcv = at.widen(self.nearest_keys(at, at.narrow(pos), at.narrow(victim)), -1)
         r = rcv.clamp(min=0)[..., None]
         w_r = w.gather(2, r)
         first = (rcv[..., None] >= 0) & (w_r == 0)
@@ -146,4 +145,14 @@ class WeightedKV(AverageAttentionMerge):
         pool = v.dim() == 3  # a pooled store's rows themselves (Policy.pooled_values)
         ops.merge_value(v, w, victim, rcv, weight, slot_index=layer.index if pool else None)
         self.count(view, (victim >= 0) & (rcv >= 0))
+
+    def _merge_neighbours(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                          picks: torch.Tensor) -> None:
+        """The `next` / `prev` receivers: each pick (B, n) entry (KV head C + slot, -1: none) merged in order by
+        ops.merge_neighbour, its position emptied in `pos`."""
+        layer = view.layer
+        receivers = torch.empty_like(picks)
+        ops.merge_neighbour(layer.v, layer.state["w"], pos, abar.contiguous(), picks, self.sinks,
+                            self.receiver == "next", receivers, slot_index=layer.index if layer.v.dim() == 3 else None)
+        self.count(view, receivers >= 0)
 
