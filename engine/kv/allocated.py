@@ -14,6 +14,9 @@ the rows the last step's evictions freed, or the next unused rows while a layer 
 reads each head's slots through `index` (ops.decode_attention's slot_index); the eviction runs on the
 device for every layer, applied where the layer is over its budget (no host value decides it), and its
 freed rows become the next step's `free`. Static shapes throughout: a step can be captured in a CUDA graph.
+Outside a graph, the search for the first empty slot and attention stop at `used`, the lists' high-water
+mark, kept on the host as the uniform store keeps its own: a prompt leaves its heads' entries in their first
+slots, and a head's token takes its first empty slot, at most `used`, so `used` grows by at most 1 a step.
 
 `mask=True` keeps the uniform store's dense layout with a slot for every token and only masks evicted
 ones (the papers' protocol): the same selection over the same metadata, the test oracle of the pool.
@@ -142,8 +145,6 @@ class AllocatedKVStore(KVStore):
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         st, T, B = self.layers[layer], q.shape[2], q.shape[0]
         b_l, Hkv = self.layer_budgets[layer], st.pos.shape[1]
-        if self.pooled:
-            self.used = self.capacity if self.t else 0  # every list slot may hold a token once any does
         total = int((st.pos >= 0).sum()) // B
         view = self._gathered(st) if self.pooled else st
         out, e, score = score_chunk(self, view, q, k, v, b_l, total + Hkv * T > Hkv * b_l)
@@ -170,8 +171,10 @@ class AllocatedKVStore(KVStore):
         of the layer (head after head); the rest of the lists emptied."""
         st, C = self.layers[layer], self.capacity
         n = keep.sum(2)  # (B, Hkv)
-        if int(n.max()) > C:
-            raise RuntimeError(f"internal: a head keeps {int(n.max())} entries in {C} slots")
+        most = int(n.max())
+        if most > C:
+            raise RuntimeError(f"internal: a head keeps {most} entries in {C} slots")
+        self._pending = max(self._pending, most)  # the chunk's high-water mark: the largest head, all layers
         big = torch.iinfo(torch.int32).max
         order = merged.pos.masked_fill(~keep, big).argsort(dim=2, stable=True)[:, :, :C]
         width = order.shape[2]
@@ -191,8 +194,12 @@ class AllocatedKVStore(KVStore):
         self.pool_k[b, rows[b, g, j]] = merged.k[b, g, src]
         self.pool_v[b, rows[b, g, j]] = merged.v[b, g, src]
 
+    def begin_prefill(self, n: int) -> None:
+        super().begin_prefill(n)
+        self._pending = 0  # each layer's prefill raises it to its kept entries' high-water mark
+
     def end_prefill(self, n: int) -> None:
-        self.used = self.capacity if self.pooled else self._pending
+        self.used = self._pending
         self.t += n
         self.occupancy = min(self.t, self.budget)
         self._next_rows()
@@ -213,7 +220,8 @@ class AllocatedKVStore(KVStore):
             return
         self.prepare_decode()
         a, slot = self.all, self.slot
-        slot.copy_(a.pos.argmin(2))  # each head's first empty slot (-1: the least position, first one wins)
+        # each head's first empty slot (-1: the least position, first one wins); slots from `used` on are empty
+        slot.copy_(a.pos[:, :, : self.decode_length()].argmin(2))
         a.pos.scatter_(2, slot[..., None], self.clock[0].int().expand_as(slot)[..., None])
         a.index.scatter_(2, slot[..., None], a.free.int()[..., None])
         self.query_cos, self.query_sin = self.rope.at(self.clock[2:])
@@ -231,8 +239,8 @@ class AllocatedKVStore(KVStore):
             super()._attend(layer, q, length, probs, rope)
             return
         st = self.layers[layer]
-        ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, self.layer_slots[layer], self.scale, self.attn_out,
-                             st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index,
+        ops.decode_attention(q, self.pool_k, self.pool_v, st.pos, min(length, self.layer_slots[layer]), self.scale,
+                             self.attn_out, st.state["acc"] if self.fused_acc else None, probs, slot_index=st.index,
                              bias=self.bias(st))
 
     def finish_decode(self) -> None:
@@ -242,8 +250,7 @@ class AllocatedKVStore(KVStore):
     def advance_decode(self) -> None:
         self.t += 1
         self.occupancy = min(self.t, self.budget)
-        if not self.pooled:
-            self.used = min(self.used + 1, self.capacity)
+        self.used = min(self.used + 1, self.capacity)  # a head's token took a slot below `used`, or `used` itself
 
     # ---- eviction ------------------------------------------------------------------------------
     def _policy_layer(self, st: LayerState) -> LayerState:
