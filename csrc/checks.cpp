@@ -363,6 +363,38 @@ void check_merge_picks(const at::Tensor& picks, int64_t entries) {
   }
 }
 
+void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                       const at::Tensor& receiver_out, const at::Tensor& similarity_out,
+                       const std::optional<at::Tensor>& slot_index) {
+  const char* op = "nearest_key";
+  const Like like{k, "k"};
+  int64_t B, Hkv, C;
+  if (slot_index) {  // k: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+    check_tensor(op, "k", k, "[P, R, D]", {-1, -1, -1}, kFloats);
+    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
+    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
+    TORCH_CHECK_VALUE(k.size(0) > 0 && B % k.size(0) == 0, op, ": slot_index's B=", B,
+                      " must be a multiple of the pool's P=", k.size(0));
+  } else {
+    check_tensor(op, "k", k, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+    B = k.size(0), Hkv = k.size(1), C = k.size(2);
+  }
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
+  check_tensor(op, "receiver_out", receiver_out, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
+  check_tensor(op, "similarity_out", similarity_out, "[B, H_kv]", {B, Hkv}, {ScalarType::Float}, like);
+  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+}
+
+void check_nearest_key_victims(const at::Tensor& victim, int64_t C) {
+  const int64_t Hkv = victim.size(1);
+  const int64_t* idx = victim.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < victim.numel(); ++r) {
+    TORCH_CHECK_INDEX(idx[r] >= -1 && idx[r] < C, "nearest_key: victim must hold slot indices in [-1, ", C,
+                      "), got ", idx[r], " at [", r / Hkv, ", ", r % Hkv, "]");
+  }
+}
+
 namespace {
 
 // Whether out's bytes overlap t's (both contiguous: [data, data + nbytes)).

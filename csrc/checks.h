@@ -66,6 +66,12 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
 // picks must hold entries (head C + slot) in [-1, H_kv C).
 void check_merge_picks(const at::Tensor& picks, int64_t entries);
 
+void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                       const at::Tensor& receiver_out, const at::Tensor& similarity_out,
+                       const std::optional<at::Tensor>& slot_index);
+// victim must hold slots in [-1, C).
+void check_nearest_key_victims(const at::Tensor& victim, int64_t C);
+
 void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                   const std::optional<at::Tensor>& norm, double eps, bool swiglu);
 

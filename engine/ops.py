@@ -203,6 +203,18 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
                                                                   slot_index)
 
 
+def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor, similarity_out: Tensor,
+                slot_index: Tensor | None = None) -> None:
+    """For each KV head with a victim slot (victim [B, H_kv], -1: none): receiver_out [B, H_kv] = the other
+    slot holding a non-sink token (pos >= sinks) whose key is the most cosine-similar to the victim's,
+    similarity_out [B, H_kv] fp32 = that similarity (-1 and -inf: none). The keys are read where they are
+    (k [B, H_kv, C, D], or a pool [P, R, D] with slot_index, as merge_value's v), once: the search of KeepKV
+    and WeightedKV's nearest_key, which made normalised copies of every key of the head. engine/reference.py
+    says it exactly."""
+    _impl("nearest_key", k.device, reference.nearest_key)(k, pos, victim, sinks, receiver_out, similarity_out,
+                                                          slot_index)
+
+
 def matvec(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False, norm: Tensor | None = None,
            eps: float = 0.0, swiglu: bool = False) -> None:
     """out [..., N] = h [..., K] @ w [N, K]^T (F.linear), all in w's dtype, accumulated in fp32; with
@@ -355,6 +367,10 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::merge_value")
     def _merge_value_fake(v, w, victim, receiver, weight, slot_index=None) -> None:
         reference.check_merge_value(v, w, victim, receiver, weight, slot_index)
+
+    @torch.library.register_fake("engine::nearest_key")
+    def _nearest_key_fake(k, pos, victim, sinks, receiver_out, similarity_out, slot_index=None) -> None:
+        reference.check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index)
 
     @torch.library.register_fake("engine::merge_neighbour")
     def _merge_neighbour_fake(v, w, pos, abar, picks, sinks, after, receiver_out, slot_index=None) -> None:

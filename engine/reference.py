@@ -310,6 +310,35 @@ def check_merge_picks(picks: Tensor, entries: int) -> None:
                          f"got {int(picks[where])} at {list(where)}")
 
 
+def check_nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor,
+                      similarity_out: Tensor, slot_index: Tensor | None = None) -> None:
+    op = "nearest_key"
+    like = (k, "k")
+    if slot_index is not None:  # k: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
+        _check_tensor(op, "k", k, "[P, R, D]", [-1] * 3, FLOATS)
+        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
+        B, Hkv, C = slot_index.shape
+        if k.shape[0] == 0 or B % k.shape[0]:
+            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={k.shape[0]}")
+    else:
+        _check_tensor(op, "k", k, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+        B, Hkv, C, _ = k.shape
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "victim", victim, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+    _check_tensor(op, "receiver_out", receiver_out, "[B, H_kv]", [B, Hkv], [torch.int64], like)
+    _check_tensor(op, "similarity_out", similarity_out, "[B, H_kv]", [B, Hkv], [torch.float32], like)
+    if sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+
+
+def check_nearest_key_victims(victim: Tensor, C: int) -> None:
+    """victim must hold slots in [-1, C) (-1 = no victim in the head)."""
+    where = _first((victim < -1) | (victim >= C))
+    if where is not None:
+        raise IndexError(f"nearest_key: victim must hold slot indices in [-1, {C}), got {int(victim[where])} at "
+                         f"{list(where)}")
+
+
 def _check_product_args(op: str, x: Tensor, x_dtypes: Sequence[torch.dtype], N: int, K: int, out: Tensor,
                         norm: Tensor | None, eps: float, swiglu: bool, like: tuple[Tensor, str]) -> None:
     """x, norm, eps and out of a product by an [N, K] matrix (matvec, qmatvec): norm and out of x's dtype."""
@@ -740,6 +769,39 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
         w_old = w[b, gb, mb]
         _merge_rows("merge_neighbour", v, w, slot_index, b, gb, mb, jb, torch.where(w_old == 0, abar[b, gb, mb], w_old),
                     abar[b, gb, jb])
+
+
+def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor, similarity_out: Tensor,
+                slot_index: Tensor | None = None) -> None:
+    """For each (b, g) with a victim j = victim[b, g] >= 0: among the other slots holding a non-sink token (pos
+    >= sinks), the one whose key is the most cosine-similar to slot j's, dot(k_s, k_j) / (max(|k_s|, 1e-8)
+    max(|k_j|, 1e-8)) in fp32: receiver_out = that slot (ties: the lower one; a NaN similarity never wins),
+    similarity_out = its similarity; -1 and -inf where there is no victim or no such slot. With slot_index, k
+    is a pool [P, R, D] as merge_value's v (the rows of the victim and its candidates must be in [0, R))."""
+    check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index)
+    B, Hkv, C = pos.shape
+    check_nearest_key_victims(victim, C)
+    j = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)
+    slots = torch.arange(C, device=pos.device)
+    compared = (pos >= sinks) & (slots != j) & (victim >= 0)[..., None]
+    if slot_index is not None:
+        R = k.shape[1]
+        where = _first((compared | ((slots == j) & (victim >= 0)[..., None])) & ((slot_index < 0) | (slot_index >= R)))
+        if where is not None:
+            raise IndexError(f"nearest_key: slot_index must hold pool rows in [0, R) = [0, {R}) on the compared "
+                             f"slots, got {int(slot_index[where])} at {list(where)}")
+        batch = (torch.arange(B, device=k.device) % k.shape[0])[:, None, None]
+        k = k[batch, slot_index.long().clamp(0, R - 1)]
+    keys = k.float()
+    k_j = keys.gather(2, j[..., None].expand(-1, -1, 1, keys.shape[3]))
+    norm = lambda x: x.square().sum(-1).sqrt().clamp_min(1e-8)
+    similarity = (keys * k_j).sum(-1) / (norm(keys) * norm(k_j))
+    compared &= ~similarity.isnan()
+    best = similarity.masked_fill(~compared, -math.inf).amax(2, keepdim=True)
+    first = (compared & (similarity == best)).int().argmax(2)
+    found = compared.any(2)
+    receiver_out.copy_(torch.where(found, first, -1))
+    similarity_out.copy_(torch.where(found, best[..., 0], -math.inf))
 
 
 def _merge_rows(op: str, v: Tensor, w: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor, r: Tensor, j: Tensor,

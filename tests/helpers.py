@@ -235,6 +235,54 @@ def brute_neighbour(v, w, pos, abar, picks, sinks, after):
     return v, w, pos, out
 
 
+def brute_nearest_key(k, pos, victim, sinks):
+    """ops.nearest_key by loops in fp64: per (b, g), every compared slot's similarity (None: not compared),
+    and the receiver (-1: none; ties: the lower slot)."""
+    B, Hkv, C = pos.shape
+    sims = [[[None] * C for _ in range(Hkv)] for _ in range(B)]
+    out = torch.full((B, Hkv), -1, dtype=torch.int64)
+    for b in range(B):
+        for g in range(Hkv):
+            j = int(victim[b, g])
+            if j < 0:
+                continue
+            kj = k[b, g, j].double()
+            for s in range(C):
+                if s != j and pos[b, g, s] >= sinks:
+                    ks = k[b, g, s].double()
+                    sims[b][g][s] = float(ks @ kj / (ks.norm().clamp_min(1e-8) * kj.norm().clamp_min(1e-8)))
+            found = [(x, s) for s, x in enumerate(sims[b][g]) if x is not None]
+            if found:
+                out[b, g] = max(found, key=lambda t: (t[0], -t[1]))[1]
+    return sims, out
+
+
+def keys_with_ties(B, Hkv, C, D, dtype, g):
+    """Random keys, some rows repeated (exact ties of similarity) and some zero (the norm's floor)."""
+    k = randn((B, Hkv, C, D), dtype, "cpu", g)
+    if C > 3:
+        k[:, :, 1] = k[:, :, 3]
+        k[:, :, 2] = 0
+    return k
+
+
+def assert_nearest(k, pos, victim, sinks, receiver, similarity):
+    """receiver/similarity as the fp64 loops: the same receiver unless two similarities are within fp32
+    rounding of each other (then one of those), the similarity to 1e-5."""
+    sims, want = brute_nearest_key(k, pos, victim, sinks)
+    B, Hkv = victim.shape
+    for b in range(B):
+        for g in range(Hkv):
+            r, w = int(receiver[b, g]), int(want[b, g])
+            if w < 0:
+                assert r == -1 and similarity[b, g] == -math.inf
+                continue
+            best = sims[b][g][w]
+            assert r >= 0 and sims[b][g][r] is not None and abs(sims[b][g][r] - best) <= 1e-5
+            assert r == w or sims[b][g][r] != best  # an exact tie goes to the lower slot
+            assert abs(float(similarity[b, g]) - sims[b][g][r]) <= 1e-5
+
+
 def brute_victim(score: torch.Tensor, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     out = torch.empty(score.shape[:2], dtype=torch.int64)
     for b in range(score.shape[0]):
@@ -294,6 +342,10 @@ def opcheck_cases():
     yield "merge_value", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g),
                           torch.tensor([[0, 1, -1]] * B), torch.tensor([[2, 3, 4]] * B), torch.rand(B, Hkv, generator=g),
                           index)
+    yield "nearest_key", (k, pos, torch.tensor([[0, -1, 5]] * B), 2, torch.empty(B, Hkv, dtype=torch.int64),
+                          torch.empty(B, Hkv))
+    yield "nearest_key", (torch.randn(1, R, D, generator=g), pos, torch.tensor([[0, -1, 5]] * B), 0,
+                          torch.empty(B, Hkv, dtype=torch.int64), torch.empty(B, Hkv), index)
     picks = torch.tensor([[3, 3, C + 5, -1]] * B)
     yield "merge_neighbour", (v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(), torch.rand(B, Hkv, C, generator=g),
                               picks, 2, True, torch.empty(B, 4, dtype=torch.int64))

@@ -41,13 +41,16 @@ def test_allocation_bench_records_the_policy_it_ran(tiny_model_dir: Path, result
     """Every rule's step times and ratios, the same KV bytes under each rule, and the policy's parameters
     (two runs of one policy with other receivers must be told apart by their JSON)."""
     assert bench_main(["allocation", "--model", str(tiny_model_dir), "--policy", "weightedkv", "--receiver", "prev",
-                       "--recent", "2", "--budget", "16", "--contexts", "40", "--steps", "2", "--reps", "1"]) == 0
+                       "--recent", "2", "--budget", "16", "--contexts", "40", "--steps", "2", "--reps", "1",
+                       "--settle", "5"]) == 0
     doc = only_result(results_dir, "allocation-weightedkv")
     assert doc["policy_params"]["receiver"] == "prev" and doc["policy_params"]["budget"] == 16
+    assert doc["settle"] == 5
     cell = doc["results"]["40"]
     assert list(cell) == ["uniform", "adaptive", "pyramid"]
     assert len({c["kv_bytes"] for c in cell.values()}) == 1
     for c in cell.values():
+        assert 0 < c["slots_used"] <= c["slots"]
         assert c["cpu_ratio"] == pytest.approx(c["step_cpu_s"] / cell["uniform"]["step_cpu_s"])
         assert c["wall_ratio"] == pytest.approx(c["step_wall_s"] / cell["uniform"]["step_wall_s"])
 

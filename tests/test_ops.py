@@ -23,8 +23,8 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
-    assert_within, brute_neighbour, brute_victim, gen, on_path, opcheck_cases, poisoned, positions, prefill_inputs,
-    randn, rope_ranks, rope_tables,
+    assert_nearest, assert_within, brute_neighbour, brute_victim, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
+    positions, prefill_inputs, randn, rope_ranks, rope_tables,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -654,6 +654,51 @@ def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
     assert torch.equal(pool[~used], pool0[~used])
 
 
+@st.composite
+def nearest_key_inputs(draw):
+    B, Hkv, C, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 70))
+    victim = torch.tensor(draw(st.lists(st.integers(-1, C - 1), min_size=B * Hkv, max_size=B * Hkv))).view(B, Hkv)
+    return victim, C, D, draw(st.integers(0, 6)), draw(st.integers(0, 10**6))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(inputs=nearest_key_inputs())
+def test_nearest_key(path, dtype, inputs):
+    victim, C, D, sinks, seed = inputs
+    B, Hkv = victim.shape
+    g = gen(seed)
+    k, pos = keys_with_ties(B, Hkv, C, D, dtype, g), positions(B, Hkv, C, "holes", g)
+    receiver, similarity = torch.full((B, Hkv), 99), torch.full((B, Hkv), float("nan"))
+    with on_path(path, "nearest_key", "cpu"):
+        ops.nearest_key(k, pos, victim, sinks, receiver, similarity)
+    assert_nearest(k, pos, victim, sinks, receiver, similarity)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=30, deadline=None)
+@given(inputs=nearest_key_inputs(), layers=st.integers(1, 3))
+def test_nearest_key_in_a_pool(path, inputs, layers):
+    """With slot_index: the same bits as over per-head rows."""
+    victim, C, D, sinks, seed = inputs
+    B, Hkv = victim.shape
+    g = gen(seed)
+    dense, pos = keys_with_ties(B, Hkv, C, D, torch.float32, g), positions(B, Hkv, C, "holes", g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C
+    index = torch.stack([torch.randperm(per + 5, generator=g)[:per] for _ in range(P)])
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    pool = randn((P, per + 5, D), torch.float32, "cpu", g)
+    pool[(torch.arange(B) % P)[:, None, None], slot_index.long()] = dense
+    want = torch.empty(B, Hkv, dtype=torch.int64), torch.empty(B, Hkv)
+    got = torch.full((B, Hkv), 99), torch.full((B, Hkv), float("nan"))
+    with on_path(path, "nearest_key", "cpu"):
+        ops.nearest_key(dense, pos, victim, sinks, *want)
+        ops.nearest_key(pool, pos, victim, sinks, *got, slot_index=slot_index)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck: schemas, fake impls, autograd registration, AOT dispatch
 # ---------------------------------------------------------------------------------------------
@@ -729,6 +774,8 @@ def _valid_args():
         "merge_neighbour": dict(v=cache(), w=torch.zeros(B, Hkv, C), pos=pos(), abar=torch.ones(B, Hkv, C),
                                 picks=torch.tensor([[0, C + 1, -1]]), sinks=0, after=True,
                                 receiver_out=torch.zeros(B, 3, dtype=i64)),
+        "nearest_key": dict(k=cache(), pos=pos(), victim=torch.tensor([[0, -1, 2]]), sinks=0,
+                            receiver_out=torch.zeros(B, Hkv, dtype=i64), similarity_out=torch.zeros(B, Hkv)),
         "adaptive_victims": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=torch.tensor([30]), min_share=2,
                                  limit=torch.tensor([1]), out_entry=torch.zeros(B, Hkv, dtype=i64)),
     }
@@ -823,6 +870,19 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "merge_neighbour: slot_index must hold pool rows in [0, R) = [0, 9) on the merged slots, got 9 at [0, 0, 1]"),
     ("merge_neighbour", "*", lambda a: {**a, **_pooled(P=2)}, ValueError,
      "merge_neighbour: slot_index's B=1 must be a multiple of the pool's P=2"),
+    ("nearest_key", "victim", lambda t: t + 8, IndexError,
+     "nearest_key: victim must hold slot indices in [-1, 8), got 8 at [0, 0]"),
+    ("nearest_key", "victim", lambda t: t.int(), TypeError, "nearest_key: victim must be int64, got int32"),
+    ("nearest_key", "similarity_out", lambda t: t.double(), TypeError,
+     "nearest_key: similarity_out must be float32, got float64"),
+    ("nearest_key", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
+     "nearest_key: receiver_out must have shape [B, H_kv] = [1, 3], got [1, 2]"),
+    ("nearest_key", "sinks", lambda n: -2, ValueError, "nearest_key: sinks must be >= 0, got -2"),
+    ("nearest_key", "*", lambda a: {**a, "k": _pooled(slot_row=9)["v"], "slot_index": _pooled(slot_row=9)["slot_index"]},
+     IndexError, "nearest_key: slot_index must hold pool rows in [0, R) = [0, 9) on the compared slots, got 9 at "
+     "[0, 0, 1]"),
+    ("nearest_key", "*", lambda a: {**a, "k": _pooled(P=2)["v"], "slot_index": _pooled()["slot_index"]}, ValueError,
+     "nearest_key: slot_index's B=1 must be a multiple of the pool's P=2"),
     ("adaptive_victims", "hi", lambda t: t.int(), TypeError, "adaptive_victims: hi must be int64, got int32"),
     ("adaptive_victims", "limit", lambda t: t.repeat(2), ValueError,
      "adaptive_victims: limit must have shape [B] = [1], got [2]"),

@@ -23,10 +23,12 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
+    assert_nearest,
     assert_within,
     brute_neighbour,
     brute_victim,
     gen,
+    keys_with_ties,
     on_path,
     opcheck_cases,
     poisoned,
@@ -365,6 +367,26 @@ def test_merge_neighbour(dtype, pooled):
             received[b, picks[b, i] // C, truth_out[b, i]] = True
         assert received.any() and torch.equal(got[~received], v[~received])
         assert_within(got[received], truth_v[received], base[0][received], "merged rows")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [37, 128])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_nearest_key(dtype, D, pooled):
+    """Rows of 300 slots (ten per lane), tied and zero keys, heads with no victim: as the fp64 loops."""
+    B, Hkv, C = 4, 3, 300
+    g = gen(D)
+    k, pos = keys_with_ties(B, Hkv, C, D, dtype, g), positions(B, Hkv, C, "holes", g)
+    victim = torch.randint(-1, C, (B, Hkv), generator=g)
+    victim[0, 0] = 1  # the tied rows 1 and 3
+    receiver = torch.full((B, Hkv), 99, device=CUDA)
+    similarity = torch.full((B, Hkv), float("nan"), device=CUDA)
+    slot_index = torch.arange(B * Hkv * C, dtype=torch.int32).flip(0).view(B, Hkv, C) if pooled else None
+    keys = k.view(1, B * Hkv * C, D).flip(1) if pooled else k
+    with compiled("nearest_key"):
+        ops.nearest_key(keys.to(CUDA), pos.to(CUDA), victim.to(CUDA), 4, receiver, similarity,
+                        None if slot_index is None else slot_index.to(CUDA))
+    assert_nearest(k, pos, victim, 4, receiver.cpu(), similarity.cpu())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ namespace engine {
 namespace {
 
 constexpr int64_t kParallelWork = 32768;  // elements below which threads cost more than they save
+constexpr float kNormEps = 1e-8f;  // nearest_key: the least norm a key counts with (F.cosine_similarity's eps)
 
 // NaN propagates, as torch.amax does.
 inline float abs_max(const float* __restrict__ x, int64_t n) {
@@ -228,6 +229,7 @@ float merge_row(T* vr, const T* vj, float w_old, float add, int64_t D, float* bu
 // the pool row it names, in pool batch r / Hkv % P. op names the caller in the error for a bad pool row.
 struct SlotRows {
   const char* op;
+  const char* slots;  // which slots the error names: "merged", "compared"
   const int32_t* index;  // nullptr: v is [B, H_kv, C, D]
   int64_t Hkv, C, P, R;
 
@@ -235,14 +237,14 @@ struct SlotRows {
     if (!index) return r * C + s;
     const int64_t x = index[r * C + s];
     TORCH_CHECK_INDEX(x >= 0 && x < R, op, ": slot_index must hold pool rows in [0, R) = [0, ", R,
-                      ") on the merged slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
+                      ") on the ", slots, " slots, got ", x, " at [", r / Hkv, ", ", r % Hkv, ", ", s, "]");
     return (r / Hkv % P) * R + x;
   }
 };
 
-SlotRows slot_rows(const char* op, const at::Tensor& v, const std::optional<at::Tensor>& slot_index, int64_t Hkv,
-                   int64_t C) {
-  return {op, slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, Hkv, C, v.size(0),
+SlotRows slot_rows(const char* op, const char* slots, const at::Tensor& v, const std::optional<at::Tensor>& slot_index,
+                   int64_t Hkv, int64_t C) {
+  return {op, slots, slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, Hkv, C, v.size(0),
           slot_index ? v.size(1) : 0};
 }
 
@@ -256,7 +258,7 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
   const int64_t* rec = receiver.const_data_ptr<int64_t>();
   const float* wt = weight.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
-  const SlotRows row_of = slot_rows("merge_value", v, slot_index, Hkv, C);
+  const SlotRows row_of = slot_rows("merge_value", "merged", v, slot_index, Hkv, C);
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_value", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> buf(3 * D);
@@ -282,7 +284,7 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
   float* wp = w.mutable_data_ptr<float>();
   int32_t* ps = pos.mutable_data_ptr<int32_t>();
   int64_t* out = receiver_out.mutable_data_ptr<int64_t>();
-  const SlotRows row_of = slot_rows("merge_neighbour", v, slot_index, Hkv, C);
+  const SlotRows row_of = slot_rows("merge_neighbour", "merged", v, slot_index, Hkv, C);
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_neighbour", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> buf(3 * D);
@@ -314,6 +316,56 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
         *wr = merge_row(vr, vp + row_of(r, j) * D, w_old, ab[r * C + j], D, buf.data());
       }
     }
+  });
+}
+
+// The slot of each victim's KV head whose key is the most cosine-similar to the victim's, one (batch, KV
+// head) row per thread iteration: a row reads only its own keys. Pool rows were checked beforehand.
+template <typename T>
+void nearest_key_rows(const T* k, const int32_t* ps, const int64_t* vic, int64_t sinks, int64_t* out, float* sim,
+                      const SlotRows& row_of, int64_t rows, int64_t C, int64_t D, bool parallel) {
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> bj(D), bs(D);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = vic[r];
+      out[r] = -1;
+      sim[r] = -std::numeric_limits<float>::infinity();
+      if (j < 0) continue;
+      const float* kj = as_float(k + row_of(r, j) * D, bj.data(), D);
+      const float nj = std::max(std::sqrt(dot(kj, kj, D)), kNormEps);
+      for (int64_t s = 0; s < C; ++s) {
+        if (s == j || ps[r * C + s] < sinks || ps[r * C + s] < 0) continue;
+        const float* ks = as_float(k + row_of(r, s) * D, bs.data(), D);
+        const float ns = std::max(std::sqrt(dot(ks, ks, D)), kNormEps);
+        const float c = dot(ks, kj, D) / (ns * nj);
+        if (c > sim[r] || (out[r] < 0 && !std::isnan(c))) sim[r] = c, out[r] = s;  // NaN never wins
+      }
+    }
+  }
+}
+
+void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                     at::Tensor& receiver_out, at::Tensor& similarity_out,
+                     const std::optional<at::Tensor>& slot_index) {
+  check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index);
+  const int64_t Hkv = pos.size(1), rows = pos.size(0) * Hkv, C = pos.size(2), D = k.size(-1);
+  check_nearest_key_victims(victim, C);
+  const int32_t* ps = pos.const_data_ptr<int32_t>();
+  const int64_t* vic = victim.const_data_ptr<int64_t>();
+  const SlotRows row_of = slot_rows("nearest_key", "compared", k, slot_index, Hkv, C);
+  int64_t work = 0;  // and the pool rows of every compared slot checked before any thread starts
+  for (int64_t r = 0; r < rows; ++r) {
+    if (vic[r] < 0) continue;
+    work += C * D;
+    for (int64_t s = 0; s < C; ++s) {
+      if (s == vic[r] || ps[r * C + s] >= sinks) row_of(r, s);
+    }
+  }
+  ENGINE_DISPATCH_FLOATS(k.scalar_type(), "nearest_key", [&] {
+    nearest_key_rows(k.const_data_ptr<scalar_t>(), ps, vic, sinks, receiver_out.mutable_data_ptr<int64_t>(),
+                     similarity_out.mutable_data_ptr<float>(), row_of, rows, C, D, work > kParallelWork);
   });
 }
 

@@ -65,6 +65,11 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const std::optional<at::Tensor>& slot_index);
 
 // WeightedKV's merge of each pick (head C + slot) into its neighbour by position, the picks in order: engine/reference.py.
+// The most cosine-similar other non-sink key of each victim's KV head: engine/reference.py.
+void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                     at::Tensor& receiver_out, at::Tensor& similarity_out,
+                     const std::optional<at::Tensor>& slot_index);
+
 void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
                          const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
                          const std::optional<at::Tensor>& slot_index);

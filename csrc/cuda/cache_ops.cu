@@ -365,6 +365,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// nearest_key: a warp per (batch, KV head) row; each lane takes slots in turn, whole rows of D, and the
+// warp keeps the most similar (ties: the lower slot; NaN never wins).
+__device__ __forceinline__ void more_similar(float& c, int32_t& s, float c2, int32_t s2) {
+  const bool take = s2 >= 0 && (s < 0 || c2 > c || (c2 == c && s2 < s));
+  c = take ? c2 : c;
+  s = take ? s2 : s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    nearest_key_kernel(const T* __restrict__ k, const int32_t* __restrict__ pos, const int64_t* __restrict__ victim,
+                       int64_t sinks, int64_t* __restrict__ out, float* __restrict__ sim,
+                       const int32_t* __restrict__ index, int64_t rows, int64_t Hkv, int64_t C, int64_t D, int64_t P,
+                       int64_t R) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;  // the whole warp
+  const int64_t j = victim[r];
+  CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "nearest_key: victim must hold slot indices in [-1, C)");
+  float best = -INFINITY;
+  int32_t slot = -1;
+  if (j >= 0) {
+    const T* kj = k + slot_row(index, r, j, Hkv, C, P, R) * D;
+    float nj = 0.f;
+    for (int64_t d = 0; d < D; ++d) nj += static_cast<float>(kj[d]) * static_cast<float>(kj[d]);
+    nj = fmaxf(sqrtf(nj), 1e-8f);
+    for (int64_t s = lane; s < C; s += 32) {
+      const int32_t p = pos[r * C + s];
+      if (s == j || p < sinks || p < 0) continue;
+      const T* ks = k + slot_row(index, r, s, Hkv, C, P, R) * D;
+      float dot = 0.f, ns = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float a = static_cast<float>(ks[d]);
+        dot += a * static_cast<float>(kj[d]);
+        ns += a * a;
+      }
+      const float c = dot / (fmaxf(sqrtf(ns), 1e-8f) * nj);
+      if (!isnan(c)) more_similar(best, slot, c, static_cast<int32_t>(s));
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float c2 = __shfl_xor_sync(kFullMask, best, o);
+    const int32_t s2 = __shfl_xor_sync(kFullMask, slot, o);
+    more_similar(best, slot, c2, s2);
+  }
+  if (lane == 0) {
+    out[r] = slot;
+    sim[r] = slot < 0 ? -INFINITY : best;
+  }
+}
+
 }  // namespace
 
 void value_norm_cuda(const at::Tensor& v, int64_t kind, at::Tensor& out) {
@@ -459,6 +510,24 @@ void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const a
         abar.const_data_ptr<float>(), picks.const_data_ptr<int64_t>(), sinks, after,
         receiver_out.mutable_data_ptr<int64_t>(), slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B,
         n, Hkv, C, D, v.size(0), slot_index ? v.size(1) : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void nearest_key_cuda(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                      at::Tensor& receiver_out, at::Tensor& similarity_out,
+                      const std::optional<at::Tensor>& slot_index) {
+  check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index);
+  const auto guard = cuda::on_device("nearest_key", k);
+  const int64_t Hkv = pos.size(1), rows = pos.size(0) * Hkv, C = pos.size(2), D = k.size(-1);
+  if (rows == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(rows, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(k.scalar_type(), "nearest_key", [&] {
+    nearest_key_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        k.const_data_ptr<scalar_t>(), pos.const_data_ptr<int32_t>(), victim.const_data_ptr<int64_t>(), sinks,
+        receiver_out.mutable_data_ptr<int64_t>(), similarity_out.mutable_data_ptr<float>(),
+        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, rows, Hkv, C, D, k.size(0),
+        slot_index ? k.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

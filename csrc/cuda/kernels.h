@@ -49,6 +49,10 @@ void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                       const at::Tensor& receiver, const at::Tensor& weight,
                       const std::optional<at::Tensor>& slot_index);
 
+void nearest_key_cuda(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
+                      at::Tensor& receiver_out, at::Tensor& similarity_out,
+                      const std::optional<at::Tensor>& slot_index);
+
 void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at::Tensor& abar,
                           const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
                           const std::optional<at::Tensor>& slot_index);

@@ -40,9 +40,10 @@ from typing import ClassVar
 
 import torch
 
+from .. import ops
 from ..rope import Rope
 from .base import DecodeView, PolicyError, PrefillView
-from .slots import HeadSlots, cosine_similarity
+from .slots import HeadSlots
 from .weightedkv import AverageAttentionMerge
 
 
@@ -62,24 +63,22 @@ class KeepKV(AverageAttentionMerge):
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
         """ZIP-merge slot victim[b, g] (-1: none) into its receiver: key, value and log votes in place (the
-        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query). Only the
-        keys of `heads` (AverageAttentionMerge.merge) are read, converted and searched."""
+        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query). The
+        receiver search (ops.nearest_key) reads only the keys of the heads that have a victim."""
         layer, at = view.layer, HeadSlots(view.layer, heads)
-        pos, victim = at.narrow(pos), at.narrow(victim)  # (B, n, C), (B, n)
-        C, D = pos.shape[2], view.q.shape[-1]
-        keys = at.keys().float()
-        rope = view.rope
-        if rope is not None:
-            rank = at.narrow(layer.rank).clamp(min=0).long()
-            keys = Rope.rotate_by(keys, rope.cos[rank], rope.sin[rank])
-        e = victim.clamp(min=0)[..., None]  # (B, n, 1)
-        row = lambda t, i: t.gather(2, i[..., None].expand(-1, -1, 1, D))[:, :, 0]  # (B, n, D)
-        k_e = row(keys, e)
-        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != e)
-        sim = cosine_similarity(keys, k_e).masked_fill(~cand, -math.inf).max(2)
-        go = (victim >= 0) & (sim.values >= self.min_similarity)  # -inf (no candidate) never merges
-        c = sim.indices[..., None]
-        k_c = row(keys, c)
+        D, rope = view.q.shape[-1], view.rope
+        keys = layer.k  # as stored: after RoPE (original positions), in the pool or per head
+        if rope is not None:  # positions="cache": compared and merged as attention sees them, rotated at their ranks
+            rank = layer.rank.clamp(min=0).long()
+            keys = Rope.rotate_by(keys.float(), rope.cos[rank], rope.sin[rank])
+        receiver = torch.empty_like(victim)
+        similarity = torch.empty(victim.shape, device=victim.device)
+        ops.nearest_key(keys, pos, victim, self.sinks, receiver, similarity,
+                        slot_index=layer.index if keys.dim() == 3 else None)
+        victim, receiver, similarity = at.narrow(victim), at.narrow(receiver), at.narrow(similarity)  # (B, n)
+        go = (victim >= 0) & (similarity >= self.min_similarity)  # -inf (no candidate) never merges
+        e, c = victim.clamp(min=0)[..., None], receiver.clamp(min=0)[..., None]  # (B, n, 1)
+        k_e, k_c = (at.read(keys, i)[:, :, 0].float() for i in (e, c))  # (B, n, D)
         q = at.narrow(reference_query(view))
         scale = 1.0 / math.sqrt(D)
         lp = at.narrow(layer.state["logp"])
@@ -102,7 +101,7 @@ class KeepKV(AverageAttentionMerge):
         a = torch.where(qq > 0, (target - (q * k_bar).sum(-1)) / qq.clamp(min=1e-30), 0.0)
         k_r = k_bar + a[..., None] * q
         if rope is not None:  # back to the stored (pre-RoPE) key: the inverse rotation at the receiver's rank
-            r = rank.gather(2, c)[..., 0]
+            r = at.narrow(rank).gather(2, c)[..., 0]
             k_r = Rope.rotate_by(k_r, rope.cos[r], -rope.sin[r])
         go = go[..., None]  # the receiver's row where a merge happens
         at.write(layer.k, c, k_r[:, :, None], go)

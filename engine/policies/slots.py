@@ -1,8 +1,8 @@
 """The slots of chosen KV heads of a layer, as the merging policies read and write them: in either layout a
 store passes (dense k/v [B, Hkv, C, D], or a pooled store's pool [P, R, D] with `layer.index`, where slot s
 of head g of row b is row index[b, g, s] of pool batch b % P), and for only the heads that evict. Under
-adaptive allocation one head per row evicts per pick: a search over every head's keys would read, convert
-and compare three times the keys that matter, and a copy of the pool's rows would be written back whole.
+adaptive allocation one head per row evicts per pick: the other heads need no work, and a copy of the
+pool's rows would be written back whole. (The receiver searches read keys in place: ops.nearest_key.)
 """
 from __future__ import annotations
 
@@ -34,15 +34,6 @@ class HeadSlots:
         if self.heads is None:
             return t
         return torch.full(self.layer.pos.shape[:2], fill, dtype=t.dtype, device=t.device).scatter_(1, self.heads, t)
-
-    def keys(self) -> torch.Tensor:
-        """(B, n, C, D) the chosen heads' stored keys, every slot (a view of k for all heads of a dense layer)."""
-        if not self.pooled:
-            return self.narrow(self.layer.k)
-        index = self.narrow(self.layer.index).long()
-        P, R, D = self.layer.k.shape
-        flat = self._pool_batch(index) * R + index  # index_select of whole rows: a copy per row, not per element
-        return self.layer.k.view(P * R, D).index_select(0, flat.view(-1)).view(*index.shape, D)
 
     def read(self, buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(B, n, m, D) rows of buf (the layer's k or v) at slots (B, n, m) of the chosen heads."""
@@ -77,12 +68,3 @@ class HeadSlots:
         """The pool batch of each row of index (B, ...): b % P, shaped to broadcast against it."""
         b = torch.arange(index.shape[0], device=index.device) % self.layer.k.shape[0]
         return b.view(-1, *(1,) * (index.dim() - 1))
-
-
-def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(..., n) cosine similarity of each x (..., n, d) with y (..., d): F.cosine_similarity(x, y[..., None, :],
-    dim=-1) bit for bit (the same norms, quotients, products and sum), without expanding y to x's size first,
-    which costs two more passes over x's size (the receiver searches' main cost)."""
-    nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
-    ny = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(eps)
-    return ((x / nx) * (y / ny)[..., None, :]).sum(-1)

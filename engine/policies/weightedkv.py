@@ -26,7 +26,6 @@ import torch
 
 from .. import ops
 from .base import DecodeView, Policy, PolicyError, PrefillView
-from .slots import HeadSlots, cosine_similarity
 
 RECEIVERS = ("next", "prev", "nearest_key")
 
@@ -108,17 +107,6 @@ class WeightedKV(AverageAttentionMerge):
             raise PolicyError(f"weightedkv: receiver must be one of {', '.join(RECEIVERS)}, got {self.receiver!r}")
         super().__post_init__()
 
-    def nearest_keys(self, at: HeadSlots, pos: torch.Tensor, victim: torch.Tensor) -> torch.Tensor:
-        """(B, n) the `nearest_key` receiver of each victim: the other non-sink slot of its head whose key is the
-        most cosine-similar to the victim's, -1 if there is none (or no victim: -1); pos, victim: the heads of
-        `at` (B, n, C), (B, n)."""
-        C, j = pos.shape[2], victim.clamp(min=0)
-        cand = (pos >= self.sinks) & (torch.arange(C, device=pos.device) != j[..., None])
-        k = at.keys()
-        kj = k.gather(2, j[..., None, None].expand(-1, -1, 1, k.shape[3]))[:, :, 0]
-        cos = cosine_similarity(k.float(), kj.float()).masked_fill(~cand, -math.inf)
-        return torch.where(cand.any(2) & (victim >= 0), cos.argmax(2), -1)
-
     def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
         if self.receiver == "nearest_key":
             super().after_evict_picks(view, picks)
@@ -135,14 +123,14 @@ class WeightedKV(AverageAttentionMerge):
             return
         layer = view.layer
         v, w = layer.v, layer.state["w"]
-        at = HeadSlots(layer, heads)
-        rcv = at.widen(self.nearest_keys(at, at.narrow(pos), at.narrow(victim)), -1)
+        pool = v.dim() == 3  # a pooled store's rows themselves (Policy.pooled_values)
+        rcv, similarity = torch.empty_like(victim), torch.empty(victim.shape, device=victim.device)
+        ops.nearest_key(layer.k, pos, victim, self.sinks, rcv, similarity, slot_index=layer.index if pool else None)
         r = rcv.clamp(min=0)[..., None]
         w_r = w.gather(2, r)
         first = (rcv[..., None] >= 0) & (w_r == 0)
         w.scatter_(2, r, torch.where(first, abar.gather(2, r), w_r))
         weight = abar.gather(2, victim.clamp(min=0)[..., None])[..., 0].contiguous()
-        pool = v.dim() == 3  # a pooled store's rows themselves (Policy.pooled_values)
         ops.merge_value(v, w, victim, rcv, weight, slot_index=layer.index if pool else None)
         self.count(view, (victim >= 0) & (rcv >= 0))
 
