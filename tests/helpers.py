@@ -347,8 +347,8 @@ def opcheck_cases():
     yield "nearest_key", (torch.randn(1, R, D, generator=g), pos, torch.tensor([[0, -1, 5]] * B), 0,
                           torch.empty(B, Hkv, dtype=torch.int64), torch.empty(B, Hkv), index)
     picks = torch.tensor([[3, 3, C + 5, -1]] * B)
-    yield "merge_neighbour", (v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(), torch.rand(B, Hkv, C, generator=g),
-                              picks, 2, True, torch.empty(B, 4, dtype=torch.int64))
+    yield "merge_neighbour", (v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(),
+                              torch.rand(B, Hkv, C, generator=g), picks, 2, True, torch.empty(B, 4, dtype=torch.int64))
     yield "merge_neighbour", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g), pos.clone(),
                               torch.rand(B, Hkv, C, generator=g), picks, 0, False, torch.empty(B, 4, dtype=torch.int64),
                               index)

@@ -878,7 +878,7 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
     ("nearest_key", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
      "nearest_key: receiver_out must have shape [B, H_kv] = [1, 3], got [1, 2]"),
     ("nearest_key", "sinks", lambda n: -2, ValueError, "nearest_key: sinks must be >= 0, got -2"),
-    ("nearest_key", "*", lambda a: {**a, "k": _pooled(slot_row=9)["v"], "slot_index": _pooled(slot_row=9)["slot_index"]},
+    ("nearest_key", "*", lambda a: {**a, "k": _pooled()["v"], "slot_index": _pooled(slot_row=9)["slot_index"]},
      IndexError, "nearest_key: slot_index must hold pool rows in [0, R) = [0, 9) on the compared slots, got 9 at "
      "[0, 0, 1]"),
     ("nearest_key", "*", lambda a: {**a, "k": _pooled(P=2)["v"], "slot_index": _pooled()["slot_index"]}, ValueError,

@@ -353,7 +353,8 @@ def test_merge_neighbour(dtype, pooled):
         truth_v, truth_w, truth_pos, truth_out = brute_neighbour(v, w, pos, abar, picks, sinks, after)
         base = [t.clone() for t in (v, w, pos)]
         ref.merge_neighbour(*base, abar, picks, sinks, after, torch.empty_like(picks))
-        w_gpu, pos_gpu, out = w.to(CUDA, copy=True), pos.to(CUDA, copy=True), torch.full((B, n), 99, dtype=torch.int64, device=CUDA)
+        w_gpu, pos_gpu = w.to(CUDA, copy=True), pos.to(CUDA, copy=True)
+        out = torch.full((B, n), 99, dtype=torch.int64, device=CUDA)
         slot_index = torch.arange(B * Hkv * C, dtype=torch.int32).flip(0).view(B, Hkv, C) if pooled else None
         v_gpu = v.view(1, B * Hkv * C, D).flip(1).to(CUDA) if pooled else v.to(CUDA, copy=True)
         with compiled("merge_neighbour"):

@@ -64,7 +64,8 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,
                      const std::optional<at::Tensor>& slot_index);
 
-// WeightedKV's merge of each pick (head C + slot) into its neighbour by position, the picks in order: engine/reference.py.
+// WeightedKV's merge of each pick (head C + slot) into its neighbour by position, the picks in order:
+// engine/reference.py.
 // The most cosine-similar other non-sink key of each victim's KV head: engine/reference.py.
 void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                      at::Tensor& receiver_out, at::Tensor& similarity_out,

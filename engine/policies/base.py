@@ -152,10 +152,10 @@ class Policy:
         flat_pos = pos.view(pos.shape[0], -1)
         taken, some = picks >= 0, picks.clamp(min=0)
         heads, slots = some // pos.shape[2], torch.where(taken, some % pos.shape[2], -1)
+        none = torch.full(pos.shape[:2], -1, dtype=torch.long, device=pos.device)
         for i in range(picks.shape[1]):
             head = heads[:, i : i + 1]
-            victim = torch.full(pos.shape[:2], -1, dtype=torch.long, device=pos.device).scatter_(1, head, slots[:, i : i + 1])
-            self.after_evict(view, victim, head)
+            self.after_evict(view, none.scatter(1, head, slots[:, i : i + 1]), head)
             flat = some[:, i : i + 1]
             flat_pos.scatter_(1, flat, torch.where(taken[:, i : i + 1], -1, flat_pos.gather(1, flat)))
 
