@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <utility>
 #include <vector>
@@ -295,22 +296,28 @@ void check_compact_indices(const at::Tensor& keep_idx, int64_t C) {
   }
 }
 
+// rows [B, H_kv, C, D], or a pool of rows [P, R, D] with slot_index [B, H_kv, C] int32 (row b of the slots
+// reads pool batch b % P, so B must be a multiple of P): B, H_kv and C of the slots.
+static std::array<int64_t, 3> check_slot_rows(const char* op, const char* name, const at::Tensor& rows,
+                                              const std::optional<at::Tensor>& slot_index) {
+  if (!slot_index) {
+    check_tensor(op, name, rows, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
+    return {rows.size(0), rows.size(1), rows.size(2)};
+  }
+  check_tensor(op, name, rows, "[P, R, D]", {-1, -1, -1}, kFloats);
+  check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, Like{rows, name});
+  const int64_t B = slot_index->size(0);
+  TORCH_CHECK_VALUE(rows.size(0) > 0 && B % rows.size(0) == 0, op, ": slot_index's B=", B,
+                    " must be a multiple of the pool's P=", rows.size(0));
+  return {B, slot_index->size(1), slot_index->size(2)};
+}
+
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
                        const at::Tensor& receiver, const at::Tensor& weight,
                        const std::optional<at::Tensor>& slot_index) {
   const char* op = "merge_value";
   const Like like{v, "v"};
-  int64_t B, Hkv, C;
-  if (slot_index) {  // v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-    check_tensor(op, "v", v, "[P, R, D]", {-1, -1, -1}, kFloats);
-    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
-    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
-    TORCH_CHECK_VALUE(v.size(0) > 0 && B % v.size(0) == 0, op, ": slot_index's B=", B,
-                      " must be a multiple of the pool's P=", v.size(0));
-  } else {
-    check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
-    B = v.size(0), Hkv = v.size(1), C = v.size(2);
-  }
+  const auto [B, Hkv, C] = check_slot_rows(op, "v", v, slot_index);
   check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
   check_tensor(op, "receiver", receiver, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
@@ -335,17 +342,7 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
                            const std::optional<at::Tensor>& slot_index) {
   const char* op = "merge_neighbour";
   const Like like{v, "v"};
-  int64_t B, Hkv, C;
-  if (slot_index) {  // v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-    check_tensor(op, "v", v, "[P, R, D]", {-1, -1, -1}, kFloats);
-    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
-    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
-    TORCH_CHECK_VALUE(v.size(0) > 0 && B % v.size(0) == 0, op, ": slot_index's B=", B,
-                      " must be a multiple of the pool's P=", v.size(0));
-  } else {
-    check_tensor(op, "v", v, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
-    B = v.size(0), Hkv = v.size(1), C = v.size(2);
-  }
+  const auto [B, Hkv, C] = check_slot_rows(op, "v", v, slot_index);
   check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "abar", abar, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
@@ -368,17 +365,7 @@ void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Ten
                        const std::optional<at::Tensor>& slot_index) {
   const char* op = "nearest_key";
   const Like like{k, "k"};
-  int64_t B, Hkv, C;
-  if (slot_index) {  // k: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-    check_tensor(op, "k", k, "[P, R, D]", {-1, -1, -1}, kFloats);
-    check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int}, like);
-    B = slot_index->size(0), Hkv = slot_index->size(1), C = slot_index->size(2);
-    TORCH_CHECK_VALUE(k.size(0) > 0 && B % k.size(0) == 0, op, ": slot_index's B=", B,
-                      " must be a multiple of the pool's P=", k.size(0));
-  } else {
-    check_tensor(op, "k", k, "[B, H_kv, C, D]", {-1, -1, -1, -1}, kFloats);
-    B = k.size(0), Hkv = k.size(1), C = k.size(2);
-  }
+  const auto [B, Hkv, C] = check_slot_rows(op, "k", k, slot_index);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "victim", victim, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
   check_tensor(op, "receiver_out", receiver_out, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);

@@ -252,19 +252,25 @@ def check_compact_indices(keep_idx: Tensor, C: int) -> None:
                          f"got {int(keep_idx[where])} at {list(where)}")
 
 
+def _check_slot_rows(op: str, name: str, rows: Tensor, slot_index: Tensor | None) -> tuple[int, int, int]:
+    """rows [B, H_kv, C, D], or a pool of rows [P, R, D] with slot_index [B, H_kv, C] int32 (row b of the
+    slots reads pool batch b % P, so B must be a multiple of P): B, H_kv and C of the slots."""
+    if slot_index is None:
+        _check_tensor(op, name, rows, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
+        return rows.shape[0], rows.shape[1], rows.shape[2]
+    _check_tensor(op, name, rows, "[P, R, D]", [-1] * 3, FLOATS)
+    _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], (rows, name))
+    B, Hkv, C = slot_index.shape
+    if rows.shape[0] == 0 or B % rows.shape[0]:
+        raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={rows.shape[0]}")
+    return B, Hkv, C
+
+
 def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
                       slot_index: Tensor | None = None) -> None:
     op = "merge_value"
     like = (v, "v")
-    if slot_index is not None:  # v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-        _check_tensor(op, "v", v, "[P, R, D]", [-1] * 3, FLOATS)
-        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
-        B, Hkv, C = slot_index.shape
-        if v.shape[0] == 0 or B % v.shape[0]:
-            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={v.shape[0]}")
-    else:
-        _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
-        B, Hkv, C, _ = v.shape
+    B, Hkv, C = _check_slot_rows(op, "v", v, slot_index)
     _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "victim", victim, "[B, H_kv]", [B, Hkv], [torch.int64], like)
     _check_tensor(op, "receiver", receiver, "[B, H_kv]", [B, Hkv], [torch.int64], like)
@@ -284,15 +290,7 @@ def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks
                           receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "merge_neighbour"
     like = (v, "v")
-    if slot_index is not None:  # v: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-        _check_tensor(op, "v", v, "[P, R, D]", [-1] * 3, FLOATS)
-        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
-        B, Hkv, C = slot_index.shape
-        if v.shape[0] == 0 or B % v.shape[0]:
-            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={v.shape[0]}")
-    else:
-        _check_tensor(op, "v", v, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
-        B, Hkv, C, _ = v.shape
+    B, Hkv, C = _check_slot_rows(op, "v", v, slot_index)
     _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "abar", abar, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
@@ -314,15 +312,7 @@ def check_nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiv
                       similarity_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "nearest_key"
     like = (k, "k")
-    if slot_index is not None:  # k: a pool of rows [P, R, D]; row b of the slots reads pool batch b % P
-        _check_tensor(op, "k", k, "[P, R, D]", [-1] * 3, FLOATS)
-        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [-1] * 3, [torch.int32], like)
-        B, Hkv, C = slot_index.shape
-        if k.shape[0] == 0 or B % k.shape[0]:
-            raise ValueError(f"{op}: slot_index's B={B} must be a multiple of the pool's P={k.shape[0]}")
-    else:
-        _check_tensor(op, "k", k, "[B, H_kv, C, D]", [-1] * 4, FLOATS)
-        B, Hkv, C, _ = k.shape
+    B, Hkv, C = _check_slot_rows(op, "k", k, slot_index)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "victim", victim, "[B, H_kv]", [B, Hkv], [torch.int64], like)
     _check_tensor(op, "receiver_out", receiver_out, "[B, H_kv]", [B, Hkv], [torch.int64], like)
