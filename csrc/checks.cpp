@@ -324,16 +324,12 @@ void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tenso
   check_tensor(op, "weight", weight, "[B, H_kv]", {B, Hkv}, {ScalarType::Float}, like);
 }
 
-void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C) {
-  const int64_t Hkv = victim.size(1);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"victim", victim},
-                                {"receiver", receiver}}) {
-    const int64_t* idx = t.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < t.numel(); ++r) {
-      TORCH_CHECK_INDEX(idx[r] >= -1 && idx[r] < C, "merge_value: ", name,
-                        " must hold slot indices in [-1, ", C, "), got ", idx[r], " at [", r / Hkv,
-                        ", ", r % Hkv, "]");
-    }
+void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t hi, const char* what) {
+  const int64_t n = t.size(1);
+  const int64_t* idx = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK_INDEX(idx[i] >= -1 && idx[i] < hi, op, ": ", name, " must hold ", what, " in [-1, ", hi, "), got ",
+                      idx[i], " at [", i / n, ", ", i % n, "]");
   }
 }
 
@@ -351,15 +347,6 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
   TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
 }
 
-void check_merge_picks(const at::Tensor& picks, int64_t entries) {
-  const int64_t n = picks.size(1);
-  const int64_t* p = picks.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < picks.numel(); ++i) {
-    TORCH_CHECK_INDEX(p[i] >= -1 && p[i] < entries, "merge_neighbour: picks must hold entries (head C + slot) in "
-                      "[-1, ", entries, "), got ", p[i], " at [", i / n, ", ", i % n, "]");
-  }
-}
-
 void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                        const at::Tensor& receiver_out, const at::Tensor& similarity_out,
                        const std::optional<at::Tensor>& slot_index) {
@@ -371,15 +358,6 @@ void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Ten
   check_tensor(op, "receiver_out", receiver_out, "[B, H_kv]", {B, Hkv}, {ScalarType::Long}, like);
   check_tensor(op, "similarity_out", similarity_out, "[B, H_kv]", {B, Hkv}, {ScalarType::Float}, like);
   TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
-}
-
-void check_nearest_key_victims(const at::Tensor& victim, int64_t C) {
-  const int64_t Hkv = victim.size(1);
-  const int64_t* idx = victim.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < victim.numel(); ++r) {
-    TORCH_CHECK_INDEX(idx[r] >= -1 && idx[r] < C, "nearest_key: victim must hold slot indices in [-1, ", C,
-                      "), got ", idx[r], " at [", r / Hkv, ", ", r % Hkv, "]");
-  }
 }
 
 namespace {

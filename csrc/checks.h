@@ -57,20 +57,16 @@ void check_compact_indices(const at::Tensor& keep_idx, int64_t C);
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
                        const at::Tensor& receiver, const at::Tensor& weight,
                        const std::optional<at::Tensor>& slot_index);
-// victim and receiver must hold slots in [-1, C).
-void check_merge_indices(const at::Tensor& victim, const at::Tensor& receiver, int64_t C);
+// Every entry of index t [B, n] in [-1, hi) (-1: none), else "op: name must hold what in [-1, hi), got x at
+// [b, i]" (merge_value's victim and receiver, merge_neighbour's picks, nearest_key's victim).
+void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t hi, const char* what);
 
 void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::Tensor& pos, const at::Tensor& abar,
                            const at::Tensor& picks, int64_t sinks, const at::Tensor& receiver_out,
                            const std::optional<at::Tensor>& slot_index);
-// picks must hold entries (head C + slot) in [-1, H_kv C).
-void check_merge_picks(const at::Tensor& picks, int64_t entries);
-
 void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                        const at::Tensor& receiver_out, const at::Tensor& similarity_out,
                        const std::optional<at::Tensor>& slot_index);
-// victim must hold slots in [-1, C).
-void check_nearest_key_victims(const at::Tensor& victim, int64_t C);
 
 void check_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                   const std::optional<at::Tensor>& norm, double eps, bool swiglu);

@@ -277,13 +277,12 @@ def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, we
     _check_tensor(op, "weight", weight, "[B, H_kv]", [B, Hkv], [torch.float32], like)
 
 
-def check_merge_indices(victim: Tensor, receiver: Tensor, C: int) -> None:
-    """victim and receiver must hold slots in [-1, C) (-1 = skip the head)."""
-    for name, t in (("victim", victim), ("receiver", receiver)):
-        where = _first((t < -1) | (t >= C))
-        if where is not None:
-            raise IndexError(f"merge_value: {name} must hold slot indices in [-1, {C}), "
-                             f"got {int(t[where])} at {list(where)}")
+def check_index_range(op: str, name: str, t: Tensor, hi: int, what: str) -> None:
+    """Every entry of index t [B, n] in [-1, hi) (-1: none): merge_value's victim and receiver, merge_neighbour's
+    picks, nearest_key's victim."""
+    where = _first((t < -1) | (t >= hi))
+    if where is not None:
+        raise IndexError(f"{op}: {name} must hold {what} in [-1, {hi}), got {int(t[where])} at {list(where)}")
 
 
 def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int,
@@ -300,14 +299,6 @@ def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks
         raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
 
 
-def check_merge_picks(picks: Tensor, entries: int) -> None:
-    """picks must hold entries (head C + slot) in [-1, H_kv C) (-1 = no pick)."""
-    where = _first((picks < -1) | (picks >= entries))
-    if where is not None:
-        raise IndexError(f"merge_neighbour: picks must hold entries (head C + slot) in [-1, {entries}), "
-                         f"got {int(picks[where])} at {list(where)}")
-
-
 def check_nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor,
                       similarity_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "nearest_key"
@@ -319,14 +310,6 @@ def check_nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiv
     _check_tensor(op, "similarity_out", similarity_out, "[B, H_kv]", [B, Hkv], [torch.float32], like)
     if sinks < 0:
         raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
-
-
-def check_nearest_key_victims(victim: Tensor, C: int) -> None:
-    """victim must hold slots in [-1, C) (-1 = no victim in the head)."""
-    where = _first((victim < -1) | (victim >= C))
-    if where is not None:
-        raise IndexError(f"nearest_key: victim must hold slot indices in [-1, {C}), got {int(victim[where])} at "
-                         f"{list(where)}")
 
 
 def _check_product_args(op: str, x: Tensor, x_dtypes: Sequence[torch.dtype], N: int, K: int, out: Tensor,
@@ -716,7 +699,8 @@ def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: 
     plain mean if that sum is 0) and w[r] += weight, for r = receiver, j = victim (-1 = skip). With
     slot_index, v is a pool [P, R, D] and slot s of (b, g) is row slot_index[b, g, s] of pool batch b % P."""
     check_merge_value(v, w, victim, receiver, weight, slot_index)
-    check_merge_indices(victim, receiver, w.shape[2])
+    for name, t in (("victim", victim), ("receiver", receiver)):
+        check_index_range("merge_value", name, t, w.shape[2], "slot indices")
     b, g = torch.nonzero((victim >= 0) & (receiver >= 0), as_tuple=True)
     _merge_rows("merge_value", v, w, slot_index, b, g, receiver[b, g], victim[b, g], w[b, g, receiver[b, g]],
                 weight[b, g])
@@ -734,7 +718,7 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
     merge_value's. Vectorised over rows, one pick at a time: a pick sees the earlier picks' merges."""
     check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index)
     B, Hkv, C = w.shape
-    check_merge_picks(picks, Hkv * C)
+    check_index_range("merge_neighbour", "picks", picks, Hkv * C, "entries (head C + slot)")
     rows, slots = torch.arange(B, device=w.device), torch.arange(C, device=w.device)
     big = torch.iinfo(torch.int32).max
     for i in range(picks.shape[1]):
@@ -770,7 +754,7 @@ def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out
     is a pool [P, R, D] as merge_value's v (the rows of the victim and its candidates must be in [0, R))."""
     check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index)
     B, Hkv, C = pos.shape
-    check_nearest_key_victims(victim, C)
+    check_index_range("nearest_key", "victim", victim, C, "slot indices")
     j = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)
     slots = torch.arange(C, device=pos.device)
     compared = (pos >= sinks) & (slots != j) & (victim >= 0)[..., None]

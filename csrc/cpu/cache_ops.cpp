@@ -253,7 +253,8 @@ void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const std::optional<at::Tensor>& slot_index) {
   check_merge_value(v, w, victim, receiver, weight, slot_index);
   const int64_t Hkv = w.size(1), rows = w.size(0) * Hkv, C = w.size(2), D = v.size(-1);
-  check_merge_indices(victim, receiver, C);
+  check_index_range("merge_value", "victim", victim, C, "slot indices");
+  check_index_range("merge_value", "receiver", receiver, C, "slot indices");
   const int64_t* vic = victim.const_data_ptr<int64_t>();
   const int64_t* rec = receiver.const_data_ptr<int64_t>();
   const float* wt = weight.const_data_ptr<float>();
@@ -278,7 +279,7 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
                          const std::optional<at::Tensor>& slot_index) {
   check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index);
   const int64_t B = w.size(0), Hkv = w.size(1), C = w.size(2), D = v.size(-1), n = picks.size(1);
-  check_merge_picks(picks, Hkv * C);
+  check_index_range("merge_neighbour", "picks", picks, Hkv * C, "entries (head C + slot)");
   const int64_t* pk = picks.const_data_ptr<int64_t>();
   const float* ab = abar.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
@@ -351,7 +352,7 @@ void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tenso
                      const std::optional<at::Tensor>& slot_index) {
   check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index);
   const int64_t Hkv = pos.size(1), rows = pos.size(0) * Hkv, C = pos.size(2), D = k.size(-1);
-  check_nearest_key_victims(victim, C);
+  check_index_range("nearest_key", "victim", victim, C, "slot indices");
   const int32_t* ps = pos.const_data_ptr<int32_t>();
   const int64_t* vic = victim.const_data_ptr<int64_t>();
   const SlotRows row_of = slot_rows("nearest_key", "compared", k, slot_index, Hkv, C);
