@@ -212,6 +212,8 @@ void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList s
   }
 }
 
+namespace {
+
 // The WeightedKV merge of one row: vr = (w_old vr + add vj) / (w_old + add), in fp32, the plain mean when
 // that sum is 0 (the formula would divide 0 by 0); returns the sum (the receiver's new weight). buf: 3 D floats.
 template <typename T>
@@ -247,6 +249,8 @@ SlotRows slot_rows(const char* op, const char* slots, const at::Tensor& v, const
   return {op, slots, slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, Hkv, C, v.size(0),
           slot_index ? v.size(1) : 0};
 }
+
+}  // namespace
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,
@@ -303,7 +307,7 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
         int32_t p_above = std::numeric_limits<int32_t>::max(), p_below = -1;
         for (int64_t s = 0; s < C; ++s) {
           const int32_t p = pr[s];
-          if (s == j || p < sinks || p < 0) continue;
+          if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
           if (p > pj && p < p_above) p_above = p, above = s;
           if (p < pj && p > p_below) p_below = p, below = s;
         }
@@ -319,6 +323,8 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
     }
   });
 }
+
+namespace {
 
 // The slot of each victim's KV head whose key is the most cosine-similar to the victim's, one (batch, KV
 // head) row per thread iteration: a row reads only its own keys. Pool rows were checked beforehand.
@@ -337,7 +343,7 @@ void nearest_key_rows(const T* k, const int32_t* ps, const int64_t* vic, int64_t
       const float* kj = as_float(k + row_of(r, j) * D, bj.data(), D);
       const float nj = std::max(std::sqrt(dot(kj, kj, D)), kNormEps);
       for (int64_t s = 0; s < C; ++s) {
-        if (s == j || ps[r * C + s] < sinks || ps[r * C + s] < 0) continue;
+        if (s == j || ps[r * C + s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
         const float* ks = as_float(k + row_of(r, s) * D, bs.data(), D);
         const float ns = std::max(std::sqrt(dot(ks, ks, D)), kNormEps);
         const float c = dot(ks, kj, D) / (ns * nj);
@@ -346,6 +352,8 @@ void nearest_key_rows(const T* k, const int32_t* ps, const int64_t* vic, int64_t
     }
   }
 }
+
+}  // namespace
 
 void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                      at::Tensor& receiver_out, at::Tensor& similarity_out,

@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
     int32_t p_above = 0, s_above = -1, p_below = 0, s_below = -1;
     for (int64_t s = lane; pj >= 0 && s < C; s += 32) {
       const int32_t p = pr[s];
-      if (s == j || p < sinks || p < 0) continue;
+      if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
       nearer(p_above, s_above, p, static_cast<int32_t>(p > pj ? s : -1), true);
       nearer(p_below, s_below, p, static_cast<int32_t>(p < pj ? s : -1), false);
     }
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kThreads)
     nj = fmaxf(sqrtf(nj), 1e-8f);
     for (int64_t s = lane; s < C; s += 32) {
       const int32_t p = pos[r * C + s];
-      if (s == j || p < sinks || p < 0) continue;
+      if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
       const T* ks = k + slot_row(index, r, s, Hkv, C, P, R) * D;
       float dot = 0.f, ns = 0.f;
       for (int64_t d = 0; d < D; ++d) {
