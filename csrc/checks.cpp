@@ -171,6 +171,11 @@ void check_rope_ranks(const at::Tensor& rank, const at::Tensor& pos, int64_t len
 void check_pool_rows(const at::Tensor& slot_index, int64_t length, int64_t R) {
   const int64_t rows = slot_index.size(0) * slot_index.size(1), C = slot_index.size(2);
   const int32_t* x = slot_index.const_data_ptr<int32_t>();
+  bool outside = false;  // a vectorised scan first: it runs every decode step, the message loop only on a bad row
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t s = 0; s < length; ++s) outside |= static_cast<uint32_t>(x[i * C + s]) >= static_cast<uint64_t>(R);
+  }
+  if (!outside) return;
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t s = 0; s < length; ++s) {
       TORCH_CHECK_INDEX(x[i * C + s] >= 0 && x[i * C + s] < R, "decode_attention: slot_index must hold pool rows ",

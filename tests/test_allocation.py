@@ -4,6 +4,7 @@ share, drop equals mask, the pool holds the budget and no more, heads keep their
 the reference, and bad parameters fail in one line."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -184,6 +185,7 @@ def test_adaptive_keep_is_top_k_over_normalised_heads_with_floors():
 
 POOL_CASES = [  # B, H, Hkv, C, D, spare rows, fill
     (1, 9, 3, 37, 20, 5, "holes"),
+    (1, 9, 3, 150, 64, 1, "holes"),  # runs of 8 valid slots and more
     (2, 8, 2, 19, 64, 0, "full"),
     (3, 4, 4, 8, 7, 11, "one"),
     (2, 6, 3, 70, 33, 2, "empty_head"),
@@ -197,10 +199,12 @@ POOL_CASES = [  # B, H, Hkv, C, D, spare rows, fill
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
-def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope, with_bias):
+@pytest.mark.parametrize("layout", ["shuffled", "runs"])
+def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope, with_bias, layout):
     """Each head reads only the pool rows its slots name: pool rows nobody names, and the scratch row empty
     slots name, hold NaN. Against fp64 over the gathered rows; outputs poisoned; every slot checked. A logit
-    bias is indexed by head slot [b, g, s], not pool row (NaN on empty slots: never read)."""
+    bias is indexed by head slot [b, g, s], not pool row (NaN on empty slots: never read). Pool rows in
+    random order, or in slot order ("runs": consecutive slots in consecutive rows, as a prompt leaves them)."""
     dtype, kv_dtype = dtypes
     B, H, Hkv, C, D, spare, fill = case
     if rope and D % 2:
@@ -208,7 +212,10 @@ def test_decode_attention_over_slot_lists(device, path, dtypes, case, rope, with
     g = gen(sum(case[:6]))
     pos = positions(B, Hkv, C, fill, g)
     R = Hkv * C + spare + 1  # the last row: the scratch row of empty slots
-    rows = torch.stack([torch.randperm(R - 1, generator=g)[: Hkv * C] for _ in range(B)]).view(B, Hkv, C)
+    if layout == "runs":
+        rows = (torch.arange(Hkv * C) + spare).repeat(B, 1).view(B, Hkv, C)
+    else:
+        rows = torch.stack([torch.randperm(R - 1, generator=g)[: Hkv * C] for _ in range(B)]).view(B, Hkv, C)
     index = torch.where(pos >= 0, rows, R - 1).int().to(device)
     pos = pos.to(device)
     named = torch.zeros(B, R, dtype=torch.bool).scatter_(1, index.cpu().long().view(B, -1), True)
@@ -244,9 +251,9 @@ def test_decode_attention_over_slot_lists_split_over_threads(path):
     n = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        for with_bias in (False, True):
+        for with_bias, layout in itertools.product((False, True), ("shuffled", "runs")):
             test_decode_attention_over_slot_lists("cpu", path, (torch.float32, torch.float32),
-                                                  (2, 8, 2, 1100, 64, 9, "holes"), False, with_bias)
+                                                  (2, 8, 2, 1100, 64, 9, "holes"), False, with_bias, layout)
     finally:
         torch.set_num_threads(n)
 
