@@ -4,16 +4,14 @@
 // contiguous range per thread, so every thread gets the same number of slots whatever Hkv is; a
 // range may hold pieces of several KV heads and a head may be shared by several threads. Per piece
 // the G query heads of the group go together, so each key and value row is read once: the logits
-// of its valid slots (into probs_out, or scratch; -inf on the empty ones), their max, then by blocks
-// of kRows slots exp and sum, and exp @ V over the valid slots' value rows. Both passes run over a
-// list of the valid slots, so the empty ones a pooled head leaves in its span cost no reads. The
-// thread that completes a KV head's last piece (an atomic count of its slots, so no barrier: a
-// descheduled thread delays only its own heads) combines the pieces, rescaling each piece's max and
-// sum to the head's, normalises the probabilities in place, adds them to score_acc and writes the
-// output rows.
+// of all its slots (into probs_out, or scratch), their max, then by blocks of kRows slots exp, sum
+// and exp @ V. The thread that completes a KV head's last piece (an atomic count of its slots, so
+// no barrier: a descheduled thread delays only its own heads) combines the pieces, rescaling each
+// piece's max and sum to the head's, normalises the probabilities in place, adds them to
+// score_acc and writes the output rows.
 //
 // With slot_index (a per-layer pool shared by the KV heads: k, v [B, R, D]), slot s of KV head bg is
-// pool row slot_index[bg, s]: the same passes over the rows the index names (each piece reads it once).
+// pool row slot_index[bg, s]: the same passes, each row read through its index.
 //
 // With bias (per-slot additive logits [B, Hkv, C]: KeepKV's log vote counts), slot s's logit is
 // scale q.k_s + bias[bg, s] for every query head of the group.
@@ -125,48 +123,19 @@ struct Decode {
   }
 };
 
-// The valid slots of a piece [s0, s1) of KV head bg, in order, and where their rows lie: the passes run over
-// them alone. Listed: a list of them (slot[i], whose rows start at k + off[i] and v + off[i], in elements:
-// its own [C, D] block's row or the pool row its slot index names), built once for the two passes and their
-// prefetches. A pooled head has empty slots inside its span where evictions left them (the span is 1.1-1.3x
-// its tokens under adaptive allocation), and reading the index at each use made the pooled kernel ~12%
-// slower than the dense one on the same rows. Not listed: every slot valid in the head's own block (the
-// uniform store), slot s0 + i at row s0 + i, whose arithmetic is cheaper than the list.
-template <typename T, bool Listed>
-struct PieceRows {
-  const T* k;
-  const T* v;
-  const int64_t* off;   // [n] when Listed
-  const int64_t* slots;  // [n] when Listed
-  int64_t s0, n, D;
+// The key or value rows of KV head bg: its own [C, D] block, or the pool rows its slots name.
+template <typename T>
+struct HeadRows {
+  const T* base;         // the head's block, or the batch row's pool
+  const int32_t* index;  // the head's [C] pool rows, or null
+  int64_t D;
 
-  // table: 2 (s1 - s0) int64s of scratch when Listed.
-  PieceRows(const DecodeParams& p, const T* k_data, const T* v_data, int64_t bg, int64_t s0_, int64_t s1,
-            int64_t* table)
-      : k(k_data + (p.index ? bg / p.Hkv * p.R : bg * p.C) * p.D),
-        v(v_data + (p.index ? bg / p.Hkv * p.R : bg * p.C) * p.D),
-        off(table),
-        slots(table + (s1 - s0_)),
-        s0(s0_),
-        n(Listed ? 0 : s1 - s0_),
-        D(p.D) {
-    if constexpr (Listed) {
-      const int32_t* pos = p.pos + bg * p.C;
-      const int32_t* index = p.index ? p.index + bg * p.C : nullptr;
-      int64_t* offs = table;
-      int64_t* list = table + (s1 - s0);
-      for (int64_t s = s0; s < s1; ++s) {  // branch-free: every slot is written, only valid ones kept
-        offs[n] = (index ? index[s] : s) * D;
-        list[n] = s;
-        n += pos[s] >= 0;
-      }
-    }
-  }
+  HeadRows(const DecodeParams& p, const T* data, int64_t bg)
+      : base(p.index ? data + bg / p.Hkv * p.R * p.D : data + bg * p.C * p.D),
+        index(p.index ? p.index + bg * p.C : nullptr),
+        D(p.D) {}
 
-  int64_t slot(int64_t i) const { return Listed ? slots[i] : s0 + i; }
-  int64_t offset(int64_t i) const { return Listed ? off[i] : (s0 + i) * D; }
-  const T* key(int64_t i) const { return k + offset(i); }
-  const T* value(int64_t i) const { return v + offset(i); }
+  const T* operator()(int64_t s) const { return base + (index ? index[s] : s) * D; }
 };
 
 // Rows ahead of the one being read that are requested from memory. The hardware prefetcher alone
@@ -174,23 +143,19 @@ struct PieceRows {
 // apart); asking 64 rows ahead took the 2-thread pass at 2048 slots from ~14 to ~21 GB/s.
 constexpr int64_t kPrefetchRows = 64;
 
-// Requests the cache lines of a piece's valid slots [i, min(i + 8, n)) from base (its k or v).
-template <typename T, bool Listed>
-ENGINE_INLINE void prefetch_rows(const PieceRows<T, Listed>& rows, const T* base, int64_t i) {
-  const int64_t e = std::min(i + 8, rows.n);
-  if (i >= e) return;
-  const int64_t first = rows.offset(i), last = rows.offset(e - 1);
-  // Consecutive rows (a dense head, most pool rows) in one sweep. Listed rows out of order whose ends
-  // happen to line up only make this hint fetch the wrong lines, never a read wrong.
-  if (!Listed || last - first == (e - 1 - i) * rows.D) {
-    const char* lo = reinterpret_cast<const char*>(base + first);
-    const char* hi = reinterpret_cast<const char*>(base + last + rows.D);
+// Requests the cache lines of slots [r, min(r + 8, end)) of a head's rows.
+template <typename T>
+ENGINE_INLINE void prefetch_rows(const HeadRows<T>& rows, int64_t r, int64_t end) {
+  if (!rows.index) {  // contiguous: one sweep
+    const char* lo = reinterpret_cast<const char*>(rows(r));
+    const char* hi = reinterpret_cast<const char*>(rows(0) + std::min(r + 8, end) * rows.D);
     for (const char* a = lo; a < hi; a += 64) __builtin_prefetch(a);
     return;
   }
-  for (int64_t j = i; j < e; ++j) {
-    const char* lo = reinterpret_cast<const char*>(base + rows.offset(j));
-    for (const char* a = lo; a < lo + rows.D * static_cast<int64_t>(sizeof(T)); a += 64) __builtin_prefetch(a);
+  for (int64_t s = r; s < std::min(r + 8, end); ++s) {
+    const char* lo = reinterpret_cast<const char*>(rows(s));
+    const char* hi = reinterpret_cast<const char*>(rows(s) + rows.D);
+    for (const char* a = lo; a < hi; a += 64) __builtin_prefetch(a);
   }
 }
 
@@ -209,6 +174,13 @@ ENGINE_INLINE Int8 valid8(const int32_t* pos, int64_t n) {
     for (int64_t j = 0; j < n; ++j) x[j] = pos[j];
   }
   return x >= 0;
+}
+
+// Whether any lane of a valid8 mask is set.
+ENGINE_INLINE bool any8(Int8 x) {
+  int32_t a = 0;
+  for (int j = 0; j < 8; ++j) a |= x[j];
+  return a != 0;
 }
 
 // dst[j * D, (j + 1) * D) = rows[j] in fp32 for j < n, by F16C (exact, as every fp16 -> fp32 conversion).
@@ -363,77 +335,70 @@ ENGINE_MULTIVERSION void rotate_rows(const T* const kr[8], const int64_t rows[8]
 }
 #pragma GCC pop_options
 
-// Logits of 8 key rows (m of them real) for the G query heads into dst[h * stride + 0..m), plus
-// bias[0..m) when given.
+// Logits of 8 key rows (n of them real) for the G query heads into rows[h * stride + 0..n), plus
+// bias[0..n) when given.
 template <typename T>
-ENGINE_INLINE void logits8(const float* qf, const T* const kr[8], int64_t m, int64_t G, int64_t D, float scale,
-                           const float* bias, float* dst, int64_t stride) {
-  const Vec8 b = bias ? load_partial(bias, m, 0.f) : Vec8{};
+ENGINE_INLINE void logits8(const float* qf, const T* const kr[8], Int8 valid, int64_t n, int64_t G,
+                           int64_t D, float scale, const float* bias, float* rows, int64_t stride) {
+  const Vec8 b = bias ? load_partial(bias, n, 0.f) : Vec8{};
   for (int64_t h = 0; h < G; ++h) {
     Vec8 x = dot8(qf + h * D, kr, D) * splat8(scale);
     if (bias) x += b;
-    store_partial(dst + h * stride, x, m);
+    const Vec8 logit = valid ? x : kNegInf;  // an empty slot's row may hold anything, NaN included
+    store_partial(rows + h * stride, logit, n);
   }
 }
 
-// Whether a piece's valid slots [i, i + m) are consecutive slots: their entries in the head's rows are one
-// contiguous run.
-template <typename T, bool Listed>
-ENGINE_INLINE bool consecutive(const PieceRows<T, Listed>& kv, int64_t i, int64_t m) {
-  return !Listed || kv.slot(i + m - 1) - kv.slot(i) == m - 1;
-}
-
-// Phase 1 for the valid slots of [s0, s1) of KV head bg (the last one valid): their logits into the head's
-// rows (the empty slots': -inf), then exp in place, and the piece's max, sum and exp @ V into `part`.
-// qbuf: (G + 16 + kRows) * D + 8 (G + 1) floats of scratch, table: 2 (s1 - s0) int64s.
-template <bool Listed, typename kv_t, typename q_t>
-ENGINE_MULTIVERSION void attend_rows(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
-                                     Partial part, float* qbuf, int64_t* table) {
+// Phase 1 for slots [s0, s1) of KV head bg: logits into the head's rows, then exp in place, and
+// the piece's max, sum and exp @ V into `part`. qbuf: (G + 16 + kRows) * D floats of scratch.
+template <typename kv_t, typename q_t>
+ENGINE_MULTIVERSION void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1,
+                                      Partial part, float* qbuf) {
   const int64_t G = c.p.G, C = c.p.C, D = c.p.D;
+  const HeadRows<kv_t> kb(c.p, c.k, bg), vb(c.p, c.v, bg);
+  const int32_t* pos = c.p.pos + bg * C;
   const int32_t* rank = c.p.rank ? c.p.rank + bg * C : nullptr;
   const float* bias = c.p.bias ? c.p.bias + bg * C : nullptr;
   float* rows = c.head_rows(bg);
-  const PieceRows<kv_t, Listed> kv(c.p, c.k, c.v, bg, s0, s1, table);
-  const int64_t n = kv.n;
-  if (n < s1 - s0) {  // the empty slots' logits
-    for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + s0, rows + h * c.stride + s1, kNegInf);
-  }
-  if (c.p.index) {  // scattered pool rows, which the hardware prefetcher cannot follow: the first ones too
-    for (int64_t i = 0; i < std::min(kPrefetchRows, n); i += 8) {
-      prefetch_rows(kv, kv.k, i);
-      prefetch_rows(kv, kv.v, i);
+  // The empty slots after the piece's last valid one (a pooled head's unused tail, up to half its list
+  // under adaptive allocation) get their probability 0 here and no pass below: the same bits, since an
+  // empty slot adds nothing to the max, the sum or the output.
+  const int64_t piece_end = s1;
+  s1 = s0 + valid_end(pos + s0, s1 - s0);
+  for (int64_t h = 0; h < G; ++h) std::fill(rows + h * c.stride + s1, rows + h * c.stride + piece_end, 0.f);
+  if (kb.index) {  // scattered pool rows, which the hardware prefetcher cannot follow: the first ones too
+    for (int64_t r = s0; r < std::min(s0 + kPrefetchRows, s1); r += 8) {
+      prefetch_rows(kb, r, s1);
+      prefetch_rows(vb, r, s1);
     }
   }
   const float* qf = as_float(c.q + bg * G * D, qbuf, G * D);
-  float* rotated = qbuf + G * D;       // [8, D]
-  float* widened = rotated + 8 * D;    // [8, D]: a block's key rows in fp32, when `wide`
-  float* values = widened + 8 * D;     // [kRows, D]: a block's value rows in fp32, when `wide`
-  float* biases = values + kRows * D;  // [8]: a block's biases
-  float* logits = biases + 8;          // [G, 8]: a block's logits, when its slots are not consecutive
+  float* rotated = qbuf + G * D;     // [8, D]
+  float* widened = rotated + 8 * D;  // [8, D]: a block's key rows in fp32, when `wide`
+  float* values = widened + 8 * D;   // [kRows, D]: a block's value rows in fp32, when `wide`
   const bool wide = widens<kv_t>();
 
-  for (int64_t i = 0; i < n; i += 8) {
-    const int64_t m = std::min<int64_t>(8, n - i);
-    prefetch_rows(kv, kv.k, i + kPrefetchRows);
+  for (int64_t s = s0; s < s1; s += 8) {
+    const int64_t n = std::min<int64_t>(8, s1 - s);
+    prefetch_rows(kb, s + kPrefetchRows, s1);
     const kv_t* kr[8];
-    for (int64_t j = 0; j < 8; ++j) kr[j] = kv.key(i + std::min(j, m - 1));  // spare lanes repeat a row
+    for (int64_t j = 0; j < 8; ++j) kr[j] = kb(s + std::min(j, n - 1));  // spare lanes repeat a row
+    const Int8 valid = valid8(pos + s, n);
+    if (!any8(valid)) {  // 8 empty slots (a pool's unused tail): no rows to read
+      for (int64_t h = 0; h < G; ++h) store_partial(rows + h * c.stride + s, splat8(kNegInf), n);
+      continue;
+    }
     const float* wk[8];
     if (wide) {
       widen_rows(kr, 8, D, widened);
       for (int64_t j = 0; j < 8; ++j) wk[j] = widened + j * D;
     }
-    if (bias) {
-      for (int64_t j = 0; j < m; ++j) biases[j] = bias[kv.slot(i + j)];
-    }
-    const float* b = bias ? biases : nullptr;
-    const bool run = consecutive(kv, i, m);  // the logits go straight to their slots, else through `logits`
-    float* dst = run ? rows + kv.slot(i) : logits;
-    const int64_t stride = run ? c.stride : 8;
     if (rank) {
       const float* kf[8];
       int64_t row[8];
       for (int64_t j = 0; j < 8; ++j) {
-        row[j] = rank[kv.slot(i + std::min(j, m - 1))];
+        const int64_t slot = s + std::min(j, n - 1);
+        row[j] = pos[slot] >= 0 ? rank[slot] : 0;  // an empty slot's rank may be anything
         kf[j] = rotated + j * D;
       }
       if (wide) {
@@ -441,73 +406,53 @@ ENGINE_MULTIVERSION void attend_rows(const Decode<kv_t, q_t>& c, int64_t bg, int
       } else {
         rotate_rows(kr, row, c.p.cos, c.p.sin, rotated, D);
       }
-      logits8(qf, kf, m, G, D, c.p.scale, b, dst, stride);
+      logits8(qf, kf, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     } else if (wide) {
-      logits8(qf, wk, m, G, D, c.p.scale, b, dst, stride);
+      logits8(qf, wk, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     } else {
-      logits8(qf, kr, m, G, D, c.p.scale, b, dst, stride);
-    }
-    if (!run) {
-      for (int64_t h = 0; h < G; ++h) {
-        for (int64_t j = 0; j < m; ++j) rows[h * c.stride + kv.slot(i + j)] = logits[h * 8 + j];
-      }
+      logits8(qf, kr, valid, n, G, D, c.p.scale, bias ? bias + s : nullptr, rows + s, c.stride);
     }
   }
 
-  // The max, then exp and its sum by blocks of kRows slots (empty ones give 0), as the value pass reads them.
   for (int64_t h = 0; h < G; ++h) {
-    float* row = rows + h * c.stride;
-    part.m[h] = row_max(row + s0, s1 - s0);
+    part.m[h] = row_max(rows + h * c.stride + s0, s1 - s0);
     part.l[h] = 0.f;
-    if (part.m[h] == kNegInf) {  // nothing valid in the piece: all zero
-      std::fill(row + s0, row + s1, 0.f);
-      continue;
-    }
-    for (int64_t b0 = s0; b0 < s1; b0 += kRows) part.l[h] += exp_row(row + b0, std::min(kRows, s1 - b0), part.m[h]);
   }
   std::fill(part.acc, part.acc + G * D, 0.f);
   const kv_t* vr[kRows];
-  const float* vf[kRows];
   float w[kRows];
-  for (int64_t i = 0; i < n; i += kRows) {
-    const int64_t m = std::min(kRows, n - i);
-    for (int64_t j = 0; j < m; ++j) vr[j] = kv.value(i + j);
-    if (wide) {
-      widen_rows(vr, m, D, values);
-      for (int64_t j = 0; j < m; ++j) vf[j] = values + j * D;
+  for (int64_t b0 = s0; b0 < s1; b0 += kRows) {
+    const int64_t n = std::min(kRows, s1 - b0);
+    int64_t idx[kRows], nv = 0;
+    for (int64_t j = 0; j < n; ++j) {  // the valid slots, branch-free
+      idx[nv] = b0 + j;
+      nv += pos[b0 + j] >= 0;
     }
-    for (int64_t r = 0; r < kRows; r += 8) prefetch_rows(kv, kv.v, i + kRows + r);
-    const bool run = consecutive(kv, i, m);
+    for (int64_t j = 0; j < nv; ++j) vr[j] = vb(idx[j]);
+    const float* vf[kRows];
+    if (wide) {
+      widen_rows(vr, nv, D, values);
+      for (int64_t j = 0; j < nv; ++j) vf[j] = values + j * D;
+    }
+    for (int64_t r = 0; r < kRows; r += 8) prefetch_rows(vb, b0 + kRows + r, s1);
     for (int64_t h = 0; h < G; ++h) {
-      const float* row = rows + h * c.stride;
-      const float* wv = row + kv.slot(i);  // a run of consecutive slots (the usual case) needs no gather
-      if (!run) {
-        for (int64_t j = 0; j < m; ++j) w[j] = row[kv.slot(i + j)];
+      float* row = rows + h * c.stride;
+      if (part.m[h] == kNegInf) {  // nothing valid in the piece: all zero
+        std::fill(row + b0, row + b0 + n, 0.f);
+        continue;
+      }
+      part.l[h] += exp_row(row + b0, n, part.m[h]);
+      const float* wv = row + b0;  // a block with every slot valid (the usual case) needs no gather
+      if (nv < n) {
+        for (int64_t j = 0; j < nv; ++j) w[j] = row[idx[j]];
         wv = w;
       }
       if (wide) {
-        accumulate_values(part.acc + h * D, wv, vf, m, D);
+        accumulate_values(part.acc + h * D, wv, vf, nv, D);
       } else {
-        accumulate_values(part.acc + h * D, wv, vr, m, D);
+        accumulate_values(part.acc + h * D, wv, vr, nv, D);
       }
     }
-  }
-}
-
-// Phase 1 for slots [s0, s1) of KV head bg (attend_rows): the empty slots after its last valid one (a
-// pooled head's unused tail, up to half its list under adaptive allocation) get probability 0 and are not
-// even listed; the rest is listed unless every slot is valid in the head's own rows.
-template <typename kv_t, typename q_t>
-void attend_piece(const Decode<kv_t, q_t>& c, int64_t bg, int64_t s0, int64_t s1, Partial part, float* qbuf,
-                  int64_t* table) {
-  const int32_t* pos = c.p.pos + bg * c.p.C;
-  const int64_t end = s0 + valid_end(pos + s0, s1 - s0);
-  float* rows = c.head_rows(bg);
-  for (int64_t h = 0; h < c.p.G; ++h) std::fill(rows + h * c.stride + end, rows + h * c.stride + s1, 0.f);
-  if (c.p.index || !std::all_of(pos + s0, pos + end, [](int32_t x) { return x >= 0; })) {
-    attend_rows<true>(c, bg, s0, end, part, qbuf, table);
-  } else {
-    attend_rows<false>(c, bg, s0, end, part, qbuf, table);
   }
 }
 
@@ -587,10 +532,9 @@ void decode(const DecodeParams& p, const q_t* q, const kv_t* k, const kv_t* v, q
                             partials.get()};
   auto run = [&](int64_t t, int64_t nt) {
     const Split split{BG * p.length, nt, p.length};
-    std::vector<float> buf(std::max((G + 16 + kRows) * D + 8 * (G + 1), 2 * G + D));
-    std::vector<int64_t> table(2 * p.length);
+    std::vector<float> buf(std::max((G + 16 + kRows) * D, 2 * G + D));
     split.for_pieces(t, [&](int64_t bg, int64_t s0, int64_t s1) {
-      attend_piece(c, bg, s0, s1, c.partial(t + bg), buf.data(), table.data());
+      attend_piece(c, bg, s0, s1, c.partial(t + bg), buf.data());
       // The head's last piece to finish (acquiring the others' writes) completes it.
       if (slots_done[bg].fetch_add(s1 - s0, std::memory_order_acq_rel) + (s1 - s0) == p.length) {
         finish_head(c, split, bg, buf.data());
