@@ -14,7 +14,7 @@ from engine import ops
 from engine import reference as ref
 from engine.decode import decode_step
 from engine.generate import prefill
-from engine.kv import AllocatedKVStore, KVStore
+from engine.kv import AllocatedKVStore, KVStore, allocated
 from engine.llm import LLM
 from engine.kv.allocation import adaptive_keep, normalised, pyramid_budgets
 from engine.policies import PolicyError, make_policy
@@ -84,6 +84,66 @@ def test_adaptive_merges_see_the_slots_earlier_picks_left(receiver, monkeypatch)
                 assert r not in earlier
                 checked += bool(earlier) and r >= 0
     assert checked > 0  # some pick merged after an earlier pick of its head in the same step
+
+
+@pytest.mark.parametrize("allocation", ["adaptive", "pyramid"])
+@pytest.mark.parametrize("name", ["h2o", "weightedkv", "keepkv", "cam"])
+def test_drop_equals_mask_across_relayouts(name, allocation, monkeypatch):
+    """Re-laying the pool every 5 steps (a merge's values, KeepKV's vote counts and bias moved with their
+    entries) keeps what the masked simulation keeps, with the same logits."""
+    monkeypatch.setattr(allocated, "RELAYOUT_EVERY", 5)
+    model, prompt = tiny_model(), token_ids(40, seed=2)
+    drop, ids, store = run(model, small(name, 16, allocation=allocation), prompt, 48)
+    mask, _, oracle = run(model, small(name, 16, allocation=allocation), prompt, 48, mask=True, ids=ids)
+    assert store.relayout_every == 5 and oracle.relayout_every == 0
+    assert (drop - mask).abs().max() <= 1e-4 * drop.abs().max()
+    assert kept(store) == kept(oracle)
+
+
+def pool_entries(store: AllocatedKVStore) -> dict[tuple[int, int, int], tuple]:
+    """(layer row, KV head, position) -> the entry's K row, V row and policy state."""
+    a, entries = store.all, {}
+    for r, g, s in (a.pos >= 0).nonzero().tolist():
+        row, b = int(a.index[r, g, s]), r % store.batch
+        state = tuple(float(t[r, g, s]) for t in a.state.values())
+        entries[(r, g, int(a.pos[r, g, s]))] = (store.pool_k[b, row].clone(), store.pool_v[b, row].clone(), state)
+    return entries
+
+
+@pytest.mark.parametrize("allocation", ["adaptive", "pyramid"])
+@pytest.mark.parametrize("name", ["h2o", "keepkv"])
+def test_relayout_moves_entries_into_order_and_changes_none(name, allocation):
+    """After many steps a head's tokens lie in the rows evictions freed, scattered; relayout puts each head's
+    entries in its first slots by position and in consecutive pool rows, head after head from its layer's
+    first row, with every entry's K, V and state bit for bit as before; the next step's rows are unused."""
+    model, ids = tiny_model(n_layers=3, n_kv_heads=4, n_heads=8), token_ids(90, seed=7, batch=2)
+    store = LLM(model, None, small(name, 16, allocation=allocation)).new_store(20, 70, batch=2)
+    store.relayout_every = 0
+    prefill(model, store, ids[:, :20])
+    for t in range(20, 90):
+        decode_step(model, store, ids[:, t])
+    a = store.all
+    assert not all(bool(torch.all(a.index[r, g, 1:n] - a.index[r, g, : n - 1] == 1))
+                   for r, row in enumerate((a.pos >= 0).sum(2).tolist()) for g, n in enumerate(row))  # scattered
+    before = pool_entries(store)
+    store.relayout()
+    after = pool_entries(store)
+    assert before.keys() == after.keys()
+    for key, (k, v, state) in before.items():
+        assert torch.equal(after[key][0], k) and torch.equal(after[key][1], v) and after[key][2] == state, key
+    counts = (a.pos >= 0).sum(2)
+    assert store.used == int(counts.max())
+    for r in range(a.pos.shape[0]):
+        row = int(store.row0[r])
+        layer_rows = range(row, row + store.pool_rows[r // store.batch])
+        for g in range(a.pos.shape[1]):
+            n = int(counts[r, g])
+            assert a.pos[r, g, :n].tolist() == sorted(a.pos[r, g, :n].tolist()) and bool(torch.all(a.pos[r, g, n:] < 0))
+            assert a.index[r, g, :n].tolist() == list(range(row, row + n))
+            assert bool(torch.all(a.index[r, g, n:] == store.scratch))
+            row += n
+        free = a.free[r].tolist()
+        assert len(set(free)) == len(free) and all(f in layer_rows and f >= row for f in free)
 
 
 def test_adaptive_allocation_moves_slots_between_heads():
