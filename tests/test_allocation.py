@@ -92,6 +92,7 @@ def test_drop_equals_mask_across_relayouts(name, allocation, monkeypatch):
     """Re-laying the pool every 5 steps (a merge's values, KeepKV's vote counts and bias moved with their
     entries) keeps what the masked simulation keeps, with the same logits."""
     monkeypatch.setattr(allocated, "RELAYOUT_EVERY", 5)
+    monkeypatch.setattr(allocated, "RELAYOUT_SCATTERED", -1.0)  # every look re-lays
     model, prompt = tiny_model(), token_ids(40, seed=2)
     drop, ids, store = run(model, small(name, 16, allocation=allocation), prompt, 48)
     mask, _, oracle = run(model, small(name, 16, allocation=allocation), prompt, 48, mask=True, ids=ids)
@@ -114,7 +115,7 @@ def pool_entries(store: AllocatedKVStore) -> dict[tuple[int, int, int], tuple]:
 @pytest.mark.parametrize("name", ["h2o", "keepkv"])
 def test_relayout_moves_entries_into_order_and_changes_none(name, allocation):
     """After many steps a head's tokens lie in the rows evictions freed, scattered; relayout puts each head's
-    entries in its first slots by position and in consecutive pool rows, head after head from its layer's
+    entries in its first slots and in consecutive pool rows, head after head from its layer's
     first row, with every entry's K, V and state bit for bit as before; the next step's rows are unused."""
     model, ids = tiny_model(n_layers=3, n_kv_heads=4, n_heads=8), token_ids(90, seed=7, batch=2)
     store = LLM(model, None, small(name, 16, allocation=allocation)).new_store(20, 70, batch=2)
@@ -123,11 +124,11 @@ def test_relayout_moves_entries_into_order_and_changes_none(name, allocation):
     for t in range(20, 90):
         decode_step(model, store, ids[:, t])
     a = store.all
-    assert not all(bool(torch.all(a.index[r, g, 1:n] - a.index[r, g, : n - 1] == 1))
-                   for r, row in enumerate((a.pos >= 0).sum(2).tolist()) for g, n in enumerate(row))  # scattered
+    assert store.scattered() > 0
     before = pool_entries(store)
     store.relayout()
     after = pool_entries(store)
+    assert store.scattered() == 0
     assert before.keys() == after.keys()
     for key, (k, v, state) in before.items():
         assert torch.equal(after[key][0], k) and torch.equal(after[key][1], v) and after[key][2] == state, key
@@ -138,12 +139,32 @@ def test_relayout_moves_entries_into_order_and_changes_none(name, allocation):
         layer_rows = range(row, row + store.pool_rows[r // store.batch])
         for g in range(a.pos.shape[1]):
             n = int(counts[r, g])
-            assert a.pos[r, g, :n].tolist() == sorted(a.pos[r, g, :n].tolist()) and bool(torch.all(a.pos[r, g, n:] < 0))
+            assert bool(torch.all(a.pos[r, g, :n] >= 0)) and bool(torch.all(a.pos[r, g, n:] < 0))
             assert a.index[r, g, :n].tolist() == list(range(row, row + n))
             assert bool(torch.all(a.index[r, g, n:] == store.scratch))
             row += n
         free = a.free[r].tolist()
         assert len(set(free)) == len(free) and all(f in layer_rows and f >= row for f in free)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 1.0])
+def test_a_look_at_the_layout_relays_only_a_scattered_pool(threshold, monkeypatch):
+    """look_at_layout re-lays the pool where `scattered` exceeds RELAYOUT_SCATTERED, else touches nothing."""
+    monkeypatch.setattr(allocated, "RELAYOUT_SCATTERED", threshold)
+    model, ids = tiny_model(n_layers=2, n_kv_heads=4, n_heads=8), token_ids(80, seed=3)
+    store = LLM(model, None, small("weightedkv", 12, allocation="adaptive")).new_store(20, 60)
+    store.relayout_every = 0
+    prefill(model, store, ids[:, :20])
+    assert store.scattered() == 0  # a prompt leaves the pool laid out
+    for t in range(20, 80):
+        decode_step(model, store, ids[:, t])
+    index, scattered = store.all.index.clone(), store.scattered()
+    assert scattered > 0
+    store.look_at_layout()
+    if threshold < scattered:
+        assert store.scattered() == 0
+    else:
+        assert torch.equal(store.all.index, index)
 
 
 def test_adaptive_allocation_moves_slots_between_heads():

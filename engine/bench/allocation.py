@@ -35,17 +35,20 @@ def layer_kv_bytes(store) -> list[int]:
     return [row * n for n in rows] if rows else [row * a.n_kv_heads * store.capacity] * a.n_layers
 
 
-def step_timer(llm, ctx: int, steps: int, settle: int) -> tuple[Callable[[], None], list[float], list[float], object]:
+def step_timer(llm, ctx: int, steps: int, settle: int
+               ) -> tuple[Callable[[], None], list[float], list[float], object, Callable[[int], None]]:
     """A callable that decodes `steps` tokens after a prompt of `ctx` tokens, prefilled once, then `settle`
-    tokens decoded untimed; the wall and thread-CPU seconds of every step, and the store."""
+    tokens decoded untimed; the wall and thread-CPU seconds of every step, the store, and a callable that
+    decodes n more tokens untimed."""
     ids = torch.randint(100, 1000, (1, ctx), generator=torch.Generator().manual_seed(0)).to(llm.device)
     store = llm.new_store(ctx, llm.args.max_seq_len - ctx)
-    token = prefill(llm.model, store, ids, llm.prefill_chunk).argmax(-1)
-    for _ in range(settle):
-        token = decode_step(llm.model, store, token).argmax(-1)
-    live = {"token": token}
+    live = {"token": prefill(llm.model, store, ids, llm.prefill_chunk).argmax(-1)}
     wall: list[float] = []
     cpu: list[float] = []
+
+    def advance(n: int) -> None:
+        for _ in range(n):
+            live["token"] = decode_step(llm.model, store, live["token"]).argmax(-1)
 
     def run() -> None:
         token = live["token"]
@@ -57,18 +60,25 @@ def step_timer(llm, ctx: int, steps: int, settle: int) -> tuple[Callable[[], Non
             cpu.append(time.thread_time() - c0)
         live["token"] = token
 
-    return run, wall, cpu, store
+    advance(settle)
+    return run, wall, cpu, store, advance
 
 
-def relayout_cpu_seconds(store, reps: int = 3) -> float:
-    """Median thread-CPU seconds of one AllocatedKVStore.relayout (0.0 for a store that never re-lays)."""
-    if not getattr(store, "relayout_every", 0):
+def relayout_cpu_seconds(store, advance: Callable[[int], None], reps: int = 2) -> float:
+    """Median thread-CPU seconds of a pooled store's look at its layout (AllocatedKVStore.look_at_layout: the
+    relayout, where it is due) after the `relayout_every` steps it follows (decoded untimed here, with the
+    store's own looks held off); 0.0 for a store that never looks."""
+    every = getattr(store, "relayout_every", 0)
+    if not every:
         return 0.0
     times = []
     with torch.inference_mode():
         for _ in range(reps):
+            store.relayout_every = 0
+            advance(every)
+            store.relayout_every = every
             c0 = time.thread_time()
-            store.relayout()
+            store.look_at_layout()
             sync(store.device)
             times.append(time.thread_time() - c0)
     return statistics.median(times)
@@ -105,10 +115,10 @@ def run(ns: argparse.Namespace) -> int:
         time_alternating({rule: t[0] for rule, t in timers.items()}, reps=ns.reps, warmup=1)
         base = ns.allocations[0]
         cell = {}
-        for rule, (_, wall, cpu, store) in timers.items():
+        for rule, (_, wall, cpu, store, advance) in timers.items():
             timed = slice(ns.steps, None)  # the warm-up round left out
             w, c = statistics.median(wall[timed]), statistics.median(cpu[timed])
-            every, relayout = getattr(store, "relayout_every", 0), relayout_cpu_seconds(store)
+            every, relayout = getattr(store, "relayout_every", 0), relayout_cpu_seconds(store, advance)
             cell[rule] = {"step_wall_s": w, "step_cpu_s": c, "layer_kv_bytes": layer_kv_bytes(store),
                           "kv_bytes": sum(layer_kv_bytes(store)), "slots": store.capacity, "slots_used": store.used,
                           "relayout_every": every, "relayout_cpu_s": relayout,

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from ..dist import TensorParallel
 
 
-RELAYOUT_EVERY = 64  # decode steps between two re-layouts of the pool (AllocatedKVStore.relayout)
+RELAYOUT_EVERY = 64  # decode steps between two looks at the pool's layout (AllocatedKVStore.relayout)
+RELAYOUT_SCATTERED = 0.1  # the share of neighbouring entries in rows apart (AllocatedKVStore.scattered) that re-lays
 
 
 class AllocatedKVStore(KVStore):
@@ -179,7 +180,9 @@ class AllocatedKVStore(KVStore):
         """Each head's kept entries of `merged`, in position order, into its first slots of st and into
         consecutive pool rows from its layer's first, row0 (rows, 1) (head after head); the rest of the lists
         emptied. st: one layer's rows or every layer's. The entries' K/V: merged.k and merged.v per head, or
-        with pooled_rows the pool rows merged.index names."""
+        with pooled_rows the pool rows merged.index names, and then in the order of those rows instead of
+        positions: a row already where it goes is not copied (most of them, since a head mostly gets back the
+        rows it frees)."""
         C = self.capacity
         n = keep.sum(2)  # (rows, Hkv)
         most = int(n.max())
@@ -187,7 +190,8 @@ class AllocatedKVStore(KVStore):
             raise RuntimeError(f"internal: a head keeps {most} entries in {C} slots")
         self._pending = max(self._pending, most)  # the chunk's high-water mark: the largest head, all layers
         big = torch.iinfo(torch.int32).max
-        order = merged.pos.masked_fill(~keep, big).argsort(dim=2, stable=True)[:, :, :C]
+        key = merged.index if pooled_rows else merged.pos
+        order = key.masked_fill(~keep, big).argsort(dim=2, stable=True)[:, :, :C]
         width = order.shape[2]
         slot = torch.arange(width, device=self.device)
         used = slot < n[..., None]  # (rows, Hkv, width)
@@ -207,8 +211,10 @@ class AllocatedKVStore(KVStore):
         entry = (b * used.shape[1] + g) * merged.pos.shape[2] + order[b, g, j]  # into merged's (rows Hkv slots)
         dst = (b % self.batch) * R + rows.view(-1)[(b * used.shape[1] + g) * width + j]
         pool_k, pool_v = self.pool_k.view(-1, D), self.pool_v.view(-1, D)
-        if pooled_rows:  # every row read (a copy) before any is written
+        if pooled_rows:  # the rows that move, every one read (a copy) before any is written
             src = (b % self.batch) * R + merged.index.reshape(-1)[entry]
+            moved = src != dst
+            src, dst = src[moved], dst[moved]
             k, v = pool_k.index_select(0, src), pool_v.index_select(0, src)
         else:
             k, v = (t.reshape(-1, D).index_select(0, entry) for t in (merged.k, merged.v))
@@ -275,16 +281,34 @@ class AllocatedKVStore(KVStore):
         self.used = min(self.used + 1, self.capacity)  # a head's token took a slot below `used`, or `used` itself
         self.steps_since_relayout += 1
         if self.pooled and self.relayout_every and self.steps_since_relayout >= self.relayout_every:
+            self.look_at_layout()
+
+    def look_at_layout(self) -> None:
+        """Every `relayout_every` steps: relayout() if the pool is `scattered` past RELAYOUT_SCATTERED."""
+        self.steps_since_relayout = 0
+        if self.scattered() > RELAYOUT_SCATTERED:
             self.relayout()
 
+    def scattered(self) -> float:
+        """Of the pairs of neighbouring slots of a head that both hold an entry, the share whose pool rows are not
+        neighbours. After 256 steps at ctx 1024 (SmolLM2, 256 tokens a head): WeightedKV adaptive 0.74 (0.30 64
+        steps after a relayout), H2O adaptive 0.15 (0.02), either under pyramid 0.01: a head mostly gets back
+        the rows it frees, except where adaptive allocation moves them between heads."""
+        a, n = self.all, self.decode_length()
+        pos, index = a.pos[:, :, :n], a.index[:, :, :n]
+        pairs = (pos[..., 1:] >= 0) & (pos[..., :-1] >= 0)
+        apart = pairs & (index[..., 1:] != index[..., :-1] + 1)
+        return float(apart.sum()) / max(int(pairs.sum()), 1)
+
     def relayout(self) -> None:
-        """Every layer's entries back into their heads' first slots and consecutive pool rows, in position order
-        (head after head, as a prompt leaves them). Decode steps put each new token into whatever row the last
-        eviction freed, so a head's rows drift apart: attention then reads them scattered over the layer's pool,
-        where the hardware prefetcher loses the stream. With a cold cache that cost 1.31-1.41x the uniform
-        store's attention (SmolLM2, 256 tokens a head, after 300 steps), the same rows re-laid 1.02-1.13x.
-        Run between steps (advance_decode, every `relayout_every`; also outside a CUDA graph), it copies each
-        layer's K/V once and moves no entry from one head to another: the kept tokens and their state are the
+        """Every layer's entries back into their heads' first slots and consecutive pool rows (head after head,
+        each head's in the order of the rows they had, as a prompt leaves them). Decode steps put each new
+        token into whatever row the last eviction freed, so a head's rows drift apart: attention then reads them
+        scattered over the layer's pool, where the hardware prefetcher loses the stream. With a cold cache that
+        cost 1.31-1.41x the uniform store's attention (SmolLM2, 256 tokens a head, after 300 steps), the same
+        rows re-laid 1.02-1.13x. Run between steps (advance_decode, every `relayout_every` steps where the layout
+        is `scattered` past RELAYOUT_SCATTERED; so also outside a CUDA graph); it copies only the rows not
+        already in place and moves no entry from one head to another: the kept tokens and their state are the
         same, only their slots and rows change."""
         self._pending = 0
         a = self.all
