@@ -14,6 +14,9 @@ the rows the last step's evictions freed, or the next unused rows while a layer 
 reads each head's slots through `index` (ops.decode_attention's slot_index); the eviction runs on the
 device for every layer, applied where the layer is over its budget (no host value decides it), and its
 freed rows become the next step's `free`. Static shapes throughout: a step can be captured in a CUDA graph.
+Since each new token takes whatever row the evictions freed, a head's rows can drift apart over the pool, and
+attention then reads them scattered; every RELAYOUT_EVERY steps, between two steps, the store looks at its
+layout and re-lays a scattered pool (`relayout`: each head's entries back in consecutive rows).
 Outside a graph, the search for the first empty slot and attention stop at `used`, the lists' high-water
 mark, kept on the host as the uniform store keeps its own: a prompt leaves its heads' entries in their first
 slots, and a head's token takes its first empty slot, at most `used`, so `used` grows by at most 1 a step.
@@ -88,7 +91,7 @@ class AllocatedKVStore(KVStore):
         self.first_rows = self.row0 + self.head_offsets  # (L B, Hkv): the rows a layer's heads take next while it fills
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
-        self.relayout_every = RELAYOUT_EVERY if self.pooled else 0  # decode steps between relayout()s, 0: never
+        self.relayout_every = RELAYOUT_EVERY if self.pooled else 0  # steps between look_at_layout()s, 0: never
         self.steps_since_relayout = 0
 
     def _kv_buffers(self, rows: int, Hkv: int, C: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +297,8 @@ class AllocatedKVStore(KVStore):
         neighbours. After 256 steps at ctx 1024 (SmolLM2, 256 tokens a head): WeightedKV adaptive 0.74 (0.30 64
         steps after a relayout), H2O adaptive 0.15 (0.02), either under pyramid 0.01: a head mostly gets back
         the rows it frees, except where adaptive allocation moves them between heads."""
+        if not self.pooled:
+            return 0.0
         a, n = self.all, self.decode_length()
         pos, index = a.pos[:, :, :n], a.index[:, :, :n]
         pairs = (pos[..., 1:] >= 0) & (pos[..., :-1] >= 0)
@@ -310,6 +315,8 @@ class AllocatedKVStore(KVStore):
         is `scattered` past RELAYOUT_SCATTERED; so also outside a CUDA graph); it copies only the rows not
         already in place and moves no entry from one head to another: the kept tokens and their state are the
         same, only their slots and rows change."""
+        if not self.pooled:
+            return
         self._pending = 0
         a = self.all
         entries = dataclasses.replace(a, pos=a.pos.clone(), state={n: s.clone() for n, s in a.state.items()},
