@@ -210,9 +210,9 @@ class AllocatedKVStore(KVStore):
         # the rows as flat indices into (B R, D) views: index_select / index_copy_ over one dim take a fraction
         # of the time of multi-dim advanced indexing
         R, D = self.pool_k.shape[1:]
-        b, g, j = used.nonzero(as_tuple=True)
-        entry = (b * used.shape[1] + g) * merged.pos.shape[2] + order[b, g, j]  # into merged's (rows Hkv slots)
-        dst = (b % self.batch) * R + rows.view(-1)[(b * used.shape[1] + g) * width + j]
+        b, g, _ = used.nonzero(as_tuple=True)  # the kept entries, in the order a boolean mask lists them
+        entry = (b * used.shape[1] + g) * merged.pos.shape[2] + order[used]  # into merged's (rows Hkv slots)
+        dst = (b % self.batch) * R + rows[used]
         pool_k, pool_v = self.pool_k.view(-1, D), self.pool_v.view(-1, D)
         if pooled_rows:  # the rows that move, every one read (a copy) before any is written
             src = (b % self.batch) * R + merged.index.reshape(-1)[entry]
@@ -283,7 +283,7 @@ class AllocatedKVStore(KVStore):
         self.occupancy = min(self.t, self.budget)
         self.used = min(self.used + 1, self.capacity)  # a head's token took a slot below `used`, or `used` itself
         self.steps_since_relayout += 1
-        if self.pooled and self.relayout_every and self.steps_since_relayout >= self.relayout_every:
+        if self.relayout_every and self.steps_since_relayout >= self.relayout_every:  # 0 without a pool
             self.look_at_layout()
 
     def look_at_layout(self) -> None:
