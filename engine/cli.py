@@ -285,7 +285,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI main: user errors and OS errors (a full disk, a read-only folder, ...) become one line on
     stderr and exit code 2, Ctrl-C exits 130, a reader that closed stdout (`| head`) ends it quietly. Any
     other exception is a bug and keeps its traceback. Started by torchrun among several ranks, a user error
-    is said by rank 0 alone (every rank found it), a failed collective by each rank that saw it."""
+    is said by rank 0 alone (every rank found it), a failed collective by each rank that saw it, and an error
+    exit skips the interpreter's teardown there (launch.leave)."""
     from .dist import launch
 
     try:
@@ -294,21 +295,21 @@ def run_cli(main: Callable[[], int | None]) -> None:
         launch.finish()
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        sys.exit(130)
+        launch.leave(130)
     except BrokenPipeError:
         _flush_stdout()
-        sys.exit(1)
+        launch.leave(1)
     except USER_ERRORS as e:
         if launch.speaks(e):
             print(f"error: {describe(e)}", file=sys.stderr)
         _flush_stdout()
-        sys.exit(2)
+        launch.leave(2)
     except Exception as e:
         if not out_of_memory(e):
             raise
         print(f"error: out of memory (a context, batch or budget too large for this machine?): "
               f"{str(e).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        launch.leave(2)
     sys.exit(code or 0)
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 import os
 import sys
 
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -109,9 +109,24 @@ def from_rank_zero(value: T, group: dist.ProcessGroup | None = None, what: str =
 
 
 def finish() -> None:
-    """Leave the process group at a normal exit (an error exit leaves it to the process's end)."""
+    """Leave the process group at a normal exit (an error exit ends without it: leave)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End an error exit with `code`. One of several ranks ends at once, its output flushed, without the
+    interpreter's teardown: gloo's worker threads may still hold the tensors of a collective, and releasing
+    them while the interpreter finalises aborts the process (SIGABRT instead of `code`); leaving the group
+    first could wait on a rank that died."""
+    if not is_distributed():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def first_line(error: BaseException) -> str:
