@@ -352,6 +352,20 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
   TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
 }
 
+void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks,
+                        int64_t sinks, int64_t window, const at::Tensor& receivers_out,
+                        const std::optional<at::Tensor>& slot_index) {
+  const char* op = "merge_spread";
+  const Like like{v, "v"};
+  const auto [B, Hkv, C] = check_slot_rows(op, "v", v, slot_index);
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "abar", abar, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+  check_tensor(op, "receivers_out", receivers_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+  TORCH_CHECK_VALUE(window >= 1, op, ": window must be >= 1, got ", window);
+}
+
 void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                        const at::Tensor& receiver_out, const at::Tensor& similarity_out,
                        const std::optional<at::Tensor>& slot_index) {

@@ -58,12 +58,15 @@ void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tenso
                        const at::Tensor& receiver, const at::Tensor& weight,
                        const std::optional<at::Tensor>& slot_index);
 // Every entry of index t [B, n] in [-1, hi) (-1: none), else "op: name must hold what in [-1, hi), got x at
-// [b, i]" (merge_value's victim and receiver, merge_neighbour's picks, nearest_key's victim).
+// [b, i]" (merge_value's victim and receiver, merge_neighbour's and merge_spread's picks, nearest_key's victim).
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t hi, const char* what);
 
 void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::Tensor& pos, const at::Tensor& abar,
                            const at::Tensor& picks, int64_t sinks, const at::Tensor& receiver_out,
                            const std::optional<at::Tensor>& slot_index);
+void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks,
+                        int64_t sinks, int64_t window, const at::Tensor& receivers_out,
+                        const std::optional<at::Tensor>& slot_index);
 void check_nearest_key(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& victim, int64_t sinks,
                        const at::Tensor& receiver_out, const at::Tensor& similarity_out,
                        const std::optional<at::Tensor>& slot_index);

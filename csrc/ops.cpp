@@ -47,6 +47,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_neighbour(Tensor(a!) v, Tensor(b!) w, Tensor(c!) pos, Tensor abar, Tensor picks, int sinks, "
       "bool after, Tensor(d!) receiver_out, Tensor? slot_index=None) -> ()");
+  // CaM's merge of each pick's value into the kept tokens after it, by attention, the picks in order
+  m.def(
+      "merge_spread(Tensor(a!) v, Tensor(b!) pos, Tensor abar, Tensor picks, int sinks, int window, "
+      "Tensor(c!) receivers_out, Tensor? slot_index=None) -> ()");
   // the most cosine-similar other non-sink key of each victim's KV head (KeepKV's and WeightedKV's receiver)
   m.def(
       "nearest_key(Tensor k, Tensor pos, Tensor victim, int sinks, Tensor(a!) receiver_out, "
@@ -129,6 +133,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "compact", &compact_cpu_list);
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "merge_neighbour", &engine::merge_neighbour_cpu);
+  bind_cpu(cpu, "merge_spread", &engine::merge_spread_cpu);
   bind_cpu(cpu, "nearest_key", &engine::nearest_key_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);
   bind_cpu(cpu, "qmatvec", &engine::qmatvec_cpu);

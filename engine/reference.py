@@ -279,7 +279,7 @@ def check_merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, we
 
 def check_index_range(op: str, name: str, t: Tensor, hi: int, what: str) -> None:
     """Every entry of index t [B, n] in [-1, hi) (-1: none): merge_value's victim and receiver, merge_neighbour's
-    picks, nearest_key's victim."""
+    and merge_spread's picks, nearest_key's victim."""
     where = _first((t < -1) | (t >= hi))
     if where is not None:
         raise IndexError(f"{op}: {name} must hold {what} in [-1, {hi}), got {int(t[where])} at {list(where)}")
@@ -297,6 +297,21 @@ def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks
     _check_tensor(op, "receiver_out", receiver_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
     if sinks < 0:
         raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+
+
+def check_merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, window: int,
+                       receivers_out: Tensor, slot_index: Tensor | None = None) -> None:
+    op = "merge_spread"
+    like = (v, "v")
+    B, Hkv, C = _check_slot_rows(op, "v", v, slot_index)
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "abar", abar, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
+    _check_tensor(op, "receivers_out", receivers_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
+    if sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    if window < 1:
+        raise ValueError(f"{op}: window must be >= 1, got {window}")
 
 
 def check_nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor,
@@ -743,6 +758,63 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
         w_old = w[b, gb, mb]
         _merge_rows("merge_neighbour", v, w, slot_index, b, gb, mb, jb, torch.where(w_old == 0, abar[b, gb, mb], w_old),
                     abar[b, gb, jb])
+
+
+def merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, window: int,
+                 receivers_out: Tensor, slot_index: Tensor | None = None) -> None:
+    """CaM's merge, in place, each row's picks in order. Pick i of row b is the entry e = picks[b, i] (KV head
+    g = e // C, slot j = e % C; -1: none). If slot j holds a token (pos >= 0), its receivers are the (at most)
+    `window` slots of head g holding the non-sink tokens (pos >= sinks) with the next larger positions (ties:
+    the lower slot), the victim's position is emptied (later picks neither see nor merge it), and with m >= 1
+    receivers each receiver's value gets, in fp32,
+
+        v[r] += p / window * v[j],   p = clamp(abar[j] / (sum of the receivers' abar / m), 0, 1)
+
+    (p = 0 where that ratio is 0/0, 1 where it is x/0). receivers_out[b, i] = m (0: no merge). slot_index: as
+    merge_value's (the victim's row checked first, then its receivers' by position). Vectorised over rows,
+    one pick at a time: a pick sees the earlier picks' merges."""
+    check_merge_spread(v, pos, abar, picks, sinks, window, receivers_out, slot_index)
+    B, Hkv, C = pos.shape
+    check_index_range("merge_spread", "picks", picks, Hkv * C, "entries (head C + slot)")
+    rows, slots = torch.arange(B, device=pos.device), torch.arange(C, device=pos.device)
+    none = torch.iinfo(torch.int64).max
+    for i in range(picks.shape[1]):
+        e = picks[:, i].clamp(min=0)
+        g, j = e // C, e % C
+        p = pos[rows, g]  # (B, C)
+        pj = p[rows, j]
+        go = (picks[:, i] >= 0) & (pj >= 0)
+        candidate = (p > pj[:, None]) & (p >= sinks) & go[:, None]
+        order = torch.where(candidate, p.long() * C + slots, none)  # (position, slot)
+        nearest = order.topk(min(window, C), dim=1, largest=False)  # sorted
+        r, ok = nearest.indices, nearest.values < none
+        m = ok.sum(1)
+        a = abar[rows, g]  # (B, C)
+        mean = torch.where(ok, a.gather(1, r), 0.0).sum(1) / m.clamp(min=1)
+        share = (a[rows, j] / mean).nan_to_num(0.0, posinf=1.0).clamp(0.0, 1.0) / window
+        pos[rows[go], g[go], j[go]] = -1
+        receivers_out[:, i] = m
+        b, t = torch.nonzero(ok, as_tuple=True)
+        _spread_rows(v, slot_index, b, g[b], r[b, t], j[b], share[b])
+
+
+def _spread_rows(v: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor, r: Tensor, j: Tensor,
+                 share: Tensor) -> None:
+    """v[b, g, r] += share v[b, g, j] in fp32 (the slots' rows of a pool with slot_index, each victim's row
+    checked before its receivers', as the kernels do)."""
+    if slot_index is None:
+        v[b, g, r] = (v[b, g, r].float() + share[:, None] * v[b, g, j].float()).to(v.dtype)
+        return
+    R = v.shape[1]
+    for i in range(b.shape[0]):
+        first = i == 0 or b[i] != b[i - 1]  # a row's first receiver: its victim's row first
+        for s in ((int(j[i]),) if first else ()) + (int(r[i]),):
+            x = int(slot_index[b[i], g[i], s])
+            if not 0 <= x < R:
+                raise IndexError(f"merge_spread: slot_index must hold pool rows in [0, R) = [0, {R}) on the merged "
+                                 f"slots, got {x} at [{int(b[i])}, {int(g[i])}, {s}]")
+    pb, row_r, row_j = b % v.shape[0], slot_index[b, g, r].long(), slot_index[b, g, j].long()
+    v[pb, row_r] = (v[pb, row_r].float() + share[:, None] * v[pb, row_j].float()).to(v.dtype)
 
 
 def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out: Tensor, similarity_out: Tensor,

@@ -235,6 +235,33 @@ def brute_neighbour(v, w, pos, abar, picks, sinks, after):
     return v, w, pos, out
 
 
+def brute_spread(v, pos, abar, picks, sinks, window):
+    """ops.merge_spread by loops, the values and the mean attention in fp64: v, pos and the receivers' count
+    after every pick, and the receivers' slots of each pick ((b, i) -> list)."""
+    v, pos = v.double().clone(), pos.clone()
+    B, Hkv, C = pos.shape
+    out, receivers = torch.zeros(picks.shape, dtype=torch.int64), {}
+    for b in range(B):
+        for i in range(picks.shape[1]):
+            e = int(picks[b, i])
+            if e < 0 or pos[b, e // C, e % C] < 0:
+                continue
+            g, j = divmod(e, C)
+            pj = int(pos[b, g, j])
+            later = sorted((int(pos[b, g, s]), s) for s in range(C) if pos[b, g, s] > pj and pos[b, g, s] >= sinks)
+            r = receivers[b, i] = [s for _, s in later[:window]]
+            pos[b, g, j] = -1
+            out[b, i] = len(r)
+            if not r:
+                continue
+            mean = sum(float(abar[b, g, s]) for s in r) / len(r)
+            a = float(abar[b, g, j])
+            p = (0.0 if a == 0 else 1.0) if mean == 0 else min(max(a / mean, 0.0), 1.0)
+            for s in r:
+                v[b, g, s] += p / window * v[b, g, j]
+    return v, pos, out, receivers
+
+
 def brute_nearest_key(k, pos, victim, sinks):
     """ops.nearest_key by loops in fp64: per (b, g), every compared slot's similarity (None: not compared),
     and the receiver (-1: none; ties: the lower slot)."""
@@ -352,6 +379,11 @@ def opcheck_cases():
     yield "merge_neighbour", (torch.randn(1, R, D, generator=g), torch.rand(B, Hkv, C, generator=g), pos.clone(),
                               torch.rand(B, Hkv, C, generator=g), picks, 0, False, torch.empty(B, 4, dtype=torch.int64),
                               index)
+
+    yield "merge_spread", (v.clone(), pos.clone(), torch.rand(B, Hkv, C, generator=g), picks, 2, 3,
+                           torch.empty(B, 4, dtype=torch.int64))
+    yield "merge_spread", (torch.randn(1, R, D, generator=g), pos.clone(), torch.rand(B, Hkv, C, generator=g), picks,
+                           0, 40, torch.empty(B, 4, dtype=torch.int64), index)
 
 
 def packed_twin(model: Transformer, qtypes: dict[str, int],

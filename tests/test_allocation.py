@@ -379,11 +379,13 @@ def test_cam_merges_into_the_next_tokens_in_proportion_to_attention():
         abar = torch.tensor([[[1.0, 1.0, ratio, 1.0, 0.0, 1.0]]])
         layer = LayerState(k=v.clone(), v=v.clone(), pos=pos.clone(), state={})
         view = DecodeView(layer=layer, step_pos=10, q=torch.zeros(1, 1, 2), probs=None)
-        cam.merge(view, abar, pos, torch.tensor([[2]]))
+        alive = pos.clone()
+        cam.merge(view, abar, alive, torch.tensor([[2]]))
         want = v.clone()
         want[0, 0, [1, 5]] += p * v[0, 0, 2] / 2  # positions 5 and 7 follow 3
         assert torch.equal(layer.v, want)
-        cam.merge(view, abar, pos, torch.tensor([[-1]]))  # no victim: nothing changes
+        assert alive.tolist() == [[[0, 5, -1, 9, -1, 7]]]  # the victim is gone for later merges
+        cam.merge(view, abar, pos.clone(), torch.tensor([[-1]]))  # no victim: nothing changes
         assert torch.equal(layer.v, want)
 
 

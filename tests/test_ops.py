@@ -23,7 +23,7 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
-    assert_nearest, assert_within, brute_neighbour, brute_victim, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
+    assert_nearest, assert_within, brute_neighbour, brute_spread, brute_victim, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
     positions, prefill_inputs, randn, rope_ranks, rope_tables,
 )
 
@@ -655,6 +655,80 @@ def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
 
 
 @st.composite
+def spread_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 40))
+    n = draw(st.integers(0, 5))
+    picks = draw(st.lists(st.integers(-1, Hkv * C - 1), min_size=B * n, max_size=B * n))  # repeats, empty slots too
+    abar = draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 2.0]), min_size=B * Hkv * C, max_size=B * Hkv * C))
+    return (torch.tensor(abar).view(B, Hkv, C), torch.tensor(picks, dtype=torch.int64).view(B, n),
+            draw(st.integers(0, 6)), draw(st.integers(1, 45)), draw(st.integers(0, 10**6)))
+
+
+def spread_receivers(shape: tuple[int, int, int], picks: torch.Tensor, receivers: dict) -> torch.Tensor:
+    """(B, H_kv, C) bool: the slots some pick merged into (brute_spread's receivers)."""
+    received = torch.zeros(shape, dtype=torch.bool)
+    for (b, i), slots in receivers.items():
+        received[b, int(picks[b, i]) // shape[2], slots] = True
+    return received
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=80, deadline=None)
+@given(inputs=spread_inputs())
+def test_merge_spread(path, dtype, inputs):
+    """Receiver counts and emptied positions exactly as the loops; values within the rounding of the
+    reference's fp32 chain of merges; every row that is no receiver untouched (a window past the head's
+    slots, sinks past every position, 0/0 and x/0 attention ratios among the draws)."""
+    abar, picks, sinks, window, seed = inputs
+    B, Hkv, C = abar.shape
+    g = gen(seed)
+    v, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    truth_v, truth_pos, truth_out, receivers = brute_spread(v, pos, abar, picks, sinks, window)
+    base = [v.clone(), pos.clone()]
+    ref.merge_spread(*base, abar, picks, sinks, window, torch.empty_like(picks))
+    out = torch.full_like(picks, 99)
+    v0 = v.clone()
+    with on_path(path, "merge_spread", "cpu"):
+        ops.merge_spread(v, pos, abar, picks, sinks, window, out)
+    assert torch.equal(out, truth_out) and torch.equal(pos, truth_pos)
+    received = spread_receivers((B, Hkv, C), picks, receivers)
+    assert torch.equal(v[~received], v0[~received])
+    assert_within(v[received], truth_v[received], base[0][received], "merged rows")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(inputs=spread_inputs(), layers=st.integers(1, 3))
+def test_merge_spread_in_a_pool(path, dtype, inputs, layers):
+    """With slot_index: the same bits as over per-head rows, every other pool row untouched."""
+    abar, picks, sinks, window, seed = inputs
+    B, Hkv, C = abar.shape
+    g = gen(seed)
+    dense, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C
+    R = per + 5
+    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    pool = randn((P, R, 16), dtype, "cpu", g)
+    batch = torch.arange(B) % P
+    pool[batch[:, None, None], slot_index.long()] = dense
+    pool0, pos_dense, out_dense = pool.clone(), pos.clone(), torch.empty_like(picks)
+    with on_path(path, "merge_spread", "cpu"):
+        ops.merge_spread(dense, pos_dense, abar, picks, sinks, window, out_dense)
+    out = torch.full_like(picks, 99)
+    with on_path(path, "merge_spread", "cpu"):
+        ops.merge_spread(pool, pos, abar, picks, sinks, window, out, slot_index=slot_index)
+    assert torch.equal(out, out_dense) and torch.equal(pos, pos_dense)
+    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
+    used = torch.zeros(P, R, dtype=torch.bool)
+    used[batch[:, None, None], slot_index.long()] = True
+    assert torch.equal(pool[~used], pool0[~used])
+
+
+@st.composite
 def nearest_key_inputs(draw):
     B, Hkv, C, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 70))
     victim = torch.tensor(draw(st.lists(st.integers(-1, C - 1), min_size=B * Hkv, max_size=B * Hkv))).view(B, Hkv)
@@ -774,6 +848,8 @@ def _valid_args():
         "merge_neighbour": dict(v=cache(), w=torch.zeros(B, Hkv, C), pos=pos(), abar=torch.ones(B, Hkv, C),
                                 picks=torch.tensor([[0, C + 1, -1]]), sinks=0, after=True,
                                 receiver_out=torch.zeros(B, 3, dtype=i64)),
+        "merge_spread": dict(v=cache(), pos=pos(), abar=torch.ones(B, Hkv, C), picks=torch.tensor([[0, C + 1, -1]]),
+                             sinks=0, window=3, receivers_out=torch.zeros(B, 3, dtype=i64)),
         "nearest_key": dict(k=cache(), pos=pos(), victim=torch.tensor([[0, -1, 2]]), sinks=0,
                             receiver_out=torch.zeros(B, Hkv, dtype=i64), similarity_out=torch.zeros(B, Hkv)),
         "adaptive_victims": dict(score=torch.zeros(B, Hkv, C), pos=pos(), lo=0, hi=torch.tensor([30]), min_share=2,
@@ -877,6 +953,16 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "nearest_key: similarity_out must be float32, got float64"),
     ("nearest_key", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
      "nearest_key: receiver_out must have shape [B, H_kv] = [1, 3], got [1, 2]"),
+    ("merge_spread", "picks", lambda t: t - 2, IndexError,
+     "merge_spread: picks must hold entries (head C + slot) in [-1, 24), got -2 at [0, 0]"),
+    ("merge_spread", "v", lambda t: t.double(), TypeError, "merge_spread: v must be float32 or bfloat16 or float16, got float64"),
+    ("merge_spread", "abar", lambda t: t[:, :, :5].contiguous(), ValueError,
+     "merge_spread: abar must have shape [B, H_kv, C] = [1, 3, 8], got [1, 3, 5]"),
+    ("merge_spread", "receivers_out", lambda t: t.int(), TypeError, "merge_spread: receivers_out must be int64"),
+    ("merge_spread", "window", lambda n: 0, ValueError, "merge_spread: window must be >= 1, got 0"),
+    ("merge_spread", "sinks", lambda n: -1, ValueError, "merge_spread: sinks must be >= 0, got -1"),
+    ("merge_spread", "*", lambda a: {**a, **_pooled(slot_row=9)}, IndexError,
+     "merge_spread: slot_index must hold pool rows in [0, R) = [0, 9) on the merged slots, got 9 at [0, 0, 1]"),
     ("nearest_key", "sinks", lambda n: -2, ValueError, "nearest_key: sinks must be >= 0, got -2"),
     ("nearest_key", "*", lambda a: {**a, "k": _pooled()["v"], "slot_index": _pooled(slot_row=9)["slot_index"]},
      IndexError, "nearest_key: slot_index must hold pool rows in [0, R) = [0, 9) on the compared slots, got 9 at "

@@ -25,7 +25,7 @@ from engine import reference as ref
 from .helpers import (
     assert_nearest,
     assert_within,
-    brute_neighbour,
+    brute_neighbour, brute_spread,
     brute_victim,
     gen,
     keys_with_ties,
@@ -366,6 +366,38 @@ def test_merge_neighbour(dtype, pooled):
         received = torch.zeros(B, Hkv, C, dtype=torch.bool)
         for b, i in (truth_out >= 0).nonzero().tolist():
             received[b, picks[b, i] // C, truth_out[b, i]] = True
+        assert received.any() and torch.equal(got[~received], v[~received])
+        assert_within(got[received], truth_v[received], base[0][received], "merged rows")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_merge_spread(dtype, pooled):
+    """Rows of 300 slots (ten per lane), windows of 1, 32 and 40 (past a warp), repeated and empty picks: as
+    the loops, a pool's rows too."""
+    B, Hkv, C, D, n = 5, 3, 300, 64, 7
+    g = gen(12)
+    v, pos = randn((B, Hkv, C, D), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
+    abar = torch.rand(B, Hkv, C, generator=g)
+    abar[0, 0, :50] = 0.0  # 0/0 and x/0 ratios
+    picks = torch.randint(-1, Hkv * C, (B, n), generator=g)
+    picks[:, 1] = picks[:, 0]  # a repeat: its slot is empty by then
+    for sinks, window in ((0, 32), (4, 1), (2, 40)):
+        truth_v, truth_pos, truth_out, receivers = brute_spread(v, pos, abar, picks, sinks, window)
+        base = [v.clone(), pos.clone()]
+        ref.merge_spread(*base, abar, picks, sinks, window, torch.empty_like(picks))
+        pos_gpu = pos.to(CUDA, copy=True)
+        out = torch.full((B, n), 99, dtype=torch.int64, device=CUDA)
+        slot_index = torch.arange(B * Hkv * C, dtype=torch.int32).flip(0).view(B, Hkv, C) if pooled else None
+        v_gpu = v.view(1, B * Hkv * C, D).flip(1).to(CUDA) if pooled else v.to(CUDA, copy=True)
+        with compiled("merge_spread"):
+            ops.merge_spread(v_gpu, pos_gpu, abar.to(CUDA), picks.to(CUDA), sinks, window, out,
+                             None if slot_index is None else slot_index.to(CUDA))
+        got = v_gpu.cpu().flip(1).view(B, Hkv, C, D) if pooled else v_gpu.cpu()
+        assert torch.equal(out.cpu(), truth_out) and torch.equal(pos_gpu.cpu(), truth_pos)
+        received = torch.zeros(B, Hkv, C, dtype=torch.bool)
+        for (b, i), slots in receivers.items():
+            received[b, int(picks[b, i]) // C, slots] = True
         assert received.any() and torch.equal(got[~received], v[~received])
         assert_within(got[received], truth_v[received], base[0][received], "merged rows")
 

@@ -324,6 +324,59 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
   });
 }
 
+// Each row's picks in order, one thread (as merge_neighbour). A pick's receivers: the candidates above the
+// victim's position, the `window` lowest by (position, slot) first, in that order.
+void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
+                      int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index) {
+  check_merge_spread(v, pos, abar, picks, sinks, window, receivers_out, slot_index);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), D = v.size(-1), n = picks.size(1);
+  check_index_range("merge_spread", "picks", picks, Hkv * C, "entries (head C + slot)");
+  const int64_t* pk = picks.const_data_ptr<int64_t>();
+  const float* ab = abar.const_data_ptr<float>();
+  int32_t* ps = pos.mutable_data_ptr<int32_t>();
+  int64_t* out = receivers_out.mutable_data_ptr<int64_t>();
+  const SlotRows row_of = slot_rows("merge_spread", "merged", v, slot_index, Hkv, C);
+  ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_spread", [&] {
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    std::vector<float> buf(3 * D);
+    std::vector<std::pair<int32_t, int32_t>> cand;  // (position, slot)
+    cand.reserve(C);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = pk[b * n + i];
+        out[b * n + i] = 0;
+        if (e < 0) continue;
+        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
+        int32_t* pr = ps + r * C;
+        const int32_t pj = pr[j];
+        if (pj < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
+        cand.clear();
+        for (int64_t s = 0; s < C; ++s) {
+          if (pr[s] > pj && pr[s] >= sinks) cand.emplace_back(pr[s], static_cast<int32_t>(s));
+        }
+        const int64_t m = std::min<int64_t>(window, static_cast<int64_t>(cand.size()));
+        std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
+        pr[j] = -1;
+        out[b * n + i] = m;
+        if (m == 0) continue;
+        float sum = 0.f;
+        for (int64_t t = 0; t < m; ++t) sum += ab[r * C + cand[t].second];
+        const float ratio = ab[r * C + j] / (sum / static_cast<float>(m));
+        const float p = std::isnan(ratio) ? 0.f : std::min(std::max(ratio, 0.f), 1.f);
+        const float share = p / static_cast<float>(window);
+        const float* vj = as_float(vp + row_of(r, j) * D, buf.data(), D);  // never a receiver: read once
+        float* res = buf.data() + 2 * D;
+        for (int64_t t = 0; t < m; ++t) {
+          scalar_t* vr = vp + row_of(r, cand[t].second) * D;
+          const float* a = as_float(vr, buf.data() + D, D);
+          for (int64_t d = 0; d < D; ++d) res[d] = a[d] + share * vj[d];
+          store_float(res, vr, D);
+        }
+      }
+    }
+  });
+}
+
 namespace {
 
 // The slot of each victim's KV head whose key is the most cosine-similar to the victim's, one (batch, KV

@@ -75,6 +75,11 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
                          const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
                          const std::optional<at::Tensor>& slot_index);
 
+// CaM's merge of each pick's value into the next `window` kept non-sink tokens, by attention, the picks in
+// order: engine/reference.py.
+void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
+                      int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index);
+
 // out[..., N] (+)= h[..., K] @ w[N, K]^T, all in w's dtype, fp32 accumulation (decode: few rows), where
 // h = x, RMSNorm(x) with `norm`, or silu(x[..., :K]) * x[..., K:] with `swiglu`.
 void matvec_cpu(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool accumulate,

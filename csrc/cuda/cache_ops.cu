@@ -365,6 +365,78 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// merge_spread: a warp per row of slots, its picks in order. A pick's receivers are found by `window` rounds
+// of a warp minimum over (position, slot) keys above the last one found; the last is the cutoff, and the
+// receivers are then every candidate up to it, taken 32 slots at a time by ballot.
+__device__ __forceinline__ uint64_t spread_key(int32_t p, int64_t s) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(p)) << 32) | static_cast<uint64_t>(s);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    merge_spread_kernel(T* __restrict__ v, int32_t* __restrict__ pos, const float* __restrict__ abar,
+                        const int64_t* __restrict__ picks, int64_t sinks, int64_t window, int64_t* __restrict__ out,
+                        const int32_t* __restrict__ index, int64_t B, int64_t n, int64_t Hkv, int64_t C, int64_t D,
+                        int64_t P, int64_t R) {
+  constexpr uint64_t kNone = ~uint64_t{0};
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (b >= B) return;  // the whole warp
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = picks[b * n + i];
+    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_spread: picks must hold entries in [-1, H_kv C)");
+    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
+    int32_t* pr = pos + r * C;
+    const int32_t pj = e < 0 ? -1 : pr[j];
+    // candidates: positions above the victim's, non-sink (sinks >= 0: never an empty slot); positions >= 0,
+    // so the keys order as (position, slot)
+    uint64_t cutoff = 0, last = pj < 0 ? kNone : spread_key(pj, C);
+    int64_t m = 0;
+    for (; m < window && last != kNone; ++m) {
+      uint64_t best = kNone;
+      for (int64_t s = lane; s < C; s += 32) {
+        const int32_t p = pr[s];
+        const uint64_t key = spread_key(p, s);
+        if (p > pj && p >= sinks && key > last && key < best) best = key;
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t other = __shfl_xor_sync(kFullMask, best, o);
+        best = other < best ? other : best;
+      }
+      if (best == kNone) break;
+      cutoff = last = best;
+    }
+    const auto receives = [&](int64_t s) {
+      if (m == 0 || s >= C) return false;
+      const int32_t p = pr[s];
+      return p > pj && p >= sinks && spread_key(p, s) <= cutoff;
+    };
+    float sum = 0.f;
+    for (int64_t s = lane; s < C; s += 32) sum += receives(s) ? abar[r * C + s] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+    const float ratio = m > 0 ? abar[r * C + j] / (sum / static_cast<float>(m)) : 0.f;
+    const float share = (isnan(ratio) ? 0.f : fminf(fmaxf(ratio, 0.f), 1.f)) / static_cast<float>(window);
+    const T* vj = m > 0 ? v + slot_row(index, r, j, Hkv, C, P, R) * D : nullptr;
+    for (int64_t s0 = 0; s0 < C && m > 0; s0 += 32) {
+      unsigned mask = __ballot_sync(kFullMask, receives(s0 + lane));
+      while (mask) {
+        const int64_t s = s0 + __ffs(mask) - 1;
+        mask &= mask - 1;
+        T* vr = v + slot_row(index, r, s, Hkv, C, P, R) * D;
+        for (int64_t d = lane; d < D; d += 32) {
+          vr[d] = static_cast<T>(static_cast<float>(vr[d]) + share * static_cast<float>(vj[d]));
+        }
+      }
+    }
+    __syncwarp();  // every lane has read the victim's position and the receivers'
+    if (lane == 0) {
+      out[b * n + i] = pj < 0 ? 0 : m;
+      if (pj >= 0) pr[j] = -1;
+    }
+    __syncwarp();  // the next pick sees this one's writes
+  }
+}
+
 // nearest_key: a warp per (batch, KV head) row; each lane takes slots in turn, whole rows of D, and the
 // warp keeps the most similar (ties: the lower slot; NaN never wins).
 __device__ __forceinline__ void more_similar(float& c, int32_t& s, float c2, int32_t s2) {
@@ -510,6 +582,23 @@ void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const a
         abar.const_data_ptr<float>(), picks.const_data_ptr<int64_t>(), sinks, after,
         receiver_out.mutable_data_ptr<int64_t>(), slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B,
         n, Hkv, C, D, v.size(0), slot_index ? v.size(1) : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void merge_spread_cuda(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
+                       int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index) {
+  check_merge_spread(v, pos, abar, picks, sinks, window, receivers_out, slot_index);
+  const auto guard = cuda::on_device("merge_spread", v);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), D = v.size(-1), n = picks.size(1);
+  if (B == 0 || n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(B, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(v.scalar_type(), "merge_spread", [&] {
+    merge_spread_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        v.mutable_data_ptr<scalar_t>(), pos.mutable_data_ptr<int32_t>(), abar.const_data_ptr<float>(),
+        picks.const_data_ptr<int64_t>(), sinks, window, receivers_out.mutable_data_ptr<int64_t>(),
+        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B, n, Hkv, C, D, v.size(0),
+        slot_index ? v.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

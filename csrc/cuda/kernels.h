@@ -57,6 +57,9 @@ void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const a
                           const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
                           const std::optional<at::Tensor>& slot_index);
 
+void merge_spread_cuda(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
+                       int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index);
+
 // matvec with w = the weights of packed GGUF blocks [N, row_bytes] of type qtype (csrc/quant_blocks.h),
 // decoded in registers; x, norm and out one of fp32, bf16, fp16; sums in fp32.
 void qmatvec_cuda(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, at::Tensor& out, bool accumulate,

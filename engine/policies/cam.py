@@ -13,7 +13,8 @@ positions (fewer near the end), each receiver's value gets
 
 Our choices: CaM samples the merge from Bernoulli(p) (its code compares with the attention of the local
 window); we add its expectation p, deterministic, and compare with the receivers' mean average attention.
-m = `merge_window` (CaM's code: 32, the size of its local window).
+m = `merge_window` (CaM's code: 32, the size of its local window). The victim's value is spread by one op,
+ops.merge_spread, for a step's victims or a pick's, in order (engine/reference.py defines it exactly).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from typing import ClassVar
 
 import torch
 
+from .. import ops
 from .base import DecodeView, PolicyError, PrefillView
-from .slots import HeadSlots
 from .weightedkv import AverageAttentionMerge
 
 
@@ -39,20 +40,18 @@ class CaM(AverageAttentionMerge):
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
               heads: torch.Tensor | None = None) -> None:
-        at = HeadSlots(view.layer, heads)
-        pos, victim, abar = at.narrow(pos), at.narrow(victim), at.narrow(abar)  # (B, n, C), (B, n), (B, n, C)
-        m = min(self.merge_window, pos.shape[2])
-        e = victim.clamp(min=0)[..., None]  # (B, n, 1)
-        pe = pos.gather(2, e)
-        big = torch.iinfo(pos.dtype).max
-        after = torch.where((pos > pe) & (pos >= self.sinks), pos, big)
-        nearest = after.topk(m, dim=2, largest=False)  # the next m positions, sorted
-        r, ok = nearest.indices, (nearest.values < big) & (victim[..., None] >= 0)  # (B, n, m)
-        n = ok.sum(2, keepdim=True).clamp(min=1)
-        mean_r = (abar.gather(2, r) * ok).sum(2, keepdim=True) / n
-        p = (abar.gather(2, e) / mean_r).nan_to_num(0.0, posinf=1.0).clamp(0.0, 1.0)  # (B, n, 1)
-        v = view.layer.v
-        ve = at.read(v, e).float()  # (B, n, 1, D)
-        add = (p * ok / self.merge_window)[..., None] * ve  # (B, n, m, D)
-        at.write(v, r, at.read(v, r).float() + add, ok)
-        self.count(view, ok.any(2))
+        """Every head's victim (-1: none) at once, as picks; their positions in `pos` are emptied too."""
+        first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
+        self._spread(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))
+
+    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
+        self._spread(view, self.average(view.layer.state), view.layer.pos, picks)  # the picks in order in one op
+
+    def _spread(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                picks: torch.Tensor) -> None:
+        """Each pick (B, n) entry (KV head C + slot, -1: none) merged in order by ops.merge_spread."""
+        layer = view.layer
+        receivers = torch.empty_like(picks)
+        ops.merge_spread(layer.v, pos, abar.contiguous(), picks, self.sinks, self.merge_window, receivers,
+                         slot_index=layer.index if layer.v.dim() == 3 else None)
+        self.count(view, receivers > 0)
