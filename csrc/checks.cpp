@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <string>
 #include <utility>
@@ -350,6 +351,25 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
   check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
   check_tensor(op, "receiver_out", receiver_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
   TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+}
+
+void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logp, const at::Tensor& pos,
+                     const at::Tensor& q, const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                     const at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index) {
+  const char* op = "merge_zip";
+  const Like like{k, "k"};
+  const auto [B, Hkv, C] = check_slot_rows(op, "k", k, slot_index);
+  check_tensor(op, "v", v, slot_index ? "[P, R, D]" : "[B, H_kv, C, D]", k.sizes().vec(),
+               {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half}, like);
+  check_tensor(op, "logp", logp, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "q", q, "[B, H_kv, D]", {B, Hkv, k.size(-1)}, {ScalarType::Float}, like);
+  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+  check_tensor(op, "receiver_out", receiver_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+  TORCH_CHECK_VALUE(min_similarity >= -1.0 && min_similarity <= 1.0, op, ": min_similarity must be in [-1, 1], got ",
+                    min_similarity);
+  TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), op, ": scale must be a finite number > 0, got ", scale);
 }
 
 void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks,

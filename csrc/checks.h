@@ -64,6 +64,9 @@ void check_index_range(const char* op, const char* name, const at::Tensor& t, in
 void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::Tensor& pos, const at::Tensor& abar,
                            const at::Tensor& picks, int64_t sinks, const at::Tensor& receiver_out,
                            const std::optional<at::Tensor>& slot_index);
+void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logp, const at::Tensor& pos,
+                     const at::Tensor& q, const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                     const at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index);
 void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks,
                         int64_t sinks, int64_t window, const at::Tensor& receivers_out,
                         const std::optional<at::Tensor>& slot_index);

@@ -47,6 +47,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "merge_neighbour(Tensor(a!) v, Tensor(b!) w, Tensor(c!) pos, Tensor abar, Tensor picks, int sinks, "
       "bool after, Tensor(d!) receiver_out, Tensor? slot_index=None) -> ()");
+  // KeepKV's ZIP merge of each pick into its most cosine-similar key's slot, the picks in order
+  m.def(
+      "merge_zip(Tensor(a!) k, Tensor(b!) v, Tensor(c!) logp, Tensor(d!) pos, Tensor q, Tensor picks, int sinks, "
+      "float min_similarity, float scale, Tensor(e!) receiver_out, Tensor? slot_index=None) -> ()");
   // CaM's merge of each pick's value into the kept tokens after it, by attention, the picks in order
   m.def(
       "merge_spread(Tensor(a!) v, Tensor(b!) pos, Tensor abar, Tensor picks, int sinks, int window, "
@@ -134,6 +138,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "merge_neighbour", &engine::merge_neighbour_cpu);
   bind_cpu(cpu, "merge_spread", &engine::merge_spread_cpu);
+  bind_cpu(cpu, "merge_zip", &engine::merge_zip_cpu);
   bind_cpu(cpu, "nearest_key", &engine::nearest_key_cpu);
   bind_cpu(cpu, "matvec", &engine::matvec_cpu);
   bind_cpu(cpu, "qmatvec", &engine::qmatvec_cpu);

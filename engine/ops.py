@@ -203,6 +203,18 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
                                                                   slot_index)
 
 
+def merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, picks: Tensor, sinks: int,
+              min_similarity: float, scale: float, receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    """In place, each row's picks in order: KeepKV's ZIP merge of pick picks[b, i] (the entry head C + slot,
+    -1: none) into the other non-sink slot of its KV head with the most cosine-similar key (if that
+    similarity >= min_similarity), so that for the reference query q [B, H_kv, D] fp32 the merged slot draws
+    the attention mass and value the two drew: key, value and log votes `logp` [B, H_kv, C] rewritten, the
+    victim's position emptied; receiver_out [B, n] the receivers (-1: no merge). One op for a step's picks
+    where the merge per pick cost ~40 small ops. engine/reference.py says it exactly."""
+    _impl("merge_zip", k.device, reference.merge_zip)(k, v, logp, pos, q, picks, sinks, min_similarity, scale,
+                                                      receiver_out, slot_index)
+
+
 def merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, window: int,
                  receivers_out: Tensor, slot_index: Tensor | None = None) -> None:
     """In place, each row's picks in order: CaM's merge of pick picks[b, i] (the entry head C + slot, -1:
@@ -386,6 +398,10 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::merge_neighbour")
     def _merge_neighbour_fake(v, w, pos, abar, picks, sinks, after, receiver_out, slot_index=None) -> None:
         reference.check_merge_neighbour(v, w, pos, abar, picks, sinks, receiver_out, slot_index)
+
+    @torch.library.register_fake("engine::merge_zip")
+    def _merge_zip_fake(k, v, logp, pos, q, picks, sinks, min_similarity, scale, receiver_out, slot_index=None) -> None:
+        reference.check_merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, receiver_out, slot_index)
 
     @torch.library.register_fake("engine::merge_spread")
     def _merge_spread_fake(v, pos, abar, picks, sinks, window, receivers_out, slot_index=None) -> None:

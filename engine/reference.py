@@ -299,6 +299,25 @@ def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks
         raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
 
 
+def check_merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, picks: Tensor, sinks: int,
+                    min_similarity: float, scale: float, receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    op = "merge_zip"
+    like = (k, "k")
+    B, Hkv, C = _check_slot_rows(op, "k", k, slot_index)
+    _check_tensor(op, "v", v, "[B, H_kv, C, D]" if slot_index is None else "[P, R, D]", list(k.shape), FLOATS, like)
+    _check_tensor(op, "logp", logp, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "q", q, "[B, H_kv, D]", [B, Hkv, k.shape[-1]], [torch.float32], like)
+    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
+    _check_tensor(op, "receiver_out", receiver_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
+    if sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    if not -1.0 <= min_similarity <= 1.0:
+        raise ValueError(f"{op}: min_similarity must be in [-1, 1], got {min_similarity:g}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite number > 0, got {scale:g}")
+
+
 def check_merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, window: int,
                        receivers_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "merge_spread"
@@ -825,8 +844,17 @@ def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out
     similarity_out = its similarity; -1 and -inf where there is no victim or no such slot. With slot_index, k
     is a pool [P, R, D] as merge_value's v (the rows of the victim and its candidates must be in [0, R))."""
     check_nearest_key(k, pos, victim, sinks, receiver_out, similarity_out, slot_index)
+    check_index_range("nearest_key", "victim", victim, pos.shape[2], "slot indices")
+    receiver, similarity = _nearest("nearest_key", k, pos, victim, sinks, slot_index)
+    receiver_out.copy_(receiver)
+    similarity_out.copy_(similarity)
+
+
+def _nearest(op: str, k: Tensor, pos: Tensor, victim: Tensor, sinks: int,
+             slot_index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """nearest_key's receivers and similarities (B, H_kv) for victims (B, H_kv) in range; `op` names the caller
+    in the error for a bad pool row."""
     B, Hkv, C = pos.shape
-    check_index_range("nearest_key", "victim", victim, C, "slot indices")
     j = victim.clamp(min=0)[..., None]  # (B, Hkv, 1)
     slots = torch.arange(C, device=pos.device)
     compared = (pos >= sinks) & (slots != j) & (victim >= 0)[..., None]
@@ -834,7 +862,7 @@ def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out
         R = k.shape[1]
         where = _first((compared | ((slots == j) & (victim >= 0)[..., None])) & ((slot_index < 0) | (slot_index >= R)))
         if where is not None:
-            raise IndexError(f"nearest_key: slot_index must hold pool rows in [0, R) = [0, {R}) on the compared "
+            raise IndexError(f"{op}: slot_index must hold pool rows in [0, R) = [0, {R}) on the compared "
                              f"slots, got {int(slot_index[where])} at {list(where)}")
         batch = (torch.arange(B, device=k.device) % k.shape[0])[:, None, None]
         k = k[batch, slot_index.long().clamp(0, R - 1)]
@@ -846,8 +874,65 @@ def nearest_key(k: Tensor, pos: Tensor, victim: Tensor, sinks: int, receiver_out
     best = similarity.masked_fill(~compared, -math.inf).amax(2, keepdim=True)
     first = (compared & (similarity == best)).int().argmax(2)
     found = compared.any(2)
-    receiver_out.copy_(torch.where(found, first, -1))
-    similarity_out.copy_(torch.where(found, best[..., 0], -math.inf))
+    return torch.where(found, first, -1), torch.where(found, best[..., 0], -math.inf)
+
+
+def merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, picks: Tensor, sinks: int,
+              min_similarity: float, scale: float, receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
+    """KeepKV's ZIP merge, in place, each row's picks in order. Pick i of row b is the entry e = picks[b, i]
+    (KV head g = e // C, slot j = e % C; -1: none). If slot j holds a token (pos >= 0), its receiver c is the
+    other slot of head g holding a non-sink token whose key is the most cosine-similar to slot j's
+    (nearest_key's rule, over the keys as they are now), and the victim's position is emptied (later picks
+    neither see nor merge it). Where c exists and that similarity >= min_similarity, with the weights
+    w_x = exp(logp[x] + scale q.k_x) at the reference query q = q[b, g], in fp32:
+
+        logp[c] = log(exp(logp[e]) + exp(logp[c]))
+        v[c] = (w_e v_e + w_c v_c) / (w_e + w_c)
+        k[c] = k_bar + a q,  k_bar = (w_e k_e + w_c k_c) / (w_e + w_c),  a = (t - q.k_bar) / q.q (0 where q.q = 0),
+        t = (log(w_e + w_c) - logp[c]) / scale  (the new logp[c])
+
+    so the merged slot draws exactly the attention mass (votes x exp(logit)) and value at q that the two drew.
+    receiver_out[b, i] = c (-1: no merge). slot_index: k and v are pools as merge_value's v (nearest_key's
+    rows checked). Vectorised over rows, one pick at a time: a pick sees the earlier picks' merges."""
+    check_merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, receiver_out, slot_index)
+    B, Hkv, C = pos.shape
+    check_index_range("merge_zip", "picks", picks, Hkv * C, "entries (head C + slot)")
+    rows = torch.arange(B, device=pos.device)
+    for i in range(picks.shape[1]):
+        e = picks[:, i].clamp(min=0)
+        g, j = e // C, e % C
+        taken = (picks[:, i] >= 0) & (pos[rows, g, j] >= 0)
+        victim = torch.full((B, Hkv), -1, dtype=torch.int64, device=pos.device)
+        victim[rows, g] = torch.where(taken, j, -1)
+        receiver, similarity = _nearest("merge_zip", k, pos, victim, sinks, slot_index)
+        c, sim = receiver[rows, g], similarity[rows, g]
+        pos[rows[taken], g[taken], j[taken]] = -1
+        go = (c >= 0) & (sim >= min_similarity)
+        receiver_out[:, i] = torch.where(go, c, -1)
+        b = torch.nonzero(go)[:, 0]
+        _zip_rows(k, v, logp, q, slot_index, b, g[b], j[b], c[b], scale)
+
+
+def _zip_rows(k: Tensor, v: Tensor, logp: Tensor, q: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor,
+              j: Tensor, c: Tensor, scale: float) -> None:
+    """merge_zip's merge of slot j into slot c of (b, g), for rows whose pool rows were checked."""
+    at = lambda s: (b, g, s) if slot_index is None else (b % k.shape[0], slot_index[b, g, s].long())
+    k_e, k_c, v_e, v_c = k[at(j)].float(), k[at(c)].float(), v[at(j)].float(), v[at(c)].float()
+    qb = q[b, g]
+    lp_e, lp_c = logp[b, g, j], logp[b, g, c]
+    le, lc = lp_e + scale * (qb * k_e).sum(-1), lp_c + scale * (qb * k_c).sum(-1)  # log w_e, log w_c
+    top = torch.maximum(le, lc)
+    w_e, w_c = (le - top).exp(), (lc - top).exp()
+    total = w_e + w_c
+    lp_r = torch.logaddexp(lp_e, lp_c)
+    target = (top + total.log() - lp_r) / scale
+    w_e, w_c, total = w_e[:, None], w_c[:, None], total[:, None]
+    k_bar = (w_e * k_e + w_c * k_c) / total
+    qq = (qb * qb).sum(-1)
+    a = torch.where(qq > 0, (target - (qb * k_bar).sum(-1)) / qq.clamp(min=1e-30), 0.0)
+    v[at(c)] = ((w_e * v_e + w_c * v_c) / total).to(v.dtype)
+    k[at(c)] = (k_bar + a[:, None] * qb).to(k.dtype)
+    logp[b, g, c] = lp_r
 
 
 def _merge_rows(op: str, v: Tensor, w: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor, r: Tensor, j: Tensor,

@@ -262,6 +262,42 @@ def brute_spread(v, pos, abar, picks, sinks, window):
     return v, pos, out, receivers
 
 
+def brute_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, chosen):
+    """ops.merge_zip by loops in fp64, following the op's receivers `chosen` (B, n) where the fp64 similarities
+    leave a choice: each chosen receiver must be a candidate within 1e-5 of the most similar, and a pick
+    without one must have had no candidate at least 1e-5 above min_similarity. k, v, logp and pos after
+    every pick."""
+    k, v, logp, pos = k.double().clone(), v.double().clone(), logp.double().clone(), pos.clone()
+    B, Hkv, C = pos.shape
+    for b in range(B):
+        for i in range(picks.shape[1]):
+            e, c = int(picks[b, i]), int(chosen[b, i])
+            if e < 0 or pos[b, e // C, e % C] < 0:
+                assert c == -1
+                continue
+            g, j = divmod(e, C)
+            kj = k[b, g, j]
+            sims = {s: float(k[b, g, s] @ kj / (k[b, g, s].norm().clamp_min(1e-8) * kj.norm().clamp_min(1e-8)))
+                    for s in range(C) if s != j and pos[b, g, s] >= sinks}
+            pos[b, g, j] = -1
+            best = max(sims.values(), default=-math.inf)
+            if c < 0:
+                assert best < min_similarity + 1e-5, (b, i, best)
+                continue
+            assert c in sims and sims[c] >= max(best - 1e-5, min_similarity - 1e-5), (b, i, c, sims.get(c), best)
+            qg = q[b, g].double()
+            le, lc = logp[b, g, j] + scale * (qg @ kj), logp[b, g, c] + scale * (qg @ k[b, g, c])
+            w_e, w_c = math.exp(le), math.exp(lc)
+            lp_r = math.log(math.exp(logp[b, g, j]) + math.exp(logp[b, g, c]))
+            k_bar = (w_e * kj + w_c * k[b, g, c]) / (w_e + w_c)
+            qq = float(qg @ qg)
+            a = (math.log(w_e + w_c) - lp_r) / scale - float(qg @ k_bar)
+            k[b, g, c] = k_bar + (a / qq if qq > 0 else 0.0) * qg
+            v[b, g, c] = (w_e * v[b, g, j] + w_c * v[b, g, c]) / (w_e + w_c)
+            logp[b, g, c] = lp_r
+    return k, v, logp, pos
+
+
 def brute_nearest_key(k, pos, victim, sinks):
     """ops.nearest_key by loops in fp64: per (b, g), every compared slot's similarity (None: not compared),
     and the receiver (-1: none; ties: the lower slot)."""
@@ -380,6 +416,12 @@ def opcheck_cases():
                               torch.rand(B, Hkv, C, generator=g), picks, 0, False, torch.empty(B, 4, dtype=torch.int64),
                               index)
 
+    qr = torch.randn(B, Hkv, D, generator=g)
+    yield "merge_zip", (k.clone(), v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(), qr, picks, 2, 0.0, 0.25,
+                        torch.empty(B, 4, dtype=torch.int64))
+    yield "merge_zip", (torch.randn(1, R, D, generator=g), torch.randn(1, R, D, generator=g),
+                        torch.rand(B, Hkv, C, generator=g), pos.clone(), qr, picks, 0, -1.0, 0.25,
+                        torch.empty(B, 4, dtype=torch.int64), index)
     yield "merge_spread", (v.clone(), pos.clone(), torch.rand(B, Hkv, C, generator=g), picks, 2, 3,
                            torch.empty(B, 4, dtype=torch.int64))
     yield "merge_spread", (torch.randn(1, R, D, generator=g), pos.clone(), torch.rand(B, Hkv, C, generator=g), picks,

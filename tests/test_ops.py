@@ -23,7 +23,7 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
-    assert_nearest, assert_within, brute_neighbour, brute_spread, brute_victim, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
+    assert_nearest, assert_within, brute_neighbour, brute_spread, brute_victim, brute_zip, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
     positions, prefill_inputs, randn, rope_ranks, rope_tables,
 )
 
@@ -654,6 +654,11 @@ def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
     assert torch.equal(pool[~used], pool0[~used])
 
 
+# A chain of merges in fp32, each rounded to the dtype: the error allowed against fp64 loops, of the largest
+# |value| (no PyTorch baseline: the reference is among the paths tested)
+ROUNDING_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
 @st.composite
 def spread_inputs(draw):
     B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 40))
@@ -685,8 +690,6 @@ def test_merge_spread(path, dtype, inputs):
     g = gen(seed)
     v, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
     truth_v, truth_pos, truth_out, receivers = brute_spread(v, pos, abar, picks, sinks, window)
-    base = [v.clone(), pos.clone()]
-    ref.merge_spread(*base, abar, picks, sinks, window, torch.empty_like(picks))
     out = torch.full_like(picks, 99)
     v0 = v.clone()
     with on_path(path, "merge_spread", "cpu"):
@@ -694,7 +697,7 @@ def test_merge_spread(path, dtype, inputs):
     assert torch.equal(out, truth_out) and torch.equal(pos, truth_pos)
     received = spread_receivers((B, Hkv, C), picks, receivers)
     assert torch.equal(v[~received], v0[~received])
-    assert_within(v[received], truth_v[received], base[0][received], "merged rows")
+    assert_within(v[received], truth_v[received], truth_v[received], "merged rows", floor=ROUNDING_FLOOR[dtype])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -726,6 +729,121 @@ def test_merge_spread_in_a_pool(path, dtype, inputs, layers):
     used = torch.zeros(P, R, dtype=torch.bool)
     used[batch[:, None, None], slot_index.long()] = True
     assert torch.equal(pool[~used], pool0[~used])
+
+
+@st.composite
+def zip_inputs(draw):
+    B, Hkv, C, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 30)), draw(st.integers(1, 40))
+    n = draw(st.integers(0, 5))
+    picks = draw(st.lists(st.integers(-1, Hkv * C - 1), min_size=B * n, max_size=B * n))  # repeats, empty slots too
+    return (B, Hkv, C, D, torch.tensor(picks, dtype=torch.int64).view(B, n), draw(st.integers(0, 6)),
+            draw(st.sampled_from([-1.0, 0.0, 0.3])), draw(st.booleans()), draw(st.integers(0, 10**6)))
+
+
+def zip_operands(B, Hkv, C, D, dtype, zero_query, g):
+    """k, v, logp (log votes of 1 to ~20), pos and the reference query of merge_zip; zero_query: one head's
+    query 0 (q.q = 0: the key is not corrected)."""
+    k, v = randn((B, Hkv, C, D), dtype, "cpu", g), randn((B, Hkv, C, D), dtype, "cpu", g)
+    logp = torch.rand(B, Hkv, C, generator=g) * 3
+    q = torch.randn(B, Hkv, D, generator=g) * 0.5
+    if zero_query:
+        q[0, 0] = 0.0
+    return k, v, logp, positions(B, Hkv, C, "holes", g), q
+
+
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(inputs=zip_inputs())
+def test_merge_zip(path, dtype, inputs):
+    """Receivers as the fp64 loops (the most similar but for rounding), emptied positions exactly; keys, values
+    and log votes as the loops' within the dtype's rounding of a chain of merges; every other row untouched;
+    and each merge lossless for its query: the merged slot's votes x exp(logit) equal the two slots' sum."""
+    B, Hkv, C, D, picks, sinks, min_similarity, zero_query, seed = inputs
+    g = gen(seed)
+    k, v, logp, pos, q = zip_operands(B, Hkv, C, D, dtype, zero_query, g)
+    scale = 1 / math.sqrt(D)
+    k0, v0, logp0 = k.clone(), v.clone(), logp.clone()
+    out = torch.full_like(picks, 99)
+    with on_path(path, "merge_zip", "cpu"):
+        ops.merge_zip(k, v, logp, pos.clone(), q, picks, sinks, min_similarity, scale, out)
+    truth_k, truth_v, truth_logp, truth_pos = brute_zip(k0, v0, logp0, pos, q, picks, sinks, min_similarity, scale, out)
+    got_pos = pos.clone()
+    with on_path(path, "merge_zip", "cpu"):  # again, for the positions (the call above wrote a copy)
+        ops.merge_zip(k0.clone(), v0.clone(), logp0.clone(), got_pos, q, picks, sinks, min_similarity, scale,
+                      torch.empty_like(picks))
+    assert torch.equal(got_pos, truth_pos)
+    received = torch.zeros(B, Hkv, C, dtype=torch.bool)
+    for b, i in (out >= 0).nonzero().tolist():
+        received[b, int(picks[b, i]) // C, out[b, i]] = True
+    for got, was, truth in ((k, k0, truth_k), (v, v0, truth_v)):
+        assert torch.equal(got[~received], was[~received])
+        assert_within(got[received], truth[received], truth[received], "merged rows", floor=ROUNDING_FLOOR[dtype])
+    assert torch.equal(logp[~received], logp0[~received])
+    assert_within(logp[received], truth_logp[received], truth_logp[received], "log votes", floor=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_zip_is_lossless_for_its_query(path, dtype):
+    """One merge per head, fresh votes: for the reference query the merged slot's attention mass
+    exp(logp + scale q.k) is the two slots' sum, and its value their mass-weighted mean (fp32 keys; bf16
+    within its rounding)."""
+    g = gen(3)
+    B, Hkv, C, D = 2, 3, 17, 64
+    k, v, logp, pos, q = zip_operands(B, Hkv, C, D, dtype, False, g)
+    pos = torch.arange(C, dtype=torch.int32).expand(B, Hkv, C).contiguous()
+    scale = 1 / math.sqrt(D)
+    picks = (torch.arange(Hkv) * C + 9).expand(B, Hkv).contiguous()
+    mass = lambda kk, lp: (lp + scale * (kk.float() * q[..., None, :]).sum(-1)).exp()  # (B, Hkv, C)
+    before_mass, before_v = mass(k, logp), v.float().clone()
+    out = torch.empty_like(picks)
+    with on_path(path, "merge_zip", "cpu"):
+        ops.merge_zip(k, v, logp, pos, q, picks, 0, -1.0, scale, out)
+    rows, heads = torch.arange(B)[:, None], torch.arange(Hkv)[None]
+    c = out
+    want_mass = before_mass[rows, heads, 9] + before_mass[rows, heads, c]
+    want_v = (before_mass[rows, heads, 9, None] * before_v[rows, heads, 9]
+              + before_mass[rows, heads, c, None] * before_v[rows, heads, c]) / want_mass[..., None]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(mass(k, logp)[rows, heads, c], want_mass, rtol=tol, atol=0)
+    torch.testing.assert_close(v.float()[rows, heads, c], want_v, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=30, deadline=None)
+@given(inputs=zip_inputs(), layers=st.integers(1, 3))
+def test_merge_zip_in_a_pool(path, dtype, inputs, layers):
+    """With slot_index: the same bits as over per-head rows, every other pool row untouched."""
+    B, Hkv, C, D, picks, sinks, min_similarity, zero_query, seed = inputs
+    g = gen(seed)
+    k, v, logp, pos, q = zip_operands(B, Hkv, C, D, dtype, zero_query, g)
+    P = B // layers if B % layers == 0 else B
+    per = B // P * Hkv * C
+    R = per + 5
+    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
+    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+    batch = torch.arange(B) % P
+    pools = []
+    for dense in (k, v):
+        pool = randn((P, R, D), dtype, "cpu", g)
+        pool[batch[:, None, None], slot_index.long()] = dense
+        pools.append(pool)
+    pools0, logp_pool, pos_pool = [p.clone() for p in pools], logp.clone(), pos.clone()
+    out_dense, out = torch.empty_like(picks), torch.full_like(picks, 99)
+    with on_path(path, "merge_zip", "cpu"):
+        ops.merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, 1 / math.sqrt(D), out_dense)
+        ops.merge_zip(*pools, logp_pool, pos_pool, q, picks, sinks, min_similarity, 1 / math.sqrt(D), out,
+                      slot_index=slot_index)
+    assert torch.equal(out, out_dense) and torch.equal(pos_pool, pos) and torch.equal(logp_pool, logp)
+    used = torch.zeros(P, R, dtype=torch.bool)
+    used[batch[:, None, None], slot_index.long()] = True
+    for pool, pool0, dense in zip(pools, pools0, (k, v)):
+        assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
+        assert torch.equal(pool[~used], pool0[~used])
 
 
 @st.composite
@@ -848,6 +966,9 @@ def _valid_args():
         "merge_neighbour": dict(v=cache(), w=torch.zeros(B, Hkv, C), pos=pos(), abar=torch.ones(B, Hkv, C),
                                 picks=torch.tensor([[0, C + 1, -1]]), sinks=0, after=True,
                                 receiver_out=torch.zeros(B, 3, dtype=i64)),
+        "merge_zip": dict(k=cache(), v=cache(), logp=torch.zeros(B, Hkv, C), pos=pos(), q=torch.ones(B, Hkv, D),
+                          picks=torch.tensor([[0, C + 1, -1]]), sinks=0, min_similarity=0.0, scale=0.25,
+                          receiver_out=torch.zeros(B, 3, dtype=i64)),
         "merge_spread": dict(v=cache(), pos=pos(), abar=torch.ones(B, Hkv, C), picks=torch.tensor([[0, C + 1, -1]]),
                              sinks=0, window=3, receivers_out=torch.zeros(B, 3, dtype=i64)),
         "nearest_key": dict(k=cache(), pos=pos(), victim=torch.tensor([[0, -1, 2]]), sinks=0,
@@ -953,6 +1074,21 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "nearest_key: similarity_out must be float32, got float64"),
     ("nearest_key", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
      "nearest_key: receiver_out must have shape [B, H_kv] = [1, 3], got [1, 2]"),
+    ("merge_zip", "picks", lambda t: t + 30, IndexError,
+     "merge_zip: picks must hold entries (head C + slot) in [-1, 24), got 30 at [0, 0]"),
+    ("merge_zip", "v", lambda t: t[:, :2].contiguous(), ValueError,
+     "merge_zip: v must have shape [B, H_kv, C, D] = [1, 3, 8, 16], got [1, 2, 8, 16]"),
+    ("merge_zip", "logp", lambda t: t.double(), TypeError, "merge_zip: logp must be float32, got float64"),
+    ("merge_zip", "q", lambda t: t[..., :8].contiguous(), ValueError,
+     "merge_zip: q must have shape [B, H_kv, D] = [1, 3, 16], got [1, 3, 8]"),
+    ("merge_zip", "q", lambda t: t.half(), TypeError, "merge_zip: q must be float32, got float16"),
+    ("merge_zip", "min_similarity", lambda x: 1.5, ValueError, "merge_zip: min_similarity must be in [-1, 1], got 1.5"),
+    ("merge_zip", "scale", lambda x: 0.0, ValueError, "merge_zip: scale must be a finite number > 0, got 0"),
+    ("merge_zip", "scale", lambda x: math.inf, ValueError, "merge_zip: scale must be a finite number > 0, got inf"),
+    ("merge_zip", "sinks", lambda n: -1, ValueError, "merge_zip: sinks must be >= 0, got -1"),
+    ("merge_zip", "*", lambda a: {**a, "k": _pooled()["v"], "v": _pooled()["v"],
+                                  "slot_index": _pooled(slot_row=9)["slot_index"]}, IndexError,
+     "merge_zip: slot_index must hold pool rows in [0, R) = [0, 9) on the compared slots, got 9 at [0, 0, 1]"),
     ("merge_spread", "picks", lambda t: t - 2, IndexError,
      "merge_spread: picks must hold entries (head C + slot) in [-1, 24), got -2 at [0, 0]"),
     ("merge_spread", "v", lambda t: t.double(), TypeError, "merge_spread: v must be float32 or bfloat16 or float16, got float64"),

@@ -379,6 +379,25 @@ void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, co
 
 namespace {
 
+// The other slot of (batch, KV head) row r holding a non-sink token whose key is the most cosine-similar to
+// kj (slot j's key, in fp32), -1 if none; its similarity in *sim (-inf if none). Ties: the lower slot; NaN
+// never wins. buf: D floats.
+template <typename T>
+int64_t most_similar(const T* k, const int32_t* pr, int64_t j, const float* kj, int64_t sinks, const SlotRows& row_of,
+                     int64_t r, int64_t C, int64_t D, float* buf, float* sim) {
+  const float nj = std::max(std::sqrt(dot(kj, kj, D)), kNormEps);
+  int64_t best = -1;
+  *sim = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < C; ++s) {
+    if (s == j || pr[s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
+    const float* ks = as_float(k + row_of(r, s) * D, buf, D);
+    const float ns = std::max(std::sqrt(dot(ks, ks, D)), kNormEps);
+    const float c = dot(ks, kj, D) / (ns * nj);
+    if (c > *sim || (best < 0 && !std::isnan(c))) *sim = c, best = s;
+  }
+  return best;
+}
+
 // The slot of each victim's KV head whose key is the most cosine-similar to the victim's, one (batch, KV
 // head) row per thread iteration: a row reads only its own keys. Pool rows were checked beforehand.
 template <typename T>
@@ -394,16 +413,34 @@ void nearest_key_rows(const T* k, const int32_t* ps, const int64_t* vic, int64_t
       sim[r] = -std::numeric_limits<float>::infinity();
       if (j < 0) continue;
       const float* kj = as_float(k + row_of(r, j) * D, bj.data(), D);
-      const float nj = std::max(std::sqrt(dot(kj, kj, D)), kNormEps);
-      for (int64_t s = 0; s < C; ++s) {
-        if (s == j || ps[r * C + s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
-        const float* ks = as_float(k + row_of(r, s) * D, bs.data(), D);
-        const float ns = std::max(std::sqrt(dot(ks, ks, D)), kNormEps);
-        const float c = dot(ks, kj, D) / (ns * nj);
-        if (c > sim[r] || (out[r] < 0 && !std::isnan(c))) sim[r] = c, out[r] = s;  // NaN never wins
-      }
+      out[r] = most_similar(k, ps + r * C, j, kj, sinks, row_of, r, C, D, bs.data(), sim + r);
     }
   }
+}
+
+// KeepKV's ZIP merge of victim row (kj, vj) into receiver row (kc, vc) for reference query q: the merged
+// key and value over the receiver's rows, its log votes returned. buf: 4 D floats.
+template <typename T>
+float zip_rows(const float* kj, const T* vj, T* kc, T* vc, const float* q, float lp_e, float lp_c, float scale,
+               int64_t D, float* buf) {
+  const float* ke = kj;
+  const float* kr = as_float(kc, buf, D);
+  const float* ve = as_float(vj, buf + D, D);
+  const float* vr = as_float(vc, buf + 2 * D, D);
+  float* out = buf + 3 * D;
+  const float le = lp_e + scale * dot(q, ke, D), lc = lp_c + scale * dot(q, kr, D);  // log w_e, log w_c
+  const float top = std::max(le, lc);
+  const float w_e = std::exp(le - top), w_c = std::exp(lc - top), total = w_e + w_c;
+  const float lp_r = std::max(lp_e, lp_c) + std::log1p(std::exp(-std::fabs(lp_e - lp_c)));
+  const float target = (top + std::log(total) - lp_r) / scale;  // the q.k_r that gives p_r exp(s_r) = w_e + w_c
+  for (int64_t d = 0; d < D; ++d) out[d] = (w_e * ve[d] + w_c * vr[d]) / total;
+  store_float(out, vc, D);
+  for (int64_t d = 0; d < D; ++d) out[d] = (w_e * ke[d] + w_c * kr[d]) / total;  // the weighted mean key
+  const float qq = dot(q, q, D);
+  const float a = qq > 0.f ? (target - dot(q, out, D)) / std::max(qq, 1e-30f) : 0.f;
+  for (int64_t d = 0; d < D; ++d) out[d] += a * q[d];
+  store_float(out, kc, D);
+  return lp_r;
 }
 
 }  // namespace
@@ -428,6 +465,46 @@ void nearest_key_cpu(const at::Tensor& k, const at::Tensor& pos, const at::Tenso
   ENGINE_DISPATCH_FLOATS(k.scalar_type(), "nearest_key", [&] {
     nearest_key_rows(k.const_data_ptr<scalar_t>(), ps, vic, sinks, receiver_out.mutable_data_ptr<int64_t>(),
                      similarity_out.mutable_data_ptr<float>(), row_of, rows, C, D, work > kParallelWork);
+  });
+}
+
+// Each row's picks in order, one thread (as merge_neighbour).
+void merge_zip_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& logp, at::Tensor& pos, const at::Tensor& q,
+                   const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                   at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index) {
+  check_merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, receiver_out, slot_index);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), D = k.size(-1), n = picks.size(1);
+  check_index_range("merge_zip", "picks", picks, Hkv * C, "entries (head C + slot)");
+  const int64_t* pk = picks.const_data_ptr<int64_t>();
+  const float* qp = q.const_data_ptr<float>();
+  float* lp = logp.mutable_data_ptr<float>();
+  int32_t* ps = pos.mutable_data_ptr<int32_t>();
+  int64_t* out = receiver_out.mutable_data_ptr<int64_t>();
+  const SlotRows row_of = slot_rows("merge_zip", "compared", k, slot_index, Hkv, C);
+  ENGINE_DISPATCH_FLOATS(k.scalar_type(), "merge_zip", [&] {
+    scalar_t* kp = k.mutable_data_ptr<scalar_t>();
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    std::vector<float> kj_buf(D), buf(4 * D);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = pk[b * n + i];
+        out[b * n + i] = -1;
+        if (e < 0) continue;
+        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
+        int32_t* pr = ps + r * C;
+        if (pr[j] < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
+        const int64_t jrow = row_of(r, j);
+        const float* kj = as_float(kp + jrow * D, kj_buf.data(), D);
+        float sim;
+        const int64_t c = most_similar(kp, pr, j, kj, sinks, row_of, r, C, D, buf.data(), &sim);
+        pr[j] = -1;
+        if (c < 0 || !(sim >= static_cast<float>(min_similarity))) continue;
+        out[b * n + i] = c;
+        const int64_t crow = row_of(r, c);
+        lp[r * C + c] = zip_rows(kj, vp + jrow * D, kp + crow * D, vp + crow * D, qp + r * D, lp[r * C + j],
+                                 lp[r * C + c], static_cast<float>(scale), D, buf.data());
+      }
+    }
   });
 }
 

@@ -77,6 +77,12 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
 
 // CaM's merge of each pick's value into the next `window` kept non-sink tokens, by attention, the picks in
 // order: engine/reference.py.
+// KeepKV's ZIP merge of each pick into the other non-sink slot of its KV head with the most cosine-similar
+// key, for the reference query q, the picks in order: engine/reference.py.
+void merge_zip_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& logp, at::Tensor& pos, const at::Tensor& q,
+                   const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                   at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index);
+
 void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
                       int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index);
 

@@ -16,6 +16,7 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("merge_value", &engine::merge_value_cpu);
   m.impl("merge_neighbour", &engine::merge_neighbour_cpu);
   m.impl("merge_spread", &engine::merge_spread_cpu);
+  m.impl("merge_zip", &engine::merge_zip_cpu);
   m.impl("nearest_key", &engine::nearest_key_cpu);
   m.impl("matvec", &engine::matvec_cpu);
   m.impl("qmatvec", &engine::qmatvec_cpu);

@@ -445,27 +445,22 @@ __device__ __forceinline__ void more_similar(float& c, int32_t& s, float c2, int
   s = take ? s2 : s;
 }
 
+// The other slot of (batch, KV head) row r holding a non-sink token (pos pr) whose key is the most
+// cosine-similar to slot j's (-1: no victim), over the warp: slot -1 and best -inf if none. Every lane of the
+// warp calls this and gets the result.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    nearest_key_kernel(const T* __restrict__ k, const int32_t* __restrict__ pos, const int64_t* __restrict__ victim,
-                       int64_t sinks, int64_t* __restrict__ out, float* __restrict__ sim,
-                       const int32_t* __restrict__ index, int64_t rows, int64_t Hkv, int64_t C, int64_t D, int64_t P,
-                       int64_t R) {
-  const int lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (r >= rows) return;  // the whole warp
-  const int64_t j = victim[r];
-  CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "nearest_key: victim must hold slot indices in [-1, C)");
-  float best = -INFINITY;
-  int32_t slot = -1;
+__device__ void most_similar(const T* __restrict__ k, const int32_t* __restrict__ pr, int64_t j, int64_t sinks,
+                             const int32_t* __restrict__ index, int64_t r, int64_t Hkv, int64_t C, int64_t D,
+                             int64_t P, int64_t R, int lane, float& best, int32_t& slot) {
+  best = -INFINITY;
+  slot = -1;
   if (j >= 0) {
     const T* kj = k + slot_row(index, r, j, Hkv, C, P, R) * D;
     float nj = 0.f;
     for (int64_t d = 0; d < D; ++d) nj += static_cast<float>(kj[d]) * static_cast<float>(kj[d]);
     nj = fmaxf(sqrtf(nj), 1e-8f);
     for (int64_t s = lane; s < C; s += 32) {
-      const int32_t p = pos[r * C + s];
-      if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
+      if (s == j || pr[s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
       const T* ks = k + slot_row(index, r, s, Hkv, C, P, R) * D;
       float dot = 0.f, ns = 0.f;
       for (int64_t d = 0; d < D; ++d) {
@@ -482,9 +477,88 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t s2 = __shfl_xor_sync(kFullMask, slot, o);
     more_similar(best, slot, c2, s2);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    nearest_key_kernel(const T* __restrict__ k, const int32_t* __restrict__ pos, const int64_t* __restrict__ victim,
+                       int64_t sinks, int64_t* __restrict__ out, float* __restrict__ sim,
+                       const int32_t* __restrict__ index, int64_t rows, int64_t Hkv, int64_t C, int64_t D, int64_t P,
+                       int64_t R) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;  // the whole warp
+  const int64_t j = victim[r];
+  CUDA_KERNEL_ASSERT_MSG(j >= -1 && j < C, "nearest_key: victim must hold slot indices in [-1, C)");
+  float best;
+  int32_t slot;
+  most_similar(k, pos + r * C, j, sinks, index, r, Hkv, C, D, P, R, lane, best, slot);
   if (lane == 0) {
     out[r] = slot;
     sim[r] = slot < 0 ? -INFINITY : best;
+  }
+}
+
+// merge_zip: a warp per row of slots, its picks in order: the receiver as nearest_key's, then KeepKV's ZIP
+// merge over the lanes (engine/reference.py).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    merge_zip_kernel(T* __restrict__ k, T* __restrict__ v, float* __restrict__ logp, int32_t* __restrict__ pos,
+                     const float* __restrict__ q, const int64_t* __restrict__ picks, int64_t sinks,
+                     float min_similarity, float scale, int64_t* __restrict__ out, const int32_t* __restrict__ index,
+                     int64_t B, int64_t n, int64_t Hkv, int64_t C, int64_t D, int64_t P, int64_t R) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (b >= B) return;  // the whole warp
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = picks[b * n + i];
+    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_zip: picks must hold entries in [-1, H_kv C)");
+    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
+    int32_t* pr = pos + r * C;
+    const bool taken = e >= 0 && pr[j] >= 0;
+    float sim;
+    int32_t c;
+    most_similar(k, pr, taken ? j : -1, sinks, index, r, Hkv, C, D, P, R, lane, sim, c);
+    const bool go = c >= 0 && sim >= min_similarity;
+    __syncwarp();  // every lane has read the victim's position
+    if (lane == 0) {
+      out[b * n + i] = go ? c : -1;
+      if (taken) pr[j] = -1;
+    }
+    if (go) {
+      const T* kj = k + slot_row(index, r, j, Hkv, C, P, R) * D;
+      const T* vj = v + slot_row(index, r, j, Hkv, C, P, R) * D;
+      T* kc = k + slot_row(index, r, c, Hkv, C, P, R) * D;
+      T* vc = v + slot_row(index, r, c, Hkv, C, P, R) * D;
+      const float* qr = q + r * D;
+      float qe = 0.f, qc = 0.f, qq = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        qe += qr[d] * static_cast<float>(kj[d]);
+        qc += qr[d] * static_cast<float>(kc[d]);
+        qq += qr[d] * qr[d];
+      }
+      qe = cuda::group_sum(qe), qc = cuda::group_sum(qc), qq = cuda::group_sum(qq);
+      const float lp_e = logp[r * C + j], lp_c = logp[r * C + c];
+      const float le = lp_e + scale * qe, lc = lp_c + scale * qc;  // log w_e, log w_c
+      const float top = fmaxf(le, lc);
+      const float w_e = expf(le - top), w_c = expf(lc - top), total = w_e + w_c;
+      const float lp_r = fmaxf(lp_e, lp_c) + log1pf(expf(-fabsf(lp_e - lp_c)));
+      const float target = (top + logf(total) - lp_r) / scale;  // the q.k_r that gives p_r exp(s_r) = w_e + w_c
+      float qk = 0.f;  // q . the weighted mean key
+      for (int64_t d = lane; d < D; d += 32) {
+        qk += qr[d] * ((w_e * static_cast<float>(kj[d]) + w_c * static_cast<float>(kc[d])) / total);
+      }
+      qk = cuda::group_sum(qk);
+      const float a = qq > 0.f ? (target - qk) / fmaxf(qq, 1e-30f) : 0.f;
+      for (int64_t d = lane; d < D; d += 32) {  // each lane reads and writes its own elements
+        const float k_bar = (w_e * static_cast<float>(kj[d]) + w_c * static_cast<float>(kc[d])) / total;
+        kc[d] = static_cast<T>(k_bar + a * qr[d]);
+        vc[d] = static_cast<T>((w_e * static_cast<float>(vj[d]) + w_c * static_cast<float>(vc[d])) / total);
+      }
+      __syncwarp();  // every lane has read the receiver's log votes
+      if (lane == 0) logp[r * C + c] = lp_r;
+    }
+    __syncwarp();  // the next pick sees this one's writes
   }
 }
 
@@ -582,6 +656,25 @@ void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const a
         abar.const_data_ptr<float>(), picks.const_data_ptr<int64_t>(), sinks, after,
         receiver_out.mutable_data_ptr<int64_t>(), slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B,
         n, Hkv, C, D, v.size(0), slot_index ? v.size(1) : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void merge_zip_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& logp, at::Tensor& pos, const at::Tensor& q,
+                    const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                    at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index) {
+  check_merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, receiver_out, slot_index);
+  const auto guard = cuda::on_device("merge_zip", k);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), D = k.size(-1), n = picks.size(1);
+  if (B == 0 || n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(cuda::ceil_div<int64_t>(B, kRowsPerBlock));
+  ENGINE_CUDA_DISPATCH_FLOATS(k.scalar_type(), "merge_zip", [&] {
+    merge_zip_kernel<scalar_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        k.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), logp.mutable_data_ptr<float>(),
+        pos.mutable_data_ptr<int32_t>(), q.const_data_ptr<float>(), picks.const_data_ptr<int64_t>(), sinks,
+        static_cast<float>(min_similarity), static_cast<float>(scale), receiver_out.mutable_data_ptr<int64_t>(),
+        slot_index ? slot_index->const_data_ptr<int32_t>() : nullptr, B, n, Hkv, C, D, k.size(0),
+        slot_index ? k.size(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

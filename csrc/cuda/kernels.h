@@ -57,6 +57,10 @@ void merge_neighbour_cuda(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const a
                           const at::Tensor& picks, int64_t sinks, bool after, at::Tensor& receiver_out,
                           const std::optional<at::Tensor>& slot_index);
 
+void merge_zip_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& logp, at::Tensor& pos, const at::Tensor& q,
+                    const at::Tensor& picks, int64_t sinks, double min_similarity, double scale,
+                    at::Tensor& receiver_out, const std::optional<at::Tensor>& slot_index);
+
 void merge_spread_cuda(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks, int64_t sinks,
                        int64_t window, at::Tensor& receivers_out, const std::optional<at::Tensor>& slot_index);
 

@@ -15,6 +15,7 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("merge_value", &engine::merge_value_cuda);
   m.impl("merge_neighbour", &engine::merge_neighbour_cuda);
   m.impl("merge_spread", &engine::merge_spread_cuda);
+  m.impl("merge_zip", &engine::merge_zip_cuda);
   m.impl("nearest_key", &engine::nearest_key_cuda);
   m.impl("qmatvec", &engine::qmatvec_cuda);
   m.impl("dequantize", &engine::dequantize_cuda);

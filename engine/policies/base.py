@@ -134,7 +134,7 @@ class Policy:
         """Whether a pooled store (adaptive or pyramid allocation) passes its pool itself as the decode
         view's layer.k / layer.v ([P, R, D], slot s of row b at row index[b, g, s] of pool batch b % P)
         instead of per-head copies: a policy that reaches keys and values only through layer.index
-        (policies/slots.py HeadSlots, ops.merge_value's slot_index). A merging policy must: the copies
+        (the merge ops' slot_index). A merging policy must: the copies
         are not written back."""
         return False
 

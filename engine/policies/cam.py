@@ -38,8 +38,8 @@ class CaM(AverageAttentionMerge):
         if self.merge_window < 1:
             raise PolicyError(f"cam: merge_window must be >= 1, got {self.merge_window}")
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
-              heads: torch.Tensor | None = None) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+              victim: torch.Tensor) -> None:
         """Every head's victim (-1: none) at once, as picks; their positions in `pos` are emptied too."""
         first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
         self._spread(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))

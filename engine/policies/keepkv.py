@@ -31,6 +31,9 @@ Our choices, where the paper is open or differs:
 - k_r is corrected along q (not scaled): the smallest change of the weighted mean key that matches the logit.
 - with positions="cache" the merged key is formed at the receiver's current rank and stored rotated back
   (keys are kept before RoPE there).
+
+The receiver search and the merge are one op, ops.merge_zip, for a step's victims or a pick's, in order
+(engine/reference.py defines it exactly).
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ import torch
 from .. import ops
 from ..rope import Rope
 from .base import DecodeView, PolicyError, PrefillView
-from .slots import HeadSlots
 from .weightedkv import AverageAttentionMerge
 
 
@@ -61,53 +63,38 @@ class KeepKV(AverageAttentionMerge):
             raise PolicyError(f"keepkv: min_similarity must be in [-1, 1], got {self.min_similarity}")
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
-        """ZIP-merge slot victim[b, g] (-1: none) into its receiver: key, value and log votes in place (the
-        module docstring's formulas, in fp32; `abar` is not needed: the weights come from the query). The
-        receiver search (ops.nearest_key) reads only the keys of the heads that have a victim."""
-        layer, at = view.layer, HeadSlots(view.layer, heads)
-        D, rope = view.q.shape[-1], view.rope
+              victim: torch.Tensor) -> None:
+        """ZIP-merge every head's victim (-1: none) into its receiver, as picks (`abar` is not needed: the
+        weights come from the query); their positions in `pos` are emptied too."""
+        first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
+        self._zip(view, pos, torch.where(victim >= 0, first_entry + victim, -1))
+
+    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
+        self._zip(view, view.layer.pos, picks)  # the picks in order in one op
+
+    def _zip(self, view: DecodeView | PrefillView, pos: torch.Tensor, picks: torch.Tensor) -> None:
+        """Each pick (B, n) entry (KV head C + slot, -1: none) ZIP-merged in order by ops.merge_zip (the module
+        docstring's formulas). With positions="cache" the keys are merged as attention sees them, rotated at
+        their ranks (a copy), and each receiver's key is rotated back at its rank."""
+        layer, rope = view.layer, view.rope
         keys = layer.k  # as stored: after RoPE (original positions), in the pool or per head
-        if rope is not None:  # positions="cache": compared and merged as attention sees them, rotated at their ranks
+        if rope is not None:
             rank = layer.rank.clamp(min=0).long()
             keys = Rope.rotate_by(keys.float(), rope.cos[rank], rope.sin[rank])
-        receiver = torch.empty_like(victim)
-        similarity = torch.empty(victim.shape, device=victim.device)
-        ops.nearest_key(keys, pos, victim, self.sinks, receiver, similarity,
-                        slot_index=layer.index if keys.dim() == 3 else None)
-        victim, receiver, similarity = at.narrow(victim), at.narrow(receiver), at.narrow(similarity)  # (B, n)
-        go = (victim >= 0) & (similarity >= self.min_similarity)  # -inf (no candidate) never merges
-        e, c = victim.clamp(min=0)[..., None], receiver.clamp(min=0)[..., None]  # (B, n, 1)
-        k_e, k_c = (at.read(keys, i)[:, :, 0].float() for i in (e, c))  # (B, n, D)
-        q = at.narrow(reference_query(view))
-        scale = 1.0 / math.sqrt(D)
-        lp = at.narrow(layer.state["logp"])
-        lp_e, lp_c = lp.gather(2, e)[..., 0], lp.gather(2, c)[..., 0]
-        # exp, log and logaddexp over (B, Hkv), each head where a merge of every head puts it: a vectorised
-        # lane and the scalar tail round differently, so the merge of `heads` alone keeps that merge's bits
-        wide = lambda t: at.widen(t, 0.0)
-        le = wide(lp_e + scale * (q * k_e).sum(-1))  # log w_e
-        lc = wide(lp_c + scale * (q * k_c).sum(-1))
-        top = torch.maximum(le, lc)
-        w_e, w_c = (le - top).exp(), (lc - top).exp()
-        total = w_e + w_c
-        lp_r = torch.logaddexp(wide(lp_e), wide(lp_c))
-        target = (top + total.log() - lp_r) / scale  # the q.k_r that gives p_r exp(s_r) = w_e + w_c
-        w_e, w_c, total, lp_r, target = (at.narrow(t) for t in (w_e, w_c, total, lp_r, target))  # (B, n)
-        w_e, w_c, total = w_e[..., None], w_c[..., None], total[..., None]
-        v_r = (w_e * at.read(layer.v, e)[:, :, 0].float() + w_c * at.read(layer.v, c)[:, :, 0].float()) / total
-        k_bar = (w_e * k_e + w_c * k_c) / total
-        qq = (q * q).sum(-1)
-        a = torch.where(qq > 0, (target - (q * k_bar).sum(-1)) / qq.clamp(min=1e-30), 0.0)
-        k_r = k_bar + a[..., None] * q
+        receiver = torch.empty_like(picks)
+        ops.merge_zip(keys, layer.v, layer.state["logp"], pos, reference_query(view), picks, self.sinks,
+                      self.min_similarity, 1.0 / math.sqrt(view.q.shape[-1]), receiver,
+                      slot_index=layer.index if keys.dim() == 3 else None)
         if rope is not None:  # back to the stored (pre-RoPE) key: the inverse rotation at the receiver's rank
-            r = at.narrow(rank).gather(2, c)[..., 0]
-            k_r = Rope.rotate_by(k_r, rope.cos[r], -rope.sin[r])
-        go = go[..., None]  # the receiver's row where a merge happens
-        at.write(layer.k, c, k_r[:, :, None], go)
-        at.write(layer.v, c, v_r[:, :, None], go)
-        at.write_state(layer.state["logp"], c, lp_r[..., None], go)
-        self.count(view, go[..., 0])
+            # (positions="cache" is uniform allocation only: pick g is head g's victim, one per head)
+            b = torch.arange(picks.shape[0], device=picks.device)[:, None].expand_as(picks)
+            head = torch.arange(picks.shape[1], device=picks.device).expand_as(picks)
+            slot = receiver.clamp(min=0)
+            r = rank[b, head, slot]
+            merged = Rope.rotate_by(keys[b, head, slot], rope.cos[r], -rope.sin[r])
+            layer.k[b, head, slot] = torch.where((receiver >= 0)[..., None], merged.to(layer.k.dtype),
+                                                 layer.k[b, head, slot])
+        self.count(view, receiver >= 0)
 
 
 def reference_query(view: DecodeView | PrefillView) -> torch.Tensor:

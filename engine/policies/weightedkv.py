@@ -48,13 +48,11 @@ class AverageAttentionMerge(Policy):
         """abar = acc / cnt (0 where nothing saw the slot)."""
         return state["acc"] / state["cnt"].clamp(min=1.0)
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
-              heads: torch.Tensor | None = None) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+              victim: torch.Tensor) -> None:
         """Merge the value of slot victim[b, g] (-1: none) into kept slots of view.layer.v, in place. `pos`: the
-        entries still present (a prompt chunk's merges drop them one at a time). `heads` (B, n): the only heads
-        whose victim may be >= 0 (adaptive allocation's one pick per row), so the others need no work; None:
-        any. view.layer's k and v may be a pooled store's pool (Policy.pooled_values): reach them through
-        HeadSlots or ops.merge_value's slot_index."""
+        entries still present (a prompt chunk's merges drop them one at a time). view.layer's k and v may be a
+        pooled store's pool (Policy.pooled_values): the merge ops reach them through their slot_index."""
         raise NotImplementedError
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
@@ -83,10 +81,10 @@ class AverageAttentionMerge(Policy):
         return self.average(view.layer.state)
 
     def pooled_values(self) -> bool:
-        return True  # every merge reaches k and v through HeadSlots or merge_value's slot_index
+        return True  # every merge reaches k and v through its op's slot_index
 
     def after_evict(self, view: DecodeView, victim: torch.Tensor, heads: torch.Tensor | None = None) -> None:
-        self.merge(view, self.average(view.layer.state), view.layer.pos, victim, heads)
+        self.merge(view, self.average(view.layer.state), view.layer.pos, victim)
 
     @staticmethod
     def count(view: DecodeView | PrefillView, merged: torch.Tensor) -> None:
@@ -113,8 +111,8 @@ class WeightedKV(AverageAttentionMerge):
         else:  # the picks in order in one op
             self._merge_neighbours(view, self.average(view.layer.state), view.layer.pos, picks)
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor, victim: torch.Tensor,
-              heads: torch.Tensor | None = None) -> None:
+    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+              victim: torch.Tensor) -> None:
         """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place (with a
         neighbour receiver, the victims' positions in `pos` are emptied too)."""
         if self.receiver != "nearest_key":
