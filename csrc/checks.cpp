@@ -372,6 +372,22 @@ void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), op, ": scale must be a finite number > 0, got ", scale);
 }
 
+void check_remove_entries(const at::Tensor& pos, at::TensorList state, const std::optional<at::Tensor>& slot_index,
+                          const at::Tensor& entries, int64_t scratch, const at::Tensor& freed_out) {
+  const char* op = "remove_entries";
+  check_tensor(op, "pos", pos, "[B, H_kv, C]", {-1, -1, -1}, {ScalarType::Int});
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2);
+  const Like like{pos, "pos"};
+  for (size_t i = 0; i < state.size(); ++i) {
+    const std::string name = "state[" + std::to_string(i) + "]";
+    check_tensor(op, name.c_str(), state[i], "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
+  }
+  if (slot_index) check_tensor(op, "slot_index", *slot_index, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
+  check_tensor(op, "entries", entries, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+  check_tensor(op, "freed_out", freed_out, "[B, n]", {B, entries.size(1)}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(scratch >= 0, op, ": scratch must be a pool row >= 0, got ", scratch);
+}
+
 void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Tensor& abar, const at::Tensor& picks,
                         int64_t sinks, int64_t window, const at::Tensor& receivers_out,
                         const std::optional<at::Tensor>& slot_index) {

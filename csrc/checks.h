@@ -54,6 +54,20 @@ void check_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& p
 // keep_idx[b, g, :] must hold distinct slots in [0, C).
 void check_compact_indices(const at::Tensor& keep_idx, int64_t C);
 
+void check_remove_entries(const at::Tensor& pos, at::TensorList state, const std::optional<at::Tensor>& slot_index,
+                          const at::Tensor& entries, int64_t scratch, const at::Tensor& freed_out);
+
+// The rank of entry i among the entries of row `e` (n of them, -1: none) that free a pool row (`frees`), ordered
+// by KV head (e / C) and then as listed: where its freed row goes in freed_out. Host and device.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline int64_t freed_rank(const int64_t* e, const bool* frees, int64_t n, int64_t C, int64_t i) {
+  int64_t rank = 0;
+  for (int64_t k = 0; k < n; ++k) rank += frees[k] && (e[k] / C < e[i] / C || (e[k] / C == e[i] / C && k < i));
+  return rank;
+}
+
 void check_merge_value(const at::Tensor& v, const at::Tensor& w, const at::Tensor& victim,
                        const at::Tensor& receiver, const at::Tensor& weight,
                        const std::optional<at::Tensor>& slot_index);

@@ -40,6 +40,10 @@ TORCH_LIBRARY(engine, m) {
   m.def(
       "compact(Tensor(a!) k, Tensor(b!) v, Tensor(c!) pos, Tensor(d!)[] state, Tensor keep_idx) "
       "-> ()");
+  // entries leaving a (pooled) store at once: positions, per-slot state and pool rows freed, the rows by head
+  m.def(
+      "remove_entries(Tensor(a!) pos, Tensor(b!)[] state, Tensor(c!)? slot_index, Tensor entries, int scratch, "
+      "Tensor(d!) freed_out) -> ()");
   m.def(
       "merge_value(Tensor(a!) v, Tensor(b!) w, Tensor victim, Tensor receiver, Tensor weight, "
       "Tensor? slot_index=None) -> ()");
@@ -119,6 +123,12 @@ void decode_layers_cpu_list(const Tensors& qkv, const Tensors& cos, const Tensor
                             optional_list(rope_sin), optional_list(rope_rank));
 }
 
+void remove_entries_cpu_list(at::Tensor& pos, const std::vector<at::Tensor>& state,
+                             std::optional<at::Tensor> slot_index, const at::Tensor& entries, int64_t scratch,
+                             at::Tensor& freed_out) {
+  engine::remove_entries_cpu(pos, state, slot_index, entries, scratch, freed_out);
+}
+
 }  // namespace
 
 // Importing engine._C loads this library, which registers the ops above as torch.ops.engine.*;
@@ -135,6 +145,7 @@ PYBIND11_MODULE(_C, m) {
   bind_cpu(cpu, "select_victim", &engine::select_victim_cpu);
   bind_cpu(cpu, "adaptive_victims", &engine::adaptive_victims_cpu);
   bind_cpu(cpu, "compact", &compact_cpu_list);
+  bind_cpu(cpu, "remove_entries", &remove_entries_cpu_list);
   bind_cpu(cpu, "merge_value", &engine::merge_value_cpu);
   bind_cpu(cpu, "merge_neighbour", &engine::merge_neighbour_cpu);
   bind_cpu(cpu, "merge_spread", &engine::merge_spread_cpu);

@@ -183,6 +183,15 @@ def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx
     _impl("compact", k.device, reference.compact)(k, v, pos, list(state), keep_idx)
 
 
+def remove_entries(pos: Tensor, state: Sequence[Tensor], slot_index: Tensor | None, entries: Tensor, scratch: int,
+                   freed_out: Tensor) -> None:
+    """In place: the entries entries[b, i] (head C + slot, -1: none) of row b leave at once (pos -1, state 0,
+    slot_index `scratch`); freed_out [B, n] = the pool rows they held, ordered by KV head, then -1s. A
+    pooled store's eviction in one op where it took ~20 small ones. engine/reference.py says it exactly."""
+    _impl("remove_entries", pos.device, reference.remove_entries)(pos, list(state), slot_index, entries, scratch,
+                                                                  freed_out)
+
+
 def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,
                 slot_index: Tensor | None = None) -> None:
     """In place, per head: v[receiver] = (w v[receiver] + weight v[victim]) / (w + weight) and
@@ -386,6 +395,10 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("engine::compact")
     def _compact_fake(k, v, pos, state, keep_idx) -> None:
         reference.check_compact(k, v, pos, state, keep_idx)
+
+    @torch.library.register_fake("engine::remove_entries")
+    def _remove_entries_fake(pos, state, slot_index, entries, scratch, freed_out) -> None:
+        reference.check_remove_entries(pos, state, slot_index, entries, scratch, freed_out)
 
     @torch.library.register_fake("engine::merge_value")
     def _merge_value_fake(v, w, victim, receiver, weight, slot_index=None) -> None:

@@ -41,7 +41,8 @@ OP_FAMILY = {"engine::decode_attention": "attention", "engine::prefill_attention
              "engine::select_victim": "victim selection", "engine::adaptive_victims": "victim selection",
              "engine::compact": "compaction/merge", "engine::merge_value": "compaction/merge",
              "engine::merge_neighbour": "compaction/merge", "engine::nearest_key": "compaction/merge",
-             "engine::merge_spread": "compaction/merge", "engine::merge_zip": "compaction/merge"}
+             "engine::merge_spread": "compaction/merge", "engine::merge_zip": "compaction/merge",
+             "engine::remove_entries": "victim selection"}
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
            "aten::dot", "engine::matvec", "engine::qmatvec", "engine::qmatvec_q8", "engine::dequantize"}
 FAMILY_RANGE = "family::"  # a record_function range whose ops (unless named in OP_FAMILY) count for a family

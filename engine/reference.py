@@ -318,6 +318,22 @@ def check_merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, 
         raise ValueError(f"{op}: scale must be a finite number > 0, got {scale:g}")
 
 
+def check_remove_entries(pos: Tensor, state: Sequence[Tensor], slot_index: Tensor | None, entries: Tensor,
+                         scratch: int, freed_out: Tensor) -> None:
+    op = "remove_entries"
+    _check_tensor(op, "pos", pos, "[B, H_kv, C]", [-1, -1, -1], [torch.int32])
+    B, Hkv, C = pos.shape
+    like = (pos, "pos")
+    for i, s in enumerate(state):
+        _check_tensor(op, f"state[{i}]", s, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
+    if slot_index is not None:
+        _check_tensor(op, "slot_index", slot_index, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
+    _check_tensor(op, "entries", entries, "[B, n]", [B, -1], [torch.int64], like)
+    _check_tensor(op, "freed_out", freed_out, "[B, n]", [B, entries.shape[1]], [torch.int64], like)
+    if scratch < 0:
+        raise ValueError(f"{op}: scratch must be a pool row >= 0, got {scratch}")
+
+
 def check_merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int, window: int,
                        receivers_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "merge_spread"
@@ -725,6 +741,34 @@ def compact(k: Tensor, v: Tensor, pos: Tensor, state: Sequence[Tensor], keep_idx
         kept = t.gather(2, idx)  # a copy, so a move onto a slot still to be read cannot corrupt it
         t[:, :, :K] = kept
         t[:, :, K:] = empty
+
+
+def remove_entries(pos: Tensor, state: Sequence[Tensor], slot_index: Tensor | None, entries: Tensor, scratch: int,
+                   freed_out: Tensor) -> None:
+    """In place, the entries e = entries[b, i] of row b (head C + slot; -1: none) leave at once: pos -1, every
+    state tensor 0, and with slot_index the pool row each held is freed (its slot_index becomes `scratch`).
+    freed_out[b] = the rows freed, ordered by KV head and then as listed, then -1s (all -1 without
+    slot_index). An entry listed again, or whose slot_index is already `scratch`, frees no row. Reads and
+    writes only those entries."""
+    check_remove_entries(pos, state, slot_index, entries, scratch, freed_out)
+    B, Hkv, C = pos.shape
+    n = entries.shape[1]
+    check_index_range("remove_entries", "entries", entries, Hkv * C, "entries (head C + slot)")
+    taken, flat = entries >= 0, entries.clamp(min=0)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=pos.device).tril(-1)  # [i, k]: k listed before i
+    first = ~((entries[:, :, None] == entries[:, None, :]) & earlier).any(2)
+    frees = torch.zeros_like(taken)
+    if slot_index is not None:
+        row = slot_index.view(B, -1).gather(1, flat)
+        frees = taken & first & (row != scratch)
+        head = torch.where(frees, entries // C, Hkv)  # the rows not freed after every head's
+        order = head.argsort(dim=1, stable=True)
+        freed_out.copy_(torch.where(frees, row, -1).gather(1, order))
+    else:
+        freed_out.fill_(-1)
+    b, i = torch.nonzero(taken, as_tuple=True)
+    for t, empty in ((pos, -1), *((s, 0.0) for s in state), *(((slot_index, scratch),) if slot_index is not None else ())):
+        t.view(B, -1)[b, flat[b, i]] = empty
 
 
 def merge_value(v: Tensor, w: Tensor, victim: Tensor, receiver: Tensor, weight: Tensor,

@@ -235,6 +235,36 @@ def brute_neighbour(v, w, pos, abar, picks, sinks, after):
     return v, w, pos, out
 
 
+def brute_remove(pos, state, slot_index, entries, scratch):
+    """ops.remove_entries by loops: pos, state, slot_index and the freed rows after it."""
+    pos, state = pos.clone(), [s.clone() for s in state]
+    index = None if slot_index is None else slot_index.clone()
+    B, Hkv, C = pos.shape
+    freed = torch.full(entries.shape, -1, dtype=torch.int64)
+    for b in range(B):
+        rows, seen = [], set()
+        for i in range(entries.shape[1]):
+            e = int(entries[b, i])
+            if e < 0:
+                continue
+            g, s = divmod(e, C)
+            if index is not None and e not in seen and index[b, g, s] != scratch:
+                rows.append((g, i, int(index[b, g, s])))
+            seen.add(e)
+        for i in range(entries.shape[1]):
+            e = int(entries[b, i])
+            if e >= 0:
+                g, s = divmod(e, C)
+                pos[b, g, s] = -1
+                for t in state:
+                    t[b, g, s] = 0.0
+                if index is not None:
+                    index[b, g, s] = scratch
+        for i, (*_, row) in enumerate(sorted(rows)):
+            freed[b, i] = row
+    return pos, state, index, freed
+
+
 def brute_spread(v, pos, abar, picks, sinks, window):
     """ops.merge_spread by loops, the values and the mean attention in fp64: v, pos and the receivers' count
     after every pick, and the receivers' slots of each pick ((b, i) -> list)."""
@@ -416,6 +446,9 @@ def opcheck_cases():
                               torch.rand(B, Hkv, C, generator=g), picks, 0, False, torch.empty(B, 4, dtype=torch.int64),
                               index)
 
+    yield "remove_entries", (pos.clone(), [torch.rand(B, Hkv, C, generator=g)], index.clone(), picks, R,
+                             torch.empty(B, 4, dtype=torch.int64))
+    yield "remove_entries", (pos.clone(), [], None, picks, R, torch.empty(B, 4, dtype=torch.int64))
     qr = torch.randn(B, Hkv, D, generator=g)
     yield "merge_zip", (k.clone(), v.clone(), torch.rand(B, Hkv, C, generator=g), pos.clone(), qr, picks, 2, 0.0, 0.25,
                         torch.empty(B, 4, dtype=torch.int64))

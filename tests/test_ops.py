@@ -23,7 +23,7 @@ from engine import ops
 from engine import reference as ref
 
 from .helpers import (
-    assert_nearest, assert_within, brute_neighbour, brute_spread, brute_victim, brute_zip, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
+    assert_nearest, assert_within, brute_neighbour, brute_remove, brute_spread, brute_victim, brute_zip, gen, keys_with_ties, on_path, opcheck_cases, poisoned,
     positions, prefill_inputs, randn, rope_ranks, rope_tables,
 )
 
@@ -654,6 +654,39 @@ def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
     assert torch.equal(pool[~used], pool0[~used])
 
 
+@st.composite
+def remove_inputs(draw):
+    B, Hkv, C = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 20))
+    n = draw(st.integers(0, 6))
+    entries = draw(st.lists(st.integers(-1, Hkv * C - 1), min_size=B * n, max_size=B * n))  # repeats too
+    return B, Hkv, C, torch.tensor(entries, dtype=torch.int64).view(B, n), draw(st.integers(0, 2)), \
+        draw(st.booleans()), draw(st.integers(0, 10**6))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=80, deadline=None)
+@given(inputs=remove_inputs())
+def test_remove_entries(path, inputs):
+    """Positions, every state tensor and the slot index exactly as the loops, the freed rows in head order
+    (repeats and slots already at the scratch row free nothing); without a slot index no row is freed."""
+    B, Hkv, C, entries, n_state, pooled, seed = inputs
+    g = gen(seed)
+    pos = positions(B, Hkv, C, "holes", g)
+    state = [torch.rand(B, Hkv, C, generator=g) for _ in range(n_state)]
+    scratch = B * Hkv * C + 3
+    index = None
+    if pooled:
+        index = torch.randperm(scratch, generator=g)[: B * Hkv * C].view(B, Hkv, C).int()
+        index[torch.rand(B, Hkv, C, generator=g) < 0.2] = scratch  # empty slots point at the scratch row
+    want = brute_remove(pos, state, index, entries, scratch)
+    freed = torch.full_like(entries, 99)
+    with on_path(path, "remove_entries", "cpu"):
+        ops.remove_entries(pos, state, index, entries, scratch, freed)
+    assert torch.equal(pos, want[0]) and all(torch.equal(s, w) for s, w in zip(state, want[1]))
+    assert (index is None) or torch.equal(index, want[2])
+    assert torch.equal(freed, want[3])
+
+
 # A chain of merges in fp32, each rounded to the dtype: the error allowed against fp64 loops, of the largest
 # |value| (no PyTorch baseline: the reference is among the paths tested)
 ROUNDING_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -966,6 +999,8 @@ def _valid_args():
         "merge_neighbour": dict(v=cache(), w=torch.zeros(B, Hkv, C), pos=pos(), abar=torch.ones(B, Hkv, C),
                                 picks=torch.tensor([[0, C + 1, -1]]), sinks=0, after=True,
                                 receiver_out=torch.zeros(B, 3, dtype=i64)),
+        "remove_entries": dict(pos=pos(), state=[torch.zeros(B, Hkv, C)], slot_index=pos(),
+                               entries=torch.tensor([[0, C + 1, -1]]), scratch=C, freed_out=torch.zeros(B, 3, dtype=i64)),
         "merge_zip": dict(k=cache(), v=cache(), logp=torch.zeros(B, Hkv, C), pos=pos(), q=torch.ones(B, Hkv, D),
                           picks=torch.tensor([[0, C + 1, -1]]), sinks=0, min_similarity=0.0, scale=0.25,
                           receiver_out=torch.zeros(B, 3, dtype=i64)),
@@ -1074,6 +1109,15 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "nearest_key: similarity_out must be float32, got float64"),
     ("nearest_key", "receiver_out", lambda t: t[:, :2].contiguous(), ValueError,
      "nearest_key: receiver_out must have shape [B, H_kv] = [1, 3], got [1, 2]"),
+    ("remove_entries", "entries", lambda t: t - 1, IndexError,
+     "remove_entries: entries must hold entries (head C + slot) in [-1, 24), got -2 at [0, 2]"),
+    ("remove_entries", "state", lambda ts: [ts[0].double()], TypeError,
+     "remove_entries: state[0] must be float32, got float64"),
+    ("remove_entries", "slot_index", lambda t: t[:, :2].contiguous(), ValueError,
+     "remove_entries: slot_index must have shape [B, H_kv, C] = [1, 3, 8], got [1, 2, 8]"),
+    ("remove_entries", "freed_out", lambda t: t[:, :2].contiguous(), ValueError,
+     "remove_entries: freed_out must have shape [B, n] = [1, 3], got [1, 2]"),
+    ("remove_entries", "scratch", lambda n: -1, ValueError, "remove_entries: scratch must be a pool row >= 0, got -1"),
     ("merge_zip", "picks", lambda t: t + 30, IndexError,
      "merge_zip: picks must hold entries (head C + slot) in [-1, 24), got 30 at [0, 0]"),
     ("merge_zip", "v", lambda t: t[:, :2].contiguous(), ValueError,

@@ -25,7 +25,7 @@ from engine import reference as ref
 from .helpers import (
     assert_nearest,
     assert_within,
-    brute_neighbour, brute_spread,
+    brute_neighbour, brute_remove, brute_spread,
     brute_victim,
     gen,
     keys_with_ties,
@@ -368,6 +368,27 @@ def test_merge_neighbour(dtype, pooled):
             received[b, picks[b, i] // C, truth_out[b, i]] = True
         assert received.any() and torch.equal(got[~received], v[~received])
         assert_within(got[received], truth_v[received], base[0][received], "merged rows")
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_remove_entries(pooled):
+    """Rows of 200 slots, 7 entries a row with repeats and -1s, two state tensors: as the loops."""
+    B, Hkv, C, n = 300, 3, 200, 7
+    g = gen(13)
+    pos = positions(B, Hkv, C, "holes", g)
+    state = [torch.rand(B, Hkv, C, generator=g) for _ in range(2)]
+    scratch = B * Hkv * C
+    index = torch.randperm(scratch, generator=g).view(B, Hkv, C).int() if pooled else None
+    entries = torch.randint(-1, Hkv * C, (B, n), generator=g)
+    entries[:, 3] = entries[:, 0]
+    want = brute_remove(pos, state, index, entries, scratch)
+    got = [pos.to(CUDA), [s.to(CUDA) for s in state], None if index is None else index.to(CUDA)]
+    freed = torch.full((B, n), 99, dtype=torch.int64, device=CUDA)
+    with compiled("remove_entries"):
+        ops.remove_entries(*got, entries.to(CUDA), scratch, freed)
+    assert torch.equal(got[0].cpu(), want[0]) and all(torch.equal(s.cpu(), w) for s, w in zip(got[1], want[1]))
+    assert index is None or torch.equal(got[2].cpu(), want[2])
+    assert torch.equal(freed.cpu(), want[3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

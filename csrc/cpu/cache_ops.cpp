@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
@@ -251,6 +252,40 @@ SlotRows slot_rows(const char* op, const char* slots, const at::Tensor& v, const
 }
 
 }  // namespace
+
+// One row at a time: which entries free a row is decided before any is written (a repeat frees nothing).
+void remove_entries_cpu(at::Tensor& pos, at::TensorList state, std::optional<at::Tensor> slot_index,
+                        const at::Tensor& entries, int64_t scratch, at::Tensor& freed_out) {
+  check_remove_entries(pos, state, slot_index, entries, scratch, freed_out);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), n = entries.size(1);
+  check_index_range("remove_entries", "entries", entries, Hkv * C, "entries (head C + slot)");
+  const int64_t* en = entries.const_data_ptr<int64_t>();
+  int32_t* ps = pos.mutable_data_ptr<int32_t>();
+  int32_t* index = slot_index ? slot_index->mutable_data_ptr<int32_t>() : nullptr;
+  int64_t* out = freed_out.mutable_data_ptr<int64_t>();
+  std::vector<float*> st;
+  for (const at::Tensor& s : state) st.push_back(s.mutable_data_ptr<float>());
+  std::unique_ptr<bool[]> frees(new bool[n]);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* e = en + b * n;
+    const int64_t base = b * Hkv * C;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      frees[i] = index && e[i] >= 0 && index[base + e[i]] != scratch && std::find(e, e + i, e[i]) == e + i;
+      count += frees[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (frees[i]) out[b * n + freed_rank(e, frees.get(), n, C, i)] = index[base + e[i]];
+    }
+    for (int64_t i = count; i < n; ++i) out[b * n + i] = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (e[i] < 0) continue;
+      ps[base + e[i]] = -1;
+      for (float* s : st) s[base + e[i]] = 0.f;
+      if (index) index[base + e[i]] = static_cast<int32_t>(scratch);
+    }
+  }
+}
 
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,

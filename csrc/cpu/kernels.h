@@ -60,6 +60,10 @@ void adaptive_victims_cpu(const at::Tensor& score, const at::Tensor& pos, int64_
 void compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                  const at::Tensor& keep_idx);
 
+// Entries (head C + slot) leaving each row at once, their freed pool rows listed by head: engine/reference.py.
+void remove_entries_cpu(at::Tensor& pos, at::TensorList state, std::optional<at::Tensor> slot_index,
+                        const at::Tensor& entries, int64_t scratch, at::Tensor& freed_out);
+
 void merge_value_cpu(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                      const at::Tensor& receiver, const at::Tensor& weight,
                      const std::optional<at::Tensor>& slot_index);

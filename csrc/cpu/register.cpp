@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("select_victim", &engine::select_victim_cpu);
   m.impl("adaptive_victims", &engine::adaptive_victims_cpu);
   m.impl("compact", &engine::compact_cpu);
+  m.impl("remove_entries", &engine::remove_entries_cpu);
   m.impl("merge_value", &engine::merge_value_cpu);
   m.impl("merge_neighbour", &engine::merge_neighbour_cpu);
   m.impl("merge_spread", &engine::merge_spread_cpu);

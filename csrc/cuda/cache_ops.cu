@@ -268,6 +268,43 @@ void compact_tensor(const at::Tensor& t, const at::Tensor& keep, int64_t rows, i
 // merge_value: a warp per row; merge_neighbour: a warp per row of slots, its picks in order
 // ---------------------------------------------------------------------------------------------
 
+// remove_entries: a thread per row (its entries are few), then a kernel per state tensor
+__global__ void remove_entries_kernel(int32_t* __restrict__ pos, int32_t* __restrict__ index,
+                                      const int64_t* __restrict__ entries, int64_t scratch, int64_t* __restrict__ out,
+                                      int64_t B, int64_t n, int64_t Hkv, int64_t C) {
+  constexpr int64_t kMaxEntries = 64;  // checked on the host
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const int64_t* e = entries + b * n;
+  const int64_t base = b * Hkv * C;
+  bool frees[kMaxEntries];
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    CUDA_KERNEL_ASSERT_MSG(e[i] >= -1 && e[i] < Hkv * C, "remove_entries: entries must be in [-1, H_kv C)");
+    bool first = true;
+    for (int64_t k = 0; k < i; ++k) first &= e[k] != e[i];
+    frees[i] = index && e[i] >= 0 && index[base + e[i]] != scratch && first;
+    count += frees[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (frees[i]) out[b * n + freed_rank(e, frees, n, C, i)] = index[base + e[i]];
+  }
+  for (int64_t i = count; i < n; ++i) out[b * n + i] = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (e[i] < 0) continue;
+    pos[base + e[i]] = -1;
+    if (index) index[base + e[i]] = static_cast<int32_t>(scratch);
+  }
+}
+
+__global__ void zero_entries_kernel(float* __restrict__ t, const int64_t* __restrict__ entries, int64_t B, int64_t n,
+                                    int64_t Hkv, int64_t C) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= B * n) return;
+  const int64_t e = entries[x];
+  if (e >= 0) t[x / n * Hkv * C + e] = 0.f;
+}
+
 // The row of v holding slot s of (batch, KV head) row r of C slots: its own, or the pool row the slot
 // index names, in pool batch r / Hkv % P (checked on the device).
 __device__ __forceinline__ int64_t slot_row(const int32_t* index, int64_t r, int64_t s, int64_t Hkv, int64_t C,
@@ -622,6 +659,25 @@ void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList 
   compact_tensor(v, keep_idx, rows, C, K, 0);
   compact_tensor(pos, keep_idx, rows, C, K, 0xff);  // empty slots: pos -1
   for (const at::Tensor& s : state) compact_tensor(s, keep_idx, rows, C, K, 0);
+}
+
+void remove_entries_cuda(at::Tensor& pos, at::TensorList state, std::optional<at::Tensor> slot_index,
+                         const at::Tensor& entries, int64_t scratch, at::Tensor& freed_out) {
+  check_remove_entries(pos, state, slot_index, entries, scratch, freed_out);
+  const auto guard = cuda::on_device("remove_entries", pos);
+  const int64_t B = pos.size(0), Hkv = pos.size(1), C = pos.size(2), n = entries.size(1);
+  TORCH_CHECK_VALUE(n <= 64, "remove_entries: at most 64 entries a row on CUDA, got ", n);
+  if (B == 0 || n == 0) return;
+  const cudaStream_t stream = cuda::current_stream();
+  remove_entries_kernel<<<cuda::grid_for(B, kThreads), kThreads, 0, stream>>>(
+      pos.mutable_data_ptr<int32_t>(), slot_index ? slot_index->mutable_data_ptr<int32_t>() : nullptr,
+      entries.const_data_ptr<int64_t>(), scratch, freed_out.mutable_data_ptr<int64_t>(), B, n, Hkv, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (const at::Tensor& s : state) {
+    zero_entries_kernel<<<cuda::grid_for(B * n, kThreads), kThreads, 0, stream>>>(
+        s.mutable_data_ptr<float>(), entries.const_data_ptr<int64_t>(), B, n, Hkv, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,

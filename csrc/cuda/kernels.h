@@ -45,6 +45,9 @@ void adaptive_victims_cuda(const at::Tensor& score, const at::Tensor& pos, int64
 void compact_cuda(at::Tensor& k, at::Tensor& v, at::Tensor& pos, at::TensorList state,
                   const at::Tensor& keep_idx);
 
+void remove_entries_cuda(at::Tensor& pos, at::TensorList state, std::optional<at::Tensor> slot_index,
+                         const at::Tensor& entries, int64_t scratch, at::Tensor& freed_out);
+
 void merge_value_cuda(at::Tensor& v, at::Tensor& w, const at::Tensor& victim,
                       const at::Tensor& receiver, const at::Tensor& weight,
                       const std::optional<at::Tensor>& slot_index);

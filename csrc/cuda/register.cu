@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) {
   m.impl("adaptive_victims", &engine::adaptive_victims_cuda);
   m.impl("compact", &engine::compact_cuda);
   m.impl("merge_value", &engine::merge_value_cuda);
+  m.impl("remove_entries", &engine::remove_entries_cuda);
   m.impl("merge_neighbour", &engine::merge_neighbour_cuda);
   m.impl("merge_spread", &engine::merge_spread_cuda);
   m.impl("merge_zip", &engine::merge_zip_cuda);

@@ -359,17 +359,11 @@ class AllocatedKVStore(KVStore):
             entry = self.victims[rows]
             ops.adaptive_victims(score.float().contiguous(), pos, p.sinks, self.clock[:1] - p.recent, self.floor,
                                  self.limit[rows], entry)
-            taken = entry >= 0  # the picks come first, then -1s
-            C = pos.shape[2]
             if p.merges_values:  # each pick's merge sees the slots the earlier ones left
-                p.after_evict_picks(view, torch.where(taken, entry, -1))
-            # a -1 repeats the first pick (0 if there is none), so equal entries make equal writes
-            flat = torch.where(taken, entry, entry[:, :1]).clamp(min=0)
-            rows_freed = torch.where(taken, self._remove_all(st, flat, taken[:, :1].expand_as(taken)), -1)
+                p.after_evict_picks(view, entry)  # the picks first, then -1s
             # the freed rows in the order of the heads that gave them (head g's token takes the g-th): a head
             # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
-            order = torch.where(taken, entry // C, Hkv).argsort(dim=1, stable=True)
-            freed.copy_(rows_freed.gather(1, order))
+            self._remove(st, entry, freed)
             return
         valid = pos >= 0
         evictable = pos >= p.sinks  # valid too: sinks >= 0
@@ -387,23 +381,13 @@ class AllocatedKVStore(KVStore):
         taken = (victim >= 0) & over[:, None]  # slot victim of every head, in each layer over its budget
         if p.merges_values:  # before the slots empty: a merge reads its victim (a pool's rows it writes itself)
             self.policy.after_evict(view, torch.where(taken, victim, -1))
-        flat = self.head_offsets[: Hkv] * pos.shape[2] + victim.clamp(min=0)
-        freed.copy_(self._remove_all(st, flat, taken))
+        self._remove(st, torch.where(taken, self.head_offsets[:Hkv] * pos.shape[2] + victim, -1), freed)
 
-    def _remove_all(self, st: LayerState, flat: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-        """Evict entry flat[b, i] of the (head, slot) entries (head C + slot) where taken[b, i], all at once
-        (no policy post-processing; an entry listed twice must be taken both times or neither). Returns the
-        pool rows freed (B, n), -1 where nothing was (or no pool). Reads and writes only those entries."""
-        B = st.pos.shape[0]
-        for t, empty in ((st.pos, -1), *((s, 0.0) for s in st.state.values())):
-            t = t.view(B, -1)
-            t.scatter_(1, flat, torch.where(taken, empty, t.gather(1, flat)))
-        if not self.pooled:
-            return torch.full_like(flat, -1)
-        index = st.index.view(B, -1)
-        row = index.gather(1, flat)
-        index.scatter_(1, flat, torch.where(taken, self.scratch, row))
-        return torch.where(taken, row, -1)
+    def _remove(self, st: LayerState, entries: torch.Tensor, freed: torch.Tensor) -> None:
+        """Evict the (head, slot) entries (head C + slot, -1: none) of each row at once (no policy
+        post-processing); `freed` (B, n) = the pool rows they held, by head, then -1s (all -1 without a pool)."""
+        ops.remove_entries(st.pos, list(st.state.values()), st.index if self.pooled else None, entries,
+                           self.scratch, freed)
 
     def _rows_of(self, st: LayerState) -> slice:
         """Which rows of the all-layer state st holds (all of them, or one layer's)."""
