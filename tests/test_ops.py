@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -557,6 +558,38 @@ def test_merge_value(path, dtype, inputs):
 
 
 
+@dataclass
+class Pooled:
+    """Per-head rows [B, H_kv, C, D] moved into pools [P, R, D] (B = layers P rows of slots, row b in pool
+    batch b % P, 5 spare rows around them, rows shuffled): a merge over the pools must write exactly what it
+    writes over the per-head rows, and no other pool row."""
+    pools: list[torch.Tensor]
+    slot_index: torch.Tensor  # [B, H_kv, C] int32
+    at: tuple[torch.Tensor, torch.Tensor]  # the advanced index of every slot's pool row
+    used: torch.Tensor  # [P, R] bool: the rows some slot holds
+
+    @classmethod
+    def of(cls, dense: list[torch.Tensor], layers: int, g: torch.Generator) -> Pooled:
+        B, Hkv, C, D = dense[0].shape
+        P = B // layers if B % layers == 0 else B
+        per = B // P * Hkv * C  # the rows each pool batch holds
+        R = per + 5  # and spare ones
+        index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])  # (P, per)
+        slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
+        at = ((torch.arange(B) % P)[:, None, None], slot_index.long())
+        pools = [randn((P, R, D), t.dtype, "cpu", g) for t in dense]
+        for pool, t in zip(pools, dense):
+            pool[at] = t
+        used = torch.zeros(P, R, dtype=torch.bool)
+        used[at] = True
+        return cls(pools, slot_index, at, used)
+
+    def holds(self, dense: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
+        """Whether the pools hold `dense` at the slots' rows and `before`'s rows everywhere else."""
+        return all(torch.equal(pool[self.at], t) and torch.equal(pool[~self.used], b[~self.used])
+                   for pool, t, b in zip(self.pools, dense, before))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=40, deadline=None)
@@ -569,23 +602,14 @@ def test_merge_value_in_a_pool(path, dtype, inputs, layers):
     B, Hkv, C = w.shape
     g = gen(10)
     dense = randn((B, Hkv, C, 16), dtype, "cpu", g)
-    P = B // layers if B % layers == 0 else B
-    per = B // P * Hkv * C  # the rows each pool batch holds
-    R = per + 5  # and spare ones
-    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])  # (P, per)
-    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
-    pool = randn((P, R, 16), dtype, "cpu", g)
-    batch = torch.arange(B) % P
-    pool[batch[:, None, None], slot_index.long()] = dense
-    pool0, w_dense = pool.clone(), w.clone()
+    pooled = Pooled.of([dense], layers, g)
+    before, w_dense = [t.clone() for t in pooled.pools], w.clone()
     ref.merge_value(dense, w_dense, victim, receiver, weight)
     with on_path(path, "merge_value", "cpu"):
-        ops.merge_value(pool, w, victim, receiver, weight, slot_index=slot_index)
-    assert torch.equal(w, w_dense)
-    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
-    used = torch.zeros(P, R, dtype=torch.bool)
-    used[batch[:, None, None], slot_index.long()] = True
-    assert torch.equal(pool[~used], pool0[~used])
+        ops.merge_value(*pooled.pools, w, victim, receiver, weight, slot_index=pooled.slot_index)
+    assert torch.equal(w, w_dense) and pooled.holds([dense], before)
+
+
 @st.composite
 def neighbour_inputs(draw):
     B, Hkv, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
@@ -634,24 +658,14 @@ def test_merge_neighbour_in_a_pool(path, dtype, inputs, layers):
     B, Hkv, C = w.shape
     g = gen(seed)
     dense, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
-    P = B // layers if B % layers == 0 else B
-    per = B // P * Hkv * C
-    R = per + 5
-    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
-    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
-    pool = randn((P, R, 16), dtype, "cpu", g)
-    batch = torch.arange(B) % P
-    pool[batch[:, None, None], slot_index.long()] = dense
-    pool0, w_dense, pos_dense, out_dense = pool.clone(), w.clone(), pos.clone(), torch.empty_like(picks)
+    pooled = Pooled.of([dense], layers, g)
+    before, w_dense, pos_dense, out_dense = [t.clone() for t in pooled.pools], w.clone(), pos.clone(), torch.empty_like(picks)
     ref.merge_neighbour(dense, w_dense, pos_dense, abar, picks, sinks, after, out_dense)
     out = torch.full_like(picks, 99)
     with on_path(path, "merge_neighbour", "cpu"):
-        ops.merge_neighbour(pool, w, pos, abar, picks, sinks, after, out, slot_index=slot_index)
+        ops.merge_neighbour(*pooled.pools, w, pos, abar, picks, sinks, after, out, slot_index=pooled.slot_index)
     assert torch.equal(out, out_dense) and torch.equal(w, w_dense) and torch.equal(pos, pos_dense)
-    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
-    used = torch.zeros(P, R, dtype=torch.bool)
-    used[batch[:, None, None], slot_index.long()] = True
-    assert torch.equal(pool[~used], pool0[~used])
+    assert pooled.holds([dense], before)
 
 
 @st.composite
@@ -743,25 +757,14 @@ def test_merge_spread_in_a_pool(path, dtype, inputs, layers):
     B, Hkv, C = abar.shape
     g = gen(seed)
     dense, pos = randn((B, Hkv, C, 16), dtype, "cpu", g), positions(B, Hkv, C, "holes", g)
-    P = B // layers if B % layers == 0 else B
-    per = B // P * Hkv * C
-    R = per + 5
-    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
-    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
-    pool = randn((P, R, 16), dtype, "cpu", g)
-    batch = torch.arange(B) % P
-    pool[batch[:, None, None], slot_index.long()] = dense
-    pool0, pos_dense, out_dense = pool.clone(), pos.clone(), torch.empty_like(picks)
-    with on_path(path, "merge_spread", "cpu"):
-        ops.merge_spread(dense, pos_dense, abar, picks, sinks, window, out_dense)
+    pooled = Pooled.of([dense], layers, g)
+    before, pos_dense, out_dense = [t.clone() for t in pooled.pools], pos.clone(), torch.empty_like(picks)
     out = torch.full_like(picks, 99)
     with on_path(path, "merge_spread", "cpu"):
-        ops.merge_spread(pool, pos, abar, picks, sinks, window, out, slot_index=slot_index)
+        ops.merge_spread(dense, pos_dense, abar, picks, sinks, window, out_dense)
+        ops.merge_spread(*pooled.pools, pos, abar, picks, sinks, window, out, slot_index=pooled.slot_index)
     assert torch.equal(out, out_dense) and torch.equal(pos, pos_dense)
-    assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
-    used = torch.zeros(P, R, dtype=torch.bool)
-    used[batch[:, None, None], slot_index.long()] = True
-    assert torch.equal(pool[~used], pool0[~used])
+    assert pooled.holds([dense], before)
 
 
 @st.composite
@@ -854,29 +857,15 @@ def test_merge_zip_in_a_pool(path, dtype, inputs, layers):
     B, Hkv, C, D, picks, sinks, min_similarity, zero_query, seed = inputs
     g = gen(seed)
     k, v, logp, pos, q = zip_operands(B, Hkv, C, D, dtype, zero_query, g)
-    P = B // layers if B % layers == 0 else B
-    per = B // P * Hkv * C
-    R = per + 5
-    index = torch.stack([torch.randperm(R, generator=g)[:per] for _ in range(P)])
-    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
-    batch = torch.arange(B) % P
-    pools = []
-    for dense in (k, v):
-        pool = randn((P, R, D), dtype, "cpu", g)
-        pool[batch[:, None, None], slot_index.long()] = dense
-        pools.append(pool)
-    pools0, logp_pool, pos_pool = [p.clone() for p in pools], logp.clone(), pos.clone()
+    pooled = Pooled.of([k, v], layers, g)
+    before, logp_pool, pos_pool = [t.clone() for t in pooled.pools], logp.clone(), pos.clone()
     out_dense, out = torch.empty_like(picks), torch.full_like(picks, 99)
     with on_path(path, "merge_zip", "cpu"):
         ops.merge_zip(k, v, logp, pos, q, picks, sinks, min_similarity, 1 / math.sqrt(D), out_dense)
-        ops.merge_zip(*pools, logp_pool, pos_pool, q, picks, sinks, min_similarity, 1 / math.sqrt(D), out,
-                      slot_index=slot_index)
+        ops.merge_zip(*pooled.pools, logp_pool, pos_pool, q, picks, sinks, min_similarity, 1 / math.sqrt(D), out,
+                      slot_index=pooled.slot_index)
     assert torch.equal(out, out_dense) and torch.equal(pos_pool, pos) and torch.equal(logp_pool, logp)
-    used = torch.zeros(P, R, dtype=torch.bool)
-    used[batch[:, None, None], slot_index.long()] = True
-    for pool, pool0, dense in zip(pools, pools0, (k, v)):
-        assert torch.equal(pool[batch[:, None, None], slot_index.long()], dense)
-        assert torch.equal(pool[~used], pool0[~used])
+    assert pooled.holds([k, v], before)
 
 
 @st.composite
@@ -910,17 +899,12 @@ def test_nearest_key_in_a_pool(path, inputs, layers):
     B, Hkv = victim.shape
     g = gen(seed)
     dense, pos = keys_with_ties(B, Hkv, C, D, torch.float32, g), positions(B, Hkv, C, "holes", g)
-    P = B // layers if B % layers == 0 else B
-    per = B // P * Hkv * C
-    index = torch.stack([torch.randperm(per + 5, generator=g)[:per] for _ in range(P)])
-    slot_index = index.view(P, B // P, Hkv, C).transpose(0, 1).reshape(B, Hkv, C).int().contiguous()
-    pool = randn((P, per + 5, D), torch.float32, "cpu", g)
-    pool[(torch.arange(B) % P)[:, None, None], slot_index.long()] = dense
+    pooled = Pooled.of([dense], layers, g)
     want = torch.empty(B, Hkv, dtype=torch.int64), torch.empty(B, Hkv)
     got = torch.full((B, Hkv), 99), torch.full((B, Hkv), float("nan"))
     with on_path(path, "nearest_key", "cpu"):
         ops.nearest_key(dense, pos, victim, sinks, *want)
-        ops.nearest_key(pool, pos, victim, sinks, *got, slot_index=slot_index)
+        ops.nearest_key(*pooled.pools, pos, victim, sinks, *got, slot_index=pooled.slot_index)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
