@@ -359,8 +359,7 @@ void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   const char* op = "merge_zip";
   const Like like{k, "k"};
   const auto [B, Hkv, C] = check_slot_rows(op, "k", k, slot_index);
-  check_tensor(op, "v", v, slot_index ? "[P, R, D]" : "[B, H_kv, C, D]", k.sizes().vec(),
-               {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half}, like);
+  check_tensor(op, "v", v, slot_index ? "[P, R, D]" : "[B, H_kv, C, D]", k.sizes().vec(), {k.scalar_type()}, like);
   check_tensor(op, "logp", logp, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "q", q, "[B, H_kv, D]", {B, Hkv, k.size(-1)}, {ScalarType::Float}, like);

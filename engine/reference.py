@@ -304,7 +304,7 @@ def check_merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, 
     op = "merge_zip"
     like = (k, "k")
     B, Hkv, C = _check_slot_rows(op, "k", k, slot_index)
-    _check_tensor(op, "v", v, "[B, H_kv, C, D]" if slot_index is None else "[P, R, D]", list(k.shape), FLOATS, like)
+    _check_tensor(op, "v", v, "[B, H_kv, C, D]" if slot_index is None else "[P, R, D]", list(k.shape), [k.dtype], like)
     _check_tensor(op, "logp", logp, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "q", q, "[B, H_kv, D]", [B, Hkv, k.shape[-1]], [torch.float32], like)

@@ -1106,6 +1106,7 @@ BAD_INPUTS = [  # op, argument ("*": all of them), corruption, exception, messag
      "merge_zip: picks must hold entries (head C + slot) in [-1, 24), got 30 at [0, 0]"),
     ("merge_zip", "v", lambda t: t[:, :2].contiguous(), ValueError,
      "merge_zip: v must have shape [B, H_kv, C, D] = [1, 3, 8, 16], got [1, 2, 8, 16]"),
+    ("merge_zip", "v", lambda t: t.half(), TypeError, "merge_zip: v must be float32, got float16"),
     ("merge_zip", "logp", lambda t: t.double(), TypeError, "merge_zip: logp must be float32, got float64"),
     ("merge_zip", "q", lambda t: t[..., :8].contiguous(), ValueError,
      "merge_zip: q must have shape [B, H_kv, D] = [1, 3, 16], got [1, 3, 8]"),

@@ -30,7 +30,8 @@ Our choices, where the paper is open or differs:
   paper's EMA prediction of future attention for multi-step use is not implemented.
 - k_r is corrected along q (not scaled): the smallest change of the weighted mean key that matches the logit.
 - with positions="cache" the merged key is formed at the receiver's current rank and stored rotated back
-  (keys are kept before RoPE there).
+  (keys are kept before RoPE there); the rotated keys it is formed from are rounded to the cache's dtype
+  first (one more rounding than the unrotated merge with a bf16/fp16 cache).
 
 The receiver search and the merge are one op, ops.merge_zip, for a step's victims or a pick's, in order
 (engine/reference.py defines it exactly).
@@ -78,9 +79,9 @@ class KeepKV(AverageAttentionMerge):
         their ranks (a copy), and each receiver's key is rotated back at its rank."""
         layer, rope = view.layer, view.rope
         keys = layer.k  # as stored: after RoPE (original positions), in the pool or per head
-        if rope is not None:
+        if rope is not None:  # a copy in the cache's dtype (the op takes k and v of one dtype)
             rank = layer.rank.clamp(min=0).long()
-            keys = Rope.rotate_by(keys.float(), rope.cos[rank], rope.sin[rank])
+            keys = Rope.rotate_by(keys, rope.cos[rank], rope.sin[rank])
         receiver = torch.empty_like(picks)
         ops.merge_zip(keys, layer.v, layer.state["logp"], pos, reference_query(view), picks, self.sinks,
                       self.min_similarity, 1.0 / math.sqrt(view.q.shape[-1]), receiver,
