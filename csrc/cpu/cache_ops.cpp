@@ -425,9 +425,8 @@ int64_t most_similar(const T* k, const int32_t* pr, int64_t j, const float* kj, 
   *sim = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < C; ++s) {
     if (s == j || pr[s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
-    const float* ks = as_float(k + row_of(r, s) * D, buf, D);
-    const float ns = std::max(std::sqrt(dot(ks, ks, D)), kNormEps);
-    const float c = dot(ks, kj, D) / (ns * nj);
+    const auto [ss, sj] = dots(as_float(k + row_of(r, s) * D, buf, D), kj, D);
+    const float c = sj / (std::max(std::sqrt(ss), kNormEps) * nj);
     if (c > *sim || (best < 0 && !std::isnan(c))) *sim = c, best = s;
   }
   return best;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 // Dispatch over the three cache dtypes (fp32, bf16, fp16) only.
 #define ENGINE_DISPATCH_FLOATS(TYPE, NAME, ...)                \
@@ -88,6 +89,24 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64
   for (int64_t u = 0; u < 8; ++u) part[u] += part[u + 8];  // a tree, not a chain
   for (int64_t u = 0; u < 4; ++u) part[u] += part[u + 4];
   return (part[0] + part[2]) + (part[1] + part[3]);
+}
+
+// {dot(a, a), dot(a, b)} in one pass over a: the same partial sums and tree as dot(), so the same bits.
+inline std::pair<float, float> dots(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float aa[kLanes] = {}, ab[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) {
+      aa[u] += a[i + u] * a[i + u];
+      ab[u] += a[i + u] * b[i + u];
+    }
+  }
+  for (int64_t u = 0; i < n; ++i, ++u) aa[u] += a[i] * a[i], ab[u] += a[i] * b[i];
+  for (float* part : {aa, ab}) {
+    for (int64_t u = 0; u < 8; ++u) part[u] += part[u + 8];
+    for (int64_t u = 0; u < 4; ++u) part[u] += part[u + 4];
+  }
+  return {(aa[0] + aa[2]) + (aa[1] + aa[3]), (ab[0] + ab[2]) + (ab[1] + ab[3])};
 }
 
 // acc[0..D) += sum_j p[j] * rows[j][0..D): kLanes columns of acc stay in registers while the
