@@ -778,10 +778,12 @@ def zip_inputs(draw):
 
 def zip_operands(B, Hkv, C, D, dtype, zero_query, g):
     """k, v, logp (log votes of 1 to ~20), pos and the reference query of merge_zip; zero_query: one head's
-    query 0 (q.q = 0: the key is not corrected)."""
+    query 0 (q.q = 0: the key is not corrected). Query norms in [0.5, 1.5]: the key correction divides the
+    logit's rounding by |q|, so a near-zero query would amplify fp32 rounding past any fixed floor."""
     k, v = randn((B, Hkv, C, D), dtype, "cpu", g), randn((B, Hkv, C, D), dtype, "cpu", g)
     logp = torch.rand(B, Hkv, C, generator=g) * 3
-    q = torch.randn(B, Hkv, D, generator=g) * 0.5
+    q = torch.randn(B, Hkv, D, generator=g)
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6) * (0.5 + torch.rand(B, Hkv, 1, generator=g))
     if zero_query:
         q[0, 0] = 0.0
     return k, v, logp, positions(B, Hkv, C, "holes", g), q
