@@ -292,11 +292,11 @@ def brute_spread(v, pos, abar, picks, sinks, window):
     return v, pos, out, receivers
 
 
-def brute_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, chosen):
-    """ops.merge_zip by loops in fp64, following the op's receivers `chosen` (B, n) where the fp64 similarities
-    leave a choice: each chosen receiver must be a candidate within 1e-5 of the most similar, and a pick
-    without one must have had no candidate at least 1e-5 above min_similarity. k, v, logp and pos after
-    every pick."""
+def brute_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, chosen, tol=1e-5):
+    """ops.merge_zip by loops in fp64, following the op's receivers `chosen` (B, n) where the similarities
+    leave a choice: each chosen receiver must be a candidate within `tol` of the most similar, and a pick
+    without one must have had no candidate `tol` above min_similarity (`tol`: the rounding of the op's keys,
+    which a merge stores in their dtype while the loops keep fp64). k, v, logp and pos after every pick."""
     k, v, logp, pos = k.double().clone(), v.double().clone(), logp.double().clone(), pos.clone()
     B, Hkv, C = pos.shape
     for b in range(B):
@@ -312,9 +312,9 @@ def brute_zip(k, v, logp, pos, q, picks, sinks, min_similarity, scale, chosen):
             pos[b, g, j] = -1
             best = max(sims.values(), default=-math.inf)
             if c < 0:
-                assert best < min_similarity + 1e-5, (b, i, best)
+                assert best < min_similarity + tol, (b, i, best)
                 continue
-            assert c in sims and sims[c] >= max(best - 1e-5, min_similarity - 1e-5), (b, i, c, sims.get(c), best)
+            assert c in sims and sims[c] >= max(best - tol, min_similarity - tol), (b, i, c, sims.get(c), best)
             qg = q[b, g].double()
             le, lc = logp[b, g, j] + scale * (qg @ kj), logp[b, g, c] + scale * (qg @ k[b, g, c])
             w_e, w_c = math.exp(le), math.exp(lc)

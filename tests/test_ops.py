@@ -807,7 +807,8 @@ def test_merge_zip(path, dtype, inputs):
     out = torch.full_like(picks, 99)
     with on_path(path, "merge_zip", "cpu"):
         ops.merge_zip(k, v, logp, pos.clone(), q, picks, sinks, min_similarity, scale, out)
-    truth_k, truth_v, truth_logp, truth_pos = brute_zip(k0, v0, logp0, pos, q, picks, sinks, min_similarity, scale, out)
+    truth_k, truth_v, truth_logp, truth_pos = brute_zip(k0, v0, logp0, pos, q, picks, sinks, min_similarity, scale, out,
+                                                        ROUNDING_FLOOR[dtype])
     got_pos = pos.clone()
     with on_path(path, "merge_zip", "cpu"):  # again, for the positions (the call above wrote a copy)
         ops.merge_zip(k0.clone(), v0.clone(), logp0.clone(), got_pos, q, picks, sinks, min_similarity, scale,
