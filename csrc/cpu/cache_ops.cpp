@@ -251,6 +251,23 @@ SlotRows slot_rows(const char* op, const char* slots, const at::Tensor& v, const
           slot_index ? v.size(1) : 0};
 }
 
+// Each row's picks in order (row b, then pick i): f(o, r, j, pr) for a pick whose entry (head C + slot) is a
+// slot holding a token, with o = b n + i its output index, r its (batch, KV head) row, j the victim's slot and
+// pr that row's C positions. A pick of -1 or of an empty slot (an earlier pick's) is skipped: its output
+// keeps what the caller filled in.
+template <typename F>
+void for_each_pick(const int64_t* picks, int32_t* pos, int64_t B, int64_t n, int64_t Hkv, int64_t C, F&& f) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t e = picks[b * n + i];
+      if (e < 0) continue;
+      const int64_t r = b * Hkv + e / C, j = e % C;
+      int32_t* pr = pos + r * C;
+      if (pr[j] >= 0) f(b * n + i, r, j, pr);
+    }
+  }
+}
+
 }  // namespace
 
 // One row at a time: which entries free a row is decided before any is written (a repeat frees nothing).
@@ -328,34 +345,27 @@ void merge_neighbour_cpu(at::Tensor& v, at::Tensor& w, at::Tensor& pos, const at
   ENGINE_DISPATCH_FLOATS(v.scalar_type(), "merge_neighbour", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> buf(3 * D);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = pk[b * n + i];
-        out[b * n + i] = -1;
-        if (e < 0) continue;
-        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
-        int32_t* pr = ps + r * C;
-        const int32_t pj = pr[j];
-        if (pj < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
-        // the nearest kept non-sink positions above and below the victim's (ties: the lower slot)
-        int64_t above = -1, below = -1;
-        int32_t p_above = std::numeric_limits<int32_t>::max(), p_below = -1;
-        for (int64_t s = 0; s < C; ++s) {
-          const int32_t p = pr[s];
-          if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
-          if (p > pj && p < p_above) p_above = p, above = s;
-          if (p < pj && p > p_below) p_below = p, below = s;
-        }
-        const int64_t m = after ? (above >= 0 ? above : below) : (below >= 0 ? below : above);
-        pr[j] = -1;
-        if (m < 0) continue;
-        out[b * n + i] = m;
-        float* wr = wp + r * C + m;
-        const float w_old = *wr == 0.f ? ab[r * C + m] : *wr;  // a first merge starts from its own average
-        scalar_t* vr = vp + row_of(r, m) * D;  // the receiver's row is checked first, then the victim's
-        *wr = merge_row(vr, vp + row_of(r, j) * D, w_old, ab[r * C + j], D, buf.data());
+    std::fill(out, out + B * n, -1);
+    for_each_pick(pk, ps, B, n, Hkv, C, [&](int64_t o, int64_t r, int64_t j, int32_t* pr) {
+      const int32_t pj = pr[j];
+      // the nearest kept non-sink positions above and below the victim's (ties: the lower slot)
+      int64_t above = -1, below = -1;
+      int32_t p_above = std::numeric_limits<int32_t>::max(), p_below = -1;
+      for (int64_t s = 0; s < C; ++s) {
+        const int32_t p = pr[s];
+        if (s == j || p < sinks) continue;  // sinks >= 0: an empty slot (-1) too
+        if (p > pj && p < p_above) p_above = p, above = s;
+        if (p < pj && p > p_below) p_below = p, below = s;
       }
-    }
+      const int64_t m = after ? (above >= 0 ? above : below) : (below >= 0 ? below : above);
+      pr[j] = -1;
+      if (m < 0) return;
+      out[o] = m;
+      float* wr = wp + r * C + m;
+      const float w_old = *wr == 0.f ? ab[r * C + m] : *wr;  // a first merge starts from its own average
+      scalar_t* vr = vp + row_of(r, m) * D;  // the receiver's row is checked first, then the victim's
+      *wr = merge_row(vr, vp + row_of(r, j) * D, w_old, ab[r * C + j], D, buf.data());
+    });
   });
 }
 
@@ -376,39 +386,32 @@ void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, co
     std::vector<float> buf(3 * D);
     std::vector<std::pair<int32_t, int32_t>> cand;  // (position, slot)
     cand.reserve(C);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = pk[b * n + i];
-        out[b * n + i] = 0;
-        if (e < 0) continue;
-        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
-        int32_t* pr = ps + r * C;
-        const int32_t pj = pr[j];
-        if (pj < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
-        cand.clear();
-        for (int64_t s = 0; s < C; ++s) {
-          if (pr[s] > pj && pr[s] >= sinks) cand.emplace_back(pr[s], static_cast<int32_t>(s));
-        }
-        const int64_t m = std::min<int64_t>(window, static_cast<int64_t>(cand.size()));
-        std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
-        pr[j] = -1;
-        out[b * n + i] = m;
-        if (m == 0) continue;
-        float sum = 0.f;
-        for (int64_t t = 0; t < m; ++t) sum += ab[r * C + cand[t].second];
-        const float ratio = ab[r * C + j] / (sum / static_cast<float>(m));
-        const float p = std::isnan(ratio) ? 0.f : std::min(std::max(ratio, 0.f), 1.f);
-        const float share = p / static_cast<float>(window);
-        const float* vj = as_float(vp + row_of(r, j) * D, buf.data(), D);  // never a receiver: read once
-        float* res = buf.data() + 2 * D;
-        for (int64_t t = 0; t < m; ++t) {
-          scalar_t* vr = vp + row_of(r, cand[t].second) * D;
-          const float* a = as_float(vr, buf.data() + D, D);
-          for (int64_t d = 0; d < D; ++d) res[d] = a[d] + share * vj[d];
-          store_float(res, vr, D);
-        }
+    std::fill(out, out + B * n, 0);
+    for_each_pick(pk, ps, B, n, Hkv, C, [&](int64_t o, int64_t r, int64_t j, int32_t* pr) {
+      const int32_t pj = pr[j];
+      cand.clear();
+      for (int64_t s = 0; s < C; ++s) {
+        if (pr[s] > pj && pr[s] >= sinks) cand.emplace_back(pr[s], static_cast<int32_t>(s));
       }
-    }
+      const int64_t m = std::min<int64_t>(window, static_cast<int64_t>(cand.size()));
+      std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
+      pr[j] = -1;
+      out[o] = m;
+      if (m == 0) return;
+      float sum = 0.f;
+      for (int64_t t = 0; t < m; ++t) sum += ab[r * C + cand[t].second];
+      const float ratio = ab[r * C + j] / (sum / static_cast<float>(m));
+      const float p = std::isnan(ratio) ? 0.f : std::min(std::max(ratio, 0.f), 1.f);
+      const float share = p / static_cast<float>(window);
+      const float* vj = as_float(vp + row_of(r, j) * D, buf.data(), D);  // never a receiver: read once
+      float* res = buf.data() + 2 * D;
+      for (int64_t t = 0; t < m; ++t) {
+        scalar_t* vr = vp + row_of(r, cand[t].second) * D;
+        const float* a = as_float(vr, buf.data() + D, D);
+        for (int64_t d = 0; d < D; ++d) res[d] = a[d] + share * vj[d];
+        store_float(res, vr, D);
+      }
+    });
   });
 }
 
@@ -519,26 +522,19 @@ void merge_zip_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& logp, at::Tensor& p
     scalar_t* kp = k.mutable_data_ptr<scalar_t>();
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     std::vector<float> kj_buf(D), buf(4 * D);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = pk[b * n + i];
-        out[b * n + i] = -1;
-        if (e < 0) continue;
-        const int64_t r = b * Hkv + e / C, j = e % C;  // the (batch, KV head) row and the victim's slot
-        int32_t* pr = ps + r * C;
-        if (pr[j] < 0) continue;  // an empty slot (an earlier pick's): nothing to merge
-        const int64_t jrow = row_of(r, j);
-        const float* kj = as_float(kp + jrow * D, kj_buf.data(), D);
-        float sim;
-        const int64_t c = most_similar(kp, pr, j, kj, sinks, row_of, r, C, D, buf.data(), &sim);
-        pr[j] = -1;
-        if (c < 0 || !(sim >= static_cast<float>(min_similarity))) continue;
-        out[b * n + i] = c;
-        const int64_t crow = row_of(r, c);
-        lp[r * C + c] = zip_rows(kj, vp + jrow * D, kp + crow * D, vp + crow * D, qp + r * D, lp[r * C + j],
-                                 lp[r * C + c], static_cast<float>(scale), D, buf.data());
-      }
-    }
+    std::fill(out, out + B * n, -1);
+    for_each_pick(pk, ps, B, n, Hkv, C, [&](int64_t o, int64_t r, int64_t j, int32_t* pr) {
+      const int64_t jrow = row_of(r, j);
+      const float* kj = as_float(kp + jrow * D, kj_buf.data(), D);
+      float sim;
+      const int64_t c = most_similar(kp, pr, j, kj, sinks, row_of, r, C, D, buf.data(), &sim);
+      pr[j] = -1;
+      if (c < 0 || !(sim >= static_cast<float>(min_similarity))) return;
+      out[o] = c;
+      const int64_t crow = row_of(r, c);
+      lp[r * C + c] = zip_rows(kj, vp + jrow * D, kp + crow * D, vp + crow * D, qp + r * D, lp[r * C + j],
+                               lp[r * C + c], static_cast<float>(scale), D, buf.data());
+    });
   });
 }
 
