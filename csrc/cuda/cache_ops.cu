@@ -315,6 +315,23 @@ __device__ __forceinline__ int64_t slot_row(const int32_t* index, int64_t r, int
   return (r / Hkv % P) * R + x;
 }
 
+// Pick i of batch row b (picks [B, n], entries head C + slot, -1: none): its (batch, KV head) row r, the
+// victim's slot j, that row's positions pr, and the victim's position pj (-1: no pick, or an empty slot).
+struct VictimSlot {
+  int64_t r, j;
+  int32_t* pr;
+  int32_t pj;
+};
+
+__device__ __forceinline__ VictimSlot pick_at(const int64_t* picks, int32_t* pos, int64_t b, int64_t i, int64_t n,
+                                              int64_t Hkv, int64_t C) {
+  const int64_t e = picks[b * n + i];
+  CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "picks must hold entries (head C + slot) in [-1, H_kv C)");
+  const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
+  int32_t* pr = pos + r * C;
+  return {r, j, pr, e < 0 ? -1 : pr[j]};
+}
+
 // vr = (w_old vr + add vj) / (w_old + add) in fp32 by the warp's lanes, the plain mean when that sum is 0 (the
 // formula would divide 0 by 0); returns the sum.
 template <typename T>
@@ -365,11 +382,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = picks[b * n + i];
-    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_neighbour: picks must hold entries in [-1, H_kv C)");
-    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
-    int32_t* pr = pos + r * C;
-    const int32_t pj = e < 0 ? -1 : pr[j];
+    const auto [r, j, pr, pj] = pick_at(picks, pos, b, i, n, Hkv, C);
     // the nearest kept non-sink positions above and below the victim's, over the lanes' slots
     int32_t p_above = 0, s_above = -1, p_below = 0, s_below = -1;
     for (int64_t s = lane; pj >= 0 && s < C; s += 32) {
@@ -420,11 +433,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = picks[b * n + i];
-    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_spread: picks must hold entries in [-1, H_kv C)");
-    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
-    int32_t* pr = pos + r * C;
-    const int32_t pj = e < 0 ? -1 : pr[j];
+    const auto [r, j, pr, pj] = pick_at(picks, pos, b, i, n, Hkv, C);
     // candidates: positions above the victim's, non-sink (sinks >= 0: never an empty slot); positions >= 0,
     // so the keys order as (position, slot)
     uint64_t cutoff = 0, last = pj < 0 ? kNone : spread_key(pj, C);
@@ -548,11 +557,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (b >= B) return;  // the whole warp
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = picks[b * n + i];
-    CUDA_KERNEL_ASSERT_MSG(e >= -1 && e < Hkv * C, "merge_zip: picks must hold entries in [-1, H_kv C)");
-    const int64_t r = b * Hkv + (e < 0 ? 0 : e / C), j = e < 0 ? 0 : e % C;
-    int32_t* pr = pos + r * C;
-    const bool taken = e >= 0 && pr[j] >= 0;
+    const auto [r, j, pr, pj] = pick_at(picks, pos, b, i, n, Hkv, C);
+    const bool taken = pj >= 0;
     float sim;
     int32_t c;
     most_similar(k, pr, taken ? j : -1, sinks, index, r, Hkv, C, D, P, R, lane, sim, c);
