@@ -38,18 +38,9 @@ class CaM(AverageAttentionMerge):
         if self.merge_window < 1:
             raise PolicyError(f"cam: merge_window must be >= 1, got {self.merge_window}")
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor) -> None:
-        """Every head's victim (-1: none) at once, as picks; their positions in `pos` are emptied too."""
-        first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
-        self._spread(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))
-
-    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
-        self._spread(view, self.average(view.layer.state), view.layer.pos, picks)  # the picks in order in one op
-
-    def _spread(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-                picks: torch.Tensor) -> None:
-        """Each pick (B, n) entry (KV head C + slot, -1: none) merged in order by ops.merge_spread."""
+    def merge_picks(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                    picks: torch.Tensor) -> None:
+        """ops.merge_spread."""
         layer = view.layer
         receivers = torch.empty_like(picks)
         ops.merge_spread(layer.v, pos, abar.contiguous(), picks, self.sinks, self.merge_window, receivers,

@@ -63,20 +63,11 @@ class KeepKV(AverageAttentionMerge):
         if not -1.0 <= self.min_similarity <= 1.0:
             raise PolicyError(f"keepkv: min_similarity must be in [-1, 1], got {self.min_similarity}")
 
-    def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-              victim: torch.Tensor) -> None:
-        """ZIP-merge every head's victim (-1: none) into its receiver, as picks (`abar` is not needed: the
-        weights come from the query); their positions in `pos` are emptied too."""
-        first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
-        self._zip(view, pos, torch.where(victim >= 0, first_entry + victim, -1))
-
-    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
-        self._zip(view, view.layer.pos, picks)  # the picks in order in one op
-
-    def _zip(self, view: DecodeView | PrefillView, pos: torch.Tensor, picks: torch.Tensor) -> None:
-        """Each pick (B, n) entry (KV head C + slot, -1: none) ZIP-merged in order by ops.merge_zip (the module
-        docstring's formulas). With positions="cache" the keys are merged as attention sees them, rotated at
-        their ranks (a copy), and each receiver's key is rotated back at its rank."""
+    def merge_picks(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                    picks: torch.Tensor) -> None:
+        """ops.merge_zip (the module docstring's formulas; `abar` is not needed: the weights come from the
+        query). With positions="cache" the keys are merged as attention sees them, rotated at their ranks (a
+        copy), and each receiver's key is rotated back at its rank."""
         layer, rope = view.layer, view.rope
         keys = layer.k  # as stored: after RoPE (original positions), in the pool or per head
         if rope is not None:  # a copy in the cache's dtype (the op takes k and v of one dtype)

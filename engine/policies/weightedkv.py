@@ -33,7 +33,8 @@ RECEIVERS = ("next", "prev", "nearest_key")
 @dataclass
 class AverageAttentionMerge(Policy):
     """The victim is the slot with the least average attention; its value is merged into kept ones by
-    `merge` (WeightedKV's or CaM's), at decode and, one dropped entry at a time, when a prompt is compressed."""
+    `merge_picks` (WeightedKV's, CaM's or KeepKV's op), at decode and, one dropped entry at a time, when a
+    prompt is compressed."""
 
     sinks: int = 4
     recent: int = 32
@@ -50,10 +51,21 @@ class AverageAttentionMerge(Policy):
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor) -> None:
-        """Merge the value of slot victim[b, g] (-1: none) into kept slots of view.layer.v, in place. `pos`: the
-        entries still present (a prompt chunk's merges drop them one at a time). view.layer's k and v may be a
-        pooled store's pool (Policy.pooled_values): the merge ops reach them through their slot_index."""
+        """Merge the value of slot victim[b, g] (-1: none) into kept slots of view.layer.v, in place: every
+        head's victim as a pick (merge_picks), its position in `pos` emptied too. `pos`: the entries still
+        present (a prompt chunk's merges drop them one at a time)."""
+        first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
+        self.merge_picks(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))
+
+    def merge_picks(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                    picks: torch.Tensor) -> None:
+        """Merge each pick (B, n) entry (KV head C + slot, -1: none) in order, by one op; a pick sees the
+        earlier ones' merges and its position in `pos` is emptied. view.layer's k and v may be a pooled
+        store's pool (Policy.pooled_values): the merge ops reach them through their slot_index."""
         raise NotImplementedError
+
+    def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
+        self.merge_picks(view, self.average(view.layer.state), view.layer.pos, picks)  # the picks in one op
 
     def prefill_scores(self, view: PrefillView) -> torch.Tensor:
         st, pos = view.layer.state, view.layer.pos
@@ -88,7 +100,7 @@ class AverageAttentionMerge(Policy):
 
     @staticmethod
     def count(view: DecodeView | PrefillView, merged: torch.Tensor) -> None:
-        """Add the heads that merged (merged: (B, Hkv) bool) to the store's merge counter."""
+        """Add the heads or picks that merged (merged: (B, n) bool) to the store's merge counter."""
         if view.merges is not None:
             view.merges += merged.sum()
 
@@ -106,18 +118,17 @@ class WeightedKV(AverageAttentionMerge):
         super().__post_init__()
 
     def after_evict_picks(self, view: DecodeView, picks: torch.Tensor) -> None:
-        if self.receiver == "nearest_key":
+        if self.receiver == "nearest_key":  # one pick at a time, each through merge
+            Policy.after_evict_picks(self, view, picks)
+        else:
             super().after_evict_picks(view, picks)
-        else:  # the picks in order in one op
-            self._merge_neighbours(view, self.average(view.layer.state), view.layer.pos, picks)
 
     def merge(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
               victim: torch.Tensor) -> None:
         """Merge v[victim] into its receiver's value with weight abar[victim]; v and w in place (with a
         neighbour receiver, the victims' positions in `pos` are emptied too)."""
         if self.receiver != "nearest_key":
-            first_entry = torch.arange(pos.shape[1], device=pos.device) * pos.shape[2]
-            self._merge_neighbours(view, abar, pos, torch.where(victim >= 0, first_entry + victim, -1))
+            super().merge(view, abar, pos, victim)
             return
         layer = view.layer
         v, w = layer.v, layer.state["w"]
@@ -132,10 +143,9 @@ class WeightedKV(AverageAttentionMerge):
         ops.merge_value(v, w, victim, rcv, weight, slot_index=layer.index if pool else None)
         self.count(view, (victim >= 0) & (rcv >= 0))
 
-    def _merge_neighbours(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
-                          picks: torch.Tensor) -> None:
-        """The `next` / `prev` receivers: each pick (B, n) entry (KV head C + slot, -1: none) merged in order by
-        ops.merge_neighbour, its position emptied in `pos`."""
+    def merge_picks(self, view: DecodeView | PrefillView, abar: torch.Tensor, pos: torch.Tensor,
+                    picks: torch.Tensor) -> None:
+        """The `next` / `prev` receivers (nearest_key merges through `merge`): ops.merge_neighbour."""
         layer = view.layer
         receivers = torch.empty_like(picks)
         ops.merge_neighbour(layer.v, layer.state["w"], pos, abar.contiguous(), picks, self.sinks,
