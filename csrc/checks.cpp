@@ -96,6 +96,14 @@ std::vector<ScalarType> query_dtypes(const at::Tensor& k) {
   return {ScalarType::Float, k.scalar_type()};
 }
 
+// A merge op's picks [B, n] int64, its output out_name [B, n] int64 and sinks >= 0: its last checks, in order.
+void check_picks(const char* op, int64_t B, const at::Tensor& picks, const char* out_name, const at::Tensor& out,
+                 int64_t sinks, const Like& like) {
+  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
+  check_tensor(op, out_name, out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
+  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+}
+
 }  // namespace
 
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -348,9 +356,7 @@ void check_merge_neighbour(const at::Tensor& v, const at::Tensor& w, const at::T
   check_tensor(op, "w", w, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "abar", abar, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
-  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
-  check_tensor(op, "receiver_out", receiver_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
-  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+  check_picks(op, B, picks, "receiver_out", receiver_out, sinks, like);
 }
 
 void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logp, const at::Tensor& pos,
@@ -363,9 +369,7 @@ void check_merge_zip(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   check_tensor(op, "logp", logp, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "q", q, "[B, H_kv, D]", {B, Hkv, k.size(-1)}, {ScalarType::Float}, like);
-  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
-  check_tensor(op, "receiver_out", receiver_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
-  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+  check_picks(op, B, picks, "receiver_out", receiver_out, sinks, like);
   TORCH_CHECK_VALUE(min_similarity >= -1.0 && min_similarity <= 1.0, op, ": min_similarity must be in [-1, 1], got ",
                     min_similarity);
   TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), op, ": scale must be a finite number > 0, got ", scale);
@@ -395,9 +399,7 @@ void check_merge_spread(const at::Tensor& v, const at::Tensor& pos, const at::Te
   const auto [B, Hkv, C] = check_slot_rows(op, "v", v, slot_index);
   check_tensor(op, "pos", pos, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Int}, like);
   check_tensor(op, "abar", abar, "[B, H_kv, C]", {B, Hkv, C}, {ScalarType::Float}, like);
-  check_tensor(op, "picks", picks, "[B, n]", {B, -1}, {ScalarType::Long}, like);
-  check_tensor(op, "receivers_out", receivers_out, "[B, n]", {B, picks.size(1)}, {ScalarType::Long}, like);
-  TORCH_CHECK_VALUE(sinks >= 0, op, ": sinks must be >= 0, got ", sinks);
+  check_picks(op, B, picks, "receivers_out", receivers_out, sinks, like);
   TORCH_CHECK_VALUE(window >= 1, op, ": window must be >= 1, got ", window);
 }
 

@@ -285,6 +285,15 @@ def check_index_range(op: str, name: str, t: Tensor, hi: int, what: str) -> None
         raise IndexError(f"{op}: {name} must hold {what} in [-1, {hi}), got {int(t[where])} at {list(where)}")
 
 
+def _check_picks(op: str, B: int, picks: Tensor, out_name: str, out: Tensor, sinks: int,
+                 like: tuple[Tensor, str]) -> None:
+    """A merge op's picks [B, n] int64, its output out_name [B, n] int64 and sinks >= 0: its last checks."""
+    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
+    _check_tensor(op, out_name, out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
+    if sinks < 0:
+        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+
+
 def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int,
                           receiver_out: Tensor, slot_index: Tensor | None = None) -> None:
     op = "merge_neighbour"
@@ -293,10 +302,7 @@ def check_merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks
     _check_tensor(op, "w", w, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "abar", abar, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
-    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
-    _check_tensor(op, "receiver_out", receiver_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
-    if sinks < 0:
-        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    _check_picks(op, B, picks, "receiver_out", receiver_out, sinks, like)
 
 
 def check_merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, picks: Tensor, sinks: int,
@@ -308,10 +314,7 @@ def check_merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, 
     _check_tensor(op, "logp", logp, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "q", q, "[B, H_kv, D]", [B, Hkv, k.shape[-1]], [torch.float32], like)
-    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
-    _check_tensor(op, "receiver_out", receiver_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
-    if sinks < 0:
-        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    _check_picks(op, B, picks, "receiver_out", receiver_out, sinks, like)
     if not -1.0 <= min_similarity <= 1.0:
         raise ValueError(f"{op}: min_similarity must be in [-1, 1], got {min_similarity:g}")
     if not (scale > 0 and math.isfinite(scale)):
@@ -341,10 +344,7 @@ def check_merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sink
     B, Hkv, C = _check_slot_rows(op, "v", v, slot_index)
     _check_tensor(op, "pos", pos, "[B, H_kv, C]", [B, Hkv, C], [torch.int32], like)
     _check_tensor(op, "abar", abar, "[B, H_kv, C]", [B, Hkv, C], [torch.float32], like)
-    _check_tensor(op, "picks", picks, "[B, n]", [B, -1], [torch.int64], like)
-    _check_tensor(op, "receivers_out", receivers_out, "[B, n]", [B, picks.shape[1]], [torch.int64], like)
-    if sinks < 0:
-        raise ValueError(f"{op}: sinks must be >= 0, got {sinks}")
+    _check_picks(op, B, picks, "receivers_out", receivers_out, sinks, like)
     if window < 1:
         raise ValueError(f"{op}: window must be >= 1, got {window}")
 
@@ -800,11 +800,8 @@ def merge_neighbour(v: Tensor, w: Tensor, pos: Tensor, abar: Tensor, picks: Tens
     rows, slots = torch.arange(B, device=w.device), torch.arange(C, device=w.device)
     big = torch.iinfo(torch.int32).max
     for i in range(picks.shape[1]):
-        e = picks[:, i].clamp(min=0)
-        g, j = e // C, e % C
-        p = pos[rows, g]  # (B, C)
+        g, j, p, go = _picked(pos, picks, i)
         pj = p[rows, j][:, None]
-        go = (picks[:, i] >= 0) & (pj[:, 0] >= 0)
         cand = (p >= sinks) & (slots != j[:, None])  # holds a token too: sinks >= 0
         above = torch.where(cand & (p > pj), p, big)
         below = torch.where(cand & (p < pj), p, -1)
@@ -842,11 +839,8 @@ def merge_spread(v: Tensor, pos: Tensor, abar: Tensor, picks: Tensor, sinks: int
     rows, slots = torch.arange(B, device=pos.device), torch.arange(C, device=pos.device)
     none = torch.iinfo(torch.int64).max
     for i in range(picks.shape[1]):
-        e = picks[:, i].clamp(min=0)
-        g, j = e // C, e % C
-        p = pos[rows, g]  # (B, C)
+        g, j, p, go = _picked(pos, picks, i)
         pj = p[rows, j]
-        go = (picks[:, i] >= 0) & (pj >= 0)
         candidate = (p > pj[:, None]) & (p >= sinks) & go[:, None]
         order = torch.where(candidate, p.long() * C + slots, none)  # (position, slot)
         nearest = order.topk(min(window, C), dim=1, largest=False)  # sorted
@@ -943,9 +937,7 @@ def merge_zip(k: Tensor, v: Tensor, logp: Tensor, pos: Tensor, q: Tensor, picks:
     check_index_range("merge_zip", "picks", picks, Hkv * C, "entries (head C + slot)")
     rows = torch.arange(B, device=pos.device)
     for i in range(picks.shape[1]):
-        e = picks[:, i].clamp(min=0)
-        g, j = e // C, e % C
-        taken = (picks[:, i] >= 0) & (pos[rows, g, j] >= 0)
+        g, j, _, taken = _picked(pos, picks, i)
         victim = torch.full((B, Hkv), -1, dtype=torch.int64, device=pos.device)
         victim[rows, g] = torch.where(taken, j, -1)
         receiver, similarity = _nearest("merge_zip", k, pos, victim, sinks, slot_index)
@@ -977,6 +969,16 @@ def _zip_rows(k: Tensor, v: Tensor, logp: Tensor, q: Tensor, slot_index: Tensor 
     v[at(c)] = ((w_e * v_e + w_c * v_c) / total).to(v.dtype)
     k[at(c)] = (k_bar + a[:, None] * qb).to(k.dtype)
     logp[b, g, c] = lp_r
+
+
+def _picked(pos: Tensor, picks: Tensor, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pick i of every row (entries head C + slot, -1: none; the merge ops' picks): its KV head g and slot j
+    (B,), a copy of that head's positions (B, C), and whether it takes a token (a pick of a slot holding one)."""
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    e = picks[:, i].clamp(min=0)
+    g, j = e // pos.shape[2], e % pos.shape[2]
+    p = pos[rows, g]
+    return g, j, p, (picks[:, i] >= 0) & (p[rows, j] >= 0)
 
 
 def _merge_rows(op: str, v: Tensor, w: Tensor, slot_index: Tensor | None, b: Tensor, g: Tensor, r: Tensor, j: Tensor,
