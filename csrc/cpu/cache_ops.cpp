@@ -417,6 +417,17 @@ void merge_spread_cpu(at::Tensor& v, at::Tensor& pos, const at::Tensor& abar, co
 
 namespace {
 
+// Slots ahead of the one compared whose key row is requested from memory: the search reads every key of a
+// head once, cold (the weights streamed since), and a pooled head's rows may lie anywhere in the layer's
+// pool, where the hardware prefetcher cannot follow them.
+constexpr int64_t kSearchAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 // The other slot of (batch, KV head) row r holding a non-sink token whose key is the most cosine-similar to
 // kj (slot j's key, in fp32), -1 if none; its similarity in *sim (-inf if none). Ties: the lower slot; NaN
 // never wins. buf: D floats.
@@ -427,6 +438,7 @@ int64_t most_similar(const T* k, const int32_t* pr, int64_t j, const float* kj, 
   int64_t best = -1;
   *sim = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < C; ++s) {
+    if (s + kSearchAhead < C) prefetch_row(k + row_of(r, s + kSearchAhead) * D, D);
     if (s == j || pr[s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
     const auto [ss, sj] = dots(as_float(k + row_of(r, s) * D, buf, D), kj, D);
     const float c = sj / (std::max(std::sqrt(ss), kNormEps) * nj);
