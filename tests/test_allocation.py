@@ -202,6 +202,44 @@ def test_drop_equals_mask_chunked_prompt_and_second_turn():
     assert kept(stores[0]) == kept(stores[1])
 
 
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "tova", "ahakv", "weightedkv", "keepkv", "cam"])
+def test_lists_fitted_to_their_high_water_mark_change_nothing(name, monkeypatch):
+    """With no slack the adaptive store re-allocates its slot lists at nearly every prompt chunk, step and look at
+    the layout (wider as heads fill, narrower where the high-water mark falls); the same store pinned at its full
+    width (as before a CUDA graph) must give the same logits and keep the same tokens, over chunked prompts, a
+    second turn and relayouts."""
+    monkeypatch.setattr(allocated, "WIDTH_SLACK", 0)
+    monkeypatch.setattr(allocated, "RELAYOUT_EVERY", 5)
+    widths: list[int] = []
+    set_width = AllocatedKVStore._set_width
+
+    def recorded(store: AllocatedKVStore, width: int) -> None:
+        widths.append(width)
+        set_width(store, width)
+
+    monkeypatch.setattr(AllocatedKVStore, "_set_width", recorded)
+    model, ids = tiny_model(n_kv_heads=4, n_heads=8), token_ids(110, seed=5)
+    logits, stores = [], []
+    for pinned in (False, True):
+        store = LLM(model, None, small(name, 12, allocation="adaptive")).new_store(30, 80)
+        if pinned:
+            store.pin_shapes()
+            widths.clear()
+        out = [prefill(model, store, ids[:, :30], 7)]
+        out += [decode_step(model, store, ids[:, t]) for t in range(30, 60)]
+        out.append(prefill(model, store, ids[:, 60:75], 5))
+        out += [decode_step(model, store, ids[:, t]) for t in range(75, 110)]
+        logits.append(torch.stack(out, 1))
+        stores.append(store)
+        if not pinned:
+            grew = any(b > a for a, b in zip(widths, widths[1:]))
+            shrank = any(b < a for a, b in zip(widths, widths[1:]))
+            assert grew and shrank and min(widths) < store.capacity
+    assert widths == [] and stores[1].width == stores[1].capacity  # pinned: never re-allocated
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[1].abs().max()
+    assert kept(stores[0]) == kept(stores[1])
+
+
 # ---- the pool's invariants ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("allocation", ["adaptive", "pyramid"])

@@ -61,6 +61,7 @@ class CudaGraphs:
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one decode step (nothing runs while recording); the caller replays it."""
         graph, store = torch.cuda.CUDAGraph(), self.store
+        store.pin_shapes()
         store.static_length = True  # attend over every slot: the graph's shapes cannot follow `used`
         try:
             with torch.cuda.graph(graph, pool=self.pool):

@@ -21,6 +21,15 @@ Outside a graph, the search for the first empty slot and attention stop at `used
 mark, kept on the host as the uniform store keeps its own: a prompt leaves its heads' entries in their first
 slots, and a head's token takes its first empty slot, at most `used`, so `used` grows by at most 1 a step.
 
+The lists' width. Under adaptive allocation C is the most one head could hold (SmolLM2 at 512 tokens a head:
+1275 slots), while the fullest head after a long prompt holds ~770, and every per-slot op of a step (the
+policy's scoring, adaptive_victims, the first-empty-slot search, the merges' receiver search) scans the
+whole width. Outside a CUDA graph the store therefore allocates its lists (and the probability rows) only as
+wide as the high-water mark needs, plus WIDTH_SLACK slots (`fit_width`): wider before a prompt chunk or a
+step that could pass it, narrower when a look at the layout finds the mark fell by more than the slack. Slots
+from `used` on are empty, so a width of at least `used` loses nothing. A graph records fixed shapes and
+addresses: `pin_shapes` (called before a capture) fixes the width at C for good.
+
 `mask=True` keeps the uniform store's dense layout with a slot for every token and only masks evicted
 ones (the papers' protocol): the same selection over the same metadata, the test oracle of the pool.
 """
@@ -47,6 +56,7 @@ if TYPE_CHECKING:
 
 RELAYOUT_EVERY = 64  # decode steps between two looks at the pool's layout (AllocatedKVStore.relayout)
 RELAYOUT_SCATTERED = 0.1  # the share of neighbouring entries in rows apart (AllocatedKVStore.scattered) that re-lays
+WIDTH_SLACK = RELAYOUT_EVERY  # slots the lists keep past the high-water mark: a width lasts from one look to the next
 
 
 class AllocatedKVStore(KVStore):
@@ -93,6 +103,9 @@ class AllocatedKVStore(KVStore):
         self._next_rows()
         self.relayout_every = RELAYOUT_EVERY if self.pooled else 0  # steps between look_at_layout()s, 0: never
         self.steps_since_relayout = 0
+        self.width = slots  # the lists' current width (fit_width); C = self.capacity is the most it can be
+        self.narrows = self.pooled and self.adaptive  # pyramid's fullest layer fills all of C anyway
+        self.fit_width(0, shrink=True)
 
     def _kv_buffers(self, rows: int, Hkv: int, C: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.pooled:
@@ -128,6 +141,46 @@ class AllocatedKVStore(KVStore):
             self.all.index.fill_(self.scratch)
             self._next_rows()
             self.steps_since_relayout = 0
+        self.fit_width(0, shrink=True)
+
+    def pin_shapes(self) -> None:
+        self.fit_width(self.capacity)
+        self.narrows = False
+
+    def fit_width(self, need: int, shrink: bool = False) -> None:
+        """Make the lists at least `need` slots wide (the high-water mark a prompt chunk or step may reach), with
+        WIDTH_SLACK to spare; with `shrink`, also narrower where that frees more than the slack. A host-side
+        re-allocation, between steps: never in a CUDA graph (pin_shapes)."""
+        if not self.narrows:
+            return
+        want = min(self.capacity, need + WIDTH_SLACK)
+        if need > self.width or (shrink and self.width > min(self.capacity, want + WIDTH_SLACK)):
+            self._set_width(want)
+
+    def _set_width(self, width: int) -> None:
+        """Re-allocate pos, the per-slot state, the slot index and the probability rows `width` slots wide,
+        slots [0, min(width, old width)) kept (the rest of a wider list empty); the per-layer views follow,
+        each with its policy-private `extra`."""
+        if width < self.used:
+            raise RuntimeError(f"internal: lists of {width} slots under the high-water mark {self.used}")
+        a, keep = self.all, min(width, self.width)
+
+        def resized(t: torch.Tensor, empty: float) -> torch.Tensor:
+            out = t.new_full((*t.shape[:2], width), empty)
+            out[:, :, :keep] = t[:, :, :keep]
+            return out
+
+        with torch.inference_mode(False):  # buffers as at allocation: a relayout outside a step writes them
+            self.all = dataclasses.replace(a, pos=resized(a.pos, -1), index=resized(a.index, self.scratch),
+                                           state={n: resized(s, 0.0) for n, s in a.state.items()})
+            if self.probs is not None:
+                self.probs = self.probs.new_empty((*self.probs.shape[:2], width))
+        B = self.batch
+        self.layers = [dataclasses.replace(self.all.rows(l * B, (l + 1) * B), extra=old.extra)
+                       for l, old in enumerate(self.layers)]
+        for l, rows in enumerate(self.step_rows):
+            rows.probs = None if self.probs is None else self.probs[l * B : (l + 1) * B]
+        self.width = width
 
     def fill(self, positions: torch.Tensor, t: int, state: dict[str, torch.Tensor] | None = None) -> None:
         raise NotImplementedError("fill: a store with adaptive or pyramid allocation is filled by prefill")
@@ -186,7 +239,7 @@ class AllocatedKVStore(KVStore):
         with pooled_rows the pool rows merged.index names, and then in the order of those rows instead of
         positions: a row already where it goes is not copied (most of them, since a head mostly gets back the
         rows it frees)."""
-        C = self.capacity
+        C = st.pos.shape[2]  # the lists' width (fit_width made room for the chunk)
         n = keep.sum(2)  # (rows, Hkv)
         most = int(n.max())
         if most > C:
@@ -226,11 +279,13 @@ class AllocatedKVStore(KVStore):
 
     def begin_prefill(self, n: int) -> None:
         super().begin_prefill(n)
+        self.fit_width(self.used + n)  # a head keeps at most what it held and the chunk
         self._pending = 0  # each layer's prefill raises it to its kept entries' high-water mark
 
     def end_prefill(self, n: int) -> None:
         self.steps_since_relayout = 0  # the prompt left every layer laid out
         self.used = self._pending
+        self.fit_width(self.used + 1, shrink=True)
         self.t += n
         self.occupancy = min(self.t, self.budget)
         self._next_rows()
@@ -250,6 +305,7 @@ class AllocatedKVStore(KVStore):
             super().begin_decode()
             return
         self.prepare_decode()
+        self.fit_width(self.used + 1)  # the step's token takes a slot below `used`, or `used` itself
         a, slot = self.all, self.slot
         # each head's first empty slot (-1: the least position, first one wins); slots from `used` on are empty
         slot.copy_(a.pos[:, :, : self.decode_length()].argmin(2))
@@ -287,10 +343,16 @@ class AllocatedKVStore(KVStore):
             self.look_at_layout()
 
     def look_at_layout(self) -> None:
-        """Every `relayout_every` steps: relayout() if the pool is `scattered` past RELAYOUT_SCATTERED."""
+        """Every `relayout_every` steps: relayout() if the pool is `scattered` past RELAYOUT_SCATTERED; then the
+        lists' width fitted to the high-water mark (`used` grows by one a step on the host; here it is counted)."""
         self.steps_since_relayout = 0
         if self.scattered() > RELAYOUT_SCATTERED:
             self.relayout()
+        elif self.narrows:
+            written = (self.all.pos >= 0).flatten(0, 1).any(0).nonzero()
+            self.used = int(written[-1]) + 1 if len(written) else 0
+            self.sync_clock()
+        self.fit_width(self.used + 1, shrink=True)
 
     def scattered(self) -> float:
         """Of the pairs of neighbouring slots of a head that both hold an entry, the share whose pool rows are not

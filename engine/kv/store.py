@@ -210,6 +210,11 @@ class KVStore:
         return not (p.value_norm or p.decode_layer_by_layer or (p.needs_acc and not self.fused_acc)
                     or p.logit_bias is not None or self.attn_out is not self.out)
 
+    def pin_shapes(self) -> None:
+        """From now on every buffer keeps its shape and address: a CUDA graph is about to record a step on
+        them (engine/decode/graphs.py). This store never re-allocates; AllocatedKVStore stops fitting its lists'
+        width to their high-water mark."""
+
     def decode_length(self) -> int:
         """Slots a decode step's attention reads: every one in a graph (a fixed shape), else those written."""
         return self.capacity if self.static_length else min(self.used + 1, self.capacity)
