@@ -438,7 +438,7 @@ int64_t most_similar(const T* k, const int32_t* pr, int64_t j, const float* kj, 
   int64_t best = -1;
   *sim = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < C; ++s) {
-    if (s + kSearchAhead < C) prefetch_row(k + row_of(r, s + kSearchAhead) * D, D);
+    if (s + kSearchAhead < C && pr[s + kSearchAhead] >= sinks) prefetch_row(k + row_of(r, s + kSearchAhead) * D, D);
     if (s == j || pr[s] < sinks) continue;  // sinks >= 0: an empty slot (-1) too
     const auto [ss, sj] = dots(as_float(k + row_of(r, s) * D, buf, D), kj, D);
     const float c = sj / (std::max(std::sqrt(ss), kNormEps) * nj);

@@ -427,19 +427,17 @@ class AllocatedKVStore(KVStore):
             # mostly gets its own row back, so its rows stay where they were, not scattered over the layer's pool
             self._remove(st, entry, freed)
             return
-        valid = pos >= 0
-        evictable = pos >= p.sinks  # valid too: sinks >= 0
-        if p.recent:
-            evictable &= pos <= self.clock[0] - p.recent
-        over = valid.sum((1, 2)) > Hkv * st.quota[:, 0, 0]
+        # the layer's valid entries: those after the last step (a pool counts them in `held`) and this step's Hkv
+        held = self.held[rows, 0] + Hkv if self.pooled else (pos >= 0).sum((1, 2))
+        over = held > Hkv * st.quota[:, 0, 0]
         victim = torch.empty_like(st.free)
-        masked = torch.where(evictable, pos, -1)
+        masked = pos.masked_fill(pos > self.clock[0] - p.recent, -1) if p.recent else pos  # the recent ones stay
         if p.layer_wide:
             one = torch.empty_like(victim[:, :1])
-            ops.select_victim(score.contiguous(), masked[:, :1].contiguous(), 0, NO_LIMIT, one)
+            ops.select_victim(score.contiguous(), masked[:, :1].contiguous(), p.sinks, NO_LIMIT, one)
             victim.copy_(one.expand_as(victim))
         else:
-            ops.select_victim(score.contiguous(), masked, 0, NO_LIMIT, victim)
+            ops.select_victim(score.contiguous(), masked, p.sinks, NO_LIMIT, victim)
         taken = (victim >= 0) & over[:, None]  # slot victim of every head, in each layer over its budget
         if p.merges_values:  # before the slots empty: a merge reads its victim (a pool's rows it writes itself)
             self.policy.after_evict(view, torch.where(taken, victim, -1))
