@@ -147,6 +147,58 @@ def test_relayout_moves_entries_into_order_and_changes_none(name, allocation):
         assert len(set(free)) == len(free) and all(f in layer_rows and f >= row for f in free)
 
 
+@pytest.mark.parametrize("heads, run", [(1, 1), (2, 3), (3, 64), (4, 5), (8, 2)])
+def test_fresh_rows_is_a_bijection_in_runs(heads, run):
+    """fresh_rows maps [0, room) onto itself for awkward rooms (not a multiple of heads or of a block),
+    and the rows heads take in turn (head g the g-th, (g + heads)-th, ...) lie in runs of `run`
+    consecutive rows within every whole block."""
+    for room in [0, 1, heads - 1, heads * run - 1, heads * run, 3 * heads * run + heads + 1, 97]:
+        f = torch.arange(max(room, 0))
+        rows = allocated.fresh_rows(f, torch.tensor(room), heads, run)
+        assert sorted(rows.tolist()) == f.tolist(), room
+        whole = room // (heads * run) * heads * run
+        for g in range(heads):
+            taken = rows[g:whole:heads].view(-1, run) if whole else rows[:0].view(0, run)
+            assert torch.equal(taken.diff(dim=1), torch.ones_like(taken[:, 1:])), (room, g)
+
+
+@pytest.mark.parametrize("allocation", ["adaptive", "pyramid"])
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "keepkv"])
+def test_a_filling_layer_hands_each_head_runs_of_rows(name, allocation, monkeypatch):
+    """While a layer fills (no eviction yet), each head's new tokens take consecutive pool rows, FRESH_RUN at
+    a time, not rows interleaved with the other heads'; through the switch to evicting, drop still equals
+    mask and every row stays the entry's own."""
+    monkeypatch.setattr(allocated, "FRESH_RUN", 4)
+    model, prompt = tiny_model(n_layers=3, n_kv_heads=3, n_heads=6, dim=96), token_ids(10, seed=4)
+    policy = lambda **kw: small(name, 40, allocation=allocation, **kw)
+    llm = LLM(model, None, policy())
+    store = llm.new_store(10, 40)
+    store.relayout_every = 0
+    prefill(model, store, prompt)
+    prompt_counts = (store.all.pos >= 0).sum(2)
+    for t in range(9):
+        decode_step(model, store, token_ids(1, seed=t)[:, 0])
+    a, checked = store.all, 0
+    for r in range(a.pos.shape[0]):
+        if store.policy.evicts_on_decode and store.layer_budgets[r] < 10 + 9:  # this layer evicts already
+            continue
+        checked += 1
+        for g in range(a.pos.shape[1]):
+            n = int(prompt_counts[r, g])
+            new = a.index[r, g, n : n + 9]
+            assert bool(torch.all(a.pos[r, g, n : n + 9] >= 0))
+            assert torch.equal(new[:8].view(2, 4).diff(dim=1), torch.ones(2, 3, dtype=new.dtype)), (r, g)
+    assert checked >= 2
+    drop, ids, store = run(model, policy(), prompt, 70)
+    mask, _, _ = run(model, policy(), prompt, 70, mask=True, ids=ids)
+    assert (drop - mask).abs().max() <= 1e-4 * drop.abs().max()
+    if store.policy.evicts_on_decode:  # every layer got to its budget (SnapKV evicts only in the prompt)
+        assert all(int((layer.pos >= 0).sum()) == 3 * b for layer, b in zip(store.layers, store.layer_budgets))
+    for layer in store.layers:
+        rows = layer.index[0][layer.pos[0] >= 0].tolist()
+        assert len(set(rows)) == len(rows)
+
+
 @pytest.mark.parametrize("threshold", [-1.0, 1.0])
 def test_a_look_at_the_layout_relays_only_a_scattered_pool(threshold, monkeypatch):
     """look_at_layout re-lays the pool where `scattered` exceeds RELAYOUT_SCATTERED, else touches nothing."""

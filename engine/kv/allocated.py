@@ -8,9 +8,14 @@ row of each slot); its per-slot metadata (pos, policy state) keeps the uniform s
 layout, so every scoring policy runs unchanged. C is the most a head can hold: Hkv b_l - (Hkv - 1)
 floor + spare under adaptive allocation (every other head keeps its floor), b_l + spare under pyramid.
 The K/V bytes are those of the uniform store at the same total budget; the lists cost 4 bytes a slot.
+A policy that evicts only in prompts (SnapKV) grows by every decoded token in every layer: under pyramid
+allocation a layer then owns at least the uniform store's Hkv x capacity rows (a layer whose share is
+below the budget needs them all after a prompt shorter than the budget), so its pool holds Hkv x the sum
+of max(0, b_l - budget) rows more than the uniform store.
 
 A decode step: each head's token goes into its first empty slot and a free pool row (`free`, [L B, Hkv]:
-the rows the last step's evictions freed, or the next unused rows while a layer fills); decode attention
+the rows the last step's evictions freed, or unused rows while a layer fills, handed out in runs of FRESH_RUN
+consecutive rows per head: `fresh_rows`); decode attention
 reads each head's slots through `index` (ops.decode_attention's slot_index); the eviction runs on the
 device for every layer, applied where the layer is over its budget (no host value decides it), and its
 freed rows become the next step's `free`. Static shapes throughout: a step can be captured in a CUDA graph.
@@ -57,6 +62,22 @@ if TYPE_CHECKING:
 RELAYOUT_EVERY = 64  # decode steps between two looks at the pool's layout (AllocatedKVStore.relayout)
 RELAYOUT_SCATTERED = 0.1  # the share of neighbouring entries in rows apart (AllocatedKVStore.scattered) that re-lays
 WIDTH_SLACK = RELAYOUT_EVERY  # slots the lists keep past the high-water mark: a width lasts from one look to the next
+FRESH_RUN = RELAYOUT_EVERY  # consecutive unused rows a head of a filling layer takes one by one (fresh_rows)
+
+
+def fresh_rows(f: torch.Tensor, room: torch.Tensor, heads: int, run: int) -> torch.Tensor:
+    """Where the f-th unused row handed out since a layout goes among the `room` rows above the laid-out
+    ones. While a layer fills, its heads take unused rows in turn (head g the f = g, g + heads, g + 2 heads,
+    ... th); handed out in that order, each head's rows would lie `heads` rows apart, which decode attention
+    reads ~1.5x slower than consecutive rows (SmolLM2, 800 rows a head: as slow as rows in random order).
+    So blocks of heads x run rows are laid out head by head: head g's f-th rows form runs of `run`
+    consecutive rows. A block cut short by the end of the room has shorter runs; the room % heads rows
+    after the last full set map to themselves. A bijection of [0, room) (room: a tensor that broadcasts)."""
+    block = heads * run
+    start = f // block * block
+    within = f - start
+    length = ((room - start) // heads).clamp(max=run)  # this block's run length
+    return torch.where(within < heads * length, start + within % heads * length + within // heads, f)
 
 
 class AllocatedKVStore(KVStore):
@@ -72,15 +93,21 @@ class AllocatedKVStore(KVStore):
                               if policy.allocation == "pyramid" else [budget] * L)
         self.floor = min(allocation.min_share(policy, budget), budget) if self.adaptive else 0
         spare = max(1, capacity - budget)
-        self.pool_rows = [Hkv * (b + spare) for b in self.layer_budgets]  # P_l
+        # the most a head of layer l holds with its layer's share: its budget and the incoming tokens; under a
+        # policy that evicts only in prompts (SnapKV), its prompt's share and every token decoded since, which
+        # after a prompt shorter than the budget (capacity: that prompt and the new tokens) can be all of
+        # capacity in a layer whose share is below the budget
+        grows = not policy.evicts_on_decode
+        head_rows = [max(b + spare, capacity) if grows else b + spare for b in self.layer_budgets]
+        self.pool_rows = [Hkv * n for n in head_rows]  # P_l
         if mask:
             slots = capacity
         elif self.adaptive:
             slots = min(Hkv * budget - (Hkv - 1) * self.floor + spare, Hkv * (budget + spare))
         else:
-            slots = max(self.layer_budgets) + spare
+            slots = max(head_rows)
         # the slots a head of layer l can hold: each head fills its first empty slot, so it uses no other
-        self.layer_slots = [slots if self.adaptive or mask else b + spare for b in self.layer_budgets]
+        self.layer_slots = [slots if self.adaptive or mask else n for n in head_rows]
         self.pooled = not mask
         if policy.merges_values and not policy.pooled_values():
             raise RuntimeError(f"internal: {policy.name} merges but not in the pool (Policy.pooled_values)")
@@ -98,7 +125,8 @@ class AllocatedKVStore(KVStore):
         self.freed = torch.full((L * B, Hkv), -1, dtype=torch.long, device=device)  # rows this step freed
         self.held = torch.zeros(L * B, 1, dtype=torch.long, device=device)  # valid entries (= rows used) per layer row
         self.head_offsets = torch.arange(Hkv, device=device)
-        self.first_rows = self.row0 + self.head_offsets  # (L B, Hkv): the rows a layer's heads take next while it fills
+        self.pool_size = torch.tensor(self.pool_rows, device=device)[layer_of_row][:, None]  # (L B, 1): P_l
+        self.laid_out = torch.zeros_like(self.held)  # the entries the last layout left in rows row0 + [0, laid_out)
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
         self.relayout_every = RELAYOUT_EVERY if self.pooled else 0  # steps between look_at_layout()s, 0: never
@@ -121,10 +149,13 @@ class AllocatedKVStore(KVStore):
         return (self.all.pos >= 0).sum(2)
 
     def _next_rows(self, stepped: bool = False) -> None:
-        """`free` for the next step: the rows evictions freed, else the next unused rows of the layer (a
-        layer that evicts once evicts every step after, so its unused rows are always the top ones).
+        """`free` for the next step: the rows evictions freed (heads 0..r-1 take the r freed), else unused rows
+        of the layer: the rows in use or just freed are the laid-out ones and the first `held` + r - laid_out
+        handed out since (a layer that evicts once evicts every step after, and every row it frees is taken
+        again), so head g >= r takes the (held - laid_out + g)-th unused one, placed by fresh_rows.
         `stepped`: after a decode step, whose rows `held` moves by (Hkv came, those freed went) instead of
-        counting every slot again; otherwise they are counted."""
+        counting every slot again; otherwise (after a layout: a prompt, a relayout, a reset) they are counted
+        and the rows above them start afresh."""
         if not self.pooled:
             return
         reused = self.freed >= 0
@@ -132,7 +163,11 @@ class AllocatedKVStore(KVStore):
             self.held += self.freed.shape[1] - reused.sum(1, keepdim=True)
         else:
             self.held.copy_(self.counts().sum(1, keepdim=True))
-        torch.where(reused, self.freed, self.first_rows + self.held, out=self.all.free)
+            self.laid_out.copy_(self.held)
+        f = self.held - self.laid_out + self.head_offsets
+        unused = self.row0 + self.laid_out + fresh_rows(f, self.pool_size - self.laid_out, len(self.head_offsets),
+                                                         FRESH_RUN)
+        torch.where(reused, self.freed, unused, out=self.all.free)
         self.freed.fill_(-1)
 
     def reset(self) -> None:
