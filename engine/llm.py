@@ -1,6 +1,8 @@
 """The library object: a loaded model, its tokenizer and an eviction policy, behind a small API."""
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -82,6 +84,13 @@ class LLM:
             model.rope = Rope(self.args, self.device)
 
     # ---- cache -----------------------------------------------------------------------------------
+    def with_policy(self, policy: Policy) -> "LLM":
+        """This LLM with another policy, sharing the model (the same weights in memory) and tokenizer: a store
+        sized by it is sized as `load(..., policy=policy)` would size it."""
+        view = copy.copy(self)
+        view.policy = policy
+        return view
+
     def new_store(self, prompt_len: int, max_new_tokens: int, batch: int = 1) -> KVStore:
         """A store sized for this request; `full` is bounded by the model context."""
         total = prompt_len + max_new_tokens

@@ -25,7 +25,6 @@ from engine.config import ModelArgs
 from engine.dist import Shard, ShardError
 from engine.policies import make_policy
 from engine.quant import PackedWeight
-from engine.serve.scheduler import with_policy
 from engine.weights import WeightsError, expected_shapes, load_checkpoint, save_hf_folder
 
 from .dist_worker import engine_policies, mean_inputs, policy_runs, prompt_logits
@@ -297,7 +296,7 @@ def test_server_at_two_ranks_answers_as_one_process(tiny8):
         llm = engine.load(tiny8, weights="dequantize")
         asks = [("Name three colours.", "full", {}), ("What is two plus two?", "h2o", dict(budget=8, recent=2)),
                 ("Name three colours.", "tova", dict(budget=12))]
-        want = [with_policy(llm, make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
+        want = [llm.with_policy(make_policy(p, **kw)).chat([{"role": "user", "content": q}], max_new_tokens=10,
                                                              temperature=0.0) for q, p, kw in asks]
         wait_until_serving(client, procs)
 

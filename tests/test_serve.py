@@ -24,7 +24,7 @@ from engine import policies  # noqa: E402
 from engine.policies import DecodeView, Policy, PrefillView, make_policy  # noqa: E402
 from engine.serve.app import Settings, create_app  # noqa: E402
 from engine.serve.app import serving as app_serving  # noqa: E402
-from engine.serve.scheduler import Scheduler, with_policy  # noqa: E402
+from engine.serve.scheduler import Scheduler  # noqa: E402
 
 KEY = "test-key"
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Say hello in Spanish."]
@@ -74,7 +74,7 @@ def client(server):
 
 def _alone(llm, policy: str, **params: object) -> object:
     """The model under another policy, as a request choosing it gets (for one-at-a-time references)."""
-    return with_policy(llm, make_policy(policy, **params))
+    return llm.with_policy(make_policy(policy, **params))
 
 
 def _chat(content: str) -> list[dict[str, str]]:

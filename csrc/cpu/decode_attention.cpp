@@ -161,6 +161,12 @@ ENGINE_INLINE void prefetch_rows(const HeadRows<T>& rows, int64_t r, int64_t end
 
 // One past the last valid slot of pos[0..n) (0: none): a pooled head's empty tail starts there.
 ENGINE_INLINE int64_t valid_end(const int32_t* pos, int64_t n) {
+  for (; n >= 8; n -= 8) {  // 8 slots a test (a pooled head's empty tail can be half its list): all negative
+    int32_t all = -1;       // iff the AND of the 8 keeps the sign bit
+#pragma GCC unroll 8
+    for (int j = 1; j <= 8; ++j) all &= pos[n - j];
+    if (all >= 0) break;
+  }
   while (n > 0 && pos[n - 1] < 0) --n;
   return n;
 }

@@ -8,7 +8,8 @@ Each step is timed as wall time and as the CPU time of the calling thread: on a 
 work the wall time carries whatever else ran, the thread's CPU time much less (run with one thread,
 OMP_NUM_THREADS=1, for the CPU time to cover the whole step). The medians leave out the steps a pooled
 store re-lays its rows in (AllocatedKVStore.relayout, every `relayout_every` steps): that cost is timed on
-its own and spread over the steps between two, the `amortized` figures.
+its own and spread over the steps between two, the `amortized` figures. The rules share one loaded model,
+so the weights they read are the same bytes in memory.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from ..cli import COUNT, NON_NEGATIVE, add_model_args, load_options, policy_params
 from ..decode import decode_step
 from ..generate import prefill
+from ..policies import make_policy
 from ..policies.base import ALLOCATIONS
 from ..results import write_result
 from .timing import sync, time_alternating
@@ -107,11 +109,14 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError(f"--allocations: unknown rule {bad[0]!r}; use {', '.join(ALLOCATIONS)}")
     results: dict[str, object] = {}
     params = policy_params(ns)
+    # one model for every rule (LLM.with_policy): where the allocator placed a second copy of the weights is not
+    # a difference between the rules
+    llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **{**params, "allocation": ns.allocations[0]})
     for ctx in ns.contexts:
         timers = {}
         for rule in ns.allocations:
-            llm = engine.load(ns.model, policy=ns.policy, **load_options(ns), **{**params, "allocation": rule})
-            timers[rule] = step_timer(llm, ctx, ns.steps, ns.settle)
+            variant = llm.with_policy(make_policy(ns.policy, **{**params, "allocation": rule}))
+            timers[rule] = step_timer(variant, ctx, ns.steps, ns.settle)
         time_alternating({rule: t[0] for rule, t in timers.items()}, reps=ns.reps, warmup=1)
         base = ns.allocations[0]
         cell = {}

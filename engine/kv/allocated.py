@@ -127,6 +127,10 @@ class AllocatedKVStore(KVStore):
         self.head_offsets = torch.arange(Hkv, device=device)
         self.pool_size = torch.tensor(self.pool_rows, device=device)[layer_of_row][:, None]  # (L B, 1): P_l
         self.laid_out = torch.zeros_like(self.held)  # the entries the last layout left in rows row0 + [0, laid_out)
+        # a policy that never evicts in a decode step (SnapKV) leaves each head's entries in its first slots, so
+        # its next token's slot is its count: kept here, instead of searched for every step
+        self.appends = self.pooled and not policy.evicts_on_decode
+        self.next_slot = torch.zeros(L * B, Hkv, dtype=torch.long, device=device)
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
         self.relayout_every = RELAYOUT_EVERY if self.pooled else 0  # steps between look_at_layout()s, 0: never
@@ -162,8 +166,10 @@ class AllocatedKVStore(KVStore):
         if stepped:
             self.held += self.freed.shape[1] - reused.sum(1, keepdim=True)
         else:
-            self.held.copy_(self.counts().sum(1, keepdim=True))
+            counts = self.counts()
+            self.held.copy_(counts.sum(1, keepdim=True))
             self.laid_out.copy_(self.held)
+            self.next_slot.copy_(counts)
         f = self.held - self.laid_out + self.head_offsets
         unused = self.row0 + self.laid_out + fresh_rows(f, self.pool_size - self.laid_out, len(self.head_offsets),
                                                          FRESH_RUN)
@@ -342,8 +348,11 @@ class AllocatedKVStore(KVStore):
         self.prepare_decode()
         self.fit_width(self.used + 1)  # the step's token takes a slot below `used`, or `used` itself
         a, slot = self.all, self.slot
-        # each head's first empty slot (-1: the least position, first one wins); slots from `used` on are empty
-        slot.copy_(a.pos[:, :, : self.decode_length()].argmin(2))
+        if self.appends:
+            slot.copy_(self.next_slot)
+            self.next_slot += 1
+        else:  # each head's first empty slot (-1: the least position, first one wins); slots from `used` on are empty
+            slot.copy_(a.pos[:, :, : self.decode_length()].argmin(2))
         a.pos.scatter_(2, slot[..., None], self.clock[0].int().expand_as(slot)[..., None])
         a.index.scatter_(2, slot[..., None], a.free.int()[..., None])
         self.query_cos, self.query_sin = self.rope.at(self.clock[2:])

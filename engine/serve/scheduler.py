@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import dataclasses
 import signal
 import threading
@@ -83,14 +82,6 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-
-def with_policy(llm: LLM, policy: Policy) -> LLM:
-    """`llm` with another policy, sharing model and tokenizer: a store sized by it is sized as
-    `load(..., policy=policy)` would size it."""
-    view = copy.copy(llm)
-    view.policy = policy
-    return view
 
 
 class Scheduler:
@@ -224,7 +215,7 @@ class Scheduler:
             if plan[0] == "join":
                 for num, ids, max_new_tokens, policy in plan[1]:
                     with contextlib.suppress(ValueError):  # refused on rank 0 alike
-                        session = Session(with_policy(self.llm, policy), max_new_tokens, prompt_len=len(ids))
+                        session = Session(self.llm.with_policy(policy), max_new_tokens, prompt_len=len(ids))
                         session.feed(ids)
                         sessions[num] = session
                 continue
@@ -237,7 +228,7 @@ class Scheduler:
     def _join(self, r: Request) -> None:
         """Prefill a request alone, as LLM.stream does, and sample its first token (the followers prefill it too)."""
         try:
-            r.session = Session(with_policy(self.llm, r.policy), r.params.max_new_tokens, prompt_len=len(r.ids))
+            r.session = Session(self.llm.with_policy(r.policy), r.params.max_new_tokens, prompt_len=len(r.ids))
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=self.llm.device).manual_seed(r.params.seed)
             logits = r.session.feed(r.ids)
