@@ -129,7 +129,7 @@ class AllocatedKVStore(KVStore):
         self.laid_out = torch.zeros_like(self.held)  # the entries the last layout left in rows row0 + [0, laid_out)
         # a policy that never evicts in a decode step (SnapKV) leaves each head's entries in its first slots, so
         # its next token's slot is its count: kept here, instead of searched for every step
-        self.appends = self.pooled and not policy.evicts_on_decode
+        self.appends = self.pooled and grows
         self.next_slot = torch.zeros(L * B, Hkv, dtype=torch.long, device=device)
         self.layers = [a.rows(l * B, (l + 1) * B) for l in range(L)]
         self._next_rows()
